@@ -1,0 +1,22 @@
+"""The one exception family users see.
+
+Every error a user can cause (a bad dataset, a wrong backbone name, a store built with other
+weights) is raised as a :class:`DinocacheError` whose message names the file, episode or key and
+what is wrong. The CLI prints that message on one line and exits non-zero, never a traceback.
+"""
+
+
+class DinocacheError(Exception):
+    """A user-facing error: the message alone must tell the user what to fix."""
+
+
+class BackboneError(DinocacheError):
+    """Unknown backbone name, unusable image size, or unloadable / mismatching weights."""
+
+
+class DatasetError(DinocacheError):
+    """A dataset that cannot be read, or an episode that is malformed."""
+
+
+class StoreError(DinocacheError):
+    """A feature store that is corrupt, incomplete, or built differently from what is asked."""
