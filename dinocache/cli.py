@@ -1,0 +1,192 @@
+"""The `dinocache` command line: one subcommand per stage, plus tools to look at what they made.
+
+Every user error surfaces as one line on stderr and a non-zero exit code; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from dinocache import __version__
+from dinocache.errors import DinocacheError
+
+
+class _FriendlyGroup(click.Group):
+    """Turn a :class:`DinocacheError` raised by any subcommand into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DinocacheError as err:
+            click.echo(f"dinocache: error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dinocache")
+def main() -> None:
+    """Cache frozen DINO features once; train ACT heads on them; export one fused live policy.
+
+    \b
+    Stages:
+      dinocache extract DATASET --backbone dinov2_vits14_reg --out features.zarr
+      dinocache train features.zarr --out runs/act1
+      dinocache export runs/act1 --out policy.pt2
+    """
+
+
+def _not_built(stage: str, issue: str) -> NoReturn:
+    click.echo(f"dinocache: `{stage}` is not built yet ({issue}); nothing was done.", err=True)
+    sys.exit(3)
+
+
+@main.command()
+@click.option("--image-size", default="224", show_default=True,
+              help="Input resolution, N or HxW, used for the patch grid and bytes-per-frame columns.")
+def backbones(image_size: str) -> None:
+    """List every registered backbone with its patch grid and cache size per frame.
+
+    \b
+    Examples:
+      dinocache backbones
+      dinocache backbones --image-size 448
+      dinocache backbones --image-size 224x320
+    """
+    from dinocache.encoders.registry import backbone_table
+
+    click.echo(backbone_table(image_size))
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected K/N, e.g. 0/4 (K counts from 0)") from None
+    if not 0 <= k < n:
+        raise click.BadParameter(f"{value!r}: need 0 <= K < N")
+    return k, n
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--backbone", default="dinov2_vits14_reg", show_default=True, help="Registered name (see `dinocache backbones`) or timm:<model>.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The feature store to create or complete (a .zarr folder).")
+@click.option("--weights", default="auto", show_default=True, help="auto (Hugging Face cache), a checkpoint PATH, or random (tests and dry runs).")
+@click.option("--seed", default=0, show_default=True, help="Seed of --weights random.")
+@click.option("--cameras", default=None, help="Comma-separated camera names (default: all).")
+@click.option("--image-size", default=None, help="N or HxW, a multiple of the patch size (default: the backbone's).")
+@click.option("--center-crop", is_flag=True, help="Resize the shorter side and crop the centre instead of resizing.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature dtype.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Backbone compute precision: auto is bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--episodes", default=None, help="START:STOP (episode indices) or a comma list.")
+@click.option("--format", "fmt", default=None, help="Dataset format when detection is not wanted: lerobot-v2.1, lerobot-v3.0, aloha-hdf5.")
+@click.option("--skip-bad-episodes", is_flag=True, help="Skip malformed episodes (listed at the end) instead of stopping.")
+@click.option("--compression", default="none", show_default=True, help="none, zstd, or bitround:N (N mantissa bits kept, then zstd).")
+@click.option("--chunk-frames", default=16, show_default=True, help="Frames per chunk (the unit of a training read).")
+@click.option("--unit-frames", default=256, show_default=True, help="Frames per shard = per work unit (a multiple of --chunk-frames).")
+@click.option("--shard", default=None, help="K/N: do only share K (from 0) of N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")
+@click.option("--dask-scheduler", default=None, help="tcp://HOST:PORT of a dask.distributed scheduler to spread units over.")
+@click.option("--dask-workers", default=None, type=int, help="Start a local dask cluster of N worker processes (one per GPU).")
+@click.option("--overwrite", is_flag=True, help="Replace a store that was built differently.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
+def extract(dataset: Path, out: Path, fmt: str | None, shard: str | None, dask_scheduler: str | None,
+            dask_workers: int | None, compile_: bool, no_progress: bool, cameras: str | None, **options) -> None:
+    """Run a frozen backbone once over every frame of DATASET and write a feature store (stage one).
+
+    Re-running the same command resumes: finished work units are skipped and the result is
+    bit-identical to an uninterrupted run.
+
+    \b
+    Examples:
+      dinocache extract data/aloha_sim --backbone dinov2_vitb14_reg --out features.zarr
+      dinocache extract data/g1 --backbone dinov3_vits16 --image-size 224 --out g1.zarr --cameras cam_high
+      dinocache extract data/g1 --out g1.zarr --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+      dinocache extract data/g1 --out g1.zarr --dask-workers 4 --device cuda
+    """
+    from dinocache.pipeline.extract import ExtractConfig, extract as run_extract
+
+    cfg = ExtractConfig(dataset=dataset, out=out, format=fmt, shard=_parse_shard(shard), compile=compile_,
+                        progress=not no_progress, cameras=cameras.split(",") if cameras else None, **options)
+    if dask_scheduler or dask_workers:
+        if cfg.shard is not None:
+            raise click.UsageError("--shard and dask are two ways to split the work: choose one")
+        from dinocache.pipeline.distributed import extract_with_dask
+
+        summary = extract_with_dask(cfg, scheduler=dask_scheduler, n_workers=dask_workers)
+    else:
+        summary = run_extract(cfg)
+    click.echo(summary.format())
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--pca", type=click.Path(path_type=Path), default=None, help="Write the feature-PCA picture to this PNG.")
+@click.option("--frames", default=4, show_default=True, help="How many frames the PCA picture shows.")
+@click.option("--quick", is_flag=True, help="Skip reading every feature to look for NaN (unwritten) frames.")
+def inspect(store: Path, pca: Path | None, frames: int, quick: bool) -> None:
+    """Report a feature store: provenance, shapes, sizes, completeness, statistics.
+
+    \b
+    Examples:
+      dinocache inspect features.zarr
+      dinocache inspect features.zarr --pca pca.png
+    """
+    from dinocache.pipeline.inspect import describe, pca_picture, verify
+    from dinocache.pipeline.store import FeatureStore
+
+    feature_store = FeatureStore(store)
+    click.echo(describe(feature_store))
+    if not quick:
+        problems = verify(feature_store)
+        click.echo("verify      " + ("every frame is written (no NaN)" if not problems else "; ".join(problems)))
+    if pca is not None:
+        click.echo(f"pca         {pca_picture(feature_store, pca, num_frames=frames)}")
+    if not quick and problems:
+        sys.exit(1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def train() -> None:
+    """Train an ACT head on a feature store (stage two).
+
+    \b
+    Example:
+      dinocache train features.zarr --out runs/act1 --preset dinov2-reg
+    """
+    _not_built("dinocache train", "stage two: the ACT head and its training loop")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def export() -> None:
+    """Fuse backbone and trained head into one live policy (stage three).
+
+    \b
+    Example:
+      dinocache export runs/act1 --out policy.pt2
+    """
+    _not_built("dinocache export", "stage three: the fused policy and its exporters")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def demo() -> None:
+    """Run extract -> train -> export on the bundled sample dataset.
+
+    \b
+    Example:
+      dinocache demo
+    """
+    _not_built("dinocache demo", "it needs all three stages")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Spread an extraction over a dask.distributed cluster: one backbone per worker, units as tasks.
+
+The client plans the layout and creates the store (so no worker ever races on creation), then hands
+out contiguous blocks of pending units. Each worker process builds its backbone once and keeps it for
+every task it runs; it checks the backbone it built against the store's recorded weights before it
+writes anything. Units never share a shard, so workers never touch the same file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dinocache.pipeline.extract import ExtractConfig, ExtractSummary, build_backbone, prepare, run_units, store_bytes
+from dinocache.pipeline.readers import open_dataset
+from dinocache.pipeline.store import FeatureStore
+
+#: Per worker process: what it built once and reuses for every task (backbone, dataset source).
+_WORKER_CACHE: dict[tuple, Any] = {}
+
+
+def _worker_device(cfg: ExtractConfig) -> str:
+    """Spread local workers over the GPUs: worker i takes GPU i (mod count)."""
+    device = cfg.resolved_device()
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return device
+    from dask.distributed import get_worker
+
+    name = get_worker().name
+    index = name if isinstance(name, int) else abs(hash(name))
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def _extract_task(cfg: ExtractConfig, units: Sequence[int]) -> ExtractSummary:
+    cfg = dataclasses.replace(cfg, device=_worker_device(cfg), progress=False)
+    key = ("backbone", cfg.backbone, cfg.weights, cfg.seed, cfg.image_size, cfg.center_crop, cfg.device, cfg.precision)
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = build_backbone(cfg)
+    backbone = _WORKER_CACHE[key]
+    source_key = ("source", str(cfg.dataset), cfg.format, cfg.skip_bad_episodes)
+    if source_key not in _WORKER_CACHE:
+        _WORKER_CACHE[source_key] = open_dataset(cfg.dataset, format=cfg.format, skip_bad_episodes=cfg.skip_bad_episodes)
+    source = _WORKER_CACHE[source_key]
+    store = FeatureStore(cfg.out, mode="r+")
+    weights = {k: v for k, v in backbone.provenance()["weights"].items() if k != "path"}
+    store.check_identity({"weights": weights}, hint="the worker built different backbone weights than the client")
+    done = store.done_units()
+    todo = [u for u in units if not done[u]]
+    return run_units(store, source, backbone, todo, cfg.batch_size, cfg.device, cfg.dtype)
+
+
+def extract_with_dask(cfg: ExtractConfig, scheduler: str | None = None, n_workers: int | None = None) -> ExtractSummary:
+    """Run ``cfg`` on the dask scheduler at ``scheduler`` or on a new local cluster of ``n_workers``."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    t_begin = time.perf_counter()
+    cfg = dataclasses.replace(cfg, precision=cfg.resolved_precision())
+    planner = build_backbone(dataclasses.replace(cfg, device="cpu"))
+    _, store, summary = prepare(cfg, planner)
+    del planner
+    done = store.done_units()
+    pending = [u for u in range(store.num_units) if not done[u]]
+    summary.units_skipped = store.num_units - len(pending)
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(scheduler or cluster)
+    try:
+        workers = max(len(client.scheduler_info().get("workers", {})), 1)
+        n_tasks = min(len(pending), 4 * workers) or 0
+        blocks = [pending[i * len(pending) // n_tasks:(i + 1) * len(pending) // n_tasks] for i in range(n_tasks)]
+        futures = {client.submit(_extract_task, cfg, block, pure=False): block for block in blocks if block}
+        frames = lambda units: sum(b - a for a, b in map(store.unit_range, units))  # noqa: E731
+        with tqdm(total=store.num_frames, initial=store.num_frames - frames(pending), unit="frame",
+                  disable=not cfg.progress, desc=f"extract {store.path.name} (dask, {workers} workers)") as bar:
+            for future in as_completed(futures):
+                part = future.result()
+                summary.merge(part)
+                bar.update(frames(futures[future]))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    summary.bytes_written = store_bytes(store.path)
+    summary.seconds = time.perf_counter() - t_begin
+    return summary

@@ -1,0 +1,123 @@
+"""Looking at a feature store: a text report, a completeness check, and the classic DINO PCA picture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dinocache.errors import DinocacheError
+from dinocache.pipeline.extract import store_bytes
+from dinocache.pipeline.store import FeatureStore
+
+
+def describe(store: FeatureStore) -> str:
+    """Provenance, shapes, sizes on disk, completeness and low-dimensional statistics, as text."""
+    p = store.provenance
+    done = store.done_units()
+    weights = p.get("weights", {})
+    wdesc = (f"random (seed {weights.get('seed')})" if weights.get("source") == "random"
+             else f"{weights.get('source')} sha256 {str(weights.get('sha256'))[:16]}...")
+    lines = [
+        f"store       {store.path}  (format {p['format']} v{p['format_version']}, dinocache {p['dinocache_version']})",
+        f"backbone    {p['backbone'].get('name')}  [{p['backbone'].get('timm_id')}]  weights: {wdesc}",
+        f"preprocess  {json.dumps(p['preprocess'], sort_keys=True)}",
+        f"source      {p['source']['format']} at {p.get('source_path')}  (fingerprint {p['source']['fingerprint'][:16]}...)",
+        f"frames      {store.num_frames} in {len(store.episodes())} episodes at {p.get('fps')} fps",
+        f"storage     {p['dtype']}, chunks of {p['chunk_frames']} frames, units (shards) of {p['unit_frames']}, "
+        f"compression {p['compression']}, {store_bytes(store.path) / 2**20:.1f} MiB on disk",
+        f"complete    {int(done.sum())}/{len(done)} units" + ("" if done.all() else "  (INCOMPLETE: re-run extract)"),
+    ]
+    for camera in store.cameras:
+        h, w, c = store.grid_shape(camera)
+        lines.append(f"camera      {camera}: patch grid ({store.num_frames}, {h}, {w}, {c}), cls ({store.num_frames}, {c})")
+    for key in store.lowdim_keys:
+        stats = store.stats(key)
+        lines.append(f"{key:<11} dim {len(stats['mean'])}: mean |{np.abs(stats['mean']).mean():.3g}|, "
+                     f"std {stats['std'].mean():.3g}, min {stats['min'].min():.3g}, max {stats['max'].max():.3g}")
+    return "\n".join(lines)
+
+
+def verify(store: FeatureStore, progress: bool = True) -> list[str]:
+    """Read every feature chunk (checksums included) and report units not done or frames still NaN."""
+    problems = []
+    done = store.done_units()
+    if not done.all():
+        problems.append(f"{int((~done).sum())} of {len(done)} units not done")
+    for camera in store.cameras:
+        bad = 0
+        for unit in tqdm(range(store.num_units), desc=f"verify {camera}", disable=not progress, leave=False):
+            start, stop = store.unit_range(unit)
+            patch = store.patch(camera, slice(start, stop))
+            bad += int(np.isnan(patch.reshape(len(patch), -1)).any(axis=1).sum())
+            bad += int(np.isnan(store.cls(camera, slice(start, stop))).any(axis=1).sum())
+        if bad:
+            problems.append(f"camera {camera!r}: {bad} frame(s) contain NaN (never written)")
+    return problems
+
+
+def pca_rgb(grids: np.ndarray) -> np.ndarray:
+    """Project (F, h, w, C) patch grids on their first three principal components, as RGB in [0, 1].
+
+    The components are fitted jointly over all frames shown, so colours mean the same across them.
+    """
+    f, h, w, c = grids.shape
+    x = grids.reshape(-1, c).astype(np.float64)
+    x -= x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    proj = x @ vt[:3].T
+    lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
+    rgb = np.clip((proj - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
+    return rgb.reshape(f, h, w, 3)
+
+
+def _camera_frames(store: FeatureStore, camera: str, indices: np.ndarray) -> list[np.ndarray | None]:
+    """The source images of the given store frames, or None where the dataset is no longer there."""
+    from dinocache.pipeline.readers import open_dataset
+
+    try:
+        source = open_dataset(store.provenance["source_path"], format=store.provenance["source"]["format"])
+    except (DinocacheError, OSError, KeyError):
+        return [None] * len(indices)
+    episodes = store.read("episode_index", indices)
+    frames = store.read("frame_index", indices)
+    out = []
+    for episode, frame in zip(episodes, frames):
+        images = source.read_frames(int(episode), camera)
+        out.append(images[int(frame)])
+    return out
+
+
+def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str | None = None) -> Path:
+    """Write the DINO picture: each sampled frame's image beside its patch features' PCA as RGB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    camera = camera or store.cameras[0]
+    indices = np.unique(np.linspace(0, store.num_frames - 1, num_frames).round().astype(np.int64))
+    grids = np.stack([store.patch(camera, int(i)) for i in indices]).astype(np.float32)
+    if np.isnan(grids).any():
+        raise DinocacheError(f"{store.path}: frames {indices.tolist()} are not all written yet; finish extraction first")
+    rgb = pca_rgb(grids)
+    images = _camera_frames(store, camera, indices)
+    fig, axes = plt.subplots(2, len(indices), figsize=(3 * len(indices), 6), squeeze=False)
+    for col, (index, image, colours) in enumerate(zip(indices, images, rgb)):
+        if image is not None:
+            axes[0, col].imshow(image)
+        else:
+            axes[0, col].text(0.5, 0.5, "source dataset\nnot found", ha="center", va="center")
+        axes[0, col].set_title(f"frame {index}", fontsize=9)
+        axes[1, col].imshow(colours, interpolation="nearest")
+        for ax in axes[:, col]:
+            ax.axis("off")
+    name = store.provenance["backbone"].get("name")
+    fig.suptitle(f"{camera}: first three principal components of the {name} patch features")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,338 @@
+"""The feature store: one Zarr v3 group holding cached backbone features and everything beside them.
+
+The layout is specified in ``docs/cache-format.md`` (format version :data:`FORMAT_VERSION`). In short::
+
+    features.zarr/
+      zarr.json                       root attributes: the provenance, written once
+      cameras/<camera>/patch          (N, h, w, C)  patch-feature grid, float16 by default
+      cameras/<camera>/cls            (N, C)        CLS token
+      action, observation.state, ...  (N, D)        low-dimensional float32 arrays
+      episode_index, frame_index      (N,)          int64
+      timestamp                       (N,)          float32
+      episodes/{index,start,length,task_index}  (E,) int64; the task strings in its attributes
+      stats/<key>/{mean,std,min,max}  (D,)          exact, over every stored frame, float64 accumulated
+      units/done                      (U,)          uint8, one chunk per work unit: 1 once written
+
+Frames are written in *work units*: a unit is the frame range of exactly one shard of every feature
+array, so no two writers ever touch the same shard file (Zarr applies partial shard writes by
+read-modify-write, and concurrent ones lose data). Each unit's marker lives in its own chunk of
+``units/done`` for the same reason. Every inner chunk carries a crc32c checksum, and float arrays are
+filled with NaN, so a frame that was never written can never pass for data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from dinocache import __version__
+from dinocache.errors import StoreError
+
+FORMAT_NAME = "dinocache-features"
+FORMAT_VERSION = 1
+FEATURE_DTYPES = ("float16", "float32")
+
+#: Provenance keys that define what a store *is*: a second extraction into the same store must agree
+#: on all of them (or pass ``--overwrite``), and later stages check the ones they depend on.
+IDENTITY_KEYS = (
+    "backbone", "weights", "preprocess", "dtype", "cameras", "source", "episodes_selected",
+    "chunk_frames", "unit_frames", "compression", "precision",
+)
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How feature chunks are encoded: ``none``, ``zstd`` or ``bitround:N`` (+ zstd).
+
+    Lossless codecs gain little on float16 features; BitRound zeroes all but N mantissa bits first so
+    that zstd has something to squeeze. Every choice ends in a crc32c checksum.
+    """
+
+    kind: str = "none"
+    keepbits: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Compression:
+        text = text.strip().lower()
+        if text in ("none", "zstd"):
+            return cls(text)
+        if text.startswith("bitround:"):
+            try:
+                keepbits = int(text.split(":", 1)[1])
+            except ValueError:
+                keepbits = -1
+            if not 1 <= keepbits <= 23:
+                raise StoreError(f"--compression {text!r}: bitround needs a mantissa bit count 1..23, e.g. bitround:7")
+            return cls("bitround", keepbits)
+        raise StoreError(f"--compression {text!r} is not one of none, zstd, bitround:N")
+
+    def __str__(self) -> str:
+        return f"bitround:{self.keepbits}" if self.kind == "bitround" else self.kind
+
+    def codecs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`zarr.create_array` implementing this choice."""
+        filters: list[Any] = []
+        compressors: list[Any] = []
+        if self.kind == "bitround":
+            from zarr.codecs.numcodecs import BitRound
+
+            filters.append(BitRound(keepbits=self.keepbits))
+        if self.kind in ("zstd", "bitround"):
+            compressors.append(ZstdCodec(level=3))
+        compressors.append(Crc32cCodec())
+        return {"filters": filters, "compressors": compressors}
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Everything needed to create an empty store: shapes, chunking and the provenance to record."""
+
+    num_frames: int
+    grids: Mapping[str, tuple[int, int, int]]  # camera -> (h, w, C), cameras in store order
+    lowdim: Mapping[str, np.ndarray]  # key -> (N, D) float32, including observation.state and action
+    episode_index: np.ndarray
+    frame_index: np.ndarray
+    timestamp: np.ndarray
+    episodes: Sequence[tuple[int, int, int, str]]  # (index, start, length, task)
+    provenance: Mapping[str, Any]
+    dtype: str = "float16"
+    chunk_frames: int = 16
+    unit_frames: int = 256
+    compression: Compression = Compression()
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_frames // self.unit_frames)
+
+
+def unit_range(unit: int, unit_frames: int, num_frames: int) -> tuple[int, int]:
+    """Global frame range ``[start, stop)`` of a work unit."""
+    start = unit * unit_frames
+    return start, min(start + unit_frames, num_frames)
+
+
+def lowdim_stats(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact mean/std/min/max over every frame, accumulated in float64."""
+    x = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": x.mean(axis=0).astype(np.float32),
+        "std": x.std(axis=0).astype(np.float32),
+        "min": x.min(axis=0).astype(np.float32),
+        "max": x.max(axis=0).astype(np.float32),
+    }
+
+
+def _build(root: zarr.Group, layout: StoreLayout) -> None:
+    n = layout.num_frames
+    codecs = layout.compression.codecs()
+    for camera, (h, w, c) in layout.grids.items():
+        group = root.require_group(f"cameras/{camera}")
+        group.create_array(
+            "patch", shape=(n, h, w, c), dtype=layout.dtype, chunks=(layout.chunk_frames, h, w, c),
+            shards=(layout.unit_frames, h, w, c), fill_value=np.nan, dimension_names=("frame", "y", "x", "channel"),
+            **codecs,
+        )
+        group.create_array(
+            "cls", shape=(n, c), dtype=layout.dtype, chunks=(layout.chunk_frames, c), shards=(layout.unit_frames, c),
+            fill_value=np.nan, dimension_names=("frame", "channel"), **codecs,
+        )
+    checksum = {"compressors": [Crc32cCodec()]}
+    for key, values in layout.lowdim.items():
+        root.create_array(key, data=np.asarray(values, dtype=np.float32), fill_value=np.nan, **checksum)
+        stats = root.require_group(f"stats/{key}")
+        for name, value in lowdim_stats(values).items():
+            stats.create_array(name, data=value, **checksum)
+    root.create_array("episode_index", data=np.asarray(layout.episode_index, dtype=np.int64), **checksum)
+    root.create_array("frame_index", data=np.asarray(layout.frame_index, dtype=np.int64), **checksum)
+    root.create_array("timestamp", data=np.asarray(layout.timestamp, dtype=np.float32), **checksum)
+
+    tasks = sorted({task for *_, task in layout.episodes})
+    episodes = root.require_group("episodes")
+    episodes.attrs["tasks"] = tasks
+    columns = np.array([(i, s, ln, tasks.index(t)) for i, s, ln, t in layout.episodes], dtype=np.int64).reshape(-1, 4)
+    for col, name in enumerate(("index", "start", "length", "task_index")):
+        episodes.create_array(name, data=np.ascontiguousarray(columns[:, col]), **checksum)
+    root.create_array("units/done", shape=(layout.num_units,), dtype="uint8", chunks=(1,), fill_value=0)
+
+    root.attrs.put({
+        "dinocache": {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dinocache_version": __version__,
+            "num_frames": n,
+            "dtype": layout.dtype,
+            "chunk_frames": layout.chunk_frames,
+            "unit_frames": layout.unit_frames,
+            "compression": str(layout.compression),
+            "cameras": list(layout.grids),
+            **layout.provenance,
+        }
+    })
+
+
+def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool = False) -> FeatureStore:
+    """Create the store for ``layout`` at ``path``, or open the one already there if it is the same.
+
+    Creation happens in a private temporary folder that is renamed into place, so any number of
+    concurrent processes (SLURM array tasks, dask workers) may call this at once: exactly one rename
+    wins, the others find the finished store and open it. A store that exists with a different
+    identity (another backbone, weights, preprocessing, source...) is refused unless ``overwrite``.
+    """
+    path = Path(path)
+    if path.exists() and overwrite:
+        shutil.rmtree(path)
+    if not path.exists():
+        tmp = path.parent / f".{path.name}.creating-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _build(zarr.open_group(tmp, mode="w", zarr_format=3), layout)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process created it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    store = FeatureStore(path, mode="r+")
+    wanted = {key: _jsonable(dict(layout.provenance, dtype=layout.dtype, chunk_frames=layout.chunk_frames,
+                                  unit_frames=layout.unit_frames, compression=str(layout.compression),
+                                  cameras=list(layout.grids)).get(key)) for key in IDENTITY_KEYS}
+    store.check_identity(wanted, hint="pass --overwrite to replace it, or choose another --out")
+    return store
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+class FeatureStore:
+    """A feature store on disk, opened for reading (``mode='r'``) or for filling units (``'r+'``).
+
+    Opening refuses anything that is not a dinocache store of a format version this code understands.
+    Every read goes through methods that turn a checksum or decode failure into a
+    :class:`~dinocache.errors.StoreError` naming the array.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise StoreError(f"{self.path}: not a feature store (no zarr.json); create one with `dinocache extract`")
+        try:
+            self.root = zarr.open_group(self.path, mode=mode, zarr_format=3)
+        except Exception as err:  # noqa: BLE001 - zarr raises many types for unreadable metadata
+            raise StoreError(f"{self.path}: cannot open as a Zarr v3 group: {err}") from err
+        meta = self.root.attrs.get("dinocache")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise StoreError(f"{self.path}: a Zarr group, but not a dinocache feature store (no 'dinocache' attributes)")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: feature-store format version {meta.get('format_version')} is not understood by "
+                f"dinocache {__version__} (it reads version {FORMAT_VERSION})"
+            )
+        self.provenance: dict[str, Any] = meta
+
+    # -- description -------------------------------------------------------------------------------
+    @property
+    def num_frames(self) -> int:
+        return int(self.provenance["num_frames"])
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.provenance["cameras"])
+
+    @property
+    def unit_frames(self) -> int:
+        return int(self.provenance["unit_frames"])
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_frames // self.unit_frames)
+
+    @property
+    def lowdim_keys(self) -> list[str]:
+        return sorted(self.root["stats"].group_keys())
+
+    def grid_shape(self, camera: str) -> tuple[int, int, int]:
+        """(h, w, C) of a camera's patch grid."""
+        return tuple(self._array(f"cameras/{camera}/patch").shape[1:])
+
+    def episodes(self) -> list[tuple[int, int, int, str]]:
+        """(index, start, length, task) of every stored episode, in store order."""
+        tasks = self.root["episodes"].attrs["tasks"]
+        cols = [self.read(f"episodes/{name}") for name in ("index", "start", "length", "task_index")]
+        return [(int(i), int(s), int(n), tasks[int(t)]) for i, s, n, t in zip(*cols)]
+
+    def stats(self, key: str) -> dict[str, np.ndarray]:
+        return {name: self.read(f"stats/{key}/{name}") for name in ("mean", "std", "min", "max")}
+
+    def check_identity(self, wanted: Mapping[str, Any], hint: str = "") -> None:
+        """Refuse, naming every differing key with both values, when the store is not what is wanted."""
+        diffs = [f"{key}: store has {self.provenance.get(key)!r}, asked for {value!r}"
+                 for key, value in wanted.items() if self.provenance.get(key) != value]
+        if diffs:
+            raise StoreError(f"{self.path} was built differently ({'; '.join(diffs)})" + (f"; {hint}" if hint else ""))
+
+    # -- units -------------------------------------------------------------------------------------
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        return unit_range(unit, self.unit_frames, self.num_frames)
+
+    def done_units(self) -> np.ndarray:
+        """Boolean mask over units: which are completely written."""
+        return self.read("units/done").astype(bool)
+
+    def write_unit(self, unit: int, features: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Write one whole unit, every camera's patch grid and CLS, then mark it done.
+
+        The marker is written last: a unit interrupted half-way is simply redone by the next run.
+        """
+        start, stop = self.unit_range(unit)
+        for camera in self.cameras:
+            patch, cls = features[camera]
+            if patch.shape[0] != stop - start or cls.shape[0] != stop - start:
+                raise StoreError(f"{self.path}: unit {unit} of camera {camera!r} needs {stop - start} frames, got {patch.shape[0]}")
+            self.root[f"cameras/{camera}/patch"][start:stop] = patch
+            self.root[f"cameras/{camera}/cls"][start:stop] = cls
+        self.root["units/done"][unit] = 1
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            return self.root[name]
+        except KeyError:
+            raise StoreError(f"{self.path}: no array {name!r} in the store") from None
+
+    def read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
+        """Read (part of) an array; a failed checksum or decode names the array."""
+        array = self._array(name)
+        try:
+            return array[selection]
+        except Exception as err:  # noqa: BLE001 - checksum and codec failures surface as several types
+            raise StoreError(f"{self.path}: array {name!r} is corrupt or unreadable ({type(err).__name__}: {err})") from err
+
+    def patch(self, camera: str, selection: Any = slice(None)) -> np.ndarray:
+        return self.read(f"cameras/{camera}/patch", selection)
+
+    def cls(self, camera: str, selection: Any = slice(None)) -> np.ndarray:
+        return self.read(f"cameras/{camera}/cls", selection)
+
+    def array_names(self) -> Iterable[str]:
+        """Every array in the store, as a path relative to the root."""
+        for name, _ in self.root.arrays():
+            yield name
+        for gname, group in self.root.groups():
+            yield from (f"{gname}/{name}" for name, _ in _walk_arrays(group))
+
+
+def _walk_arrays(group: zarr.Group) -> Iterable[tuple[str, zarr.Array]]:
+    for name, array in group.arrays():
+        yield name, array
+    for gname, sub in group.groups():
+        for name, array in _walk_arrays(sub):
+            yield f"{gname}/{name}", array

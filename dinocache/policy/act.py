@@ -1,0 +1,470 @@
+"""The ACT head (Zhao et al. 2023, "Learning Fine-Grained Bimanual Manipulation with Low-Cost
+Hardware"), trained directly on cached DINO patch grids instead of on images.
+
+It follows LeRobot's ``lerobot/policies/act/modeling_act.py`` (module names, token layout, CVAE,
+initialisation) so that anyone who knows ACT there recognises every piece. What changes:
+
+* There is no vision backbone. Each camera's cached ``(C, h, w)`` grid goes straight into the 1x1
+  input projection, and because the grid shape of every camera is known up front (it is recorded in
+  the store) the 2D sinusoidal position embeddings are precomputed buffers.
+* Cameras are told apart by a learned per-camera embedding added to their position embedding (in
+  LeRobot, cameras share one projection and one sinusoidal embedding, so identical grids on two
+  cameras are indistinguishable to the attention except by token order).
+* Optionally each camera's CLS vector becomes one more encoder token.
+* All ``n_decoder_layers`` decoder layers are run (see the note in :class:`ACTDecoder`).
+* The L1 loss is averaged over the non-padded action elements only (LeRobot averages over all of
+  them, padded ones included as zeros, so episodes ending inside the chunk get down-weighted).
+* Tensors are batch-first throughout.
+
+Token layout of the transformer encoder (``T = n_1d + sum(h*w)``)::
+
+    [latent, robot_state, (env_state), (cls_cam0, cls_cam1, ...), cam0 grid (h0*w0), cam1 grid, ...]
+     └────────────── learned 1D position embeddings ─────────────┘ └─ 2D sinusoid + camera embed ─┘
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_STATE, ACTConfig, ACTInputs
+
+__all__ = [
+    "ACTHead",
+    "ACTEncoder",
+    "ACTEncoderLayer",
+    "ACTDecoder",
+    "ACTDecoderLayer",
+    "create_sinusoidal_pos_embedding",
+    "sinusoidal_position_embedding_2d",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Position embeddings
+# --------------------------------------------------------------------------------------------------
+
+
+def create_sinusoidal_pos_embedding(num_positions: int, dimension: int) -> Tensor:
+    """1D sinusoidal position embeddings as in "Attention Is All You Need", ``(num_positions, dimension)``.
+
+    Even channels are ``sin(pos / 10000^(2i/d))``, odd channels the matching ``cos``; the same table
+    LeRobot builds for the CVAE encoder input (computed in float64, returned as float32).
+    """
+    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    exponent = 2 * torch.div(torch.arange(dimension), 2, rounding_mode="floor") / dimension
+    angles = position / torch.pow(10000.0, exponent.to(torch.float64))
+    table = torch.empty_like(angles)
+    table[:, 0::2] = angles[:, 0::2].sin()
+    table[:, 1::2] = angles[:, 1::2].cos()
+    return table.float()
+
+
+def sinusoidal_position_embedding_2d(height: int, width: int, dimension: int) -> Tensor:
+    """ACT's 2D sinusoidal embedding of an ``height x width`` grid, ``(2 * dimension, height, width)``.
+
+    Numerically the same as LeRobot's ``ACTSinusoidalPositionEmbedding2d(dimension)`` applied to a
+    feature map of that size: row and column indices run over ``1..H`` / ``1..W``, are scaled into
+    ``(0, 2*pi]``, and each gets ``dimension`` interleaved sin/cos channels; the row channels come
+    first. Here it is a function of the grid size alone, because the head knows every camera's grid
+    size when it is built and can keep the result as a constant buffer (nothing to trace at export).
+    """
+    if dimension % 2:
+        raise ValueError(f"The 2D sinusoidal embedding needs an even per-axis dimension. Got {dimension}.")
+    eps = 1e-6  # kept from the original code, where it guarded a masked cumulative sum
+    rows = torch.arange(1, height + 1, dtype=torch.float32) / (height + eps) * (2 * math.pi)
+    cols = torch.arange(1, width + 1, dtype=torch.float32) / (width + eps) * (2 * math.pi)
+    inverse_frequency = 10000 ** (
+        2 * torch.div(torch.arange(dimension, dtype=torch.float32), 2, rounding_mode="floor") / dimension
+    )
+
+    def embed(positions: Tensor) -> Tensor:  # (n,) -> (n, dimension), sin/cos interleaved
+        angles = positions.unsqueeze(-1) / inverse_frequency
+        return torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=-1).flatten(1)
+
+    row_embed = embed(rows).unsqueeze(1).expand(height, width, dimension)
+    col_embed = embed(cols).unsqueeze(0).expand(height, width, dimension)
+    return torch.cat((row_embed, col_embed), dim=-1).permute(2, 0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformer blocks (DETR-style: position embeddings are added to queries and keys at every layer,
+# never to values)
+# --------------------------------------------------------------------------------------------------
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    return {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}[name]
+
+
+def _with_pos(x: Tensor, pos_embed: Tensor | None) -> Tensor:
+    return x if pos_embed is None else x + pos_embed
+
+
+class _TransformerLayer(nn.Module):
+    """What encoder and decoder layers share: the feed-forward block and the residual wiring."""
+
+    def __init__(self, config: ACTConfig):
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        # GLU halves its input, so its first projection is twice as wide. (LeRobot accepts "glu"
+        # but keeps the width, which fails with a shape error on the first forward.)
+        expansion = 2 if config.feedforward_activation == "glu" else 1
+        self.linear1 = nn.Linear(config.dim_model, expansion * config.dim_feedforward)
+        self.dropout = nn.Dropout(config.dropout)
+        self.linear2 = nn.Linear(config.dim_feedforward, config.dim_model)
+        self.activation = _activation(config.feedforward_activation)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    def _residual(self, x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.LayerNorm, dropout: nn.Dropout) -> Tensor:
+        """``x + f(norm(x))`` with ``pre_norm``, else ``norm(x + f(x))`` (the original ACT/DETR)."""
+        if self.pre_norm:
+            return x + dropout(sublayer(norm(x)))
+        return norm(x + dropout(sublayer(x)))
+
+
+class ACTEncoderLayer(_TransformerLayer):
+    """Self-attention then feed-forward, each in a residual block."""
+
+    def __init__(self, config: ACTConfig):
+        super().__init__(config)
+        self.self_attn = nn.MultiheadAttention(
+            config.dim_model, config.n_heads, dropout=config.dropout, batch_first=True
+        )
+        self.norm1 = nn.LayerNorm(config.dim_model)
+        self.norm2 = nn.LayerNorm(config.dim_model)
+        self.dropout1 = nn.Dropout(config.dropout)
+        self.dropout2 = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, pos_embed: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``x``: (B, T, D); ``pos_embed``: broadcastable to it; ``key_padding_mask``: (B, T), True = ignore."""
+
+        def attend(h: Tensor) -> Tensor:
+            q = k = _with_pos(h, pos_embed)
+            return self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+        x = self._residual(x, attend, self.norm1, self.dropout1)
+        return self._residual(x, self._feed_forward, self.norm2, self.dropout2)
+
+
+class ACTDecoderLayer(_TransformerLayer):
+    """Self-attention over the action queries, cross-attention to the encoder, then feed-forward."""
+
+    def __init__(self, config: ACTConfig):
+        super().__init__(config)
+        self.self_attn = nn.MultiheadAttention(
+            config.dim_model, config.n_heads, dropout=config.dropout, batch_first=True
+        )
+        self.multihead_attn = nn.MultiheadAttention(
+            config.dim_model, config.n_heads, dropout=config.dropout, batch_first=True
+        )
+        self.norm1 = nn.LayerNorm(config.dim_model)
+        self.norm2 = nn.LayerNorm(config.dim_model)
+        self.norm3 = nn.LayerNorm(config.dim_model)
+        self.dropout1 = nn.Dropout(config.dropout)
+        self.dropout2 = nn.Dropout(config.dropout)
+        self.dropout3 = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        encoder_out: Tensor,
+        decoder_pos_embed: Tensor | None = None,
+        encoder_pos_embed: Tensor | None = None,
+    ) -> Tensor:
+        """``x``: (B, chunk, D) queries; ``encoder_out``: (B, T, D); position embeddings broadcast to them."""
+
+        def self_attend(h: Tensor) -> Tensor:
+            q = k = _with_pos(h, decoder_pos_embed)
+            return self.self_attn(q, k, h, need_weights=False)[0]
+
+        def cross_attend(h: Tensor) -> Tensor:
+            return self.multihead_attn(
+                _with_pos(h, decoder_pos_embed),
+                _with_pos(encoder_out, encoder_pos_embed),
+                encoder_out,
+                need_weights=False,
+            )[0]
+
+        x = self._residual(x, self_attend, self.norm1, self.dropout1)
+        x = self._residual(x, cross_attend, self.norm2, self.dropout2)
+        return self._residual(x, self._feed_forward, self.norm3, self.dropout3)
+
+
+class ACTEncoder(nn.Module):
+    """A stack of encoder layers, with a final LayerNorm when ``pre_norm`` (which leaves it un-normalised)."""
+
+    def __init__(self, config: ACTConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList([ACTEncoderLayer(config) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(config.dim_model) if config.pre_norm else nn.Identity()
+
+    def forward(self, x: Tensor, pos_embed: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, pos_embed=pos_embed, key_padding_mask=key_padding_mask)
+        return self.norm(x)
+
+
+class ACTDecoder(nn.Module):
+    """A stack of decoder layers followed by a LayerNorm.
+
+    Every layer is run and the last one's output is used. The original ACT code built
+    ``n_decoder_layers`` (7) layers but returned the intermediate output of the first one only, so
+    six layers were dead weight (tonyzhaozh/act#25); LeRobot sidesteps that by defaulting to one layer.
+    Here ``n_decoder_layers > 1`` means what it says, so do not expect to reproduce the original
+    7-layer numbers by setting 7.
+    """
+
+    def __init__(self, config: ACTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([ACTDecoderLayer(config) for _ in range(config.n_decoder_layers)])
+        self.norm = nn.LayerNorm(config.dim_model)
+
+    def forward(
+        self,
+        x: Tensor,
+        encoder_out: Tensor,
+        decoder_pos_embed: Tensor | None = None,
+        encoder_pos_embed: Tensor | None = None,
+    ) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, encoder_out, decoder_pos_embed=decoder_pos_embed, encoder_pos_embed=encoder_pos_embed)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# The head
+# --------------------------------------------------------------------------------------------------
+
+
+class ACTHead(nn.Module):
+    """ACT on cached backbone features: observation tokens in, a normalised action chunk out.
+
+    Inputs are expected already normalised (state, env state, actions; see
+    :class:`~dinocache.policy.normalize.Normalizer`); cached features are used as they are, since the
+    ViT's final LayerNorm already puts them on a common scale. Outputs are normalised actions.
+
+    Batch keys (see :class:`~dinocache.policy.config.ACTInputs` for the shapes):
+
+    * ``observation.state``: (B, state_dim).
+    * ``features.<camera>``: (B, C, h, w) for every camera.
+    * ``cls.<camera>``: (B, C) for every camera, only when ``config.use_cls_token``.
+    * ``observation.environment_state``: (B, env_state_dim), only when ``inputs.env_state_dim``.
+    * ``action``: (B, chunk_size, action_dim) and ``action_is_pad``: (B, chunk_size) bool (True
+      where the chunk ran past the episode end), needed in training with the CVAE and by
+      :meth:`compute_loss`.
+
+    The CVAE encoder runs only in training mode; in eval mode the latent is zeros (the prior's mean),
+    which is exactly what the live policy does. That path has no data-dependent control flow, so the
+    eval-mode head can be traced with ``torch.export.export``.
+    """
+
+    def __init__(self, config: ACTConfig, inputs: ACTInputs):
+        super().__init__()
+        config.validate()
+        inputs.validate()
+        channels = sorted({c for _, c, _, _ in inputs.cameras})
+        if len(channels) > 1:
+            raise ValueError(
+                f"All cameras must have the same feature width C (one backbone per store); got "
+                f"{', '.join(f'{name}: {c}' for name, c, _, _ in inputs.cameras)}."
+            )
+        self.config = config
+        self.inputs = inputs
+        dim = config.dim_model
+
+        # CVAE encoder: BERT-style, tokens [cls, robot_state, *action_chunk]; the cls output gives
+        # the latent distribution's parameters [*mu, *log(sigma^2)].
+        if config.use_vae:
+            self.vae_encoder = ACTEncoder(config, config.n_vae_encoder_layers)
+            self.vae_encoder_cls_embed = nn.Embedding(1, dim)
+            self.vae_encoder_robot_state_input_proj = nn.Linear(inputs.state_dim, dim)
+            self.vae_encoder_action_input_proj = nn.Linear(inputs.action_dim, dim)
+            self.vae_encoder_latent_output_proj = nn.Linear(dim, 2 * config.latent_dim)
+            self.register_buffer(
+                "vae_encoder_pos_enc",
+                create_sinusoidal_pos_embedding(2 + config.chunk_size, dim).unsqueeze(0),
+                persistent=False,
+            )
+
+        # Transformer (the CVAE decoder during training, used alone at inference).
+        self.encoder = ACTEncoder(config, config.n_encoder_layers)
+        self.decoder = ACTDecoder(config)
+
+        # Encoder inputs: 1D tokens first, each with its own learned position embedding.
+        self.encoder_latent_input_proj = nn.Linear(config.latent_dim, dim)
+        self.encoder_robot_state_input_proj = nn.Linear(inputs.state_dim, dim)
+        if inputs.env_state_dim is not None:
+            self.encoder_env_state_input_proj = nn.Linear(inputs.env_state_dim, dim)
+        self._n_cls_tokens = len(inputs.cameras) if config.use_cls_token else 0
+        if self._n_cls_tokens:
+            self.encoder_cls_input_proj = nn.Linear(channels[0], dim)
+        n_1d_tokens = 2 + (inputs.env_state_dim is not None) + self._n_cls_tokens
+        self.encoder_1d_feature_pos_embed = nn.Embedding(n_1d_tokens, dim)
+
+        # Camera grids: one shared 1x1 projection (as LeRobot), fixed 2D sinusoids per grid, plus a
+        # learned embedding per camera so that the attention can tell the views apart.
+        if inputs.cameras:
+            self.encoder_img_feat_input_proj = nn.Conv2d(channels[0], dim, kernel_size=1)
+            self.encoder_cam_embed = nn.Embedding(len(inputs.cameras), dim)
+            sinusoids = [
+                sinusoidal_position_embedding_2d(h, w, dim // 2).flatten(1).T for _, _, h, w in inputs.cameras
+            ]
+            camera_of_token = [
+                torch.full((h * w,), index, dtype=torch.long) for index, (_, _, h, w) in enumerate(inputs.cameras)
+            ]
+            self.register_buffer("encoder_cam_feat_pos_embed", torch.cat(sinusoids), persistent=False)
+            self.register_buffer("camera_token_index", torch.cat(camera_of_token), persistent=False)
+
+        # Decoder: chunk_size learned queries (DETR object queries) over a zero input.
+        self.decoder_pos_embed = nn.Embedding(config.chunk_size, dim)
+        self.action_head = nn.Linear(dim, inputs.action_dim)
+
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Xavier-uniform on the transformer's matrices, as the original code and LeRobot do.
+
+        As there, this covers the encoder and decoder only; the CVAE encoder and the input/output
+        projections keep PyTorch's default initialisation.
+        """
+        for p in chain(self.encoder.parameters(), self.decoder.parameters()):
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Predict a normalised action chunk.
+
+        Returns:
+            ``(B, chunk_size, action_dim)`` normalised actions, and ``(mu, log_sigma_x2)`` (each
+            ``(B, latent_dim)``; ``log_sigma_x2`` is ``2 log sigma``, as in the original code) when the
+            CVAE encoder ran (``use_vae`` and training), else None.
+        """
+        self._check_batch(batch)
+        state = batch[OBS_STATE]
+
+        if self.config.use_vae and self.training:
+            mu, log_sigma_x2 = self._encode_latent(state, batch[ACTION], batch[ACTION_IS_PAD])
+            latent = mu + (log_sigma_x2 / 2).exp() * torch.randn_like(mu)  # reparameterisation
+            latent_params: tuple[Tensor, Tensor] | None = (mu, log_sigma_x2)
+        else:
+            latent = state.new_zeros((state.shape[0], self.config.latent_dim))
+            latent_params = None
+
+        tokens, pos_embed = self._encoder_inputs(batch, latent)
+        encoder_out = self.encoder(tokens, pos_embed=pos_embed)
+        decoder_in = encoder_out.new_zeros((encoder_out.shape[0], self.config.chunk_size, self.config.dim_model))
+        decoder_out = self.decoder(
+            decoder_in,
+            encoder_out,
+            decoder_pos_embed=self.decoder_pos_embed.weight.unsqueeze(0),
+            encoder_pos_embed=pos_embed,
+        )
+        return self.action_head(decoder_out), latent_params
+
+    def _encode_latent(self, state: Tensor, action: Tensor, action_is_pad: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the CVAE encoder over [cls, state, actions]; padded actions are masked out of the keys."""
+        batch_size = state.shape[0]
+        tokens = torch.cat(
+            [
+                self.vae_encoder_cls_embed.weight.unsqueeze(0).expand(batch_size, -1, -1),
+                self.vae_encoder_robot_state_input_proj(state).unsqueeze(1),
+                self.vae_encoder_action_input_proj(action),
+            ],
+            dim=1,
+        )
+        never_pad = torch.zeros((batch_size, 2), dtype=torch.bool, device=action_is_pad.device)
+        key_padding_mask = torch.cat([never_pad, action_is_pad], dim=1)
+        cls_out = self.vae_encoder(
+            tokens, pos_embed=self.vae_encoder_pos_enc.to(tokens.dtype), key_padding_mask=key_padding_mask
+        )[:, 0]
+        latent_pdf_params = self.vae_encoder_latent_output_proj(cls_out)
+        return latent_pdf_params.split(self.config.latent_dim, dim=-1)
+
+    def _encoder_inputs(self, batch: dict[str, Tensor], latent: Tensor) -> tuple[Tensor, Tensor]:
+        """Assemble the encoder tokens ``(B, T, D)`` and their position embeddings ``(1, T, D)``."""
+        one_d = [self.encoder_latent_input_proj(latent), self.encoder_robot_state_input_proj(batch[OBS_STATE])]
+        if self.inputs.env_state_dim is not None:
+            one_d.append(self.encoder_env_state_input_proj(batch[OBS_ENV_STATE]))
+        if self._n_cls_tokens:
+            one_d.extend(self.encoder_cls_input_proj(batch[ACTInputs.cls_key(name)]) for name in self.inputs.camera_names)
+        tokens = [torch.stack(one_d, dim=1)]
+        pos_embed = [self.encoder_1d_feature_pos_embed.weight]
+
+        if self.inputs.cameras:
+            for name in self.inputs.camera_names:
+                grid = self.encoder_img_feat_input_proj(batch[ACTInputs.feature_key(name)])  # (B, D, h, w)
+                tokens.append(grid.flatten(2).transpose(1, 2))  # (B, h*w, D), row-major like the sinusoids
+            pos_embed.append(self.encoder_cam_feat_pos_embed + self.encoder_cam_embed(self.camera_token_index))
+
+        tokens_t = torch.cat(tokens, dim=1)
+        return tokens_t, torch.cat(pos_embed, dim=0).unsqueeze(0).to(tokens_t.dtype)
+
+    def _check_batch(self, batch: dict[str, Tensor]) -> None:
+        """Fail early, naming the key, instead of with a shape error deep inside attention.
+
+        Only static (non-batch) dimensions are checked, so this costs nothing at export time.
+        """
+        expected: dict[str, tuple[int, ...]] = {OBS_STATE: (self.inputs.state_dim,)}
+        for name, channels, height, width in self.inputs.cameras:
+            expected[ACTInputs.feature_key(name)] = (channels, height, width)
+            if self._n_cls_tokens:
+                expected[ACTInputs.cls_key(name)] = (channels,)
+        if self.inputs.env_state_dim is not None:
+            expected[OBS_ENV_STATE] = (self.inputs.env_state_dim,)
+        if self.config.use_vae and self.training:
+            expected[ACTION] = (self.config.chunk_size, self.inputs.action_dim)
+            expected[ACTION_IS_PAD] = (self.config.chunk_size,)
+
+        missing = [key for key in expected if key not in batch]
+        if missing:
+            why = " (the CVAE encoder needs the target chunk in training mode)" if ACTION in missing else ""
+            raise ValueError(f"ACT head batch is missing {', '.join(missing)}{why}.")
+        for key, shape in expected.items():
+            if tuple(batch[key].shape[1:]) != shape:
+                raise ValueError(
+                    f"ACT head input {key!r} has shape {tuple(batch[key].shape)}; expected (B, "
+                    f"{', '.join(map(str, shape))})."
+                )
+
+    # ---------------------------------------------------------------------------------------------
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """ACT's training loss: masked L1 on the chunk plus ``kl_weight`` times the CVAE KL divergence.
+
+        The L1 term is the mean absolute error over the non-padded action elements only, so a chunk
+        that runs past the episode end counts as much per real step as any other. The KL term is
+        ``KL(N(mu, sigma^2) || N(0, I))`` summed over latent dimensions and averaged over the batch
+        (Kingma & Welling, App. B); it is 0 when the CVAE encoder did not run (``use_vae`` off, or
+        eval mode, where the loss is that of the zero latent the live policy uses).
+
+        Returns:
+            The scalar loss to back-propagate, and ``{"l1_loss", "kld_loss", "loss"}`` as floats.
+        """
+        missing = [key for key in (ACTION, ACTION_IS_PAD) if key not in batch]
+        if missing:
+            raise ValueError(f"compute_loss needs {', '.join(missing)} in the batch.")
+        actions_hat, latent_params = self(batch)
+
+        valid = ~batch[ACTION_IS_PAD].unsqueeze(-1)  # (B, chunk, 1)
+        abs_error = F.l1_loss(actions_hat, batch[ACTION], reduction="none")
+        n_valid = (valid.sum() * abs_error.shape[-1]).clamp_min(1)
+        l1_loss = torch.where(valid, abs_error, 0.0).sum() / n_valid
+
+        if latent_params is None:
+            kld_loss = l1_loss.new_zeros(())
+        else:
+            mu, log_sigma_x2 = latent_params
+            kld_loss = (-0.5 * (1 + log_sigma_x2 - mu.pow(2) - log_sigma_x2.exp())).sum(-1).mean()
+
+        loss = l1_loss + self.config.kl_weight * kld_loss
+        return loss, {"l1_loss": l1_loss.item(), "kld_loss": kld_loss.item(), "loss": loss.item()}
