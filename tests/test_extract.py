@@ -1,0 +1,162 @@
+"""Stage one end to end on real files: generated video datasets, real Zarr stores, real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinocache.encoders.backbone import create_backbone
+from dinocache.pipeline.extract import ExtractConfig, extract
+from dinocache.pipeline.readers import open_dataset
+from dinocache.pipeline.store import FeatureStore
+
+BACKBONE = "dinov2_vits14"
+SIZE = "56"
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dinocache.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def extract_args(dataset: Path, out: Path, *extra: str, backbone: str = BACKBONE) -> list[str]:
+    return ["extract", str(dataset), "--backbone", backbone, "--weights", "random", "--image-size", SIZE,
+            "--out", str(out), "--unit-frames", "8", "--chunk-frames", "4", "--batch-size", "4",
+            "--no-progress", *extra]
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_features_match_direct_forward(store_path: Path, dataset: Path, episodes: list[int] | None = None) -> None:
+    store = FeatureStore(store_path)
+    assert store.done_units().all()
+    backbone = create_backbone(BACKBONE, weights="random", image_size=int(SIZE), seed=0)
+    source = open_dataset(dataset)
+    for index, start, length, _ in store.episodes():
+        for camera in store.cameras:
+            with torch.no_grad():
+                grid, cls = backbone(torch.from_numpy(source.read_frames(index, camera)))
+            got = store.patch(camera, slice(start, start + length)).astype(np.float32)
+            np.testing.assert_allclose(got, grid.permute(0, 2, 3, 1).numpy(), rtol=4e-3, atol=4e-3)
+            np.testing.assert_allclose(store.cls(camera, slice(start, start + length)).astype(np.float32),
+                                       cls.numpy(), rtol=4e-3, atol=4e-3)
+
+
+def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, tmp_path: Path):
+    cfg = ExtractConfig(dataset=small_dataset, out=tmp_path / "f.zarr", backbone=BACKBONE, weights="random",
+                        image_size=SIZE, unit_frames=8, chunk_frames=4, batch_size=4, progress=False)
+    summary = extract(cfg)
+    assert summary.frames == 42 and summary.units == 6
+    assert_features_match_direct_forward(tmp_path / "f.zarr", small_dataset)
+    store = FeatureStore(tmp_path / "f.zarr")
+    source = open_dataset(small_dataset)
+    np.testing.assert_array_equal(store.read("action"), np.concatenate([source.read_lowdim(e.index)["action"]
+                                                                        for e in source.episodes]))
+    assert store.provenance["weights"]["source"] == "random"
+    assert store.provenance["source"]["fingerprint"] == source.fingerprint()
+    # idempotent: a second run does nothing and changes no byte
+    before = store_files(tmp_path / "f.zarr")
+    again = extract(cfg)
+    assert again.units == 0 and again.units_skipped == 6
+    assert store_files(tmp_path / "f.zarr") == before
+
+
+def _kill_midway(args: list[str], store: Path, at_least: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "dinocache.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    marks = store / "units" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if marks.is_dir() and len(list(marks.iterdir())) >= at_least:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def long_dataset(tmp_path_factory) -> Path:
+    from dinocache.pipeline.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("long") / "long", format="lerobot-v2.1", num_episodes=4,
+                                   episode_length=60, image_size=(48, 64), cameras=("top",), seed=3)
+
+
+def test_sigkill_then_rerun_is_byte_identical_to_clean_run(long_dataset: Path, tmp_path: Path):
+    clean, resumed = tmp_path / "clean.zarr", tmp_path / "resumed.zarr"
+    assert cli(*extract_args(long_dataset, clean)).returncode == 0
+    _kill_midway(extract_args(long_dataset, resumed), resumed, at_least=2)
+    done = FeatureStore(resumed).done_units()
+    assert 0 < done.sum() < len(done), "the kill must land part-way"
+    rerun = cli(*extract_args(long_dataset, resumed))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({int(done.sum())} already done)" in rerun.stdout
+    assert store_files(resumed) == store_files(clean)
+
+
+def test_two_concurrent_shards_equal_single_process(long_dataset: Path, tmp_path: Path):
+    single, sharded = tmp_path / "single.zarr", tmp_path / "sharded.zarr"
+    assert cli(*extract_args(long_dataset, single)).returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "dinocache.cli",
+                               *extract_args(long_dataset, sharded, "--shard", f"{k}/2")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert store_files(sharded) == store_files(single)
+
+
+def test_dask_local_cluster_equals_single_process(small_dataset: Path, tmp_path: Path):
+    single, dasked = tmp_path / "single.zarr", tmp_path / "dask.zarr"
+    assert cli(*extract_args(small_dataset, single)).returncode == 0
+    run = cli(*extract_args(small_dataset, dasked, "--dask-workers", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert store_files(dasked) == store_files(single)
+
+
+def test_other_backbone_into_same_store_is_refused(small_dataset: Path, tmp_path: Path):
+    out = tmp_path / "f.zarr"
+    assert cli(*extract_args(small_dataset, out, "--episodes", "0:1")).returncode == 0
+    before = store_files(out)
+    refused = cli(*extract_args(small_dataset, out, "--episodes", "0:1", backbone="dinov2_vits14_reg"))
+    assert refused.returncode == 2
+    assert "dinov2_vits14_reg" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert store_files(out) == before, "a refused extraction must not touch the store"
+    assert cli(*extract_args(small_dataset, out, "--episodes", "0:1", "--overwrite",
+                             backbone="dinov2_vits14_reg")).returncode == 0
+
+
+def test_inspect_reports_completeness_and_draws_pca(small_dataset: Path, tmp_path: Path):
+    out = tmp_path / "f.zarr"
+    assert cli(*extract_args(small_dataset, out)).returncode == 0
+    report = cli("inspect", str(out), "--pca", str(tmp_path / "pca.png"))
+    assert report.returncode == 0, report.stderr
+    assert "6/6 units" in report.stdout and "no NaN" in report.stdout
+    assert (tmp_path / "pca.png").stat().st_size > 10_000
+    # an unfinished store is reported as such and fails the check
+    (out / "units" / "done" / "c" / "3").unlink()
+    for shard in (out / "cameras" / "top" / "patch" / "c").glob("3/**/*"):
+        if shard.is_file():
+            shard.unlink()
+    report = cli("inspect", str(out))
+    assert report.returncode == 1 and "5/6 units" in report.stdout and "NaN" in report.stdout
+
+
+def test_real_dataset_features_and_kill_resume(real_dataset: Path, tmp_path: Path):
+    clean, resumed = tmp_path / "clean.zarr", tmp_path / "resumed.zarr"
+    args = lambda out: [*extract_args(real_dataset, out, "--episodes", "0:1"), "--unit-frames", "32"]  # noqa: E731
+    assert cli(*args(clean)).returncode == 0
+    assert_features_match_direct_forward(clean, real_dataset)
+    _kill_midway(args(resumed), resumed, at_least=2)
+    assert cli(*args(resumed)).returncode == 0
+    assert store_files(resumed) == store_files(clean)
