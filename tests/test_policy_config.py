@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from dinocache.policy.config import ACTConfig, ACTInputs
@@ -72,7 +73,9 @@ def test_config_from_dict_rejects_unknown_and_defaults_missing():
 
 
 def test_inputs_json_round_trip_restores_tuples():
-    inputs = ACTInputs(cameras=[("top", 384, 16, 16), ("wrist", 384, 12, 16)], state_dim=14, action_dim=14, env_state_dim=3)
+    inputs = ACTInputs(
+        cameras=[("top", 384, 16, 16), ("wrist", 384, 12, 16)], state_dim=14, action_dim=14, env_state_dim=3
+    )
     restored = ACTInputs.from_dict(json.loads(json.dumps(inputs.to_dict())))
     assert restored == inputs
     assert restored.cameras[1] == ("wrist", 384, 12, 16)
@@ -95,6 +98,13 @@ def test_inputs_json_round_trip_restores_tuples():
 def test_invalid_inputs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ACTInputs(**kwargs)
+
+
+def test_inputs_accept_numpy_integers_and_stay_json_serialisable():
+    inputs = ACTInputs(cameras=[("top", *np.array([384, 16, 16]))], state_dim=np.int64(14), action_dim=14)
+    assert inputs.cameras == [("top", 384, 16, 16)]
+    assert type(inputs.state_dim) is int
+    json.dumps(inputs.to_dict())
 
 
 def test_environment_state_alone_is_a_valid_input():

@@ -7,9 +7,10 @@ initialisation) so that anyone who knows ACT there recognises every piece. What 
 * There is no vision backbone. Each camera's cached ``(C, h, w)`` grid goes straight into the 1x1
   input projection, and because the grid shape of every camera is known up front (it is recorded in
   the store) the 2D sinusoidal position embeddings are precomputed buffers.
-* Cameras are told apart by a learned per-camera embedding added to their position embedding (in
-  LeRobot, cameras share one projection and one sinusoidal embedding, so identical grids on two
-  cameras are indistinguishable to the attention except by token order).
+* Cameras are told apart by a learned per-camera embedding added to their position embedding. (In
+  LeRobot, cameras share one projection and one sinusoidal embedding, so the tokens at the same grid
+  position of two cameras carry identical position embeddings and attention, being order-blind,
+  cannot tell which view a token came from.)
 * Optionally each camera's CLS vector becomes one more encoder token.
 * All ``n_decoder_layers`` decoder layers are run (see the note in :class:`ACTDecoder`).
 * The L1 loss is averaged over the non-padded action elements only (LeRobot averages over all of
@@ -123,7 +124,9 @@ class _TransformerLayer(nn.Module):
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def _residual(self, x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.LayerNorm, dropout: nn.Dropout) -> Tensor:
+    def _residual(
+        self, x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.LayerNorm, dropout: nn.Dropout
+    ) -> Tensor:
         """``x + f(norm(x))`` with ``pre_norm``, else ``norm(x + f(x))`` (the original ACT/DETR)."""
         if self.pre_norm:
             return x + dropout(sublayer(norm(x)))
@@ -143,8 +146,10 @@ class ACTEncoderLayer(_TransformerLayer):
         self.dropout1 = nn.Dropout(config.dropout)
         self.dropout2 = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, pos_embed: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
-        """``x``: (B, T, D); ``pos_embed``: broadcastable to it; ``key_padding_mask``: (B, T), True = ignore."""
+    def forward(
+        self, x: Tensor, pos_embed: Tensor | None = None, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """``x``: (B, T, D); ``pos_embed`` broadcasts to it; ``key_padding_mask``: (B, T), True = ignore."""
 
         def attend(h: Tensor) -> Tensor:
             q = k = _with_pos(h, pos_embed)
@@ -206,7 +211,9 @@ class ACTEncoder(nn.Module):
         self.layers = nn.ModuleList([ACTEncoderLayer(config) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(config.dim_model) if config.pre_norm else nn.Identity()
 
-    def forward(self, x: Tensor, pos_embed: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, pos_embed: Tensor | None = None, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
         for layer in self.layers:
             x = layer(x, pos_embed=pos_embed, key_padding_mask=key_padding_mask)
         return self.norm(x)
@@ -235,7 +242,9 @@ class ACTDecoder(nn.Module):
         encoder_pos_embed: Tensor | None = None,
     ) -> Tensor:
         for layer in self.layers:
-            x = layer(x, encoder_out, decoder_pos_embed=decoder_pos_embed, encoder_pos_embed=encoder_pos_embed)
+            x = layer(
+                x, encoder_out, decoder_pos_embed=decoder_pos_embed, encoder_pos_embed=encoder_pos_embed
+            )
         return self.norm(x)
 
 
@@ -254,7 +263,8 @@ class ACTHead(nn.Module):
     Batch keys (see :class:`~dinocache.policy.config.ACTInputs` for the shapes):
 
     * ``observation.state``: (B, state_dim).
-    * ``features.<camera>``: (B, C, h, w) for every camera.
+    * ``features.<camera>``: (B, C, h, w) for every camera, channels-first (the store keeps grids
+      channels-last) and in any float dtype (cast to the head's).
     * ``cls.<camera>``: (B, C) for every camera, only when ``config.use_cls_token``.
     * ``observation.environment_state``: (B, env_state_dim), only when ``inputs.env_state_dim``.
     * ``action``: (B, chunk_size, action_dim) and ``action_is_pad``: (B, chunk_size) bool (True
@@ -318,7 +328,8 @@ class ACTHead(nn.Module):
                 sinusoidal_position_embedding_2d(h, w, dim // 2).flatten(1).T for _, _, h, w in inputs.cameras
             ]
             camera_of_token = [
-                torch.full((h * w,), index, dtype=torch.long) for index, (_, _, h, w) in enumerate(inputs.cameras)
+                torch.full((h * w,), index, dtype=torch.long)
+                for index, (_, _, h, w) in enumerate(inputs.cameras)
             ]
             self.register_buffer("encoder_cam_feat_pos_embed", torch.cat(sinusoids), persistent=False)
             self.register_buffer("camera_token_index", torch.cat(camera_of_token), persistent=False)
@@ -349,7 +360,7 @@ class ACTHead(nn.Module):
             ``(B, latent_dim)``; ``log_sigma_x2`` is ``2 log sigma``, as in the original code) when the
             CVAE encoder ran (``use_vae`` and training), else None.
         """
-        self._check_batch(batch)
+        self._check_batch(batch, with_targets=self.config.use_vae and self.training)
         state = batch[OBS_STATE]
 
         if self.config.use_vae and self.training:
@@ -362,7 +373,9 @@ class ACTHead(nn.Module):
 
         tokens, pos_embed = self._encoder_inputs(batch, latent)
         encoder_out = self.encoder(tokens, pos_embed=pos_embed)
-        decoder_in = encoder_out.new_zeros((encoder_out.shape[0], self.config.chunk_size, self.config.dim_model))
+        decoder_in = encoder_out.new_zeros(
+            (encoder_out.shape[0], self.config.chunk_size, self.config.dim_model)
+        )
         decoder_out = self.decoder(
             decoder_in,
             encoder_out,
@@ -392,27 +405,36 @@ class ACTHead(nn.Module):
 
     def _encoder_inputs(self, batch: dict[str, Tensor], latent: Tensor) -> tuple[Tensor, Tensor]:
         """Assemble the encoder tokens ``(B, T, D)`` and their position embeddings ``(1, T, D)``."""
-        one_d = [self.encoder_latent_input_proj(latent), self.encoder_robot_state_input_proj(batch[OBS_STATE])]
+        one_d = [
+            self.encoder_latent_input_proj(latent),
+            self.encoder_robot_state_input_proj(batch[OBS_STATE]),
+        ]
         if self.inputs.env_state_dim is not None:
             one_d.append(self.encoder_env_state_input_proj(batch[OBS_ENV_STATE]))
+        # Cached features are often float16 (the store's default); compute in the head's own dtype.
+        feature_dtype = self.encoder_latent_input_proj.weight.dtype
         if self._n_cls_tokens:
-            one_d.extend(self.encoder_cls_input_proj(batch[ACTInputs.cls_key(name)]) for name in self.inputs.camera_names)
+            cls_vectors = [batch[ACTInputs.cls_key(name)].to(feature_dtype) for name in self.inputs.camera_names]
+            one_d.extend(self.encoder_cls_input_proj(vector) for vector in cls_vectors)
         tokens = [torch.stack(one_d, dim=1)]
         pos_embed = [self.encoder_1d_feature_pos_embed.weight]
 
         if self.inputs.cameras:
             for name in self.inputs.camera_names:
-                grid = self.encoder_img_feat_input_proj(batch[ACTInputs.feature_key(name)])  # (B, D, h, w)
+                grid = batch[ACTInputs.feature_key(name)].to(feature_dtype)
+                grid = self.encoder_img_feat_input_proj(grid)  # (B, D, h, w)
                 tokens.append(grid.flatten(2).transpose(1, 2))  # (B, h*w, D), row-major like the sinusoids
-            pos_embed.append(self.encoder_cam_feat_pos_embed + self.encoder_cam_embed(self.camera_token_index))
+            camera_embed = self.encoder_cam_embed(self.camera_token_index)
+            pos_embed.append(self.encoder_cam_feat_pos_embed + camera_embed)
 
         tokens_t = torch.cat(tokens, dim=1)
         return tokens_t, torch.cat(pos_embed, dim=0).unsqueeze(0).to(tokens_t.dtype)
 
-    def _check_batch(self, batch: dict[str, Tensor]) -> None:
+    def _check_batch(self, batch: dict[str, Tensor], with_targets: bool) -> None:
         """Fail early, naming the key, instead of with a shape error deep inside attention.
 
-        Only static (non-batch) dimensions are checked, so this costs nothing at export time.
+        ``with_targets`` also requires ``action`` / ``action_is_pad``. Only static (non-batch)
+        dimensions are checked, so this costs nothing at export time.
         """
         expected: dict[str, tuple[int, ...]] = {OBS_STATE: (self.inputs.state_dim,)}
         for name, channels, height, width in self.inputs.cameras:
@@ -421,20 +443,22 @@ class ACTHead(nn.Module):
                 expected[ACTInputs.cls_key(name)] = (channels,)
         if self.inputs.env_state_dim is not None:
             expected[OBS_ENV_STATE] = (self.inputs.env_state_dim,)
-        if self.config.use_vae and self.training:
+        if with_targets:
             expected[ACTION] = (self.config.chunk_size, self.inputs.action_dim)
             expected[ACTION_IS_PAD] = (self.config.chunk_size,)
 
         missing = [key for key in expected if key not in batch]
         if missing:
-            why = " (the CVAE encoder needs the target chunk in training mode)" if ACTION in missing else ""
-            raise ValueError(f"ACT head batch is missing {', '.join(missing)}{why}.")
+            why = " (targets are needed by compute_loss, and by forward when training the CVAE)"
+            raise ValueError(f"ACT head batch is missing {', '.join(missing)}{why if with_targets else ''}.")
         for key, shape in expected.items():
             if tuple(batch[key].shape[1:]) != shape:
                 raise ValueError(
                     f"ACT head input {key!r} has shape {tuple(batch[key].shape)}; expected (B, "
                     f"{', '.join(map(str, shape))})."
                 )
+        if with_targets and batch[ACTION_IS_PAD].dtype != torch.bool:
+            raise ValueError(f"{ACTION_IS_PAD!r} must be a bool tensor. Got {batch[ACTION_IS_PAD].dtype}.")
 
     # ---------------------------------------------------------------------------------------------
 
@@ -450,9 +474,7 @@ class ACTHead(nn.Module):
         Returns:
             The scalar loss to back-propagate, and ``{"l1_loss", "kld_loss", "loss"}`` as floats.
         """
-        missing = [key for key in (ACTION, ACTION_IS_PAD) if key not in batch]
-        if missing:
-            raise ValueError(f"compute_loss needs {', '.join(missing)} in the batch.")
+        self._check_batch(batch, with_targets=True)
         actions_hat, latent_params = self(batch)
 
         valid = ~batch[ACTION_IS_PAD].unsqueeze(-1)  # (B, chunk, 1)

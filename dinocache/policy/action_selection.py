@@ -32,7 +32,9 @@ ChunkPredictor = Callable[[], Tensor]
 
 def _check_chunk(actions: Tensor, chunk_size: int | None = None) -> None:
     if actions.dim() != 3:
-        raise ValueError(f"Expected an action chunk of shape (B, chunk, action_dim). Got {tuple(actions.shape)}.")
+        raise ValueError(
+            f"Expected an action chunk of shape (B, chunk, action_dim). Got {tuple(actions.shape)}."
+        )
     if chunk_size is not None and actions.shape[1] != chunk_size:
         raise ValueError(f"Expected chunks of {chunk_size} actions. Got shape {tuple(actions.shape)}.")
 

@@ -13,6 +13,7 @@ checkpoint and the exporter can rebuild the exact same head later.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -26,6 +27,13 @@ FEATURES_PREFIX = "features."
 CLS_PREFIX = "cls."
 
 FEEDFORWARD_ACTIVATIONS = ("relu", "gelu", "glu")
+
+
+def _positive_int(value: Any, what: str) -> int:
+    """``value`` as a plain int, or ValueError naming ``what`` (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive integer. Got {value!r}.")
+    return int(value)
 
 
 def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
@@ -125,14 +133,9 @@ class ACTConfig:
             "n_encoder_layers", "n_decoder_layers", "latent_dim",
         )
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer. Got {value!r}.")
-        if self.use_vae and (not isinstance(self.n_vae_encoder_layers, int) or self.n_vae_encoder_layers < 1):
-            raise ValueError(
-                f"`n_vae_encoder_layers` must be a positive integer when `use_vae` is on. "
-                f"Got {self.n_vae_encoder_layers!r}."
-            )
+            _positive_int(getattr(self, name), f"`{name}`")
+        if self.use_vae:
+            _positive_int(self.n_vae_encoder_layers, "`n_vae_encoder_layers` (with `use_vae`)")
         if self.n_obs_steps != 1:
             raise ValueError(
                 f"Multiple observation steps are not supported: `n_obs_steps` must be 1. "
@@ -199,34 +202,37 @@ class ACTInputs:
     env_state_dim: int | None = None
 
     def __post_init__(self) -> None:
-        # JSON round trips turn tuples into lists; normalise so equality and hashing of entries work.
-        self.cameras = [tuple(camera) for camera in self.cameras]  # type: ignore[misc]
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError unless every dimension is positive and camera names are unique."""
+        """Check the shapes and normalise them to plain ints and ``(name, C, h, w)`` tuples.
+
+        Shapes often come from numpy arrays (numpy integers are accepted and converted, so the
+        result stays JSON-serialisable), and a JSON round trip turns the camera tuples into lists.
+        Raises ValueError unless every dimension is positive and camera names are unique.
+        """
         if not self.cameras and self.env_state_dim is None:
             raise ValueError(
                 "The ACT head needs at least one camera or an environment state among its inputs."
             )
-        names = [camera[0] for camera in self.cameras]
+        cameras: list[tuple[str, int, int, int]] = []
         for camera in self.cameras:
             if len(camera) != 4:
                 raise ValueError(f"Each camera must be (name, C, h, w). Got {camera!r}.")
-            name, *dims = camera
+            name, channels, height, width = camera
             if not isinstance(name, str) or not name or "." in name:
                 raise ValueError(f"Camera names must be non-empty strings without '.'. Got {name!r}.")
-            if any(not isinstance(d, int) or d < 1 for d in dims):
-                raise ValueError(f"Camera {name!r} must have positive integer (C, h, w). Got {tuple(dims)}.")
+            what = f"Camera {name!r} (C, h, w) = {(channels, height, width)}:"
+            cameras.append((name, *(_positive_int(d, what) for d in (channels, height, width))))
+        names = [camera[0] for camera in cameras]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"Camera names must be unique. Repeated: {', '.join(duplicates)}.")
-        for name in ("state_dim", "action_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer. Got {value!r}.")
-        if self.env_state_dim is not None and (not isinstance(self.env_state_dim, int) or self.env_state_dim < 1):
-            raise ValueError(f"`env_state_dim` must be a positive integer or None. Got {self.env_state_dim!r}.")
+        self.cameras = cameras
+        self.state_dim = _positive_int(self.state_dim, "`state_dim`")
+        self.action_dim = _positive_int(self.action_dim, "`action_dim`")
+        if self.env_state_dim is not None:
+            self.env_state_dim = _positive_int(self.env_state_dim, "`env_state_dim` (or None)")
 
     @property
     def camera_names(self) -> list[str]:

@@ -76,7 +76,8 @@ class Normalizer(nn.Module):
             std = _as_float_tensor(entry["std"], f"{key}.std")
             if mean.shape != std.shape:
                 raise ValueError(
-                    f"Statistics for {key!r}: mean has shape {tuple(mean.shape)} but std has {tuple(std.shape)}."
+                    f"Statistics for {key!r}: mean has shape {tuple(mean.shape)} "
+                    f"but std has {tuple(std.shape)}."
                 )
             if (std < 0).any():
                 raise ValueError(f"Statistics for {key!r}: std has negative entries.")
@@ -119,7 +120,8 @@ class Normalizer(nn.Module):
     def _get(self, key: str, x: Tensor) -> tuple[Tensor, Tensor]:
         name = self._module_name(key)
         if name not in self.stats:
-            raise KeyError(f"No normalisation statistics for {key!r}; known keys: {', '.join(self.keys) or 'none'}.")
+            known = ", ".join(self.keys) or "none"
+            raise KeyError(f"No normalisation statistics for {key!r}; known keys: {known}.")
         entry = self.stats[name]
         return entry.mean.to(x.dtype), entry.std.to(x.dtype)
 

@@ -41,7 +41,9 @@ class Preset:
         known = {f.name for f in dataclasses.fields(ACTConfig)}
         unknown = sorted(set(self.config_overrides) - known)
         if unknown:
-            raise ValueError(f"Preset {self.name!r} overrides unknown ACTConfig field(s): {', '.join(unknown)}.")
+            raise ValueError(
+                f"Preset {self.name!r} overrides unknown ACTConfig field(s): {', '.join(unknown)}."
+            )
         # Read-only, so a caller cannot change a shared preset for everyone else.
         object.__setattr__(self, "config_overrides", MappingProxyType(dict(self.config_overrides)))
 
@@ -72,7 +74,7 @@ PRESETS: Mapping[str, Preset] = _presets(
         name="dinov2-reg-large",
         backbone="dinov2_vitl14_reg",
         config_overrides={"use_cls_token": True},
-        description="DINOv2 ViT-L/14 with registers (1024-d) plus the CLS token; 4x the cache of ViT-S.",
+        description="DINOv2 ViT-L/14 with registers (1024-d) plus the CLS token; 2.7x the cache of ViT-S.",
     ),
     Preset(
         name="dinov3-small",
@@ -117,7 +119,8 @@ def check_preset_backbone(preset: Preset, store_backbone_name: str) -> None:
         hint = (
             f" Use --preset {' or '.join(matching)}, or re-extract with --backbone {preset.backbone}."
             if matching
-            else f" Re-extract the dataset with --backbone {preset.backbone}, or train this store without --preset."
+            else f" Re-extract the dataset with --backbone {preset.backbone}, "
+            "or train this store without --preset."
         )
         raise DinocacheError(
             f"Preset {preset.name!r} is for backbone {preset.backbone!r}, but the feature store was built "
