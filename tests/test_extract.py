@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from click.testing import CliRunner
+
+from dinocache.cli import main
 from dinocache.encoders.backbone import create_backbone
 from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.readers import open_dataset
@@ -22,8 +25,16 @@ BACKBONE = "dinov2_vits14"
 SIZE = "56"
 
 
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinocache.cli", *args], capture_output=True, text=True, **kwargs)
+def cli(*args: str):
+    """Run the command in-process (a real click invocation, without paying a Python start-up)."""
+    return CliRunner().invoke(main, list(args))
+
+
+def config(dataset: Path, out: Path, **overrides) -> ExtractConfig:
+    """The in-process twin of :func:`extract_args`."""
+    options = dict(backbone=BACKBONE, weights="random", image_size=SIZE, unit_frames=8, chunk_frames=4,
+                   batch_size=4, progress=False)
+    return ExtractConfig(dataset=dataset, out=out, **{**options, **overrides})
 
 
 def extract_args(dataset: Path, out: Path, *extra: str, backbone: str = BACKBONE) -> list[str]:
@@ -52,8 +63,7 @@ def assert_features_match_direct_forward(store_path: Path, dataset: Path, episod
 
 
 def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, tmp_path: Path):
-    cfg = ExtractConfig(dataset=small_dataset, out=tmp_path / "f.zarr", backbone=BACKBONE, weights="random",
-                        image_size=SIZE, unit_frames=8, chunk_frames=4, batch_size=4, progress=False)
+    cfg = config(small_dataset, tmp_path / "f.zarr")
     summary = extract(cfg)
     assert summary.frames == 42 and summary.units == 6
     assert_features_match_direct_forward(tmp_path / "f.zarr", small_dataset)
@@ -92,71 +102,81 @@ def long_dataset(tmp_path_factory) -> Path:
                                    episode_length=60, image_size=(48, 64), cameras=("top",), seed=3)
 
 
-def test_sigkill_then_rerun_is_byte_identical_to_clean_run(long_dataset: Path, tmp_path: Path):
-    clean, resumed = tmp_path / "clean.zarr", tmp_path / "resumed.zarr"
-    assert cli(*extract_args(long_dataset, clean)).returncode == 0
+@pytest.fixture(scope="module")
+def long_reference(long_dataset: Path, tmp_path_factory) -> dict[str, bytes]:
+    """The bytes of an uninterrupted single-process extraction of ``long_dataset``."""
+    out = tmp_path_factory.mktemp("reference") / "clean.zarr"
+    extract(config(long_dataset, out))
+    return store_files(out)
+
+
+def test_sigkill_then_rerun_is_byte_identical_to_clean_run(long_dataset: Path, long_reference, tmp_path: Path):
+    resumed = tmp_path / "resumed.zarr"
     _kill_midway(extract_args(long_dataset, resumed), resumed, at_least=2)
     done = FeatureStore(resumed).done_units()
     assert 0 < done.sum() < len(done), "the kill must land part-way"
     rerun = cli(*extract_args(long_dataset, resumed))
-    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.exit_code == 0, rerun.output
     assert f"({int(done.sum())} already done)" in rerun.stdout
-    assert store_files(resumed) == store_files(clean)
+    assert store_files(resumed) == long_reference
 
 
-def test_two_concurrent_shards_equal_single_process(long_dataset: Path, tmp_path: Path):
-    single, sharded = tmp_path / "single.zarr", tmp_path / "sharded.zarr"
-    assert cli(*extract_args(long_dataset, single)).returncode == 0
+def test_two_concurrent_shards_equal_single_process(long_dataset: Path, long_reference, tmp_path: Path):
+    sharded = tmp_path / "sharded.zarr"
     procs = [subprocess.Popen([sys.executable, "-m", "dinocache.cli",
                                *extract_args(long_dataset, sharded, "--shard", f"{k}/2")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert store_files(sharded) == store_files(single)
+    assert store_files(sharded) == long_reference
 
 
 def test_dask_local_cluster_equals_single_process(small_dataset: Path, tmp_path: Path):
+    from dinocache.pipeline.distributed import extract_with_dask
+
     single, dasked = tmp_path / "single.zarr", tmp_path / "dask.zarr"
-    assert cli(*extract_args(small_dataset, single)).returncode == 0
-    run = cli(*extract_args(small_dataset, dasked, "--dask-workers", "2"))
-    assert run.returncode == 0, run.stderr[-3000:]
+    extract(config(small_dataset, single))
+    summary = extract_with_dask(config(small_dataset, dasked), n_workers=2)
+    assert summary.frames == 42
     assert store_files(dasked) == store_files(single)
 
 
 def test_other_backbone_into_same_store_is_refused(small_dataset: Path, tmp_path: Path):
     out = tmp_path / "f.zarr"
-    assert cli(*extract_args(small_dataset, out, "--episodes", "0:1")).returncode == 0
+    extract(config(small_dataset, out, episodes="0:1"))
     before = store_files(out)
-    refused = cli(*extract_args(small_dataset, out, "--episodes", "0:1", backbone="dinov2_vits14_reg"))
+    refused = subprocess.run([sys.executable, "-m", "dinocache.cli",
+                              *extract_args(small_dataset, out, "--episodes", "0:1", backbone="dinov2_vits14_reg")],
+                             capture_output=True, text=True)
     assert refused.returncode == 2
     assert "dinov2_vits14_reg" in refused.stderr and "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert store_files(out) == before, "a refused extraction must not touch the store"
     assert cli(*extract_args(small_dataset, out, "--episodes", "0:1", "--overwrite",
-                             backbone="dinov2_vits14_reg")).returncode == 0
+                             backbone="dinov2_vits14_reg")).exit_code == 0
 
 
 def test_inspect_reports_completeness_and_draws_pca(small_dataset: Path, tmp_path: Path):
     out = tmp_path / "f.zarr"
-    assert cli(*extract_args(small_dataset, out)).returncode == 0
+    extract(config(small_dataset, out))
     report = cli("inspect", str(out), "--pca", str(tmp_path / "pca.png"))
-    assert report.returncode == 0, report.stderr
+    assert report.exit_code == 0, report.output
     assert "6/6 units" in report.stdout and "no NaN" in report.stdout
     assert (tmp_path / "pca.png").stat().st_size > 10_000
     # an unfinished store is reported as such and fails the check
     (out / "units" / "done" / "c" / "3").unlink()
-    for shard in (out / "cameras" / "top" / "patch" / "c").glob("3/**/*"):
-        if shard.is_file():
-            shard.unlink()
+    camera = FeatureStore(out).cameras[0]
+    shard = out / "cameras" / camera / "patch" / "c" / "3" / "0" / "0" / "0"
+    shard.unlink()
     report = cli("inspect", str(out))
-    assert report.returncode == 1 and "5/6 units" in report.stdout and "NaN" in report.stdout
+    assert report.exit_code == 1 and "5/6 units" in report.stdout
+    assert f"camera {camera!r}: 8 frame(s) contain NaN" in report.stdout
 
 
 def test_real_dataset_features_and_kill_resume(real_dataset: Path, tmp_path: Path):
     clean, resumed = tmp_path / "clean.zarr", tmp_path / "resumed.zarr"
-    args = lambda out: [*extract_args(real_dataset, out, "--episodes", "0:1"), "--unit-frames", "32"]  # noqa: E731
-    assert cli(*args(clean)).returncode == 0
+    extract(config(real_dataset, clean, episodes="0:1", unit_frames=32))
     assert_features_match_direct_forward(clean, real_dataset)
-    _kill_midway(args(resumed), resumed, at_least=2)
-    assert cli(*args(resumed)).returncode == 0
+    _kill_midway([*extract_args(real_dataset, resumed, "--episodes", "0:1"), "--unit-frames", "32"], resumed, at_least=2)
+    assert cli(*extract_args(real_dataset, resumed, "--episodes", "0:1"), "--unit-frames", "32").exit_code == 0
     assert store_files(resumed) == store_files(clean)

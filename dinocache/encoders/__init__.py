@@ -1,0 +1,36 @@
+"""Frozen image backbones (DINOv2, DINOv3, ResNet, any timm model) and their preprocessing.
+
+Modules: ``registry`` (backbone specs as data, ``dinocache backbones``), ``preprocess`` (the one
+uint8 -> normalised tensor path, shared by extraction and the exported policy), ``backbone``
+(:class:`FrozenBackbone`, :func:`create_backbone`), ``weights`` / ``checkpoints`` (offline-first
+weights resolution and strict loading of official or timm checkpoints), ``arch`` (recognising a
+checkpoint's architecture) and ``pos_embed`` (upstream-exact position table resizing).
+
+Names are imported lazily so that ``dinocache backbones`` does not pay for importing timm models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BackboneSpec": "registry",
+    "backbone_table": "registry",
+    "get_backbone_spec": "registry",
+    "list_backbones": "registry",
+    "ImagePreprocessor": "preprocess",
+    "PreprocessConfig": "preprocess",
+    "FrozenBackbone": "backbone",
+    "create_backbone": "backbone",
+    "WeightsInfo": "weights",
+    "tensor_sha256": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

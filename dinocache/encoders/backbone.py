@@ -1,0 +1,197 @@
+"""The frozen backbone: uint8 frames in, final-norm patch grid and CLS token out.
+
+:class:`FrozenBackbone` fuses preprocessing and the timm model into one module, so that stage one
+(extraction) and stage three (the exported live policy) run literally the same graph. It never
+trains: it stays in eval mode whatever its parent does, its parameters do not require grad, and
+its forward runs under ``torch.no_grad``.
+
+Outputs follow DINO's ``x_norm_patchtokens`` / ``x_norm_clstoken``:
+
+* ViTs: ``forward_features`` (the final LayerNorm applied to all tokens); the CLS token is token 0,
+  register / storage tokens are dropped, the remaining ``h*w`` patch tokens are reshaped to
+  ``(B, C, h, w)``. A timm ViT without a class token reports the mean patch token as its CLS.
+* convnets: the last stage's map is the grid and its global average pool the CLS. Where the model
+  has a final norm (DINOv3 ConvNeXt: timm's ``head.norm``), it is applied to both, as upstream
+  applies ``norm`` to the pooled token and to every patch token.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from dinocache.encoders.checkpoints import load_into
+from dinocache.encoders.pos_embed import resample_pos_embed
+from dinocache.encoders.preprocess import ImagePreprocessor, ImageSize, PreprocessConfig
+from dinocache.encoders.registry import BackboneSpec, get_backbone_spec
+from dinocache.encoders.weights import WeightsInfo, fetch_weights, weights_info
+from dinocache.errors import BackboneError
+
+AMP_DTYPES = (None, torch.float16, torch.bfloat16)
+
+
+class FrozenBackbone(nn.Module):
+    """Preprocessing + frozen timm model; ``forward(uint8 images) -> (grid, cls)`` in float32."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, preprocess: ImagePreprocessor,
+                 weights_info: WeightsInfo, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if amp_dtype not in AMP_DTYPES:
+            raise BackboneError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, not {amp_dtype}")
+        self.spec = spec
+        self.preprocess = preprocess
+        self.model = model.requires_grad_(False)
+        self.weights_info = weights_info
+        self.amp_dtype = amp_dtype
+        self._has_cls = getattr(model, "cls_token", None) is not None
+        head_norm = getattr(getattr(model, "head", None), "norm", None)
+        self._final_norm = head_norm if spec.kind == "convnet" and isinstance(head_norm, nn.Module) \
+            and not isinstance(head_norm, nn.Identity) else None
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Stay in eval mode: a frozen backbone must never switch BatchNorm / dropout to training."""
+        return super().train(False)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        height, width = self.preprocess.config.image_size
+        return height // self.spec.patch_size, width // self.spec.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(B,H,W,3)`` / ``(B,3,H,W)`` / single image -> grid ``(B,C,h,w)``, CLS ``(B,C)``."""
+        with torch.no_grad():
+            x = self.preprocess(images)
+            if self.amp_dtype is None:
+                grid, cls = self._encode(x)
+            else:
+                with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
+                    grid, cls = self._encode(x)
+        return grid.float().contiguous(), cls.float()
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        if self.spec.kind == "vit":
+            height, width = self.grid_size
+            patches = features[:, self.spec.num_prefix_tokens:]
+            grid = patches.transpose(1, 2).reshape(x.shape[0], patches.shape[-1], height, width)
+            cls = features[:, 0] if self._has_cls else patches.mean(dim=1)
+            return grid, cls
+        pooled = features.mean(dim=(2, 3), keepdim=True)
+        if self._final_norm is not None:
+            features, pooled = self._final_norm(features), self._final_norm(pooled)
+        return features, pooled.flatten(1)
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-able record of exactly what produced the features (stored next to them)."""
+        return {
+            "name": self.spec.name,
+            "timm_id": self.spec.timm_id,
+            "family": self.spec.family,
+            "kind": self.spec.kind,
+            "patch_size": self.spec.patch_size,
+            "embed_dim": self.spec.embed_dim,
+            "num_prefix_tokens": self.spec.num_prefix_tokens,
+            "grid_size": list(self.grid_size),
+            "weights": dict(self.weights_info),
+            "preprocess": self.preprocess.config.to_dict(),
+            "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+        }
+
+
+def create_backbone(
+    name: str,
+    weights: str | os.PathLike[str] = "auto",
+    image_size: ImageSize | None = None,
+    center_crop: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> FrozenBackbone:
+    """Build a :class:`FrozenBackbone` by registry name (or ``timm:<model>``).
+
+    Order matters: the name, image size and weights are all validated (and a weights file read and
+    checked) before the model is built, so a bad flag costs milliseconds, not a model build.
+    ``device='meta'`` builds a data-less model for shape inference; it takes ``weights='random'``.
+    """
+    spec = get_backbone_spec(name)
+    config = PreprocessConfig.for_backbone(spec, image_size, center_crop)
+    device = torch.device(device)
+    if amp_dtype not in AMP_DTYPES:
+        raise BackboneError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, not {amp_dtype}")
+    meta = device.type == "meta"
+    if meta and weights != "random":
+        raise BackboneError(f"the meta device holds no data: build {name} with weights='random' there")
+    fetched = fetch_weights(spec, weights)
+    model = build_timm_model(spec, seed, meta)
+    if fetched.state_dict is not None:
+        load_into(model, fetched.state_dict, spec, fetched.path)
+    info = weights_info(fetched, seed, None if meta else model)
+    _set_image_size(model, spec, config.image_size)
+    backbone = FrozenBackbone(spec, model, ImagePreprocessor(config), info, amp_dtype)
+    return backbone.to(device)
+
+
+def build_timm_model(spec: BackboneSpec, seed: int = 0, meta: bool = False) -> nn.Module:
+    """timm model at its pretraining resolution, initialised from ``seed`` (deterministically).
+
+    Weights are loaded at the native resolution so the checkpoint's position table is taken as it
+    is; :func:`_set_image_size` then resizes it with the upstream method. The global RNG state is
+    left untouched.
+    """
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0}
+    if spec.kind == "vit":
+        kwargs.update(img_size=spec.pretrain_image_size, dynamic_img_size=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            if meta:
+                with torch.device("meta"), _SkipFillsOnMeta():
+                    return timm.create_model(spec.timm_id, **kwargs)
+            return timm.create_model(spec.timm_id, **kwargs)
+        except TypeError as err:
+            raise BackboneError(f"timm cannot build {spec.timm_id} at a fixed image size: {err}") from None
+
+
+class _SkipFillsOnMeta(TorchFunctionMode):
+    """Skip in-place data fills (weight init) on meta tensors, which hold no data to fill.
+
+    Meta tensors run init ops through slow Python decompositions only to produce nothing; skipping
+    them makes a meta build of ViT-7B take a fraction of a second. Only value-filling ops are
+    skipped, never ones that change shape or flags (``resize_``, ``requires_grad_``, ...).
+    """
+
+    FILLS = frozenset({"normal_", "uniform_", "trunc_normal_", "zero_", "fill_", "copy_", "clamp_",
+                       "clip_", "mul_", "add_", "sub_", "div_", "erfinv_", "exp_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (getattr(func, "__name__", "") in self.FILLS and args
+                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _set_image_size(model: nn.Module, spec: BackboneSpec, image_size: tuple[int, int]) -> None:
+    """Fix a ViT's input size (static graph), resizing an absolute position table the upstream way."""
+    if spec.kind != "vit":
+        return
+    old_grid = tuple(model.patch_embed.grid_size)
+    old_pos = getattr(model, "pos_embed", None)
+    model.set_input_size(img_size=image_size)  # patch embed, RoPE grid, and timm's own pos resize
+    new_grid = tuple(model.patch_embed.grid_size)
+    if old_pos is not None and new_grid != old_grid:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        table = resample_pos_embed(old_pos.detach(), old_grid, new_grid, prefix,
+                                   spec.pos_interp_offset, spec.pos_interp_antialias)
+        model.pos_embed = nn.Parameter(table, requires_grad=False)

@@ -1,0 +1,190 @@
+"""Read a weights file and load it into a timm model, strictly.
+
+Supported inputs: an official facebookresearch checkpoint (DINOv2 ``*_pretrain.pth``, DINOv3
+``dinov3_*_pretrain_*-<hash>.pth``, torchvision ``resnet18-f37072fd.pth``), a timm state dict
+(``.safetensors`` / ``.pth``) or a local timm model folder (``config.json`` + ``model.safetensors``).
+
+Official layouts are converted by the *same* ``checkpoint_filter_fn`` timm applies to its own
+pretrained downloads (found in the module that defines the model class), never by a hand-written
+key map. ``timm.create_model(checkpoint_path=...)`` would skip that filter, which is why loading
+goes through here.
+
+Strict means: after conversion every model tensor is present and every checkpoint tensor is used.
+The only tensors allowed to go unused are ones upstream never uses at inference and timm's filters
+drop by design: ``mask_token`` (masked-image pretraining), DINOv3's ``rope_embed.periods`` (derived
+from the architecture; checked to agree with timm's), ``*.qkv.bias_mask`` and ``local_cls_norm``
+(training only), and a classifier head the backbone does not have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinocache.encoders.arch import lookalikes, spec_signature, state_dict_signature
+from dinocache.encoders.registry import BackboneSpec, list_backbones
+from dinocache.errors import BackboneError
+
+StateDict = dict[str, torch.Tensor]
+
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The file to read for ``path``: the path itself, or the weights file inside a timm folder."""
+    if path.is_dir():
+        for name in _FOLDER_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise BackboneError(f"weights folder {path} has none of {', '.join(_FOLDER_FILES)}")
+    if not path.is_file():
+        raise BackboneError(
+            f"weights file {path} does not exist (pass an official or timm checkpoint, a timm model "
+            "folder, 'auto' or 'random')")
+    return path
+
+
+def read_state_dict(path: Path) -> StateDict:
+    """Tensors of a ``.safetensors`` / ``.pth`` file, unwrapped from training-checkpoint nesting."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt / truncated / not a checkpoint: all the same to the user
+        raise BackboneError(f"cannot read weights file {path}: {_one_line(err)}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+    if not isinstance(data, Mapping) or not data:
+        raise BackboneError(f"weights file {path} does not hold a state dict")
+    if all(k.startswith("module.") for k in data):  # saved from DistributedDataParallel
+        data = {k[len("module."):]: v for k, v in data.items()}
+    not_tensors = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise BackboneError(f"weights file {path} has non-tensor entries, e.g. {not_tensors[:3]}")
+    return dict(data)
+
+
+def warn_if_not_published(path: Path, sha256: str) -> None:
+    """Warn (not fail) when a file named like an official checkpoint has another hash.
+
+    The usual cause is a truncated or corrupted download; the file may still load, so the decision
+    is left to the user, but it should not pass silently.
+    """
+    for spec in list_backbones():
+        expected = spec.checkpoint_sha256_prefix
+        if spec.checkpoint_file != path.name or not expected or sha256.startswith(expected):
+            continue
+        size = path.stat().st_size
+        published = f", published size {spec.checkpoint_size:,} bytes" if spec.checkpoint_size else ""
+        warnings.warn(
+            f"{path} does not match the published sha256 of {spec.checkpoint_file} "
+            f"(expected {expected}, got {sha256}; file has {size:,} bytes{published}): "
+            f"a truncated or altered download? Re-download it from {spec.checkpoint_url}",
+            stacklevel=3,
+        )
+
+
+def check_architecture(state_dict: StateDict, spec: BackboneSpec, path: Path) -> None:
+    """Refuse a checkpoint of another model before anything is built, naming both models."""
+    found = state_dict_signature(state_dict)
+    wanted = spec_signature(spec)
+    if found is None or found == wanted:
+        return
+    names = lookalikes(found)
+    if names:
+        raise BackboneError(
+            f"checkpoint {path} looks like {' or '.join(names)} ({found.describe()}) "
+            f"but backbone {spec.name} was asked for ({wanted.describe()})")
+    raise BackboneError(
+        f"checkpoint {path} ({found.describe()}) does not match backbone {spec.name} "
+        f"({wanted.describe()})")
+
+
+def load_into(model: nn.Module, state_dict: StateDict, spec: BackboneSpec, path: Path) -> None:
+    """Convert ``state_dict`` with timm's own filter for ``model`` and load it strictly."""
+    state_dict = _settle_dinov3_extras(dict(state_dict), model, spec, path)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except Exception as err:
+            raise BackboneError(
+                f"checkpoint {path} cannot be converted for {spec.name} ({spec.timm_id}): "
+                f"{_one_line(err)}") from None
+    state_dict = _drop_unused_classifier(state_dict, model)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise BackboneError(f"checkpoint {path} does not fit {spec.name}: {_one_line(err)}") from None
+    if missing or unexpected:
+        raise BackboneError(
+            f"checkpoint {path} does not fit {spec.name} ({spec.timm_id}): "
+            f"{len(missing)} tensors missing {_examples(missing)}, "
+            f"{len(unexpected)} unexpected {_examples(unexpected)}")
+
+
+def _settle_dinov3_extras(state_dict: StateDict, model: nn.Module, spec: BackboneSpec,
+                          path: Path) -> StateDict:
+    """Check the official DINOv3 tensors timm's filter drops silently, so none is dropped unseen."""
+    if "storage_tokens" not in state_dict:
+        return state_dict
+    periods = state_dict.get("rope_embed.periods")
+    timm_periods = getattr(getattr(model, "rope", None), "periods", None)
+    if periods is not None and timm_periods is not None and (
+        periods.shape != timm_periods.shape
+        # upstream stores the periods rounded to bfloat16; timm recomputes them in float32
+        or not torch.allclose(periods.float(), timm_periods.float(), rtol=1e-2)
+    ):
+        raise BackboneError(
+            f"checkpoint {path} has RoPE periods that differ from {spec.timm_id}'s: "
+            "it was trained with another RoPE base or head size")
+    has_q_bias = any(name.endswith("attn.q_bias") for name, _ in model.named_parameters())
+    biases = [k for k in state_dict if k.endswith("attn.qkv.bias")]
+    if biases and not has_q_bias:
+        if any(state_dict[k].count_nonzero() for k in biases):
+            raise BackboneError(
+                f"checkpoint {path} has non-zero q/v biases but {spec.timm_id} has no qkv bias; "
+                "use the timm `_qkvb` variant of this model")
+        for key in biases:  # all zero: nothing is lost by not loading them
+            del state_dict[key]
+    return state_dict
+
+
+def _drop_unused_classifier(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """Drop classifier tensors (e.g. torchvision's ``fc``) when the backbone has no classifier."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if not classifier:
+        return state_dict
+    own = set(model.state_dict())
+    heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+    return {
+        k: v for k, v in state_dict.items()
+        if k in own or not any(k.startswith(f"{head}.") for head in heads)
+    }
+
+
+def _examples(keys: list[str]) -> str:
+    return f"({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else ""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] + ("..." if len(text) > 300 else "") or type(err).__name__

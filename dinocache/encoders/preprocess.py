@@ -1,0 +1,193 @@
+"""The one image preprocessing path: camera frame (uint8) -> normalised backbone input (float32).
+
+Extraction (stage one) and the exported live policy (stage three) both run *this* module, so the
+features a head is trained on and the features it sees on the robot come from identical pixels.
+That rules out PIL / torchvision transforms on one side and tensor code on the other: everything
+here is plain torch on tensors, branches only on static facts (ndim, the size of the channel axis,
+image height/width), and therefore traces under ``torch.export`` and exports to ONNX.
+
+The configuration is recorded in the feature store (``PreprocessConfig.to_dict``) so a later stage
+can rebuild the very same preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinocache.errors import BackboneError
+
+if TYPE_CHECKING:
+    from dinocache.encoders.registry import BackboneSpec
+
+ImageSize = int | str | tuple[int, int] | list[int]
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def parse_image_size(value: ImageSize) -> tuple[int, int]:
+    """``224`` / ``"224"`` / ``"224x320"`` / ``(224, 320)`` -> ``(height, width)``."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+))?\s*", value)
+        if not match:
+            raise BackboneError(f"image size {value!r} is not N or HxW (e.g. 224 or 224x320)")
+        height = int(match.group(1))
+        width = int(match.group(2)) if match.group(2) else height
+    elif isinstance(value, bool):
+        raise BackboneError(f"image size {value!r} is not N or HxW")
+    elif isinstance(value, int):
+        height = width = value
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        height, width = int(value[0]), int(value[1])
+    else:
+        raise BackboneError(f"image size {value!r} is not N or HxW (e.g. 224 or 224x320)")
+    if height <= 0 or width <= 0:
+        raise BackboneError(f"image size {height}x{width} must be positive")
+    return height, width
+
+
+def _nearest_multiples(value: int, step: int) -> str:
+    below, above = (value // step) * step, math.ceil(value / step) * step
+    return f"{below} or {above}" if below > 0 else str(above)
+
+
+def check_image_size(size: tuple[int, int], patch_size: int, backbone: str | None = None) -> None:
+    """Refuse a size the patch size does not divide, naming the nearest valid sizes.
+
+    A non-multiple would silently drop the right/bottom pixels (ViT patchify) or make the grid
+    depend on padding arithmetic (convnets); both make caches incomparable across backbones.
+    """
+    of = f" of {backbone}" if backbone else ""
+    for axis, value in zip(("height ", "width "), size):
+        if value % patch_size:
+            label = str(value) if size[0] == size[1] else f"image size {size[0]}x{size[1]}: {axis}{value}"
+            raise BackboneError(
+                f"{label} is not a multiple of the patch size {patch_size}{of}; "
+                f"nearest valid sizes: {_nearest_multiples(value, patch_size)}"
+            )
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How frames become backbone input; JSON-able via :meth:`to_dict`.
+
+    ``image_size`` is the (H, W) fed to the backbone. ``center_crop=False`` resizes the frame to it
+    (aspect ratio may change, nothing is lost); ``center_crop=True`` scales the frame until it
+    covers (H, W) -- for a square target that is "resize the shorter side" -- and crops the centre.
+    Resizing is ``interpolation`` ('bilinear' | 'bicubic') with ``antialias`` (what PIL does when
+    downscaling; without it small objects alias badly at 224 px from 480x640 cameras).
+    """
+
+    image_size: tuple[int, int]
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    center_crop: bool = False
+    interpolation: str = "bilinear"
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        # Normalise list inputs (e.g. from JSON) to tuples so configs compare and hash equal.
+        object.__setattr__(self, "image_size", parse_image_size(self.image_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise BackboneError(f"preprocess mean/std must be 3 values each, std > 0: {self.mean} / {self.std}")
+        if not isinstance(self.patch_size, int) or self.patch_size <= 0:
+            raise BackboneError(f"patch size must be a positive integer, got {self.patch_size!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise BackboneError(
+                f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        check_image_size(self.image_size, self.patch_size)
+
+    @classmethod
+    def for_backbone(cls, spec: BackboneSpec, image_size: ImageSize | None = None,
+                     center_crop: bool = False) -> PreprocessConfig:
+        """The config for ``spec`` at ``image_size`` (default: the spec's default size)."""
+        size = parse_image_size(spec.default_image_size if image_size is None else image_size)
+        check_image_size(size, spec.patch_size, spec.name)
+        return cls(image_size=size, patch_size=spec.patch_size, mean=spec.mean, std=spec.std,
+                   center_crop=center_crop)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (lists, not tuples), as recorded in the feature store."""
+        data = asdict(self)
+        for key in ("image_size", "mean", "std"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        known = {"image_size", "patch_size", "mean", "std", "center_crop", "interpolation", "antialias"}
+        unknown = sorted(set(data) - known)
+        missing = sorted({"image_size", "patch_size", "mean", "std"} - set(data))
+        if unknown or missing:
+            raise BackboneError(
+                f"preprocess config has unknown keys {unknown} / missing keys {missing}")
+        return cls(**data)
+
+
+class ImagePreprocessor(nn.Module):
+    """uint8 frames -> float32 ``(B, 3, H, W)`` normalised with the backbone's mean/std.
+
+    Accepts ``(B, H, W, 3)``, ``(B, 3, H, W)``, ``(H, W, 3)`` or ``(3, H, W)``; a 3-d input is one
+    image and comes back with a batch axis of 1. The layout is read from where the size-3 axis is:
+    channels-last when the last axis has size 3, otherwise channels-first when the axis after the
+    batch has size 3. Ambiguity rule: an input whose last axis *and* channel-first axis both have
+    size 3 (a 3-pixel-wide CHW image) is read as channels-last, since camera frames arrive HWC.
+    Every branch depends only on static shapes, so the module exports with ``torch.export``/ONNX.
+    """
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        super().__init__()
+        self.config = config
+        std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        # x/255 normalised = x * scale - shift; buffers follow .to(device) and are not weights.
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", mean / std, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._to_batched_chw(images).float()
+        x = self._resize(x)
+        return (x * self.scale - self.shift).contiguous()
+
+    @staticmethod
+    def _to_batched_chw(images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise BackboneError(
+                f"images must be uint8 (0-255), got {images.dtype}; convert float frames with "
+                "(x * 255).round().to(torch.uint8)")
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        elif images.ndim != 4:
+            raise BackboneError(
+                f"images must be (H,W,3), (3,H,W), (B,H,W,3) or (B,3,H,W), got shape {tuple(images.shape)}")
+        if images.shape[-1] == 3:
+            return images.permute(0, 3, 1, 2)
+        if images.shape[1] == 3:
+            return images
+        raise BackboneError(f"images have no RGB axis of size 3: shape {tuple(images.shape)}")
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        out_h, out_w = cfg.image_size
+        in_h, in_w = int(x.shape[-2]), int(x.shape[-1])
+        if cfg.center_crop:
+            scale = max(out_h / in_h, out_w / in_w)
+            size = (max(out_h, round(in_h * scale)), max(out_w, round(in_w * scale)))
+        else:
+            size = (out_h, out_w)
+        if size != (in_h, in_w):
+            x = F.interpolate(x, size=size, mode=cfg.interpolation, align_corners=False,
+                              antialias=cfg.antialias)
+        if size != (out_h, out_w):
+            top, left = (size[0] - out_h) // 2, (size[1] - out_w) // 2
+            x = x[:, :, top:top + out_h, left:left + out_w]
+        return x

@@ -1,0 +1,159 @@
+"""Where a backbone's weights come from, decided before any work starts, and recorded after.
+
+``weights`` is one of:
+
+* ``'auto'``: timm's pretrained weights through the Hugging Face cache. A cached file is used
+  without touching the network; otherwise it is downloaded unless ``HF_HUB_OFFLINE`` is set. When
+  neither works, the run stops *before* any frame is read, with one message naming the official
+  file, its URL and the flags to pass instead.
+* a path: an official or timm checkpoint / timm model folder (see ``checkpoints.py``).
+* ``'random'``: seeded random initialisation, for dry runs and tests. It is recorded with its seed
+  so stage three can rebuild the very same backbone.
+
+Whatever the source, ``weights_info`` records it together with ``tensor_sha256``, a hash of the
+loaded tensors themselves, so later stages can verify they run the weights the cache was built
+with -- even random ones, which have no file to hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypedDict
+
+from torch import nn
+
+from dinocache.encoders.checkpoints import (
+    StateDict,
+    check_architecture,
+    checkpoint_file,
+    file_sha256,
+    read_state_dict,
+    warn_if_not_published,
+)
+from dinocache.encoders.registry import DINOV3_ACCESS_PAGE, BackboneSpec
+from dinocache.errors import BackboneError
+
+Source = Literal["random", "file", "hf-cache"]
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class WeightsInfo(TypedDict):
+    """JSON-able record of the weights a backbone runs with."""
+
+    source: Source
+    path: str | None
+    sha256: str | None
+    seed: int | None
+    tensor_sha256: str | None
+
+
+@dataclass(frozen=True)
+class FetchedWeights:
+    """A weights request made concrete: random init, or a read, hashed, architecture-checked file."""
+
+    source: Source
+    path: Path | None = None
+    sha256: str | None = None
+    state_dict: StateDict | None = field(default=None, repr=False)
+
+
+def fetch_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> FetchedWeights:
+    """Resolve ``weights`` for ``spec`` and read the file; raise now if they cannot be had.
+
+    Everything that can fail for a user reason (no cached download, missing or corrupt file, a
+    checkpoint of another model) fails here, before a model is built or a frame is read.
+    """
+    if isinstance(weights, str) and weights == "random":
+        return FetchedWeights("random")
+    if isinstance(weights, str) and weights == "auto":
+        source: Source = "hf-cache"
+        path = _hf_weights_file(spec)
+    else:
+        source, path = "file", checkpoint_file(Path(weights).expanduser())
+    sha256 = file_sha256(path)
+    warn_if_not_published(path, sha256)
+    state_dict = read_state_dict(path)
+    check_architecture(state_dict, spec, path)
+    return FetchedWeights(source, path, sha256, state_dict)
+
+
+def weights_info(weights: FetchedWeights, seed: int, model: nn.Module | None) -> WeightsInfo:
+    """The JSON record of ``weights`` as loaded into ``model`` (None on the meta device: no data)."""
+    return WeightsInfo(
+        source=weights.source,
+        path=str(weights.path) if weights.path else None,
+        sha256=weights.sha256,
+        seed=seed if weights.source == "random" else None,
+        tensor_sha256=tensor_sha256(model) if model is not None else None,
+    )
+
+
+def tensor_sha256(module: nn.Module) -> str:
+    """sha256 over the state dict: names, shapes and float32 bytes, in sorted name order.
+
+    Float32 (whatever the storage dtype) makes the hash independent of how the weights were loaded
+    or moved; buffers derived from the architecture and not saved (e.g. RoPE periods) are excluded,
+    as they are not weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().to("cpu").float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_unavailable(spec: BackboneSpec, why: str) -> BackboneError:
+    """One message: why, which file to get from where, and the two flags that avoid the problem."""
+    if spec.checkpoint_file and spec.checkpoint_url:
+        where = f"download {spec.checkpoint_file} from {spec.checkpoint_url}"
+        if spec.license == "dinov3-license":
+            where += f" (DINOv3 downloads are granted on request at {DINOV3_ACCESS_PAGE})"
+    elif spec.hf_hub_id:
+        where = f"download {_HF_FILES[0]} from https://huggingface.co/{spec.hf_hub_id}"
+    elif spec.checkpoint_url:
+        where = f"download {spec.checkpoint_url}"
+    else:
+        where = f"get a checkpoint for {spec.timm_id}"
+    return BackboneError(
+        f"pretrained weights for {spec.name} are not available: {why}; {where} and pass "
+        "--weights PATH, or pass --weights random for a dry run")
+
+
+def _hf_weights_file(spec: BackboneSpec) -> Path:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    repo = spec.hf_hub_id
+    if not repo:
+        raise weights_unavailable(spec, f"timm has no pretrained weights for {spec.timm_id}")
+    cache_dir = _hf_cache_dir()
+    for filename in _HF_FILES:
+        cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(cached, str):
+            return Path(cached)
+    if _hf_offline():
+        raise weights_unavailable(
+            spec, f"{repo} is not in the Hugging Face cache {cache_dir} and HF_HUB_OFFLINE is set")
+    errors = []
+    for filename in _HF_FILES:
+        try:
+            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
+        except Exception as err:  # network, auth, missing file: report, try the next name
+            errors.append(f"{filename}: {type(err).__name__}")
+    raise weights_unavailable(spec, f"downloading {repo} failed ({'; '.join(errors)})")
+
+
+def _hf_offline() -> bool:
+    # Read at call time: huggingface_hub reads its environment once, at import.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hf_cache_dir() -> Path:
+    """The hub cache huggingface_hub would use, from the environment as it is now."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
+    return Path(home).expanduser() / "hub"

@@ -1,0 +1,207 @@
+"""Decode one episode of one camera from an mp4 (H.264, HEVC, AV1) with PyAV, checked frame by frame.
+
+Speed comes from reading each video once, front to back: one sequential pass through the
+decoder with FFmpeg's own frame threading (``thread_type = "AUTO"``) keeps every core busy,
+whereas seeking per frame would re-decode a GOP for every frame asked for. An episode inside a
+shared LeRobot v3.0 file costs one seek to the keyframe at or before its start.
+
+Every frame is checked: its size against the dataset's metadata, its presentation time against
+the parquet ``timestamp`` of the row it stands for (within half a frame period), and the count
+against the parquet rows. The last batch is held back until the count is known to be right, so
+a consumer never receives the complete-looking tail of an episode whose video is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from dinocache.errors import DatasetError
+from dinocache.pipeline.readers.base import problem
+
+
+class VideoReadError(Exception):
+    """A video that cannot be opened; the caller turns it into a DatasetError per episode."""
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What a video's header says, read without decoding a frame.
+
+    ``frames`` is the container's frame count (0 when the container does not record one) and
+    ``duration`` the stream's length in seconds (``None`` when unknown).
+    """
+
+    frames: int
+    duration: float | None
+    height: int
+    width: int
+    codec: str
+
+
+def probe_video(path: Path) -> VideoProbe:
+    """Read a video's header. Raises :class:`VideoReadError` when it is missing or unreadable."""
+    if not path.is_file():
+        raise VideoReadError("video file is missing")
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise VideoReadError("file has no video stream")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            duration = None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            return VideoProbe(frames=int(stream.frames or 0), duration=duration,
+                              height=int(ctx.height), width=int(ctx.width), codec=ctx.name)
+    except av.FFmpegError as err:
+        raise VideoReadError(f"cannot open video ({_ffmpeg_reason(err)})") from None
+
+
+@dataclass(frozen=True)
+class EpisodeClip:
+    """Where one episode lies in a video and what its frames must look like.
+
+    ``timestamps`` are the presentation times (seconds, in the video's clock) that the parquet
+    rows require, i.e. ``from_timestamp + timestamp`` for LeRobot v3.0 and ``timestamp`` for
+    v2.1. ``whole_file`` says the episode owns the file (v2.1): decoding runs to the end and any
+    frame past the last row is an error. Otherwise (v3.0) the decoder seeks to the first
+    timestamp and stops at the first frame past the last one.
+    """
+
+    path: Path
+    episode: int
+    camera: str
+    timestamps: np.ndarray
+    fps: float
+    height: int
+    width: int
+    whole_file: bool
+
+
+def iter_clip(clip: EpisodeClip, batch_size: int = 32) -> Iterator[np.ndarray]:
+    """Yield uint8 ``(b, H, W, 3)`` RGB batches of ``clip``; see the module docstring."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    expected = len(clip.timestamps)
+    tolerance = 0.5 / clip.fps
+    try:
+        container = av.open(str(clip.path), metadata_errors="ignore")
+    except (av.FFmpegError, OSError) as err:
+        raise _error(clip, f"cannot open video ({_ffmpeg_reason(err)})") from None
+    with container:
+        if not container.streams.video:
+            raise _error(clip, "file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = _frames_from_start(container, stream, clip, tolerance)
+
+        ready: np.ndarray | None = None  # a full batch held back by one batch
+        batch = np.empty((min(batch_size, max(expected, 1)), clip.height, clip.width, 3),
+                         dtype=np.uint8)
+        filled = 0
+        count = 0
+        last_time = clip.timestamps[-1] if expected else -math.inf
+        for frame in frames:
+            time = frame.time
+            if not clip.whole_file and time is not None and time > last_time + tolerance:
+                break  # the next episode's first frame in a shared file
+            if count >= expected:
+                raise _error(clip, f"video has more frames than the {expected} parquet rows "
+                                   f"(frame {count} at {_fmt_time(time)})")
+            _check_frame(clip, frame, count, tolerance)
+            batch[filled] = frame.to_ndarray(format="rgb24")
+            filled += 1
+            count += 1
+            if filled == len(batch):
+                if ready is not None:
+                    yield ready
+                ready, filled = batch, 0
+                batch = np.empty((min(batch_size, max(expected - count, 1)), clip.height,
+                                  clip.width, 3), dtype=np.uint8)
+        if count < expected:
+            raise _error(clip, f"video has only {count} frames for the {expected} parquet rows")
+        if ready is not None:
+            yield ready
+        if filled:
+            yield batch[:filled]
+
+
+def _frames_from_start(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                       clip: EpisodeClip, tolerance: float) -> Iterator[av.VideoFrame]:
+    """Decoded frames from the episode's first frame on; earlier frames (pre-roll) are dropped.
+
+    A shared file is entered with one backward seek to a keyframe. Demuxers seek on decode
+    timestamps, so with B-frames the keyframe found can lie just *after* the wanted frame in
+    presentation order; if the first frame decoded is already late, the seek is retried further
+    back (a few frames, then two seconds, then the file's start) instead of failing.
+    """
+    first = float(clip.timestamps[0]) if len(clip.timestamps) else 0.0
+    if clip.whole_file or first <= tolerance:
+        yield from _decode(container, stream, clip)
+        return
+    margins = (4.0 / clip.fps, 2.0, math.inf)
+    for attempt, margin in enumerate(margins):
+        target = max(first - margin, 0.0)
+        container.seek(int(target / stream.time_base), stream=stream, backward=True,
+                       any_frame=False)
+        decoded = _decode(container, stream, clip)
+        for frame in decoded:
+            time = frame.time
+            if time is not None and time < first - tolerance:
+                continue  # pre-roll between the keyframe and the episode's first frame
+            if time is not None and time > first + tolerance and attempt + 1 < len(margins):
+                break  # the seek overshot; retry from further back
+            yield frame
+            yield from decoded
+            return
+        else:
+            return  # the stream ended; the caller reports the missing frames
+        decoded.close()
+
+
+def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+            clip: EpisodeClip) -> Iterator[av.VideoFrame]:
+    count = 0
+    try:
+        for frame in container.decode(stream):
+            yield frame
+            count += 1
+    except av.FFmpegError as err:
+        raise _error(clip, f"cannot decode the video after frame {count} "
+                           f"({_ffmpeg_reason(err)}); the file is corrupt or truncated") from None
+
+
+def _check_frame(clip: EpisodeClip, frame: av.VideoFrame, index: int, tolerance: float) -> None:
+    if frame.height != clip.height or frame.width != clip.width:
+        raise _error(clip, f"frame {index} is {frame.width}x{frame.height}, "
+                           f"the dataset says {clip.width}x{clip.height}")
+    time = frame.time
+    if time is None:
+        return  # no presentation time to compare (raw streams); the count check still holds
+    want = float(clip.timestamps[index])
+    if abs(time - want) > tolerance:
+        raise _error(clip, f"frame {index} is at {time:.4f} s in the video but its parquet row "
+                           f"says {want:.4f} s (tolerance {tolerance:.4f} s); "
+                           "the video and the parquet are out of step")
+
+
+def _error(clip: EpisodeClip, what: str) -> DatasetError:
+    return DatasetError(problem(clip.path, clip.episode, f"camera '{clip.camera}': {what}"))
+
+
+def _fmt_time(time: float | None) -> str:
+    return "unknown time" if time is None else f"{time:.4f} s"
+
+
+def _ffmpeg_reason(err: BaseException) -> str:
+    """FFmpeg's own words without the file name PyAV appends (the message names it already)."""
+    strerror = getattr(err, "strerror", None)
+    return str(strerror or err).strip()

@@ -1,0 +1,274 @@
+"""Run folders and checkpoints of ``dinocache train``: what is written, and how to read it back.
+
+Layout of a run folder::
+
+    runs/act1/
+      run.json                      the policy spec (below) plus the training options and the baseline
+      metrics.jsonl                 one JSON record per logged step
+      loss.png                      loss curves, written at the end
+      checkpoints/
+        000500/
+          model.safetensors         head weights (``head.*``) and normalisation buffers (``normalizer.*``)
+          config.json               the policy spec and the step
+          training_state.safetensors  optimiser tensors and torch RNG states (per rank)
+          training_state.json       step, optimiser hyperparameters, numpy/python RNG states, sampler position
+        last -> 000500              symlink (a copy where symlinks are not possible)
+        best -> 000500              the checkpoint with the lowest validation L1
+
+The *policy spec* is everything the export stage needs to rebuild the exact head and the exact
+backbone in front of it: the :class:`ACTConfig`, the :class:`ACTInputs`, the normalisation
+statistics, and the feature store's path and full provenance (backbone, weights hash,
+preprocessing). Everything is safetensors or JSON: a checkpoint can be loaded without unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dinocache import __version__
+from dinocache.errors import DinocacheError
+from dinocache.policy.act import ACTHead
+from dinocache.policy.config import ACTConfig, ACTInputs
+from dinocache.policy.normalize import Normalizer
+
+__all__ = [
+    "PolicySpec", "save_checkpoint", "load_policy", "load_training_state", "checkpoint_dir", "capture_rng",
+    "restore_rng", "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "LAST", "BEST",
+]
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+CHECKPOINTS = "checkpoints"
+LAST = "last"
+BEST = "best"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+
+
+@dataclass
+class PolicySpec:
+    """What a trained head is: its hyperparameters, its inputs, its normalisation, its features' origin."""
+
+    config: ACTConfig
+    inputs: ACTInputs
+    stats: dict[str, dict[str, list[float]]]  # key -> {mean, std, min, max}, as stored (before the std floor)
+    store_path: str
+    store_provenance: dict[str, Any]
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dinocache_version": __version__,
+            "act_config": self.config.to_dict(),
+            "act_inputs": self.inputs.to_dict(),
+            "normalization": self.stats,
+            "store": {"path": self.store_path, "provenance": self.store_provenance},
+            "preset": self.preset,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicySpec:
+        return cls(
+            config=ACTConfig.from_dict(data["act_config"]),
+            inputs=ACTInputs.from_dict(data["act_inputs"]),
+            stats={k: {n: list(v) for n, v in s.items()} for k, s in data["normalization"].items()},
+            store_path=data["store"]["path"],
+            store_provenance=dict(data["store"]["provenance"]),
+            preset=data.get("preset"),
+        )
+
+    def build(self) -> tuple[ACTHead, Normalizer]:
+        """A freshly initialised head and the normaliser for these statistics."""
+        return ACTHead(self.config, self.inputs), Normalizer(self.stats)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_to_json) + "\n")
+    os.replace(tmp, path)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's torch (CPU and every CUDA device), numpy and python RNG states."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(legacy=False),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (also accepts the JSON round trip written in checkpoints)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {k: np.asarray(v, dtype=np.uint32) if k == "key" else v for k, v in numpy_state["state"].items()}
+    np.random.set_state(numpy_state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(run_dir: Path, which: str | int) -> Path:
+    """``checkpoints/<step>`` (zero-padded so that names sort by step), ``last`` or ``best``."""
+    name = f"{which:06d}" if isinstance(which, int) else which
+    return Path(run_dir) / CHECKPOINTS / name
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make ``link`` name ``target`` (a sibling), replacing what was there, as atomically as the FS allows."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    elif tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.symlink_to(target.name, target_is_directory=True)
+    except OSError:  # no symlinks on this filesystem: a copy does
+        shutil.copytree(target, tmp)
+    if link.exists() and not link.is_symlink():
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Normalizer, spec: PolicySpec,
+                    optimizer: torch.optim.Optimizer, rng: list[dict[str, Any]], sampler: Mapping[str, Any],
+                    extra: Mapping[str, Any], best: bool = False) -> Path:
+    """Write ``checkpoints/<step>`` and point ``last`` (and ``best`` when asked) at it.
+
+    ``rng`` has one :func:`capture_rng` entry per rank, so every rank resumes its own dropout and
+    latent-noise stream. The checkpoint is assembled in a hidden folder and renamed into place: a run
+    killed while saving leaves the previous ``last`` intact.
+    """
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    weights = {f"head.{k}": v for k, v in head.state_dict().items()}
+    weights.update({f"normalizer.{k}": v for k, v in normalizer.state_dict().items()})
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / MODEL_FILE,
+              metadata={"format": "dinocache-act", "step": str(step)})
+    write_json(tmp / CONFIG_FILE, {**spec.to_dict(), "step": step})
+
+    tensors: dict[str, torch.Tensor] = {}
+    state_meta: dict[str, Any] = {}
+    for pid, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                state_meta.setdefault(str(pid), {})[name] = value
+    rng_json = []
+    for rank, entry in enumerate(rng):
+        tensors[f"rng.{rank}.torch"] = entry["torch"]
+        for device, value in enumerate(entry.get("cuda", [])):
+            tensors[f"rng.{rank}.cuda.{device}"] = value
+        rng_json.append({"numpy": entry["numpy"], "python": entry["python"], "cuda_devices": len(entry.get("cuda", []))})
+    save_file(tensors, tmp / STATE_TENSORS)
+    write_json(tmp / STATE_JSON, {
+        "step": step,
+        "optimizer": {"param_groups": optimizer.state_dict()["param_groups"], "state": state_meta},
+        "rng": rng_json,
+        "sampler": dict(sampler),
+        **extra,
+    })
+
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _point(checkpoint_dir(run_dir, LAST), final)
+    if best:
+        _point(checkpoint_dir(run_dir, BEST), final)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from itself or from a run folder (meaning its ``last`` checkpoint)."""
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        path = checkpoint_dir(path, LAST)
+    if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        raise DinocacheError(f"{path}: not a dinocache checkpoint (no {MODEL_FILE} and {CONFIG_FILE})")
+    return path
+
+
+def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ACTHead, Normalizer, PolicySpec]:
+    """The trained head (in eval mode), its normaliser and its spec, from a checkpoint or run folder."""
+    path = _resolve(path)
+    spec = PolicySpec.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    head, normalizer = spec.build()
+    weights = load_file(path / MODEL_FILE)
+    head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
+    normalizer.load_state_dict({k[len("normalizer."):]: v for k, v in weights.items() if k.startswith("normalizer.")})
+    return head.to(device).eval(), normalizer.to(device), spec
+
+
+def load_training_state(path: str | os.PathLike, head: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load weights into ``head`` and state into ``optimizer``; return the rest (step, rng per rank, sampler...).
+
+    The returned ``rng`` is a list with one :func:`restore_rng`-ready entry per rank that saved it.
+    """
+    path = _resolve(path)
+    weights = load_file(path / MODEL_FILE)
+    head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
+    tensors = load_file(path / STATE_TENSORS)
+    meta = json.loads((path / STATE_JSON).read_text())
+
+    state: dict[int, dict[str, Any]] = {int(pid): dict(values) for pid, values in meta["optimizer"]["state"].items()}
+    for key, value in tensors.items():
+        kind, first, *rest = key.split(".")
+        if kind == "optimizer":
+            state.setdefault(int(first), {})[rest[0]] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in meta["optimizer"]["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    meta["rng"] = [
+        {"torch": tensors[f"rng.{rank}.torch"], "numpy": entry["numpy"], "python": entry["python"],
+         **({"cuda": [tensors[f"rng.{rank}.cuda.{d}"] for d in range(entry["cuda_devices"])]} if entry["cuda_devices"] else {})}
+        for rank, entry in enumerate(meta["rng"])
+    ]
+    meta["path"] = str(path)
+    return meta

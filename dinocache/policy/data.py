@@ -1,0 +1,573 @@
+"""Training data for the ACT head, read straight from a feature store: no video, no backbone.
+
+A training sample is one store row ``t``: every camera's cached patch grid (and CLS vector) at
+``t``, the normalised state at ``t``, and the normalised actions ``t .. t+chunk_size-1`` with
+``action_is_pad`` marking the steps that run past the end of ``t``'s episode (LeRobot's
+``delta_timestamps`` semantics; padded steps repeat the episode's last action and are masked out
+of the loss and of the CVAE encoder).
+
+Two ways to get features, chosen by the memory budget:
+
+* **In memory** (the usual case: 100k frames of ViT-S at 16x16 patches are 20 GB in float16). The
+  feature arrays are read once, shard by shard, into one tensor per camera; a batch is then a single
+  ``torch.index_select`` per array into a (pinned, on CUDA) buffer, and the action windows a single
+  advanced-indexing gather with precomputed episode ends. No per-sample Python, no DataLoader workers.
+* **Streaming**, when the features do not fit. The store is read in whole Zarr chunks (16 frames by
+  default: reading one frame costs nearly as much as reading its chunk). Each epoch visits the
+  chunks in a random order, a *window* of them at a time; a window is loaded whole (the next one is
+  read ahead on another thread) and its frames are shuffled together: a shuffle buffer of
+  ``window`` frames drawn from random places in the dataset.
+
+Either way a background thread assembles batches ahead of the training step, so the step only waits
+for data when loading is slower than computing; the training loop measures that wait.
+
+Sampling is a pure function of ``(seed, epoch, rank, world_size)``: the order of an epoch is drawn
+from ``numpy.random.default_rng((seed, epoch))``, and the whole state of the sampler is the number of
+samples one rank has consumed. A checkpoint stores that number, and a resumed run regenerates exactly
+the batches the uninterrupted run would have seen. Under DDP each rank takes its own disjoint share
+of every epoch (every ``world_size``-th frame, or window of chunks when streaming).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dinocache.errors import DinocacheError, StoreError
+from dinocache.pipeline.store import FeatureStore
+from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.policy.normalize import Normalizer
+
+__all__ = [
+    "CachedFeatures", "Block", "SampleOrder", "BatchStream", "EpisodeSplit",
+    "open_training_store", "split_episodes", "episode_rows", "action_windows",
+    "parse_memory_budget", "available_memory", "DEFAULT_MEMORY_SHARE",
+]
+
+Batch = dict[str, Tensor]
+
+#: Share of MemAvailable the features may take by default: leaves room for the optimiser, the
+#: prefetched batches, other processes, and the page cache the store is read through.
+DEFAULT_MEMORY_SHARE = 0.5
+
+#: Most frames a streaming shuffle window holds by default (its memory is also capped by the budget).
+DEFAULT_WINDOW_FRAMES = 8192
+
+
+# --------------------------------------------------------------------------------------------------
+# The store, its episodes and the train/validation split
+# --------------------------------------------------------------------------------------------------
+
+
+def open_training_store(path: str | os.PathLike) -> FeatureStore:
+    """Open a feature store for training, refusing one whose extraction has not finished.
+
+    Unwritten frames read as NaN; training on them would produce a NaN loss many steps later (or,
+    worse, a head that learned on a silently partial dataset), so the check is done up front.
+    """
+    store = FeatureStore(path)
+    done = store.done_units()
+    if not done.all():
+        missing = np.flatnonzero(~done)
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise StoreError(
+            f"{store.path}: the feature store is incomplete: {len(missing)} of {len(done)} work units are not "
+            f"written (units {shown}). Finish it by re-running the same `dinocache extract` command "
+            f"(it resumes), then train."
+        )
+    for key in (OBS_STATE, ACTION):
+        if key not in store.lowdim_keys:
+            raise StoreError(f"{store.path}: the store has no {key!r} array; the ACT head needs state and action")
+    return store
+
+
+@dataclass(frozen=True)
+class EpisodeSplit:
+    """Store episode indices used for training and for validation (disjoint)."""
+
+    train: list[int]
+    val: list[int]
+
+
+def split_episodes(episode_indices: Sequence[int], val_episodes: str | float | Sequence[int] | None) -> EpisodeSplit:
+    """Split episodes (never frames) into train and validation.
+
+    ``val_episodes`` is a fraction (``0.1`` or ``"0.1"``: that share of the episodes, at least one
+    when there are two or more, spread evenly over the recording order so that drift over a
+    session is represented), a list of episode indices (``"3,17"`` or ``[3, 17]``), or
+    ``None`` / ``"none"`` / ``0.0`` for no validation. The split does not depend on ``--seed``, so
+    runs with different seeds are compared on the same validation episodes.
+
+    Frames of neighbouring time steps are nearly identical; validating on frames of episodes that
+    are also trained on would measure memorisation, not generalisation.
+    """
+    episodes = [int(e) for e in episode_indices]
+    if isinstance(val_episodes, str):
+        text = val_episodes.strip().lower()
+        if text in ("", "none"):
+            val_episodes = None
+        elif "." in text:
+            try:
+                val_episodes = float(text)
+            except ValueError:
+                raise DinocacheError(f"--val-episodes {val_episodes!r}: expected a fraction like 0.1, "
+                                     f"a comma list of episode indices like 3,17, or none") from None
+        else:
+            try:
+                val_episodes = [int(t) for t in text.split(",") if t.strip()]
+            except ValueError:
+                raise DinocacheError(f"--val-episodes {val_episodes!r}: expected a fraction like 0.1, "
+                                     f"a comma list of episode indices like 3,17, or none") from None
+    if val_episodes is None:
+        chosen: list[int] = []
+    elif isinstance(val_episodes, float):
+        if not 0.0 <= val_episodes < 1.0:
+            raise DinocacheError(f"--val-episodes {val_episodes}: a fraction must be in [0, 1)")
+        count = 0 if val_episodes == 0.0 or len(episodes) < 2 else max(1, round(val_episodes * len(episodes)))
+        positions = ((np.arange(count) + 0.5) * len(episodes) / max(count, 1)).astype(int)
+        chosen = [episodes[p] for p in positions]
+    else:
+        chosen = sorted({int(e) for e in val_episodes})
+        unknown = sorted(set(chosen) - set(episodes))
+        if unknown:
+            raise DinocacheError(f"--val-episodes: episode(s) {unknown} are not in the store "
+                                 f"(it has {len(episodes)} episodes, {min(episodes)}..{max(episodes)})")
+    val = set(chosen)
+    train = [e for e in episodes if e not in val]
+    if not train:
+        raise DinocacheError("--val-episodes leaves no episode to train on")
+    return EpisodeSplit(train=train, val=[e for e in episodes if e in val])
+
+
+def episode_rows(episodes: Sequence[tuple[int, int, int, str]], chosen: Sequence[int]) -> np.ndarray:
+    """Sorted store rows of every frame of the ``chosen`` episode indices."""
+    wanted = set(int(e) for e in chosen)
+    parts = [np.arange(start, start + length) for index, start, length, _ in episodes if index in wanted]
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
+def action_windows(rows: Tensor, episode_end: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Rows of the actions ``t .. t+chunk_size-1`` for each row ``t``, and where they are padding.
+
+    ``episode_end[t]`` is one past the last row of ``t``'s episode. Window positions at or past it are
+    padding: their row is clamped to the episode's last frame (so the gather never crosses into
+    the next episode) and ``is_pad`` is True. Returns ``(windows, is_pad)``, both ``(B, chunk_size)``.
+    """
+    windows = rows.unsqueeze(1) + torch.arange(chunk_size, dtype=rows.dtype)
+    end = episode_end.index_select(0, rows).unsqueeze(1)
+    is_pad = windows >= end
+    return torch.minimum(windows, end - 1), is_pad
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory budget
+# --------------------------------------------------------------------------------------------------
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``).
+
+    MemAvailable counts reclaimable page cache, unlike MemFree. Outside Linux, falls back to the
+    free physical pages as reported by ``sysconf``.
+    """
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1) -> int:
+    """Bytes the cached features may occupy in this process's RAM.
+
+    ``value`` is bytes, a size (``"24GiB"``, ``"24G"``, ``"500MB"``), a share of the currently
+    available memory (``"50%"``), or None for :data:`DEFAULT_MEMORY_SHARE` of it. Shares are divided
+    by ``processes_per_machine``: every DDP rank on a machine holds its own copy.
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    text = "" if value is None else str(value).strip().lower().replace(" ", "")
+    if text in ("", "auto"):
+        text = f"{DEFAULT_MEMORY_SHARE * 100:g}%"
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 <= share <= 1:
+            raise DinocacheError(f"--memory-budget {value!r}: a share must be between 0% and 100%")
+        return int(available_memory() * share / max(processes_per_machine, 1))
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
+    if not match or match.group(2) not in _UNITS:
+        raise DinocacheError(f"--memory-budget {value!r}: expected a size like 24GiB or 500MB, or a share like 50%")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling order
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleOrder:
+    """The order in which one rank visits the training frames: a pure function of the epoch.
+
+    Args:
+        rows: The training rows of the store (sorted).
+        seed: Seed of every epoch's permutation.
+        rank, world_size: This process's share of each epoch (disjoint across ranks).
+        chunk_frames: None to shuffle single frames (features in memory). Otherwise the store's chunk
+            size: each epoch permutes the chunks, cuts them into windows of ``window_chunks``, deals
+            the windows out to the ranks and shuffles the frames inside each window.
+        window_chunks: Chunks per streaming window.
+    """
+
+    rows: np.ndarray
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    chunk_frames: int | None = None
+    window_chunks: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.rows) == 0:
+            raise DinocacheError("no training frames to sample from")
+        if self.chunk_frames is None:
+            if len(self.rows) < self.world_size:
+                raise DinocacheError(f"{len(self.rows)} training frames cannot be shared by {self.world_size} processes")
+        elif self.num_windows < self.world_size:
+            raise DinocacheError(
+                f"{len(self.chunks)} training chunks make {self.num_windows} streaming windows, fewer than the "
+                f"{self.world_size} processes; lower the window size or the number of processes"
+            )
+
+    @property
+    def chunks(self) -> np.ndarray:
+        """Store chunks holding training frames (sorted)."""
+        return np.unique(self.rows // self.chunk_frames)
+
+    @property
+    def num_windows(self) -> int:
+        return math.ceil(len(self.chunks) / self.window_chunks)
+
+    def epoch(self, epoch: int) -> list[tuple[np.ndarray | None, np.ndarray]]:
+        """This rank's pieces of ``epoch``: ``(chunks to load or None, rows in visiting order)``."""
+        rng = np.random.default_rng((self.seed, epoch))
+        if self.chunk_frames is None:
+            return [(None, rng.permutation(self.rows)[self.rank::self.world_size])]
+        chunk_of_row = self.rows // self.chunk_frames
+        chunks = np.unique(chunk_of_row)
+        lo = np.searchsorted(chunk_of_row, chunks, side="left")
+        hi = np.searchsorted(chunk_of_row, chunks, side="right")
+        order = rng.permutation(len(chunks))
+        pieces = []
+        for w in range(self.rank, self.num_windows, self.world_size):
+            members = np.sort(order[w * self.window_chunks:(w + 1) * self.window_chunks])
+            rows = np.concatenate([self.rows[lo[c]:hi[c]] for c in members])
+            pieces.append((chunks[members], np.random.default_rng((self.seed, epoch, 1 + w)).permutation(rows)))
+        return pieces
+
+    def pieces(self, position: int = 0) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
+        """The endless stream of pieces, starting after the first ``position`` samples of this rank."""
+        epoch = 0
+        while True:
+            for chunks, rows in self.epoch(epoch):
+                if position >= len(rows):
+                    position -= len(rows)
+                    continue
+                yield chunks, rows[position:]
+                position = 0
+            epoch += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """Feature tables for a set of store rows: the whole store, or the whole chunks ``chunks``.
+
+    ``tables`` maps batch keys (``features.<cam>`` with rows ``(n, h, w, C)``, ``cls.<cam>`` with
+    ``(n, C)``) to tensors whose row ``i`` is the ``i``-th loaded frame.
+    """
+
+    tables: dict[str, Tensor]
+    chunks: np.ndarray | None = None
+    chunk_frames: int = 1
+
+    def local(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of store ``rows`` in the tables."""
+        if self.chunks is None:
+            return rows
+        chunk = rows // self.chunk_frames
+        return np.searchsorted(self.chunks, chunk) * self.chunk_frames + rows % self.chunk_frames
+
+
+class CachedFeatures:
+    """A complete feature store as the ACT head sees it: normalised low-dim arrays, features, batches.
+
+    Low-dimensional arrays (state, environment state, action) are small and always held in RAM,
+    normalised once with the store's statistics through a :class:`Normalizer`, the same module the
+    exported policy carries. Features are held in RAM when they fit ``memory_budget`` bytes, else
+    streamed (see the module docstring).
+
+    Args:
+        store: An opened, complete store (:func:`open_training_store`).
+        chunk_size: Actions per sample.
+        use_cls_token: Also provide ``cls.<camera>``.
+        memory_budget: Bytes the features may take in RAM (see :func:`parse_memory_budget`).
+        pin_memory: Gather batches into pinned buffers (training on CUDA), so the host-to-device copy
+            is asynchronous.
+        window_frames: Frames per streaming shuffle window; default: as many as a sixth of the budget
+            holds (three windows are alive at once, current, read-ahead and one being gathered from),
+            at most :data:`DEFAULT_WINDOW_FRAMES`.
+        progress: Show a bar while loading features into memory.
+    """
+
+    def __init__(self, store: FeatureStore, chunk_size: int, use_cls_token: bool = False,
+                 memory_budget: int | None = None, pin_memory: bool = False, window_frames: int | None = None,
+                 progress: bool = False) -> None:
+        self.store = store
+        self.chunk_size = chunk_size
+        self.use_cls_token = use_cls_token
+        self.pin_memory = pin_memory
+        self.chunk_frames = int(store.provenance.get("chunk_frames", 16))
+
+        self.has_env_state = OBS_ENV_STATE in store.lowdim_keys
+        keys = [OBS_STATE, ACTION] + ([OBS_ENV_STATE] if self.has_env_state else [])
+        self.stats = {key: store.stats(key) for key in keys}
+        self.normalizer = Normalizer(self.stats)
+        self.lowdim = {key: self.normalizer.normalize(key, torch.from_numpy(store.read(key)).float().reshape(store.num_frames, -1))
+                       for key in keys}
+
+        ends = np.zeros(store.num_frames, dtype=np.int64)
+        for _, start, length, _ in store.episodes():
+            ends[start:start + length] = start + length
+        self.episode_end = torch.from_numpy(ends)
+
+        self.inputs = ACTInputs(
+            cameras=[(cam, store.grid_shape(cam)[2], store.grid_shape(cam)[0], store.grid_shape(cam)[1])
+                     for cam in store.cameras],
+            state_dim=self.lowdim[OBS_STATE].shape[1],
+            action_dim=self.lowdim[ACTION].shape[1],
+            env_state_dim=self.lowdim[OBS_ENV_STATE].shape[1] if self.has_env_state else None,
+        )
+        self.feature_dtype = torch.float16 if store.provenance.get("dtype", "float16") == "float16" else torch.float32
+        self.memory_budget = parse_memory_budget(None) if memory_budget is None else int(memory_budget)
+        self.in_memory = self.feature_bytes <= self.memory_budget
+        if window_frames is None:
+            window_frames = min(DEFAULT_WINDOW_FRAMES, self.memory_budget // (6 * self.bytes_per_frame))
+        self.window_chunks = max(1, int(window_frames) // self.chunk_frames)
+        self.resident = self._load_all(progress) if self.in_memory else None
+
+    # -- sizes -------------------------------------------------------------------------------------
+    def _table_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for cam in self.store.cameras:
+            h, w, c = self.store.grid_shape(cam)
+            shapes[ACTInputs.feature_key(cam)] = (h, w, c)
+            if self.use_cls_token:
+                shapes[ACTInputs.cls_key(cam)] = (c,)
+        return shapes
+
+    @property
+    def bytes_per_frame(self) -> int:
+        item = torch.finfo(self.feature_dtype).bits // 8
+        return sum(math.prod(shape) * item for shape in self._table_shapes().values())
+
+    @property
+    def feature_bytes(self) -> int:
+        """Bytes all features would take in RAM."""
+        return self.store.num_frames * self.bytes_per_frame
+
+    # -- loading -----------------------------------------------------------------------------------
+    def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+        kind, _, cam = key.partition(".")
+        return self.store.patch(cam, slice(start, stop)) if kind == "features" else self.store.cls(cam, slice(start, stop))
+
+    def _load_all(self, progress: bool) -> Block:
+        """Read every feature array into RAM, one shard (work unit) at a time."""
+        from tqdm.auto import tqdm
+
+        n = self.store.num_frames
+        tables = {key: torch.empty((n, *shape), dtype=self.feature_dtype) for key, shape in self._table_shapes().items()}
+        units = [self.store.unit_range(u) for u in range(self.store.num_units)]
+        with tqdm(total=n * len(tables), unit="frame", desc="load features", disable=not progress, leave=False) as bar:
+            for key, table in tables.items():
+                for start, stop in units:
+                    table[start:stop] = torch.from_numpy(self._read(key, start, stop))
+                    bar.update(stop - start)
+        return Block(tables)
+
+    def load_chunks(self, chunks: np.ndarray) -> Block:
+        """Read whole store chunks (sorted ids) into a block; consecutive chunks are read as one slice."""
+        if self.resident is not None:
+            return self.resident
+        cf, n = self.chunk_frames, self.store.num_frames
+        breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
+        runs = [(int(run[0]) * cf, min((int(run[-1]) + 1) * cf, n)) for run in np.split(chunks, breaks)]
+        tables = {key: torch.cat([torch.from_numpy(self._read(key, a, b)) for a, b in runs])
+                  for key in self._table_shapes()}
+        return Block(tables, chunks=np.asarray(chunks), chunk_frames=cf)
+
+    # -- batches -----------------------------------------------------------------------------------
+    def gather(self, pieces: Sequence[tuple[Block, np.ndarray]]) -> Batch:
+        """One batch from ``(block, rows)`` pieces, in order: index arithmetic only.
+
+        Features come out as stored (float16 by default), channels-first views ``(B, C, h, w)`` of
+        the channels-last rows, which is ``torch.channels_last`` layout; the head casts them.
+        """
+        rows = torch.from_numpy(np.concatenate([r for _, r in pieces]))
+        batch_size = len(rows)
+
+        def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            return torch.empty((batch_size, *shape), dtype=dtype, pin_memory=self.pin_memory)
+
+        batch: Batch = {}
+        for key, shape in self._table_shapes().items():
+            out, offset = buffer(shape, self.feature_dtype), 0
+            for block, part in pieces:
+                local = torch.from_numpy(block.local(part))
+                torch.index_select(block.tables[key], 0, local, out=out[offset:offset + len(part)])
+                offset += len(part)
+            batch[key] = out.permute(0, 3, 1, 2) if out.dim() == 4 else out
+        for key, table in self.lowdim.items():
+            if key != ACTION:
+                batch[key] = torch.index_select(table, 0, rows, out=buffer(table.shape[1:], table.dtype))
+        windows, is_pad = action_windows(rows, self.episode_end, self.chunk_size)
+        action = self.lowdim[ACTION]
+        flat = torch.empty((windows.numel(), action.shape[1]), dtype=action.dtype, pin_memory=self.pin_memory)
+        torch.index_select(action, 0, windows.flatten(), out=flat)
+        batch[ACTION] = flat.view(batch_size, self.chunk_size, action.shape[1])
+        batch[ACTION_IS_PAD] = is_pad.pin_memory() if self.pin_memory else is_pad
+        return batch
+
+    def _batches(self, pieces: Iterator[tuple[Block, np.ndarray]], batch_size: int) -> Iterator[Batch]:
+        """Cut a stream of ``(block, rows)`` into batches of ``batch_size`` rows (the last may be short)."""
+        pending: list[tuple[Block, np.ndarray]] = []
+        held = 0
+        for block, rows in pieces:
+            while len(rows):
+                take = min(batch_size - held, len(rows))
+                pending.append((block, rows[:take]))
+                held += take
+                rows = rows[take:]
+                if held == batch_size:
+                    yield self.gather(pending)
+                    pending, held = [], 0
+        if held:
+            yield self.gather(pending)
+
+    def _loaded(self, pieces: Iterator[tuple[np.ndarray | None, np.ndarray]]) -> Iterator[tuple[Block, np.ndarray]]:
+        """Attach features to each piece, reading the next piece's chunks while this one is used."""
+        if self.resident is not None:
+            yield from ((self.resident, rows) for _, rows in pieces)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="dinocache-readahead") as pool:
+            current = None
+            for chunks, rows in pieces:
+                future = pool.submit(self.load_chunks, chunks), rows
+                if current is not None:
+                    yield current[0].result(), current[1]
+                current = future
+            if current is not None:
+                yield current[0].result(), current[1]
+
+    def sample_order(self, rows: np.ndarray, seed: int, rank: int = 0, world_size: int = 1) -> SampleOrder:
+        """How this rank visits ``rows``: single frames in memory, chunk windows when streaming."""
+        if self.in_memory:
+            return SampleOrder(rows, seed, rank, world_size)
+        return SampleOrder(rows, seed, rank, world_size, self.chunk_frames, self.window_chunks)
+
+    def train_batches(self, order: SampleOrder, batch_size: int, position: int = 0, prefetch: int = 4) -> BatchStream:
+        """Endless training batches of ``order``, skipping the first ``position`` samples, built ahead on a thread."""
+        return BatchStream(self._batches(self._loaded(order.pieces(position)), batch_size), prefetch)
+
+    def ordered_batches(self, rows: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        """Batches of ``rows`` in order (validation); reads whole chunks, a window at a time, when streaming."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.resident is not None:
+            return self._batches(iter([(self.resident, rows)]), batch_size)
+        chunk_of_row = rows // self.chunk_frames
+        chunks = np.unique(chunk_of_row)
+        pieces = []
+        for w in range(0, len(chunks), self.window_chunks):
+            members = chunks[w:w + self.window_chunks]
+            pieces.append((members, rows[np.isin(chunk_of_row, members)]))
+        return self._batches(self._loaded(iter(pieces)), batch_size)
+
+
+class BatchStream:
+    """Batches produced by a background thread, ``prefetch`` ahead of the consumer.
+
+    The thread only gathers and reads; it draws no random numbers, so running ahead does not change
+    any result. An exception in it is re-raised by the next :meth:`__next__`.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Batch], prefetch: int = 4) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(batches,), daemon=True, name="dinocache-batches")
+        self._thread.start()
+
+    def _produce(self, batches: Iterator[Batch]) -> None:
+        try:
+            for batch in batches:
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(err)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the producer thread and drop what it prepared."""
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

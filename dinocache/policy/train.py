@@ -1,0 +1,582 @@
+"""Stage two: train an ACT head on a feature store (``dinocache train``).
+
+The backbone ran once, at extraction; here every step is a gather from cached features plus the
+head's forward and backward, so a step costs what the head costs. The loop, :func:`train`, is
+deliberately plain: one process per device, DDP when launched by ``torchrun``, bfloat16 autocast on
+CUDA, AdamW at a constant learning rate with gradient clipping (LeRobot's ACT recipe), periodic
+validation on held-out episodes, checkpoints that resume bit-exactly.
+
+What the run folder holds and how checkpoints are laid out is in :mod:`dinocache.policy.checkpoint`;
+how batches are made in :mod:`dinocache.policy.data`; the user guide is ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+import click
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dinocache.errors import DinocacheError
+from dinocache.pipeline.store import IDENTITY_KEYS, FeatureStore
+from dinocache.policy.act import ACTHead
+from dinocache.policy.checkpoint import (
+    BEST, LAST, METRICS_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir, load_training_state,
+    restore_rng, save_checkpoint, write_json,
+)
+from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEEDFORWARD_ACTIVATIONS, ACTConfig
+from dinocache.policy.data import (
+    CachedFeatures, EpisodeSplit, action_windows, episode_rows, open_training_store, parse_memory_budget, split_episodes,
+)
+from dinocache.policy.presets import PRESETS, apply_preset, check_preset_backbone, get_preset
+
+__all__ = ["TrainConfig", "TrainResult", "train", "train_command", "resolve_act_config", "mean_action_l1"]
+
+#: Data loading should stay below this share of the step time; above it the run says so once.
+DATA_FRACTION_TARGET = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``dinocache train`` is asked to do (see ``--help`` and ``docs/training.md``).
+
+    ``batch_size``, ``seed``, ``val_episodes``, ``val_frames``, ``preset`` and ``act`` define the run:
+    on ``resume`` the recorded values are used, and a value given here that differs from its default
+    must agree with the record. The other fields may change between a run and its resumption.
+    """
+
+    store: Path
+    out: Path
+    steps: int = 100_000
+    batch_size: int = 8  # per process
+    preset: str | None = None
+    act: dict[str, Any] = field(default_factory=dict)  # ACTConfig fields to override (after the preset's)
+    val_episodes: str | float | list[int] | None = "0.1"
+    val_frames: int = 2048
+    eval_every: int = 1000
+    save_every: int = 20_000
+    log_every: int = 100
+    seed: int = 1000
+    device: str | None = None
+    compile: bool = False
+    memory_budget: str | int | None = None
+    window_frames: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a run ended with (rank 0's view; other ranks get the same numbers)."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, Any] | None
+    best_val_l1: float | None
+    baseline_val_l1: float | None
+    in_memory: bool
+    seconds: float
+
+    def format(self) -> str:
+        lines = [f"run         {self.run_dir}", f"steps       {self.step} in {self.seconds:.1f} s "
+                 f"(features {'in memory' if self.in_memory else 'streamed'})"]
+        if self.metrics:
+            m = self.metrics
+            lines.append(f"last        loss {m['loss']:.4f}  l1 {m['l1']:.4f}  {m['steps_per_s']:.1f} steps/s  "
+                         f"data {100 * m['data_fraction']:.1f}% of step time")
+        if self.best_val_l1 is not None:
+            lines.append(f"validation  best L1 {self.best_val_l1:.4f} vs {self.baseline_val_l1:.4f} predicting the mean action")
+        lines.append(f"checkpoints {checkpoint_dir(self.run_dir, LAST)}" +
+                     (f", {checkpoint_dir(self.run_dir, BEST)}" if self.best_val_l1 is not None else ""))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def store_backbone_name(store: FeatureStore) -> str:
+    backbone = store.provenance.get("backbone")
+    return str(backbone.get("name") if isinstance(backbone, dict) else backbone)
+
+
+def resolve_act_config(preset: str | None, overrides: dict[str, Any], store: FeatureStore) -> ACTConfig:
+    """LeRobot's defaults, then the preset's overrides (after checking the store's backbone), then ``overrides``.
+
+    Setting ``chunk_size`` alone also lowers ``n_action_steps`` to it (LeRobot would refuse the pair,
+    though ``n_action_steps`` only matters when the policy runs).
+    """
+    config = ACTConfig()
+    if preset is not None:
+        chosen = get_preset(preset)
+        check_preset_backbone(chosen, store_backbone_name(store))
+        config = apply_preset(chosen, config)
+    overrides = dict(overrides)
+    if "chunk_size" in overrides and "n_action_steps" not in overrides:
+        overrides["n_action_steps"] = min(config.n_action_steps, overrides["chunk_size"])
+    try:
+        return dataclasses.replace(config, **overrides)
+    except (TypeError, ValueError) as err:
+        raise DinocacheError(f"ACT configuration: {err}") from None
+
+
+def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, store: FeatureStore, split: list[int]) -> None:
+    """Refuse to resume onto another store, or with a changed option that defines the run."""
+    conflicts = []
+    defaults = TrainConfig(store=cfg.store, out=cfg.out)
+    for name in ("batch_size", "seed", "val_frames"):
+        given, was = getattr(cfg, name), recorded["train"][name]
+        if given != getattr(defaults, name) and given != was:
+            conflicts.append(f"--{name.replace('_', '-')} {given} (the run has {was})")
+    if cfg.val_episodes != defaults.val_episodes and split != recorded["split"]["val"]:
+        conflicts.append(f"--val-episodes selects {split} (the run validates on {recorded['split']['val']})")
+    if cfg.preset is not None and cfg.preset != recorded["preset"]:
+        conflicts.append(f"--preset {cfg.preset} (the run has {recorded['preset']})")
+    for name, value in cfg.act.items():
+        if recorded["act_config"].get(name) != value:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (the run has {recorded['act_config'].get(name)})")
+    if conflicts:
+        raise DinocacheError(f"{cfg.out}: cannot resume with changed settings: {'; '.join(conflicts)}. "
+                             f"Drop them, or start a new run with another --out")
+    store.check_identity({key: recorded["store"]["provenance"].get(key) for key in IDENTITY_KEYS},
+                         hint=f"the run {cfg.out} was trained on another feature store")
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Processes:
+    """This process's place among the ``torchrun`` workers (one process alone without torchrun)."""
+
+    rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @classmethod
+    def setup(cls, device: str | None) -> _Processes:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if world_size > 1:
+            if target.type == "cuda":
+                target = torch.device("cuda", local_rank)
+                torch.cuda.set_device(target)
+            torch_dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        return cls(rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), target)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over processes."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        objects: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(objects, obj)
+        return objects
+
+    def teardown(self) -> None:
+        if self.world_size > 1 and torch_dist.is_initialized():
+            torch_dist.barrier()
+            torch_dist.destroy_process_group()
+
+
+class _LossModule(nn.Module):
+    """``compute_loss`` as ``forward``, so that DDP (which hooks ``forward``) synchronises its gradients."""
+
+    def __init__(self, head: ACTHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return self.head.compute_loss(batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def mean_action_l1(data: CachedFeatures, train_rows: np.ndarray, val_rows: np.ndarray) -> float:
+    """Validation L1 of always predicting the training set's mean action: what "learning nothing" scores.
+
+    Measured like the head's L1: normalised actions, over the non-padded steps of each chunk.
+    """
+    action = data.lowdim[ACTION]
+    mean = action.index_select(0, torch.from_numpy(train_rows)).mean(0)
+    windows, is_pad = action_windows(torch.from_numpy(val_rows), data.episode_end, data.chunk_size)
+    return (action[windows] - mean).abs()[~is_pad].mean().item()
+
+
+@torch.no_grad()
+def evaluate(head: ACTHead, data: CachedFeatures, rows: np.ndarray, batch_size: int, procs: _Processes,
+             autocast: torch.autocast) -> float:
+    """Validation L1 (normalised action units, non-padded steps) with the zero latent the live policy uses."""
+    head.eval()
+    total, count = 0.0, 0.0
+    for batch in data.ordered_batches(rows[procs.rank::procs.world_size], batch_size):
+        batch = _to_device(batch, procs.device)
+        with autocast:
+            _, info = head.compute_loss(batch)
+        n = (~batch[ACTION_IS_PAD]).sum().item() * batch[ACTION].shape[-1]
+        total, count = total + info["l1_loss"] * n, count + n
+    head.train()
+    total, count = procs.sum([total, count])
+    return total / max(count, 1.0)
+
+
+class _Meter:
+    """Sums over the steps since the last record; :meth:`record` turns them into one metrics line."""
+
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "l1": 0.0, "kld": 0.0, "steps": 0.0, "data_s": 0.0, "step_s": 0.0}
+        self.grad_norm: Tensor | float = 0.0
+
+    def add(self, info: dict[str, float], grad_norm: Tensor, data_s: float, step_s: float) -> None:
+        for key, name in (("loss", "loss"), ("l1", "l1_loss"), ("kld", "kld_loss")):
+            self.sums[key] += info[name]
+        self.sums["steps"] += 1
+        self.sums["data_s"] += data_s
+        self.sums["step_s"] += step_s
+        self.grad_norm = self.grad_norm + grad_norm.detach().float()  # no device sync until the record
+
+    def record(self, step: int, val_l1: float | None, samples: int, procs: _Processes) -> dict[str, Any]:
+        keys = list(self.sums)
+        grad_norm = float(self.grad_norm)
+        totals = dict(zip(keys + ["grad_norm"], procs.sum([self.sums[k] for k in keys] + [grad_norm])))
+        n = max(totals["steps"], 1.0)
+        self.__init__()
+        return {
+            "step": step,
+            "loss": totals["loss"] / n,
+            "l1": totals["l1"] / n,
+            "kld": totals["kld"] / n,
+            "grad_norm": totals["grad_norm"] / n,
+            "val_l1": val_l1,
+            "steps_per_s": n / max(totals["step_s"], 1e-9),
+            "data_fraction": totals["data_s"] / max(totals["step_s"], 1e-9),
+            "samples": samples,
+        }
+
+
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records a crashed run wrote after its last checkpoint, so the resumed file reads as one run."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def plot_metrics(metrics_path: Path, out: Path, baseline: float | None) -> None:
+    """Loss curves (train loss, train L1, validation L1, the mean-action baseline) as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: nothing global, no display needed
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    if not records:
+        return
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    ax = figure.subplots()
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["loss"] for r in records], label="train loss (L1 + kl_weight * KL)")
+    ax.plot(steps, [r["l1"] for r in records], label="train L1")
+    val = [(r["step"], r["val_l1"]) for r in records if r["val_l1"] is not None]
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation L1")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", label="validation L1 of the mean action")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("normalised action units")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    figure.savefig(out, dpi=120)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or, with ``cfg.resume``, continue training) an ACT head; return how it ended.
+
+    Launched by ``torchrun``, every process runs this; they share the work by DDP and only rank 0
+    writes to the run folder.
+    """
+    procs = _Processes.setup(cfg.device)
+    try:
+        return _train(cfg, procs)
+    finally:
+        procs.teardown()
+
+
+def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
+    t_begin = time.perf_counter()
+    device = procs.device
+    run_dir = Path(cfg.out)
+    store = open_training_store(cfg.store)
+    split = split_episodes([index for index, *_ in store.episodes()], cfg.val_episodes)
+
+    recorded: dict[str, Any] | None = None
+    if cfg.resume:
+        if not (checkpoint_dir(run_dir, LAST) / "model.safetensors").is_file():
+            raise DinocacheError(f"{run_dir}: nothing to resume (no {checkpoint_dir(run_dir, LAST)})")
+        recorded = json.loads((run_dir / RUN_FILE).read_text())
+        _check_resume(recorded, cfg, store, split.val)
+        split = EpisodeSplit(**recorded["split"])
+        options = recorded["train"]
+        config, preset = ACTConfig.from_dict(recorded["act_config"]), recorded["preset"]
+    else:
+        if (run_dir / RUN_FILE).exists():
+            raise DinocacheError(f"{run_dir} already holds a training run; pass --resume to continue it, "
+                                 f"or choose another --out")
+        options = {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_frames": cfg.val_frames}
+        config, preset = resolve_act_config(cfg.preset, cfg.act, store), cfg.preset
+    batch_size, seed = options["batch_size"], options["seed"]
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    data = CachedFeatures(store, config.chunk_size, config.use_cls_token,
+                          parse_memory_budget(cfg.memory_budget, procs.local_world_size),
+                          pin_memory=device.type == "cuda", window_frames=cfg.window_frames,
+                          progress=cfg.progress and procs.main)
+    episodes = store.episodes()
+    train_rows = episode_rows(episodes, split.train)
+    val_rows = episode_rows(episodes, split.val)
+    if len(val_rows) > options["val_frames"]:  # a fixed, evenly spread subset keeps evaluation cheap
+        val_rows = val_rows[np.linspace(0, len(val_rows) - 1, options["val_frames"]).round().astype(np.int64)]
+    baseline = mean_action_l1(data, train_rows, val_rows) if len(val_rows) else None
+
+    spec = PolicySpec(config, data.inputs, {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()},
+                      str(store.path.resolve()), store.provenance, preset)
+    head = ACTHead(config, data.inputs).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.optimizer_lr, weight_decay=config.optimizer_weight_decay)
+    step, best_val = 0, math.inf
+    if recorded is not None:
+        state = load_training_state(checkpoint_dir(run_dir, LAST), head, optimizer)
+        step, best_val = state["step"], state.get("best_val_l1") or math.inf
+        if len(state["rng"]) == procs.world_size:
+            restore_rng(state["rng"][procs.rank])
+        else:  # another number of processes: the run goes on, but not as the original would have
+            torch.manual_seed(seed + 7919 * step + procs.rank)
+        if procs.main:
+            _truncate_metrics(run_dir / METRICS_FILE, step)
+            if {**state["sampler"], "position": 0} != _sampler_state(data, seed, 0, procs.world_size):
+                tqdm.write("dinocache: note: the number of processes or the feature access (in memory vs streamed) "
+                           "changed since the checkpoint: the data order differs from the original run's")
+    elif procs.rank:
+        torch.manual_seed(seed + procs.rank)  # same initial weights (DDP broadcasts rank 0's), own noise
+    if procs.main and recorded is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / RUN_FILE, {**spec.to_dict(), "train": options, "split": dataclasses.asdict(split),
+                                        "world_size": procs.world_size, "baseline_val_l1": baseline})
+
+    model: nn.Module = _LossModule(head)
+    if procs.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
+    eval_batch = max(4 * batch_size, 32)
+
+    show = cfg.progress and procs.main
+    if show and baseline is not None:
+        tqdm.write(f"dinocache: {len(split.train)} train / {len(split.val)} val episodes; validation L1 of "
+                   f"predicting the mean action: {baseline:.4f} (the head has to beat this)")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"train {run_dir.name}", dynamic_ncols=True)
+    meter, last_record, val_l1, warned = _Meter(), None, None, False
+    stream = data.train_batches(order, batch_size, position=step * batch_size)
+    head.train()
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = _to_device(next(stream), device)
+            t1 = time.perf_counter()
+            with autocast:
+                loss, info = model(batch)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            meter.add(info, grad_norm, data_s=t1 - t0, step_s=time.perf_counter() - t0)
+            bar.update(1)
+
+            save = step % cfg.save_every == 0 or step == cfg.steps
+            evaluated = len(val_rows) > 0 and (save or step % cfg.eval_every == 0)
+            if evaluated:
+                val_l1 = evaluate(head, data, val_rows, eval_batch, procs, autocast)
+            if save or evaluated or step % cfg.log_every == 0:
+                record = meter.record(step, val_l1 if evaluated else None, step * batch_size * procs.world_size, procs)
+                if procs.main:
+                    with open(run_dir / METRICS_FILE, "a") as metrics:
+                        metrics.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", val_l1="-" if val_l1 is None else f"{val_l1:.4f}",
+                                    steps_s=f"{record['steps_per_s']:.1f}", data=f"{100 * record['data_fraction']:.1f}%")
+                    if last_record is not None and record["data_fraction"] > DATA_FRACTION_TARGET and not warned:
+                        warned = True
+                        tqdm.write(f"dinocache: data loading takes {100 * record['data_fraction']:.0f}% of the step time "
+                                   f"(features {'in memory' if data.in_memory else 'streamed: raise --memory-budget to hold them in RAM'})")
+                last_record = record
+            if save:
+                is_best = evaluated and val_l1 < best_val
+                best_val = min(best_val, val_l1) if evaluated else best_val
+                rng = procs.gather(capture_rng())
+                if procs.main:
+                    save_checkpoint(run_dir, step, head, data.normalizer, spec, optimizer, rng,
+                                    sampler=_sampler_state(data, seed, step * batch_size, procs.world_size),
+                                    extra={"best_val_l1": None if math.isinf(best_val) else best_val}, best=is_best)
+    finally:
+        stream.close()
+        bar.close()
+    if procs.main and (run_dir / METRICS_FILE).is_file():
+        plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, baseline)
+    return TrainResult(run_dir, step, last_record, None if math.isinf(best_val) else best_val, baseline,
+                       data.in_memory, time.perf_counter() - t_begin)
+
+
+def _sampler_state(data: CachedFeatures, seed: int, position: int, world_size: int) -> dict[str, Any]:
+    """All the sampler is (see :class:`~dinocache.policy.data.SampleOrder`): a checkpoint stores it."""
+    return {"seed": seed, "position": position, "world_size": world_size,
+            "window_chunks": None if data.in_memory else data.window_chunks}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _field_help() -> dict[str, str]:
+    """Per-field help, taken from the ``Args:`` section of :class:`ACTConfig`'s docstring (one source of truth)."""
+    doc = inspect.getdoc(ACTConfig) or ""
+    helps: dict[str, str] = {}
+    current = None
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^ {4}(\w+): (.*)", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2)
+        elif current and line.startswith(" " * 8):
+            helps[current] += " " + line.strip()
+    return helps
+
+
+def _act_options(command: click.Command) -> click.Command:
+    """One option per :class:`ACTConfig` field, LeRobot's name in kebab-case; unset means preset/default."""
+    helps, hints, defaults = _field_help(), get_type_hints(ACTConfig), ACTConfig()
+    aliases = {"optimizer_lr": ["--lr"]}
+    for f in reversed(dataclasses.fields(ACTConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        kind = next(a for a in get_args(kind) if a is not type(None)) if get_args(kind) and type(None) in get_args(kind) else kind
+        help_text = f"{helps.get(f.name, '')} [default: {getattr(defaults, f.name)!r}, or the preset's]"
+        if kind is bool:
+            decl = [f"{flag}/--no-{flag[2:]}", f.name]
+            command = click.option(*decl, default=None, help=help_text)(command)
+        else:
+            choice = click.Choice(FEEDFORWARD_ACTIVATIONS) if f.name == "feedforward_activation" else kind
+            command = click.option(flag, *aliases.get(f.name, []), f.name, type=choice, default=None, help=help_text)(command)
+    return command
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to create (or continue with --resume).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Head hyperparameters for a backbone; refuses a store built with another backbone.")
+@click.option("--steps", default=TrainConfig.steps, show_default=True, help="Total optimiser steps (also when resuming).")
+@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True, help="Samples per step and per process.")
+@click.option("--val-episodes", default=TrainConfig.val_episodes, show_default=True,
+              help="Held-out episodes: a fraction (0.1), a comma list of episode indices (3,17), or none.")
+@click.option("--val-frames", default=TrainConfig.val_frames, show_default=True,
+              help="Validate on at most this many frames of the held-out episodes (a fixed, evenly spread subset).")
+@click.option("--eval-every", default=TrainConfig.eval_every, show_default=True, help="Steps between validations.")
+@click.option("--save-every", default=TrainConfig.save_every, show_default=True, help="Steps between checkpoints (one is always written at the end).")
+@click.option("--log-every", default=TrainConfig.log_every, show_default=True, help="Steps between metrics records.")
+@click.option("--seed", default=TrainConfig.seed, show_default=True, help="Seed of initialisation, sampling, dropout and CVAE noise.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; torchrun picks cuda:LOCAL_RANK).")
+@click.option("--memory-budget", default=None,
+              help="RAM the features may take to be held in memory, e.g. 24GiB or 60% (default: 50% of MemAvailable, "
+                   "shared by the processes of a machine). Larger stores are streamed.")
+@click.option("--window-frames", type=int, default=None, help="Frames per shuffle window when streaming (default: from the budget, at most 8192).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the head.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
+@_act_options
+def train_command(store: Path, out: Path, preset: str | None, steps: int, batch_size: int, val_episodes: str,
+                  val_frames: int, eval_every: int, save_every: int, log_every: int, seed: int, device: str | None,
+                  memory_budget: str | None, window_frames: int | None, compile_: bool, resume: bool, no_progress: bool,
+                  **act: Any) -> None:
+    """Train an ACT head on the cached features of STORE (stage two).
+
+    Every ACTConfig field is an option under its LeRobot name; unset ones take the preset's value,
+    else LeRobot's default.
+
+    \b
+    Examples:
+      dinocache train features.zarr --out runs/act1 --preset dinov2-reg
+      dinocache train features.zarr --out runs/act1 --chunk-size 50 --kl-weight 10 --lr 1e-5 --steps 50000
+      dinocache train features.zarr --out runs/act1 --resume --steps 100000
+      torchrun --nproc_per_node 4 -m dinocache.cli train features.zarr --out runs/act1
+    """
+    cfg = TrainConfig(store=store, out=out, steps=steps, batch_size=batch_size, preset=preset,
+                      act={k: v for k, v in act.items() if v is not None}, val_episodes=val_episodes,
+                      val_frames=val_frames, eval_every=eval_every, save_every=save_every, log_every=log_every,
+                      seed=seed, device=device, compile=compile_, memory_budget=memory_budget,
+                      window_frames=window_frames, resume=resume, progress=not no_progress)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(result.format())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dinocache.policy.train``: the command alone, errors as one line (as the ``dinocache`` CLI does)."""
+    try:
+        train_command.main(argv, prog_name="dinocache train", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except DinocacheError as err:
+        click.echo(f"dinocache: error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Preprocessing: one tensor whatever the frame layout, exact normalisation, size rules, round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dinocache.encoders.preprocess import ImagePreprocessor, PreprocessConfig, parse_image_size
+from dinocache.encoders.registry import get_backbone_spec
+from dinocache.errors import BackboneError
+
+
+def _frames(batch: int = 2, height: int = 60, width: int = 90, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_same_tensor_whatever_the_layout(center_crop):
+    config = PreprocessConfig.for_backbone(get_backbone_spec("dinov2_vits14"), (56, 84), center_crop)
+    preprocess = ImagePreprocessor(config)
+    hwc = _frames()
+    chw = hwc.permute(0, 3, 1, 2).contiguous()
+    reference = preprocess(hwc)
+    assert reference.shape == (2, 3, 56, 84) and reference.dtype == torch.float32
+    assert torch.equal(preprocess(chw), reference)
+    for i in range(2):
+        assert torch.equal(preprocess(hwc[i]), reference[i:i + 1])
+        assert torch.equal(preprocess(chw[i]), reference[i:i + 1])
+
+
+def test_normalisation_is_exact_without_resize():
+    spec = get_backbone_spec("dinov3_vitl16_sat")
+    preprocess = ImagePreprocessor(PreprocessConfig.for_backbone(spec, 32))
+    frame = torch.full((32, 32, 3), 200, dtype=torch.uint8)
+    frame[..., 1] = 10
+    out = preprocess(frame)[0, :, 0, 0]
+    expected = (torch.tensor([200.0, 10.0, 200.0]) / 255 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_center_crop_keeps_the_middle_and_resize_keeps_everything():
+    """A 64x128 frame, white but for black 16-px side bands: the square crop (the middle 64x64,
+    minus the resampling footprint) sees only white; a plain resize keeps the bands."""
+    frame = torch.zeros(64, 128, 3, dtype=torch.uint8)
+    frame[:, 16:112] = 255
+    spec = get_backbone_spec("dinov2_vits14")
+    white = (1 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    cropped = ImagePreprocessor(PreprocessConfig.for_backbone(spec, 28, center_crop=True))(frame)
+    torch.testing.assert_close(cropped[0].amax(dim=(1, 2)), white)
+    torch.testing.assert_close(cropped[0].amin(dim=(1, 2)), white)
+    squashed = ImagePreprocessor(PreprocessConfig.for_backbone(spec, 28))(frame)
+    assert (squashed[0, :, :, 0] < 0).all()  # the black left edge survives a plain resize
+
+
+def test_non_multiple_size_names_the_nearest_valid_sizes():
+    spec = get_backbone_spec("dinov2_vits14")
+    with pytest.raises(BackboneError) as info:
+        PreprocessConfig.for_backbone(spec, 230)
+    assert str(info.value) == ("230 is not a multiple of the patch size 14 of dinov2_vits14; "
+                               "nearest valid sizes: 224 or 238")
+    with pytest.raises(BackboneError, match=r"224x320: width 320 .* 308 or 322"):
+        PreprocessConfig.for_backbone(spec, "224x320")
+    with pytest.raises(BackboneError, match="nearest valid sizes: 32$"):
+        PreprocessConfig.for_backbone(get_backbone_spec("resnet18"), 20)
+
+
+def test_round_trip_through_json():
+    config = PreprocessConfig.for_backbone(get_backbone_spec("dinov3_vits16"), "224x320", True)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data == {"image_size": [224, 320], "patch_size": 16, "mean": [0.485, 0.456, 0.406],
+                    "std": [0.229, 0.224, 0.225], "center_crop": True, "interpolation": "bilinear",
+                    "antialias": True}
+    assert PreprocessConfig.from_dict(data) == config
+    with pytest.raises(BackboneError, match="unknown keys"):
+        PreprocessConfig.from_dict({**data, "resize": 256})
+
+
+def test_default_size_and_parsing():
+    assert PreprocessConfig.for_backbone(get_backbone_spec("resnet18")).image_size == (224, 224)
+    assert parse_image_size("224x320") == (224, 320) == parse_image_size((224, 320))
+    assert parse_image_size(448) == (448, 448) == parse_image_size("448")
+    for bad in ("224x", "0", (224,), 22.4):
+        with pytest.raises(BackboneError):
+            parse_image_size(bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(2, 32, 32, 3), "must be uint8"),
+    (torch.zeros(32, 32, dtype=torch.uint8), "got shape"),
+    (torch.zeros(1, 4, 32, 32, dtype=torch.uint8), "no RGB axis"),
+])
+def test_bad_frames_are_refused(bad, message):
+    preprocess = ImagePreprocessor(PreprocessConfig.for_backbone(get_backbone_spec("resnet18"), 32))
+    with pytest.raises(BackboneError, match=message):
+        preprocess(bad)

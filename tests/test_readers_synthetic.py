@@ -1,0 +1,55 @@
+"""The synthetic scene is learnable from pixels and deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dinocache.pipeline.synthetic import (
+    _PALETTE, ACTION_LEAD_FRAMES, synthetic_episode, write_synthetic_dataset)
+
+
+def test_same_seed_same_episode_other_seed_other_episode():
+    a = synthetic_episode(1, 15, seed=3)
+    b = synthetic_episode(1, 15, seed=3)
+    np.testing.assert_array_equal(a.frames["top"], b.frames["top"])
+    np.testing.assert_array_equal(a.action, b.action)
+    c = synthetic_episode(1, 15, seed=4)
+    assert not np.array_equal(a.state, c.state)
+
+
+def test_action_is_the_state_a_few_frames_ahead():
+    ep = synthetic_episode(0, 30, state_dim=5, action_dim=5)
+    np.testing.assert_allclose(ep.action[:-ACTION_LEAD_FRAMES], ep.state[ACTION_LEAD_FRAMES:],
+                               atol=1e-6)
+    assert ep.velocity.shape == (30, 5) and np.abs(ep.velocity).max() > 0
+
+
+def test_the_disc_is_drawn_where_the_state_says():
+    """The policy's target is visible: the disc's centroid in the image is the state's x, y."""
+    height, width = 96, 128
+    ep = synthetic_episode(2, 10, image_size=(height, width))
+    colour = dict(_PALETTE)[ep.task.split()[2]]  # "follow the <colour> disc"
+    for t in range(10):
+        frame = ep.frames["top"][t].astype(float)
+        mask = np.linalg.norm(frame - colour, axis=2) < 20
+        v, u = np.nonzero(mask)
+        assert len(u) > 20
+        x = (u.mean() + 0.5) / width * 2 - 1
+        y = (v.mean() + 0.5) / height * 2 - 1
+        assert abs(x - ep.state[t, 0]) < 0.03 and abs(y - ep.state[t, 1]) < 0.03
+
+
+def test_writer_refuses_a_folder_with_content(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        write_synthetic_dataset(tmp_path)
+
+
+def test_writer_refuses_options_that_do_not_fit_the_format(tmp_path):
+    with pytest.raises(ValueError):
+        write_synthetic_dataset(tmp_path / "a", format="aloha-hdf5", with_env_state=True)
+    with pytest.raises(ValueError):
+        write_synthetic_dataset(tmp_path / "b", aloha_compressed=True)
+    with pytest.raises(ValueError):
+        write_synthetic_dataset(tmp_path / "c", codec="vp9")
