@@ -189,8 +189,8 @@ class LeRobotSource(DatasetSource):
                     frames = decode_many(buffers, decode_rgb)
                 except ImageDecodeError as err:
                     at = count + getattr(err, "index", 0)
-                    raise DatasetError(problem(file, episode_index, f"camera '{camera}': frame "
-                                                                    f"{at} does not decode ({err})")) from None
+                    what = f"camera '{camera}': frame {at} does not decode ({err})"
+                    raise DatasetError(problem(file, episode_index, what)) from None
                 for i, frame in enumerate(frames):
                     if frame.shape[:2] != (cam.height, cam.width):
                         raise DatasetError(problem(

@@ -159,7 +159,7 @@ def parse_info(root: Path) -> LeRobotInfo:
     data_path = need("data_path")
     chunks_size = raw.get("chunks_size", DEFAULT_CHUNKS_SIZE)
     if not isinstance(chunks_size, int) or chunks_size < 1:
-        raise DatasetError(problem(file, None, f"'chunks_size' must be a positive integer"))
+        raise DatasetError(problem(file, None, "'chunks_size' must be a positive integer"))
     return LeRobotInfo(root=root, version=version, fps=float(fps), chunks_size=chunks_size,
                        data_path=str(data_path), video_path=video_path, cameras=cameras,
                        camera_storage=storage, lowdim=lowdim, raw=raw)

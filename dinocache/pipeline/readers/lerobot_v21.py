@@ -34,12 +34,13 @@ class LeRobotV21Source(LeRobotSource):
             if length <= 0:
                 book.bad(index, problem(listing, index, f"has length {length} (no frames)"))
 
-        for index, length in sorted(book.lengths().items()):
+        lengths = book.lengths()
+        for index, length in sorted(lengths.items()):
             if not book.is_bad(index):
                 self._check_data(book, index, length)
 
         videos = {(index, key): self._video_path(index, key)
-                  for index in book.lengths() for key, kind in self.info.camera_storage.items()
+                  for index in lengths for key, kind in self.info.camera_storage.items()
                   if kind == "video"}
         self._video_files = [f for f in videos.values() if f.is_file()]
         probes = self._probe_videos([f for (i, _), f in videos.items() if not book.is_bad(i)])
@@ -48,7 +49,7 @@ class LeRobotV21Source(LeRobotSource):
                 continue
             probe = probes[file]
             bad = self._video_problem(probe, file, index, key)
-            length = book.lengths()[index]
+            length = lengths[index]
             if bad is None and probe.frames and probe.frames != length:
                 more = "more" if probe.frames > length else "fewer"
                 bad = problem(file, index, f"camera '{key}': video has {probe.frames} frames, "
