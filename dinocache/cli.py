@@ -5,6 +5,7 @@ Every user error surfaces as one line on stderr and a non-zero exit code; traceb
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -15,8 +16,21 @@ from dinocache import __version__
 from dinocache.errors import DinocacheError
 
 
+#: Commands whose modules import torch: loaded only when called, so `dinocache --help` stays instant.
+_LAZY_COMMANDS = {"train": "dinocache.policy.train:train_command"}
+
+
 class _FriendlyGroup(click.Group):
     """Turn a :class:`DinocacheError` raised by any subcommand into one line and exit code 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _LAZY_COMMANDS:
+            module, attr = _LAZY_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -184,17 +198,6 @@ def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str
     path = write_synthetic_dataset(out, format=fmt, num_episodes=episodes, episode_length=length,
                                    image_size=(height, width), cameras=tuple(cameras.split(",")), seed=seed)
     click.echo(f"wrote {fmt} dataset: {episodes} episodes x {length} frames, cameras {cameras} -> {path}")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def train() -> None:
-    """Train an ACT head on a feature store (stage two).
-
-    \b
-    Example:
-      dinocache train features.zarr --out runs/act1 --preset dinov2-reg
-    """
-    _not_built("dinocache train", "stage two: the ACT head and its training loop")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -105,9 +105,12 @@ def test_overfits_a_single_episode_through_the_command_line(tmp_path: Path):
     assert not (tmp_path / "run" / "checkpoints" / "best").exists(), "no validation, no best checkpoint"
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(learnable: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("memory_budget", [None, 1], ids=["in-memory", "streamed"])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(learnable: Path, tmp_path: Path, monkeypatch,
+                                                               memory_budget: int | None):
     options = dict(store=learnable, steps=40, batch_size=8, act=dict(TINY, dropout=0.1), val_episodes="0.2",
-                   eval_every=10, save_every=20, log_every=5, progress=False)
+                   eval_every=10, save_every=20, log_every=5, progress=False, memory_budget=memory_budget,
+                   window_frames=32)
     train(TrainConfig(out=tmp_path / "whole", **options))
 
     # The same run, crashed at step 27 (after the checkpoint at 20, with records up to 25 written).
@@ -136,6 +139,9 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(learnable: Path, 
     for a, b in zip(whole, split):
         for key in ("loss", "l1", "kld", "grad_norm", "val_l1", "samples"):
             assert a[key] == b[key], (key, a, b)
+    state = json.loads((tmp_path / "split" / "checkpoints" / "last" / "training_state.json").read_text())
+    assert state["sampler"] == {"seed": 1000, "position": 40 * 8, "world_size": 1,
+                                "window_chunks": None if memory_budget is None else 4}
     weights = [load_policy(tmp_path / run)[0].state_dict() for run in ("whole", "split")]
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0)
@@ -149,7 +155,7 @@ def test_two_process_ddp_on_cpu_trains_and_checkpoints(learnable: Path, tmp_path
         args += [f"--{name.replace('_', '-')}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "dinocache.policy.train", str(learnable), "--out", str(run), *args],
         capture_output=True, text=True, env=env, timeout=300,
     )

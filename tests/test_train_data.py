@@ -141,11 +141,11 @@ def test_sample_order_covers_each_frame_once_per_epoch_and_ranks_are_disjoint(ch
         np.testing.assert_array_equal(np.sort(np.concatenate(seen)), rows)
     first, second = (np.concatenate([p for _, p in orders[0].epoch(e)]) for e in range(2))
     assert not np.array_equal(first, second), "every epoch is shuffled anew"
-    # resuming at a position continues the same stream
+    # resuming at a position (here in the second epoch) continues the same stream
     stream = orders[0].pieces(0)
-    full = np.concatenate([next(stream)[1] for _ in range(8)])
-    resumed = orders[0].pieces(57)
-    np.testing.assert_array_equal(np.concatenate([next(resumed)[1] for _ in range(6)])[:100], full[57:157])
+    full = np.concatenate([next(stream)[1] for _ in range(24)])
+    resumed = orders[0].pieces(130)
+    np.testing.assert_array_equal(np.concatenate([next(resumed)[1] for _ in range(12)])[:100], full[130:230])
 
 
 def test_streamed_batches_equal_in_memory_ones(store: FeatureStore):

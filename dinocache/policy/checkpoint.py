@@ -17,8 +17,11 @@ Layout of a run folder::
 
 The *policy spec* is everything the export stage needs to rebuild the exact head and the exact
 backbone in front of it: the :class:`ACTConfig`, the :class:`ACTInputs`, the normalisation
-statistics, and the feature store's path and full provenance (backbone, weights hash,
-preprocessing). Everything is safetensors or JSON: a checkpoint can be loaded without unpickling.
+statistics, the feature store's path and full provenance (backbone, weights hash,
+preprocessing), and which dataset camera feeds which head camera (``camera_keys``, e.g.
+``{"top": "observation.images.top"}``).
+
+Everything is safetensors or JSON: a checkpoint loads without unpickling anything.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class PolicySpec:
     stats: dict[str, dict[str, list[float]]]  # key -> {mean, std, min, max}, as stored (before the std floor)
     store_path: str
     store_provenance: dict[str, Any]
+    camera_keys: dict[str, str]  # head camera name -> store camera (dataset key), in store order
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +82,7 @@ class PolicySpec:
             "act_inputs": self.inputs.to_dict(),
             "normalization": self.stats,
             "store": {"path": self.store_path, "provenance": self.store_provenance},
+            "camera_keys": self.camera_keys,
             "preset": self.preset,
         }
 
@@ -89,6 +94,7 @@ class PolicySpec:
             stats={k: {n: list(v) for n, v in s.items()} for k, s in data["normalization"].items()},
             store_path=data["store"]["path"],
             store_provenance=dict(data["store"]["provenance"]),
+            camera_keys=dict(data["camera_keys"]),
             preset=data.get("preset"),
         )
 
@@ -135,7 +141,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {k: np.asarray(v, dtype=np.uint32) if k == "key" else v for k, v in numpy_state["state"].items()}
+    numpy_state["state"] = dict(numpy_state["state"], key=np.asarray(numpy_state["state"]["key"], dtype=np.uint32))
     np.random.set_state(numpy_state)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -201,7 +207,8 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
         tensors[f"rng.{rank}.torch"] = entry["torch"]
         for device, value in enumerate(entry.get("cuda", [])):
             tensors[f"rng.{rank}.cuda.{device}"] = value
-        rng_json.append({"numpy": entry["numpy"], "python": entry["python"], "cuda_devices": len(entry.get("cuda", []))})
+        rng_json.append({"numpy": entry["numpy"], "python": entry["python"],
+                         "cuda_devices": len(entry.get("cuda", []))})
     save_file(tensors, tmp / STATE_TENSORS)
     write_json(tmp / STATE_JSON, {
         "step": step,
@@ -262,13 +269,15 @@ def load_training_state(path: str | os.PathLike, head: nn.Module, optimizer: tor
         kind, first, *rest = key.split(".")
         if kind == "optimizer":
             state.setdefault(int(first), {})[rest[0]] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in meta["optimizer"]["param_groups"]]
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()}  # JSON made the tuple a list
+              for group in meta["optimizer"]["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-    meta["rng"] = [
-        {"torch": tensors[f"rng.{rank}.torch"], "numpy": entry["numpy"], "python": entry["python"],
-         **({"cuda": [tensors[f"rng.{rank}.cuda.{d}"] for d in range(entry["cuda_devices"])]} if entry["cuda_devices"] else {})}
-        for rank, entry in enumerate(meta["rng"])
-    ]
+    rng = []
+    for rank, entry in enumerate(meta["rng"]):
+        rng.append({"torch": tensors[f"rng.{rank}.torch"], "numpy": entry["numpy"], "python": entry["python"]})
+        if entry["cuda_devices"]:
+            rng[-1]["cuda"] = [tensors[f"rng.{rank}.cuda.{d}"] for d in range(entry["cuda_devices"])]
+    meta["rng"] = rng
     meta["path"] = str(path)
     return meta

@@ -45,12 +45,12 @@ from torch import Tensor
 
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.pipeline.store import FeatureStore
-from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE, ACTInputs
 from dinocache.policy.normalize import Normalizer
 
 __all__ = [
     "CachedFeatures", "Block", "SampleOrder", "BatchStream", "EpisodeSplit",
-    "open_training_store", "split_episodes", "episode_rows", "action_windows",
+    "open_training_store", "split_episodes", "episode_rows", "action_windows", "head_camera_name",
     "parse_memory_budget", "available_memory", "DEFAULT_MEMORY_SHARE",
 ]
 
@@ -62,6 +62,9 @@ DEFAULT_MEMORY_SHARE = 0.5
 
 #: Most frames a streaming shuffle window holds by default (its memory is also capped by the budget).
 DEFAULT_WINDOW_FRAMES = 8192
+
+#: Concurrent chunk reads when streaming.
+READ_THREADS = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +157,15 @@ def episode_rows(episodes: Sequence[tuple[int, int, int, str]], chosen: Sequence
     wanted = set(int(e) for e in chosen)
     parts = [np.arange(start, start + length) for index, start, length, _ in episodes if index in wanted]
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
+def head_camera_name(store_camera: str) -> str:
+    """The head's name for a store camera: its short name, ``top`` for ``observation.images.top``.
+
+    Batch keys are ``features.<name>``, so the head's names cannot contain dots; the readers accept
+    the same short names everywhere (``--cameras top``).
+    """
+    return store_camera.rsplit(".", 1)[-1]
 
 
 def action_windows(rows: Tensor, episode_end: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -251,7 +263,8 @@ class SampleOrder:
             raise DinocacheError("no training frames to sample from")
         if self.chunk_frames is None:
             if len(self.rows) < self.world_size:
-                raise DinocacheError(f"{len(self.rows)} training frames cannot be shared by {self.world_size} processes")
+                raise DinocacheError(f"{len(self.rows)} training frames cannot be shared by "
+                                     f"{self.world_size} processes")
         elif self.num_windows < self.world_size:
             raise DinocacheError(
                 f"{len(self.chunks)} training chunks make {self.num_windows} streaming windows, fewer than the "
@@ -287,6 +300,8 @@ class SampleOrder:
     def pieces(self, position: int = 0) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
         """The endless stream of pieces, starting after the first ``position`` samples of this rank."""
         epoch = 0
+        if self.chunk_frames is None:  # every epoch has the same length: skip whole ones without drawing them
+            epoch, position = divmod(position, len(range(self.rank, len(self.rows), self.world_size)))
         while True:
             for chunks, rows in self.epoch(epoch):
                 if position >= len(rows):
@@ -356,37 +371,45 @@ class CachedFeatures:
         keys = [OBS_STATE, ACTION] + ([OBS_ENV_STATE] if self.has_env_state else [])
         self.stats = {key: store.stats(key) for key in keys}
         self.normalizer = Normalizer(self.stats)
-        self.lowdim = {key: self.normalizer.normalize(key, torch.from_numpy(store.read(key)).float().reshape(store.num_frames, -1))
-                       for key in keys}
+        raw = {key: torch.from_numpy(store.read(key)).float().reshape(store.num_frames, -1) for key in keys}
+        self.lowdim = {key: self.normalizer.normalize(key, values) for key, values in raw.items()}
 
         ends = np.zeros(store.num_frames, dtype=np.int64)
         for _, start, length, _ in store.episodes():
             ends[start:start + length] = start + length
         self.episode_end = torch.from_numpy(ends)
 
-        self.inputs = ACTInputs(
-            cameras=[(cam, store.grid_shape(cam)[2], store.grid_shape(cam)[0], store.grid_shape(cam)[1])
-                     for cam in store.cameras],
-            state_dim=self.lowdim[OBS_STATE].shape[1],
-            action_dim=self.lowdim[ACTION].shape[1],
-            env_state_dim=self.lowdim[OBS_ENV_STATE].shape[1] if self.has_env_state else None,
-        )
+        self.camera_keys = {head_camera_name(cam): cam for cam in store.cameras}
+        try:
+            self.inputs = ACTInputs(
+                cameras=[(name, store.grid_shape(cam)[2], *store.grid_shape(cam)[:2])
+                         for name, cam in self.camera_keys.items()],
+                state_dim=self.lowdim[OBS_STATE].shape[1],
+                action_dim=self.lowdim[ACTION].shape[1],
+                env_state_dim=self.lowdim[OBS_ENV_STATE].shape[1] if self.has_env_state else None,
+            )
+            if len(self.camera_keys) != len(store.cameras):
+                raise ValueError(f"cameras {store.cameras} do not have distinct short names")
+        except ValueError as err:
+            raise StoreError(f"{store.path}: cannot feed this store to the ACT head: {err}") from None
         self.feature_dtype = torch.float16 if store.provenance.get("dtype", "float16") == "float16" else torch.float32
         self.memory_budget = parse_memory_budget(None) if memory_budget is None else int(memory_budget)
         self.in_memory = self.feature_bytes <= self.memory_budget
         if window_frames is None:
             window_frames = min(DEFAULT_WINDOW_FRAMES, self.memory_budget // (6 * self.bytes_per_frame))
         self.window_chunks = max(1, int(window_frames) // self.chunk_frames)
+        self._readers: ThreadPoolExecutor | None = None
         self.resident = self._load_all(progress) if self.in_memory else None
 
     # -- sizes -------------------------------------------------------------------------------------
     def _table_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Batch key -> per-frame shape of every feature table (keys use the head's camera names)."""
         shapes: dict[str, tuple[int, ...]] = {}
-        for cam in self.store.cameras:
+        for name, cam in self.camera_keys.items():
             h, w, c = self.store.grid_shape(cam)
-            shapes[ACTInputs.feature_key(cam)] = (h, w, c)
+            shapes[ACTInputs.feature_key(name)] = (h, w, c)
             if self.use_cls_token:
-                shapes[ACTInputs.cls_key(cam)] = (c,)
+                shapes[ACTInputs.cls_key(name)] = (c,)
         return shapes
 
     @property
@@ -401,15 +424,17 @@ class CachedFeatures:
 
     # -- loading -----------------------------------------------------------------------------------
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
-        kind, _, cam = key.partition(".")
-        return self.store.patch(cam, slice(start, stop)) if kind == "features" else self.store.cls(cam, slice(start, stop))
+        kind, _, name = key.partition(".")
+        read = self.store.patch if kind + "." == FEATURES_PREFIX else self.store.cls
+        return read(self.camera_keys[name], slice(start, stop))
 
     def _load_all(self, progress: bool) -> Block:
         """Read every feature array into RAM, one shard (work unit) at a time."""
         from tqdm.auto import tqdm
 
         n = self.store.num_frames
-        tables = {key: torch.empty((n, *shape), dtype=self.feature_dtype) for key, shape in self._table_shapes().items()}
+        tables = {key: torch.empty((n, *shape), dtype=self.feature_dtype)
+                  for key, shape in self._table_shapes().items()}
         units = [self.store.unit_range(u) for u in range(self.store.num_units)]
         with tqdm(total=n * len(tables), unit="frame", desc="load features", disable=not progress, leave=False) as bar:
             for key, table in tables.items():
@@ -419,14 +444,23 @@ class CachedFeatures:
         return Block(tables)
 
     def load_chunks(self, chunks: np.ndarray) -> Block:
-        """Read whole store chunks (sorted ids) into a block; consecutive chunks are read as one slice."""
+        """Read whole store chunks (sorted ids) into a block.
+
+        Consecutive chunks are read as one slice, and the slices are read concurrently: each one is
+        a separate file read plus decode, and on network filesystems latency, not bandwidth, is what
+        a random-chunk read pays for.
+        """
         if self.resident is not None:
             return self.resident
         cf, n = self.chunk_frames, self.store.num_frames
         breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
         runs = [(int(run[0]) * cf, min((int(run[-1]) + 1) * cf, n)) for run in np.split(chunks, breaks)]
-        tables = {key: torch.cat([torch.from_numpy(self._read(key, a, b)) for a, b in runs])
-                  for key in self._table_shapes()}
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dinocache-read")
+        tables = {}
+        for key in self._table_shapes():
+            parts = self._readers.map(lambda run, key=key: torch.from_numpy(self._read(key, *run)), runs)
+            tables[key] = torch.cat(list(parts))
         return Block(tables, chunks=np.asarray(chunks), chunk_frames=cf)
 
     # -- batches -----------------------------------------------------------------------------------

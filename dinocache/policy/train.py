@@ -41,7 +41,8 @@ from dinocache.policy.checkpoint import (
 )
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEEDFORWARD_ACTIVATIONS, ACTConfig
 from dinocache.policy.data import (
-    CachedFeatures, EpisodeSplit, action_windows, episode_rows, open_training_store, parse_memory_budget, split_episodes,
+    CachedFeatures, EpisodeSplit, action_windows, episode_rows, open_training_store, parse_memory_budget,
+    split_episodes,
 )
 from dinocache.policy.presets import PRESETS, apply_preset, check_preset_backbone, get_preset
 
@@ -100,7 +101,8 @@ class TrainResult:
             lines.append(f"last        loss {m['loss']:.4f}  l1 {m['l1']:.4f}  {m['steps_per_s']:.1f} steps/s  "
                          f"data {100 * m['data_fraction']:.1f}% of step time")
         if self.best_val_l1 is not None:
-            lines.append(f"validation  best L1 {self.best_val_l1:.4f} vs {self.baseline_val_l1:.4f} predicting the mean action")
+            lines.append(f"validation  best L1 {self.best_val_l1:.4f} vs {self.baseline_val_l1:.4f} "
+                         f"predicting the mean action")
         lines.append(f"checkpoints {checkpoint_dir(self.run_dir, LAST)}" +
                      (f", {checkpoint_dir(self.run_dir, BEST)}" if self.best_val_l1 is not None else ""))
         return "\n".join(lines)
@@ -195,6 +197,10 @@ class _Processes:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch_dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch_dist.barrier()
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
@@ -343,30 +349,41 @@ def train(cfg: TrainConfig) -> TrainResult:
         procs.teardown()
 
 
-def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
-    t_begin = time.perf_counter()
-    device = procs.device
-    run_dir = Path(cfg.out)
-    store = open_training_store(cfg.store)
-    split = split_episodes([index for index, *_ in store.episodes()], cfg.val_episodes)
+def _open_run(cfg: TrainConfig, store: FeatureStore, procs: _Processes) -> tuple[ACTConfig, dict[str, Any], bool]:
+    """What the run is: a new one built from ``cfg``, or the recorded one that ``cfg.resume`` continues.
 
-    recorded: dict[str, Any] | None = None
+    Returns the head configuration, the options that define the run (``preset``, ``batch_size``,
+    ``seed``, ``val_frames``, ``split``), and whether it resumes. Every process decides the same
+    before rank 0 writes anything (hence the barrier).
+    """
+    run_dir = Path(cfg.out)
+    split = split_episodes([index for index, *_ in store.episodes()], cfg.val_episodes)
     if cfg.resume:
         if not (checkpoint_dir(run_dir, LAST) / "model.safetensors").is_file():
             raise DinocacheError(f"{run_dir}: nothing to resume (no {checkpoint_dir(run_dir, LAST)})")
         recorded = json.loads((run_dir / RUN_FILE).read_text())
         _check_resume(recorded, cfg, store, split.val)
-        split = EpisodeSplit(**recorded["split"])
-        options = recorded["train"]
-        config, preset = ACTConfig.from_dict(recorded["act_config"]), recorded["preset"]
+        config = ACTConfig.from_dict(recorded["act_config"])
+        options = {**recorded["train"], "preset": recorded["preset"], "split": EpisodeSplit(**recorded["split"])}
     else:
         if (run_dir / RUN_FILE).exists():
             raise DinocacheError(f"{run_dir} already holds a training run; pass --resume to continue it, "
                                  f"or choose another --out")
-        options = {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_frames": cfg.val_frames}
-        config, preset = resolve_act_config(cfg.preset, cfg.act, store), cfg.preset
-    batch_size, seed = options["batch_size"], options["seed"]
+        config = resolve_act_config(cfg.preset, cfg.act, store)
+        options = {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_frames": cfg.val_frames,
+                   "preset": cfg.preset, "split": split}
+    procs.barrier()
+    return config, options, cfg.resume
 
+
+def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
+    t_begin = time.perf_counter()
+    device, run_dir = procs.device, Path(cfg.out)
+    store = open_training_store(cfg.store)
+    config, options, resuming = _open_run(cfg, store, procs)
+    batch_size, seed, split = options["batch_size"], options["seed"], options["split"]
+
+    # Data: normalised low-dim arrays, features in RAM or streamed, the split and the baseline.
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -374,19 +391,18 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
                           parse_memory_budget(cfg.memory_budget, procs.local_world_size),
                           pin_memory=device.type == "cuda", window_frames=cfg.window_frames,
                           progress=cfg.progress and procs.main)
-    episodes = store.episodes()
-    train_rows = episode_rows(episodes, split.train)
-    val_rows = episode_rows(episodes, split.val)
+    train_rows, val_rows = (episode_rows(store.episodes(), part) for part in (split.train, split.val))
     if len(val_rows) > options["val_frames"]:  # a fixed, evenly spread subset keeps evaluation cheap
         val_rows = val_rows[np.linspace(0, len(val_rows) - 1, options["val_frames"]).round().astype(np.int64)]
     baseline = mean_action_l1(data, train_rows, val_rows) if len(val_rows) else None
-
     spec = PolicySpec(config, data.inputs, {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()},
-                      str(store.path.resolve()), store.provenance, preset)
+                      str(store.path.resolve()), store.provenance, data.camera_keys, options["preset"])
+
+    # Model and optimiser, fresh or from the last checkpoint (weights, moments, RNG, sampler position).
     head = ACTHead(config, data.inputs).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.optimizer_lr, weight_decay=config.optimizer_weight_decay)
     step, best_val = 0, math.inf
-    if recorded is not None:
+    if resuming:
         state = load_training_state(checkpoint_dir(run_dir, LAST), head, optimizer)
         step, best_val = state["step"], state.get("best_val_l1") or math.inf
         if len(state["rng"]) == procs.world_size:
@@ -397,29 +413,30 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
             _truncate_metrics(run_dir / METRICS_FILE, step)
             if {**state["sampler"], "position": 0} != _sampler_state(data, seed, 0, procs.world_size):
                 tqdm.write("dinocache: note: the number of processes or the feature access (in memory vs streamed) "
-                           "changed since the checkpoint: the data order differs from the original run's")
-    elif procs.rank:
-        torch.manual_seed(seed + procs.rank)  # same initial weights (DDP broadcasts rank 0's), own noise
-    if procs.main and recorded is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / RUN_FILE, {**spec.to_dict(), "train": options, "split": dataclasses.asdict(split),
-                                        "world_size": procs.world_size, "baseline_val_l1": baseline})
-
+                           "changed since the checkpoint, so the data order differs from the original run's")
+    else:
+        if procs.rank:
+            torch.manual_seed(seed + procs.rank)  # same initial weights (DDP broadcasts rank 0's), own noise
+        if procs.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / RUN_FILE, {**spec.to_dict(), "train": {k: options[k] for k in _RUN_OPTIONS},
+                                            "split": dataclasses.asdict(split), "world_size": procs.world_size,
+                                            "baseline_val_l1": baseline})
+    if cfg.compile:  # the head's forward only: compute_loss reads scalars (.item()), a graph break
+        head.compile()
     model: nn.Module = _LossModule(head)
     if procs.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
-    eval_batch = max(4 * batch_size, 32)
 
-    show = cfg.progress and procs.main
-    if show and baseline is not None:
+    if procs.main and baseline is not None:
         tqdm.write(f"dinocache: {len(split.train)} train / {len(split.val)} val episodes; validation L1 of "
-                   f"predicting the mean action: {baseline:.4f} (the head has to beat this)")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc=f"train {run_dir.name}", dynamic_ncols=True)
-    meter, last_record, val_l1, warned = _Meter(), None, None, False
+                   f"predicting the mean action: {baseline:.4f} (what the head has to beat)")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and procs.main),
+               desc=f"train {run_dir.name}", dynamic_ncols=True)
+    log = _Log(run_dir / METRICS_FILE, bar, data.in_memory) if procs.main else None
+    meter, val_l1 = _Meter(), None
+    order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
     stream = data.train_batches(order, batch_size, position=step * batch_size)
     head.train()
     try:
@@ -440,19 +457,11 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
             save = step % cfg.save_every == 0 or step == cfg.steps
             evaluated = len(val_rows) > 0 and (save or step % cfg.eval_every == 0)
             if evaluated:
-                val_l1 = evaluate(head, data, val_rows, eval_batch, procs, autocast)
+                val_l1 = evaluate(head, data, val_rows, max(4 * batch_size, 32), procs, autocast)
             if save or evaluated or step % cfg.log_every == 0:
                 record = meter.record(step, val_l1 if evaluated else None, step * batch_size * procs.world_size, procs)
-                if procs.main:
-                    with open(run_dir / METRICS_FILE, "a") as metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", val_l1="-" if val_l1 is None else f"{val_l1:.4f}",
-                                    steps_s=f"{record['steps_per_s']:.1f}", data=f"{100 * record['data_fraction']:.1f}%")
-                    if last_record is not None and record["data_fraction"] > DATA_FRACTION_TARGET and not warned:
-                        warned = True
-                        tqdm.write(f"dinocache: data loading takes {100 * record['data_fraction']:.0f}% of the step time "
-                                   f"(features {'in memory' if data.in_memory else 'streamed: raise --memory-budget to hold them in RAM'})")
-                last_record = record
+                if log is not None:
+                    log.write(record, val_l1)
             if save:
                 is_best = evaluated and val_l1 < best_val
                 best_val = min(best_val, val_l1) if evaluated else best_val
@@ -466,8 +475,33 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
         bar.close()
     if procs.main and (run_dir / METRICS_FILE).is_file():
         plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, baseline)
-    return TrainResult(run_dir, step, last_record, None if math.isinf(best_val) else best_val, baseline,
-                       data.in_memory, time.perf_counter() - t_begin)
+    return TrainResult(run_dir, step, log.last if log else None, None if math.isinf(best_val) else best_val,
+                       baseline, data.in_memory, time.perf_counter() - t_begin)
+
+
+_RUN_OPTIONS = ("batch_size", "seed", "val_frames")
+
+
+class _Log:
+    """Rank 0's output: ``metrics.jsonl``, the progress bar, and one warning if data loading is slow."""
+
+    def __init__(self, path: Path, bar: tqdm, in_memory: bool) -> None:
+        self.path, self.bar, self.in_memory = path, bar, in_memory
+        self.last: dict[str, Any] | None = None
+        self.warned = False
+
+    def write(self, record: dict[str, Any], val_l1: float | None) -> None:
+        with open(self.path, "a") as metrics:
+            metrics.write(json.dumps(record) + "\n")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", val_l1="-" if val_l1 is None else f"{val_l1:.4f}",
+                             steps_s=f"{record['steps_per_s']:.1f}", data=f"{100 * record['data_fraction']:.1f}%")
+        # The first record includes the warm-up (first batch, first streaming window): not judged.
+        if self.last is not None and record["data_fraction"] > DATA_FRACTION_TARGET and not self.warned:
+            self.warned = True
+            hint = "in memory" if self.in_memory else "streamed: raise --memory-budget to hold them in RAM"
+            tqdm.write(f"dinocache: data loading takes {100 * record['data_fraction']:.0f}% of the step time "
+                       f"(features {hint})")
+        self.last = record
 
 
 def _sampler_state(data: CachedFeatures, seed: int, position: int, world_size: int) -> dict[str, Any]:
@@ -493,7 +527,7 @@ def _field_help() -> dict[str, str]:
             helps[current] = match.group(2)
         elif current and line.startswith(" " * 8):
             helps[current] += " " + line.strip()
-    return helps
+    return {name: text.replace("``", "") for name, text in helps.items()}
 
 
 def _act_options(command: click.Command) -> click.Command:
@@ -503,14 +537,16 @@ def _act_options(command: click.Command) -> click.Command:
     for f in reversed(dataclasses.fields(ACTConfig)):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        kind = next(a for a in get_args(kind) if a is not type(None)) if get_args(kind) and type(None) in get_args(kind) else kind
+        if type(None) in get_args(kind):  # Optional[X] -> X
+            kind = next(a for a in get_args(kind) if a is not type(None))
         help_text = f"{helps.get(f.name, '')} [default: {getattr(defaults, f.name)!r}, or the preset's]"
         if kind is bool:
             decl = [f"{flag}/--no-{flag[2:]}", f.name]
             command = click.option(*decl, default=None, help=help_text)(command)
         else:
             choice = click.Choice(FEEDFORWARD_ACTIVATIONS) if f.name == "feedforward_activation" else kind
-            command = click.option(flag, *aliases.get(f.name, []), f.name, type=choice, default=None, help=help_text)(command)
+            decl = [flag, *aliases.get(f.name, []), f.name]
+            command = click.option(*decl, type=choice, default=None, help=help_text)(command)
     return command
 
 
