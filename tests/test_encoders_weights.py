@@ -10,6 +10,7 @@ ConvNeXt ``downsample_layers`` / ``dwconv`` / ``pwconv``), saves it, and loads i
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -21,32 +22,36 @@ import torch
 from safetensors.torch import save_file
 
 from dinocache.encoders.backbone import create_backbone
-from dinocache.encoders.checkpoints import file_sha256
+from dinocache.encoders.checkpoints import file_sha256, load_into
 from dinocache.encoders.pos_embed import resample_pos_embed
 from dinocache.encoders.registry import get_backbone_spec
+from dinocache.encoders.weights import tensor_sha256
 from dinocache.errors import BackboneError
 
 FRAMES = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def _timm_model(name: str, image_size: int | None = None) -> torch.nn.Module:
-    """A timm model for ``name`` whose every tensor is random and far from its init constants.
+def _timm_model(name: str, image_size: int | tuple[int, int] | None = None) -> torch.nn.Module:
+    """A timm model for ``name`` with every parameter drawn at random, far from init constants.
 
-    Layer-scale starts at 1e-5 and q/v biases at 0; left so, a conversion that lost them would go
-    unnoticed. Class token and the class position are put on a 2^-12 grid so that DINOv2's
-    (cls - pos) + pos round trip is exact and the weights can be compared bit for bit.
+    Layer-scale starts at 1e-5 and q/v biases at 0 in timm; left so, a conversion that lost them
+    would go unnoticed. Norm weights are drawn around 1. Class token and position table are put on
+    a 2^-12 grid so that DINOv2's (cls - pos) + pos round trip is exact, bit for bit.
     """
     spec = get_backbone_spec(name)
     kwargs = {"num_classes": 0}
     if spec.kind == "vit":
-        kwargs["img_size"] = image_size or spec.pretrain_image_size
-    torch.manual_seed(1)
-    model = timm.create_model(spec.timm_id, **kwargs).eval()
+        kwargs.update(img_size=image_size or spec.pretrain_image_size, dynamic_img_size=False)
+    model = timm.create_model(spec.timm_id, **kwargs).eval()  # timm alone: no dinocache code
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for pname, param in model.named_parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-            if pname in ("cls_token", "pos_embed"):
-                param.copy_(torch.round(param * 4096) / 4096)
+        for module in model.modules():
+            for pname, param in module.named_parameters(recurse=False):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                if pname == "weight" and isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                    param.add_(1.0)
+                if pname in ("cls_token", "pos_embed"):
+                    param.copy_(torch.round(param * 4096) / 4096)
     return model
 
 
@@ -61,7 +66,7 @@ def _official_dinov2(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out["register_tokens"] = sd.pop("reg_token")
         out["cls_token"] = sd.pop("cls_token") - class_pos
         out["pos_embed"] = torch.cat([class_pos, sd.pop("pos_embed")], dim=1)
-    swiglu = any(".mlp.fc1." in k for k in sd) and model.blocks[0].mlp.__class__.__name__.startswith("SwiGLU")
+    swiglu = type(model.blocks[0].mlp).__name__.startswith("SwiGLU")  # ViT-g: timm packs w12 as fc1
     for key, value in sd.items():
         if swiglu:
             key = key.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.")
@@ -148,33 +153,37 @@ def test_dinov2_with_registers_official_checkpoint(tmp_path):
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(official, path)
 
-    with pytest.warns(UserWarning, match="does not match the published sha256 of dinov2_vits14_reg4_pretrain.pth"):
+    published = "does not match the published sha256 of dinov2_vits14_reg4_pretrain.pth"
+    with pytest.warns(UserWarning, match=published):
         loaded = create_backbone("dinov2_vits14_reg", weights=path, image_size=(42, 56))
-    reference = create_backbone("dinov2_vits14_reg", weights=_save_timm_folder(model, tmp_path / "timm"),
-                                image_size=(42, 56))
     assert loaded.weights_info["source"] == "file"
     assert loaded.weights_info["sha256"] == file_sha256(path)
-    assert loaded.weights_info["tensor_sha256"] == reference.weights_info["tensor_sha256"]
-    for ours, theirs in zip(loaded(FRAMES), reference(FRAMES)):
-        assert torch.equal(ours, theirs)
+    assert loaded.weights_info["tensor_sha256"] == tensor_sha256(model)
+    # upstream resizes the table of register models as timm does (antialiased, size-based)
+    model.set_input_size(img_size=(42, 56))
+    for ours, theirs in zip(loaded(FRAMES), _reference_features(model, loaded, FRAMES)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_dinov2_official_checkpoint_and_official_pos_interpolation(dinov2_s14):
-    with pytest.warns(UserWarning, match="f473e8d2|b938bf1bc15cd2ec"):
-        loaded = create_backbone("dinov2_vits14", weights=dinov2_s14["official"], image_size=56)
-    reference = create_backbone("dinov2_vits14", weights=dinov2_s14["timm"], image_size=56)
-    assert loaded.weights_info["tensor_sha256"] == reference.weights_info["tensor_sha256"]
-    for ours, theirs in zip(loaded(FRAMES), reference(FRAMES)):
-        assert torch.equal(ours, theirs)
-    # the 37x37 table was resized to 4x4 the way upstream DINOv2 (no registers) does it
-    expected = _upstream_dinov2_interpolation(dinov2_s14["state_dict"]["pos_embed"], 56, 56, 0.1, False)
+    with pytest.warns(UserWarning, match="expected b938bf1bc15cd2ec"):
+        loaded = create_backbone("dinov2_vits14", weights=dinov2_s14["official"], image_size=(56, 70))
+    model = copy.deepcopy(dinov2_s14["model"])
+    assert loaded.weights_info["tensor_sha256"] == tensor_sha256(model)
+    # the 37x37 table is resized to 4x5 the way upstream DINOv2 (no registers) does it, not timm's way
+    expected = _upstream_dinov2_interpolation(model.pos_embed.detach(), 56, 70, 0.1, False)
     torch.testing.assert_close(loaded.model.pos_embed.detach(), expected, rtol=0, atol=1e-6)
+    model.set_input_size(img_size=(56, 70))
+    model.pos_embed.data.copy_(expected)
+    for ours, theirs in zip(loaded(FRAMES), _reference_features(model, loaded, FRAMES)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["dinov3_vits16", "dinov3_vits16plus", "dinov3_convnext_tiny"])
-def test_dinov3_official_checkpoint(name, tmp_path):
+@pytest.mark.parametrize("name, size", [
+    ("dinov3_vits16", (48, 64)), ("dinov3_vits16plus", (48, 64)), ("dinov3_convnext_tiny", (64, 96))])
+def test_dinov3_official_checkpoint(name, size, tmp_path):
     spec = get_backbone_spec(name)
-    model = _timm_model(name, image_size=64)
+    model = _timm_model(name, image_size=size)
     official = _official_dinov3_vit(model) if spec.kind == "vit" else _official_convnext(model)
     if spec.kind == "vit":
         assert {"storage_tokens", "blocks.0.ls1.gamma", "blocks.0.attn.qkv.bias_mask"} <= set(official)
@@ -184,12 +193,17 @@ def test_dinov3_official_checkpoint(name, tmp_path):
     path = tmp_path / f"{name}.pth"
     torch.save(official, path)
 
-    loaded = create_backbone(name, weights=path, image_size=64)
+    loaded = create_backbone(name, weights=path, image_size=size)
     grid, cls = loaded(FRAMES)
     ref_grid, ref_cls = _reference_features(model, loaded, FRAMES)
-    assert grid.shape == (2, spec.embed_dim, 64 // spec.patch_size, 64 // spec.patch_size)
+    assert grid.shape == (2, spec.embed_dim, size[0] // spec.patch_size, size[1] // spec.patch_size)
     torch.testing.assert_close(grid, ref_grid, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cls, ref_cls, rtol=1e-5, atol=1e-5)
+    # parameters came from the file; buffers timm computes itself (RoPE periods, the zero k bias)
+    # were computed, not left uninitialised
+    theirs = dict(model.named_buffers())
+    for key, buffer in loaded.model.named_buffers():
+        assert torch.equal(buffer, theirs[key]), key
 
 
 def test_timm_folder_and_torchvision_classifier(tmp_path):
@@ -197,10 +211,15 @@ def test_timm_folder_and_torchvision_classifier(tmp_path):
     model = _timm_model("resnet18")
     state = dict(model.state_dict(), **{"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
     torch.save(state, tmp_path / "resnet18.pth")
-    loaded = create_backbone("resnet18", weights=tmp_path / "resnet18.pth", image_size=64)
-    folder = create_backbone("resnet18", weights=_save_timm_folder(model, tmp_path / "timm"), image_size=64)
-    assert loaded.weights_info["tensor_sha256"] == folder.weights_info["tensor_sha256"]
-    assert folder.weights_info["path"].endswith("model.safetensors")
+    loaded = create_backbone("resnet18", weights=tmp_path / "resnet18.pth", image_size=(64, 96))
+    folder = _save_timm_folder(model, tmp_path / "timm")
+    from_folder = create_backbone("resnet18", weights=folder, image_size=(64, 96))
+    assert loaded.weights_info["tensor_sha256"] == from_folder.weights_info["tensor_sha256"]
+    assert loaded.weights_info["tensor_sha256"] == tensor_sha256(model)
+    grid, cls = loaded(FRAMES)
+    assert grid.shape == (2, 512, 2, 3) and cls.shape == (2, 512)
+    torch.testing.assert_close(cls, grid.mean(dim=(2, 3)))  # no final norm: CLS is the pooled map
+    assert from_folder.weights_info["path"] == str(folder / "model.safetensors")
 
 
 # -- refusals ----------------------------------------------------------------------------------------
@@ -222,16 +241,16 @@ def test_checkpoint_of_another_model_is_refused(dinov2_s14, asked, message):
     assert str(dinov2_s14["official"]) in str(info.value)
 
 
-def test_missing_and_unexpected_tensors_are_refused(dinov2_s14, tmp_path):
+def test_missing_and_unexpected_tensors_are_refused(dinov2_s14):
+    spec, path = get_backbone_spec("dinov2_vits14"), Path("ckpt.pth")
     state = dict(dinov2_s14["state_dict"])
     del state["blocks.3.ls1.gamma"]
-    torch.save(state, tmp_path / "missing.pth")
-    with pytest.raises(BackboneError, match=r"1 tensors missing \(blocks\.3\.ls1\.gamma\)"):
-        create_backbone("dinov2_vits14", weights=tmp_path / "missing.pth", image_size=28)
+    with pytest.raises(BackboneError, match=r"ckpt.pth does not fit dinov2_vits14 .* "
+                                            r"1 tensors missing \(blocks\.3\.ls1\.gamma\)"):
+        load_into(copy.deepcopy(dinov2_s14["model"]), state, spec, path)
     state = dict(dinov2_s14["state_dict"], **{"head.extra.weight": torch.zeros(3)})
-    torch.save(state, tmp_path / "extra.pth")
     with pytest.raises(BackboneError, match=r"1 unexpected \(head\.extra\.weight\)"):
-        create_backbone("dinov2_vits14", weights=tmp_path / "extra.pth", image_size=28)
+        load_into(copy.deepcopy(dinov2_s14["model"]), state, spec, path)
 
 
 def test_unreadable_or_absent_files_are_refused(dinov2_s14, tmp_path):
@@ -243,7 +262,7 @@ def test_unreadable_or_absent_files_are_refused(dinov2_s14, tmp_path):
         create_backbone("dinov2_vits14", weights=tmp_path / "nope.pth")
 
 
-# -- 'auto' and 'random' --------------------------------------------------------------------------------
+# -- 'auto' --------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -280,18 +299,6 @@ def test_auto_uses_the_hf_cache_offline(empty_offline_hf, dinov2_s14):
     assert backbone.weights_info["sha256"] == file_sha256(snapshot / "model.safetensors")
 
 
-def test_random_weights_are_seeded_and_recorded():
-    first = create_backbone("dinov3_vits16", weights="random", seed=7, image_size=32)
-    again = create_backbone("dinov3_vits16", weights="random", seed=7, image_size=32)
-    other = create_backbone("dinov3_vits16", weights="random", seed=8, image_size=32)
-    assert first.weights_info == {"source": "random", "path": None, "sha256": None, "seed": 7,
-                                  "tensor_sha256": first.weights_info["tensor_sha256"]}
-    assert first.weights_info["tensor_sha256"] == again.weights_info["tensor_sha256"]
-    assert first.weights_info["tensor_sha256"] != other.weights_info["tensor_sha256"]
-    assert all(torch.equal(a, b) for a, b in zip(first(FRAMES), again(FRAMES)))
-    assert not torch.equal(first(FRAMES)[0], other(FRAMES)[0])
-
-
 # -- DINOv2 position-table interpolation ----------------------------------------------------------
 
 
@@ -312,7 +319,8 @@ def _upstream_dinov2_interpolation(pos_embed, height, width, offset, antialias, 
     else:
         kwargs["size"] = (w0, h0)
     patch_pos_embed = torch.nn.functional.interpolate(
-        patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=antialias, **kwargs)
+        patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2),
+        mode="bicubic", antialias=antialias, **kwargs)
     assert (w0, h0) == patch_pos_embed.shape[-2:]
     patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
     return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)

@@ -4,7 +4,8 @@ Modules: ``registry`` (backbone specs as data, ``dinocache backbones``), ``prepr
 uint8 -> normalised tensor path, shared by extraction and the exported policy), ``backbone``
 (:class:`FrozenBackbone`, :func:`create_backbone`), ``weights`` / ``checkpoints`` (offline-first
 weights resolution and strict loading of official or timm checkpoints), ``arch`` (recognising a
-checkpoint's architecture) and ``pos_embed`` (upstream-exact position table resizing).
+checkpoint's architecture), ``pos_embed`` (upstream-exact position table resizing) and ``build``
+(timm model creation without wasted initialisation).
 
 Names are imported lazily so that ``dinocache backbones`` does not pay for importing timm models.
 """

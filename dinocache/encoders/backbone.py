@@ -23,8 +23,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from dinocache.encoders.build import Init, create_timm_model
 from dinocache.encoders.checkpoints import load_into
 from dinocache.encoders.pos_embed import resample_pos_embed
 from dinocache.encoders.preprocess import ImagePreprocessor, ImageSize, PreprocessConfig
@@ -41,8 +41,7 @@ class FrozenBackbone(nn.Module):
     def __init__(self, spec: BackboneSpec, model: nn.Module, preprocess: ImagePreprocessor,
                  weights_info: WeightsInfo, amp_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if amp_dtype not in AMP_DTYPES:
-            raise BackboneError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, not {amp_dtype}")
+        _check_amp_dtype(amp_dtype)
         self.spec = spec
         self.preprocess = preprocess
         self.model = model.requires_grad_(False)
@@ -50,8 +49,7 @@ class FrozenBackbone(nn.Module):
         self.amp_dtype = amp_dtype
         self._has_cls = getattr(model, "cls_token", None) is not None
         head_norm = getattr(getattr(model, "head", None), "norm", None)
-        self._final_norm = head_norm if spec.kind == "convnet" and isinstance(head_norm, nn.Module) \
-            and not isinstance(head_norm, nn.Identity) else None
+        self._head_norm = isinstance(head_norm, nn.Module) and not isinstance(head_norm, nn.Identity)
         self.train(False)
 
     def train(self, mode: bool = True) -> FrozenBackbone:
@@ -87,8 +85,9 @@ class FrozenBackbone(nn.Module):
             cls = features[:, 0] if self._has_cls else patches.mean(dim=1)
             return grid, cls
         pooled = features.mean(dim=(2, 3), keepdim=True)
-        if self._final_norm is not None:
-            features, pooled = self._final_norm(features), self._final_norm(pooled)
+        if self._head_norm:
+            norm = self.model.head.norm
+            features, pooled = norm(features), norm(pooled)
         return features, pooled.flatten(1)
 
     def provenance(self) -> dict[str, Any]:
@@ -128,13 +127,13 @@ def create_backbone(
     spec = get_backbone_spec(name)
     config = PreprocessConfig.for_backbone(spec, image_size, center_crop)
     device = torch.device(device)
-    if amp_dtype not in AMP_DTYPES:
-        raise BackboneError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, not {amp_dtype}")
+    _check_amp_dtype(amp_dtype)
     meta = device.type == "meta"
     if meta and weights != "random":
         raise BackboneError(f"the meta device holds no data: build {name} with weights='random' there")
     fetched = fetch_weights(spec, weights)
-    model = build_timm_model(spec, seed, meta)
+    init: Init = "meta" if meta else "random" if fetched.state_dict is None else "skip"
+    model = build_timm_model(spec, seed, init)
     if fetched.state_dict is not None:
         load_into(model, fetched.state_dict, spec, fetched.path)
     info = weights_info(fetched, seed, None if meta else model)
@@ -143,49 +142,32 @@ def create_backbone(
     return backbone.to(device)
 
 
-def build_timm_model(spec: BackboneSpec, seed: int = 0, meta: bool = False) -> nn.Module:
-    """timm model at its pretraining resolution, initialised from ``seed`` (deterministically).
+def _check_amp_dtype(amp_dtype: torch.dtype | None) -> None:
+    if amp_dtype not in AMP_DTYPES:
+        raise BackboneError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, not {amp_dtype}")
 
-    Weights are loaded at the native resolution so the checkpoint's position table is taken as it
-    is; :func:`_set_image_size` then resizes it with the upstream method. The global RNG state is
-    left untouched.
+
+def build_timm_model(spec: BackboneSpec, seed: int = 0, init: Init = "random") -> nn.Module:
+    """timm model for ``spec`` at its pretraining resolution (see :func:`create_timm_model`).
+
+    Built at the native resolution so that a checkpoint's position table loads as it is;
+    :func:`_set_image_size` then resizes it with the upstream method.
     """
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0}
+    kwargs: dict[str, Any] = {}
     if spec.kind == "vit":
         kwargs.update(img_size=spec.pretrain_image_size, dynamic_img_size=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            if meta:
-                with torch.device("meta"), _SkipFillsOnMeta():
-                    return timm.create_model(spec.timm_id, **kwargs)
-            return timm.create_model(spec.timm_id, **kwargs)
-        except TypeError as err:
-            raise BackboneError(f"timm cannot build {spec.timm_id} at a fixed image size: {err}") from None
-
-
-class _SkipFillsOnMeta(TorchFunctionMode):
-    """Skip in-place data fills (weight init) on meta tensors, which hold no data to fill.
-
-    Meta tensors run init ops through slow Python decompositions only to produce nothing; skipping
-    them makes a meta build of ViT-7B take a fraction of a second. Only value-filling ops are
-    skipped, never ones that change shape or flags (``resize_``, ``requires_grad_``, ...).
-    """
-
-    FILLS = frozenset({"normal_", "uniform_", "trunc_normal_", "zero_", "fill_", "copy_", "clamp_",
-                       "clip_", "mul_", "add_", "sub_", "div_", "erfinv_", "exp_"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (getattr(func, "__name__", "") in self.FILLS and args
-                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+    try:
+        return create_timm_model(spec.timm_id, seed, init, **kwargs)
+    except TypeError as err:
+        raise BackboneError(f"timm cannot build {spec.timm_id} at a fixed image size: {err}") from None
 
 
 def _set_image_size(model: nn.Module, spec: BackboneSpec, image_size: tuple[int, int]) -> None:
     """Fix a ViT's input size (static graph), resizing an absolute position table the upstream way."""
     if spec.kind != "vit":
         return
+    if not hasattr(model, "set_input_size"):
+        raise BackboneError(f"timm model {spec.timm_id} cannot be set to a fixed input size")
     old_grid = tuple(model.patch_embed.grid_size)
     old_pos = getattr(model, "pos_embed", None)
     model.set_input_size(img_size=image_size)  # patch embed, RoPE grid, and timm's own pos resize

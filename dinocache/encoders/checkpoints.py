@@ -13,7 +13,8 @@ Strict means: after conversion every model tensor is present and every checkpoin
 The only tensors allowed to go unused are ones upstream never uses at inference and timm's filters
 drop by design: ``mask_token`` (masked-image pretraining), DINOv3's ``rope_embed.periods`` (derived
 from the architecture; checked to agree with timm's), ``*.qkv.bias_mask`` and ``local_cls_norm``
-(training only), and a classifier head the backbone does not have.
+(training only), distillation ``projectors.*`` / ConvNeXt ``norms.*`` (EUPE extras), and a
+classifier layer the backbone does not have.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def read_state_dict(path: Path) -> StateDict:
 
             data = load_file(str(path), device="cpu")
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _torch_load(path)
     except Exception as err:  # corrupt / truncated / not a checkpoint: all the same to the user
         raise BackboneError(f"cannot read weights file {path}: {_one_line(err)}") from None
     for key in ("state_dict", "model", "module"):
@@ -80,6 +81,15 @@ def read_state_dict(path: Path) -> StateDict:
     if not_tensors:
         raise BackboneError(f"weights file {path} has non-tensor entries, e.g. {not_tensors[:3]}")
     return dict(data)
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` memory-mapped where the format allows: a 7B checkpoint is then not held twice
+    (file copy + model) while it is loaded. Legacy (pre-zip) files cannot be mapped."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def warn_if_not_published(path: Path, sha256: str) -> None:
@@ -103,7 +113,13 @@ def warn_if_not_published(path: Path, sha256: str) -> None:
 
 
 def check_architecture(state_dict: StateDict, spec: BackboneSpec, path: Path) -> None:
-    """Refuse a checkpoint of another model before anything is built, naming both models."""
+    """Refuse a checkpoint of another model before anything is built, naming both models.
+
+    Only for registered backbones: a ``timm:`` model's file may use a layout the signature does not
+    know, and the strict load after conversion still refuses a wrong one.
+    """
+    if spec.family == "timm":
+        return
     found = state_dict_signature(state_dict)
     wanted = spec_signature(spec)
     if found is None or found == wanted:
@@ -169,16 +185,16 @@ def _settle_dinov3_extras(state_dict: StateDict, model: nn.Module, spec: Backbon
 
 
 def _drop_unused_classifier(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """Drop classifier tensors (e.g. torchvision's ``fc``) when the backbone has no classifier."""
+    """Drop a classifier layer (e.g. torchvision's ``fc``) when the backbone has no classifier.
+
+    Only ``<classifier>.weight`` / ``.bias`` go, as in timm's own pretrained loading; any other
+    stray tensor still counts as unexpected.
+    """
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if not classifier:
-        return state_dict
+    heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,) if classifier else ()
     own = set(model.state_dict())
-    heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
-    return {
-        k: v for k, v in state_dict.items()
-        if k in own or not any(k.startswith(f"{head}.") for head in heads)
-    }
+    unused = {f"{head}.{p}" for head in heads for p in ("weight", "bias")} - own
+    return {k: v for k, v in state_dict.items() if k not in unused}
 
 
 def _examples(keys: list[str]) -> str:

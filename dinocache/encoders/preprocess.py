@@ -98,7 +98,8 @@ class PreprocessConfig:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise BackboneError(f"preprocess mean/std must be 3 values each, std > 0: {self.mean} / {self.std}")
+            raise BackboneError(
+                f"preprocess mean/std must be 3 values each, std > 0: {self.mean} / {self.std}")
         if not isinstance(self.patch_size, int) or self.patch_size <= 0:
             raise BackboneError(f"patch size must be a positive integer, got {self.patch_size!r}")
         if self.interpolation not in INTERPOLATIONS:

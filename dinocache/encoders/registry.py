@@ -224,17 +224,17 @@ def _timm_spec(model_name: str) -> BackboneSpec:
     import torch
 
     from dinocache.encoders.arch import count_blocks, mlp_kind
+    from dinocache.encoders.build import create_timm_model
 
     arch = model_name.split(".", 1)[0]
     if not model_name or not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise BackboneError(f"unknown timm model {model_name!r} in timm:{model_name}{hint}")
-    with torch.device("meta"):
-        try:
-            model = timm.create_model(model_name, pretrained=False, num_classes=0)
-        except Exception as err:  # timm raises assorted errors for unknown pretrained tags
-            raise BackboneError(f"timm cannot build timm:{model_name}: {err}") from None
+    try:
+        model = create_timm_model(model_name, init="meta")
+    except Exception as err:  # timm raises assorted errors for unknown pretrained tags
+        raise BackboneError(f"timm cannot build timm:{model_name}: {err}") from None
     cfg = model.pretrained_cfg
     size = int(cfg.get("input_size", (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))[-1])
     probe = torch.empty(1, 3, size, size, device="meta")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypedDict
 
+import torch
 from torch import nn
 
 from dinocache.encoders.checkpoints import (
@@ -95,13 +96,14 @@ def tensor_sha256(module: nn.Module) -> str:
     """sha256 over the state dict: names, shapes and float32 bytes, in sorted name order.
 
     Float32 (whatever the storage dtype) makes the hash independent of how the weights were loaded
-    or moved; buffers derived from the architecture and not saved (e.g. RoPE periods) are excluded,
-    as they are not weights.
+    or moved, and -0.0 hashes as 0.0 (equal values, equal hash). Buffers derived from the
+    architecture and never saved (e.g. RoPE periods) are not weights and are left out.
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().to("cpu").float().contiguous().numpy().tobytes())
+        values = tensor.detach().to("cpu", torch.float32) + 0.0  # + 0.0 turns -0.0 into 0.0
+        digest.update(values.contiguous().numpy())
     return digest.hexdigest()
 
 
