@@ -348,10 +348,7 @@ def run_units(store: FeatureStore, source: DatasetSource, backbone: torch.nn.Mod
 
 def build_backbone(cfg: ExtractConfig) -> FrozenBackbone:
     """The frozen backbone (with its preprocessing) that ``cfg`` asks for, on its device."""
-    image_size = cfg.image_size
-    if isinstance(image_size, str):
-        image_size = tuple(int(v) for v in image_size.lower().split("x")) if "x" in image_size.lower() else int(image_size)
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=image_size, center_crop=cfg.center_crop,
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, center_crop=cfg.center_crop,
                                seed=cfg.seed, device=cfg.resolved_device(),
                                amp_dtype=PRECISIONS[cfg.resolved_precision()])
     return backbone
