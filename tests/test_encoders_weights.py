@@ -25,7 +25,7 @@ from dinocache.encoders.backbone import create_backbone
 from dinocache.encoders.checkpoints import file_sha256, load_into
 from dinocache.encoders.pos_embed import resample_pos_embed
 from dinocache.encoders.registry import get_backbone_spec
-from dinocache.encoders.weights import tensor_sha256
+from dinocache.encoders.weights import WEIGHTS_ENV, find_local_weights, tensor_sha256
 from dinocache.errors import BackboneError
 
 FRAMES = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -345,3 +345,27 @@ def test_registered_dinov2_interpolation_settings():
     timm_resized = timm.layers.resample_abs_pos_embed(table, (16, 16), (37, 37), num_prefix_tokens=0)
     torch.testing.assert_close(resample_pos_embed(table, (37, 37), (16, 16), 0, 0.0, True), timm_resized)
     assert not torch.allclose(resample_pos_embed(table, (37, 37), (16, 16), 0, 0.1, False), timm_resized)
+
+
+# -- finding weights already on the machine (what `dinocache demo` uses) ---------------------------
+
+
+def test_find_local_weights_looks_in_dinocache_weights_then_the_hf_cache(empty_offline_hf, dinov2_s14, monkeypatch,
+                                                                          tmp_path):
+    spec = get_backbone_spec("dinov2_vits14")
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    assert find_local_weights(spec) is None  # nothing configured, nothing cached
+
+    monkeypatch.setenv(WEIGHTS_ENV, str(dinov2_s14["official"]))  # a file is taken as it is
+    assert find_local_weights(spec) == dinov2_s14["official"]
+    monkeypatch.setenv(WEIGHTS_ENV, str(dinov2_s14["official"].parent))  # a folder holding the official name
+    assert find_local_weights(spec) == dinov2_s14["official"]
+    timm_folders = tmp_path / "weights"
+    (timm_folders / "dinov2_vits14").mkdir(parents=True)  # a timm model folder named after the backbone
+    (timm_folders / "dinov2_vits14" / "model.safetensors").write_bytes(
+        (dinov2_s14["timm"] / "model.safetensors").read_bytes())
+    monkeypatch.setenv(WEIGHTS_ENV, str(timm_folders))
+    assert find_local_weights(spec) == timm_folders / "dinov2_vits14" / "model.safetensors"
+    assert find_local_weights(get_backbone_spec("dinov2_vitb14")) is None  # not there for another model
+    backbone = create_backbone("dinov2_vits14", weights=find_local_weights(spec), image_size=28)
+    assert backbone.weights_info["tensor_sha256"] == tensor_sha256(dinov2_s14["model"])

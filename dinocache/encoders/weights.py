@@ -39,6 +39,8 @@ from dinocache.errors import BackboneError
 
 Source = Literal["random", "file", "hf-cache"]
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
+#: A file, or a folder of official / timm checkpoints, that ``find_local_weights`` looks in first.
+WEIGHTS_ENV = "DINOCACHE_WEIGHTS"
 
 
 class WeightsInfo(TypedDict):
@@ -105,6 +107,36 @@ def tensor_sha256(module: nn.Module) -> str:
         values = tensor.detach().to("cpu", torch.float32) + 0.0  # + 0.0 turns -0.0 into 0.0
         digest.update(values.contiguous().numpy())
     return digest.hexdigest()
+
+
+def find_local_weights(spec: BackboneSpec) -> Path | None:
+    """Pretrained weights for ``spec`` already on this machine, or None; never touches the network.
+
+    Looks in ``$DINOCACHE_WEIGHTS`` first -- a checkpoint file, or a folder holding the official file
+    name (``dinov2_vits14_reg4_pretrain.pth``...) or a timm model folder named after the backbone or
+    its timm id -- then in the Hugging Face cache. A file found this way is not read here: the
+    caller passes it to :func:`fetch_weights`, which checks that it is the right model.
+    """
+    configured = os.environ.get(WEIGHTS_ENV, "").strip()
+    if configured:
+        root = Path(configured).expanduser()
+        if root.is_file():
+            return root
+        candidates = [root / name for name in (spec.checkpoint_file, spec.name, spec.timm_id) if name]
+        for candidate in candidates:
+            if candidate.exists():
+                try:
+                    return checkpoint_file(candidate)
+                except BackboneError:  # a folder without a weights file: keep looking
+                    continue
+    if spec.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in _HF_FILES:
+            cached = try_to_load_from_cache(spec.hf_hub_id, filename, cache_dir=_hf_cache_dir())
+            if isinstance(cached, str):
+                return Path(cached)
+    return None
 
 
 def weights_unavailable(spec: BackboneSpec, why: str) -> BackboneError:
