@@ -21,6 +21,7 @@ import functools
 import io
 import itertools
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -57,7 +58,11 @@ _STATE_NAMES = ("disc_x", "disc_y", "grip")
 
 @dataclass(frozen=True)
 class SyntheticEpisode:
-    """The ground truth of one generated episode (``frames`` keyed by short camera name)."""
+    """The ground truth of one generated episode (``frames`` keyed by short camera name).
+
+    Any generator can fill one and hand it to :func:`write_episodes` (the simulator's demonstrations
+    do), so there is one writer per format whatever made the frames.
+    """
 
     index: int
     task: str
@@ -229,6 +234,12 @@ class _Spec:
     crf: int | None
     pix_fmt: str | None
     gop: int | None
+    #: Per-dimension names of ``observation.state`` / ``action`` (default: the disc scene's).
+    state_names: tuple[str, ...] | None = None
+    action_names: tuple[str, ...] | None = None
+    robot_type: str = "synthetic_disc"
+    #: ALOHA only: the task the sidecar records (the format has no per-episode task).
+    aloha_task: str = "follow the coloured disc"
 
     @property
     def video_keys(self) -> list[str]:
@@ -274,43 +285,70 @@ def write_synthetic_dataset(out: Path | str, format: str = "lerobot-v2.1", num_e
                else [int(n) for n in episode_length])
     if len(lengths) != num_episodes:
         raise ValueError(f"{len(lengths)} episode lengths for {num_episodes} episodes")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-
-    spec = _Spec(fps=fps, image_size=tuple(image_size), cameras=tuple(cameras), codec=codec,
-                 image_storage=image_storage, state_dim=state_dim, action_dim=action_dim,
-                 with_env_state=with_env_state, crf=crf, pix_fmt=pix_fmt, gop=gop)
-    episodes = (synthetic_episode(i, n, image_size=spec.image_size, cameras=spec.cameras, fps=fps,
+    episodes = (synthetic_episode(i, n, image_size=tuple(image_size), cameras=tuple(cameras), fps=fps,
                                   state_dim=state_dim, action_dim=action_dim, seed=seed,
                                   with_env_state=with_env_state)
                 for i, n in enumerate(lengths))
+    return write_episodes(out, episodes, format=format, fps=fps, image_size=image_size, cameras=cameras,
+                          state_dim=state_dim, action_dim=action_dim, codec=codec,
+                          with_env_state=with_env_state, image_storage=image_storage,
+                          aloha_compressed=aloha_compressed, episodes_per_file=episodes_per_file or num_episodes,
+                          crf=crf, pix_fmt=pix_fmt, gop=gop, jpeg_quality=jpeg_quality)
+
+
+def write_episodes(out: Path | str, episodes: Iterable[SyntheticEpisode], *, format: str, fps: float,
+                   image_size: tuple[int, int], cameras: Sequence[str], state_dim: int, action_dim: int,
+                   codec: str = "h264", with_env_state: bool = False, image_storage: str = "video",
+                   aloha_compressed: bool = False, episodes_per_file: int | None = None,
+                   crf: int | None = None, pix_fmt: str | None = None, gop: int | None = None,
+                   jpeg_quality: int = 95, state_names: Sequence[str] | None = None,
+                   action_names: Sequence[str] | None = None, robot_type: str = "synthetic_disc",
+                   aloha_task: str = "follow the coloured disc") -> Path:
+    """Write ``episodes`` (consumed one at a time, numbered 0, 1, ... by their ``index``) to ``out``.
+
+    The writer behind :func:`write_synthetic_dataset`, for any source of episodes; the arguments mean
+    the same. ``state_names`` / ``action_names`` label the dimensions in ``info.json`` and
+    ``robot_type`` is recorded there; ``aloha_task`` is the ALOHA sidecar's task. ``out`` must be
+    empty or absent.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    spec = _Spec(fps=fps, image_size=tuple(image_size), cameras=tuple(cameras), codec=codec,
+                 image_storage=image_storage, state_dim=state_dim, action_dim=action_dim,
+                 with_env_state=with_env_state, crf=crf, pix_fmt=pix_fmt, gop=gop,
+                 state_names=tuple(state_names) if state_names else None,
+                 action_names=tuple(action_names) if action_names else None,
+                 robot_type=robot_type, aloha_task=aloha_task)
     if format == "aloha-hdf5":
         _write_aloha(out, episodes, spec, aloha_compressed, jpeg_quality)
     elif format == "lerobot-v2.1":
         _write_lerobot_v21(out, episodes, spec)
+    elif format == "lerobot-v3.0":
+        _write_lerobot_v30(out, episodes, spec, episodes_per_file or sys.maxsize)
     else:
-        _write_lerobot_v30(out, episodes, spec, episodes_per_file or num_episodes)
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     return out
 
 
 # -------------------------------------------------------------------------------- LeRobot --
 def _features(spec: _Spec, version: str) -> dict[str, dict[str, Any]]:
     """info.json ``features`` in LeRobot's order: lowdim, cameras, then the index columns."""
-    def names(prefix: str, n: int) -> list[str]:
-        return [_STATE_NAMES[i] if i < 3 else f"{prefix}_{i}" for i in range(n)]
+    def names(given: tuple[str, ...] | None, n: int) -> list[str]:
+        return list(given) if given else [_STATE_NAMES[i] if i < 3 else f"joint_{i}" for i in range(n)]
 
     features: dict[str, dict[str, Any]] = {
         "observation.state": {"dtype": "float32", "shape": [spec.state_dim],
-                              "names": names("joint", spec.state_dim)},
+                              "names": names(spec.state_names, spec.state_dim)},
         "observation.velocity": {"dtype": "float32", "shape": [spec.state_dim],
-                                 "names": names("joint", spec.state_dim)},
+                                 "names": names(spec.state_names, spec.state_dim)},
     }
     if spec.with_env_state:
         features["observation.environment_state"] = {"dtype": "float32", "shape": [2],
                                                      "names": ["goal_x", "goal_y"]}
     features["action"] = {"dtype": "float32", "shape": [spec.action_dim],
-                          "names": names("joint", spec.action_dim)}
+                          "names": names(spec.action_names, spec.action_dim)}
     height, width = spec.image_size
     for cam in spec.cameras:
         feature: dict[str, Any] = {"dtype": spec.image_storage, "shape": [height, width, 3],
@@ -333,7 +371,7 @@ def _features(spec: _Spec, version: str) -> dict[str, dict[str, Any]]:
 def _info(spec: _Spec, version: str, num_episodes: int, num_frames: int,
           num_tasks: int, **layout: Any) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "codebase_version": version, "robot_type": "synthetic_disc",
+        "codebase_version": version, "robot_type": spec.robot_type,
         "total_episodes": num_episodes, "total_frames": num_frames, "total_tasks": num_tasks}
     info.update(layout)
     info["fps"] = spec.fps
@@ -590,7 +628,7 @@ def _write_aloha(out: Path, episodes: Iterable[SyntheticEpisode], spec: _Spec,
             obs.create_dataset("qpos", data=ep.state)
             obs.create_dataset("qvel", data=ep.velocity)
             root.create_dataset("action", data=ep.action)
-    _write_json(out / SIDECAR, {"fps": spec.fps, "task": "follow the coloured disc"})
+    _write_json(out / SIDECAR, {"fps": spec.fps, "task": spec.aloha_task})
 
 
 def _jpeg_opencv_order(frame: np.ndarray, quality: int) -> bytes:

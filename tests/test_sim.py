@@ -1,0 +1,155 @@
+"""Closed loop in the ALOHA simulator: scripted demos, their dataset, and demos -> extract -> train -> export -> eval.
+
+Skipped only where the ``sim`` extra (gym-aloha, MuJoCo, dm_control) is not installed; CI installs it.
+Rendering is headless (EGL, see ``docs/sim.md``); small cameras keep the whole file to about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gym_aloha")
+pytest.importorskip("dm_control")
+
+import av  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from dinocache.cli import main  # noqa: E402
+from dinocache.errors import DinocacheError  # noqa: E402
+from dinocache.pipeline.readers import open_dataset  # noqa: E402
+from dinocache.sim.demos import DEMOS_RECORD, generate_demos, recorded_demo_seeds  # noqa: E402
+from dinocache.sim.env import EPISODE_STEPS, JOINT_NAMES, cube_pose, demo_seeds, eval_seeds  # noqa: E402
+from dinocache.sim.evaluate import RESULTS_FILE, evaluate, run_episodes, wilson_interval  # noqa: E402
+from dinocache.sim.expert import ScriptedExpert, plan_joint_actions  # noqa: E402
+
+CAMERA = (84, 112)  # HxW: small, and 112 is a multiple of the ViT patch (14) after the extractor resizes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny heads on a shared 2-core machine run faster on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "demos"
+    summary = generate_demos(out, episodes=2, seed=0, image_size=CAMERA, progress=False)
+    assert summary.kept == 2, summary.format()
+    return out
+
+
+class ExpertReplay:
+    """A policy that replays the scripted expert's plan for known seeds: what success looks like to eval."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.plans = [plan_joint_actions(seed) for seed in seeds]
+        self.metadata = {"cameras": ["observation.images.top"], "image_size": {"observation.images.top": list(CAMERA)},
+                         "state_dim": 14, "action_dim": 14, "fps": 50}
+        self.episode, self.t = -1, 0
+
+    def reset(self) -> None:
+        self.episode, self.t = self.episode + 1, 0
+
+    def select_action(self, observation: dict) -> np.ndarray:
+        assert observation["observation.images.top"].shape == (*CAMERA, 3)
+        assert observation["observation.state"].shape == (14,)
+        action = self.plans[self.episode][self.t]
+        self.t += 1
+        return action
+
+
+def test_seed_schemes_are_disjoint_and_place_the_cube_explicitly():
+    assert not set(demo_seeds(0, 10_000)) & set(eval_seeds(0, 10_000))
+    np.testing.assert_array_equal(cube_pose(3), cube_pose(3))
+    assert not np.allclose(cube_pose(3), cube_pose(4))
+    assert wilson_interval(0, 50)[0] == 0 and 0.05 < wilson_interval(0, 50)[1] < 0.08
+    low, high = wilson_interval(25, 50)
+    assert low < 0.5 < high and abs((low + high) / 2 - 0.5) < 1e-9
+
+
+def test_scripted_expert_transfers_the_cube():
+    expert = ScriptedExpert({"top": CAMERA})
+    for seed in (7, 8):
+        rollout = expert.demonstrate(seed)
+        assert rollout.success, (seed, rollout.max_reward)
+        assert rollout.frames["top"].shape == (EPISODE_STEPS, *CAMERA, 3)
+        assert rollout.qpos.shape == rollout.action.shape == (EPISODE_STEPS, 14)
+
+
+def test_demo_dataset_reads_back(demos: Path, tmp_path: Path):
+    source = open_dataset(demos)
+    assert source.format == "lerobot-v2.1" and source.fps == 50
+    assert [e.length for e in source.episodes] == [EPISODE_STEPS, EPISODE_STEPS]
+    assert source.lowdim["observation.state"].names == list(JOINT_NAMES)
+    assert source.lowdim["action"].shape == (14,)
+    frames = source.read_frames(1, "observation.images.top")
+    assert frames.shape == (EPISODE_STEPS, *CAMERA, 3) and frames.std() > 10  # a rendered scene, not a blank
+    assert recorded_demo_seeds(demos) == [0, 1]
+    assert json.loads((demos / DEMOS_RECORD).read_text())["kept"] == 2
+
+    hdf5 = generate_demos(tmp_path / "hdf5", episodes=1, seed=0, image_size=CAMERA, format="aloha-hdf5",
+                          progress=False)
+    aloha = open_dataset(hdf5.out)
+    assert aloha.format == "aloha-hdf5" and aloha.fps == 50
+    np.testing.assert_allclose(aloha.read_lowdim(0)["action"], source.read_lowdim(0)["action"], atol=1e-6)
+
+
+def test_eval_counts_a_success_and_writes_video(tmp_path: Path):
+    seeds = eval_seeds(0, 1)
+    results = run_episodes(ExpertReplay(seeds), seeds, out=tmp_path, videos=1, progress=False)
+    assert results[0].success and results[0].steps < EPISODE_STEPS  # stops at the first full reward
+    _check_video(Path(results[0].video), results[0].steps)
+
+
+@pytest.mark.slow
+def test_demos_extract_train_export_eval(demos: Path, tmp_path: Path):
+    from dinocache.pipeline.extract import ExtractConfig, extract
+    from dinocache.policy.export import export_policy
+    from dinocache.policy.train import TrainConfig, train
+
+    store = tmp_path / "features.zarr"
+    extract(ExtractConfig(dataset=demos, out=store, backbone="dinov2_vits14_reg", weights="random",
+                          image_size="42x56", batch_size=64, device="cpu", progress=False))
+    run = tmp_path / "run"
+    head = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=1, n_decoder_layers=1,
+                n_vae_encoder_layers=1, latent_dim=8, chunk_size=10, n_action_steps=10)
+    train(TrainConfig(store=store, out=run, steps=4, batch_size=4, act=head, val_episodes=None, eval_every=4,
+                      save_every=4, log_every=2, device="cpu", progress=False))
+    policy = export_policy(run, tmp_path / "policy.pt2", format="pt2", device="cpu", dataset=demos,
+                           progress=False).path
+
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["sim", "eval", str(policy), "--episodes", "1", "--max-steps", "20",
+                                       "--out", str(out), "--videos", "1", "--demos", str(demos), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "success" in result.output and "95% CI" in result.output
+    record = json.loads((out / RESULTS_FILE).read_text())
+    assert record["episodes"] == 1 and record["successes"] in (0, 1)
+    assert record["per_episode"][0]["success"] in (False, True) and record["per_episode"][0]["steps"] <= 20
+    assert set(record["stages"]) == {"touched", "lifted", "transfer_attempted", "transferred"}
+    assert record["eval_seeds"] == eval_seeds(0, 1) and record["demo_seeds_checked_disjoint"] is True
+    assert 0 <= record["ci95"][0] <= record["success_rate"] <= record["ci95"][1] <= 1
+    _check_video(Path(record["videos"][0]), record["per_episode"][0]["steps"])
+
+
+def test_missing_or_overlapping_inputs_are_one_line_errors(demos: Path, tmp_path: Path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["sim", "demos", "--episodes", "1", "--out", str(demos)])
+    assert result.exit_code == 2 and "not empty" in result.output and "Traceback" not in result.output
+    with pytest.raises(DinocacheError, match="were used for demonstrations"):
+        evaluate(tmp_path / "missing.pt2", episodes=1, seed=-1_000_000, demos=demos, progress=False)
+
+
+def _check_video(path: Path, frames: int) -> None:
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == frames and decoded[0].shape == (*CAMERA, 3)
