@@ -17,7 +17,10 @@ from dinocache.errors import DinocacheError
 
 
 #: Commands whose modules import torch: loaded only when called, so `dinocache --help` stays instant.
-_LAZY_COMMANDS = {"train": "dinocache.policy.train:train_command"}
+_LAZY_COMMANDS = {"train": "dinocache.policy.train:train_command", "demo": "dinocache.demo:demo_command",
+                  "export": "dinocache.policy.export:export_command",
+                  "sim": "dinocache.sim.cli:sim_group",
+                  "bench-policy": "dinocache.policy.bench:bench_command"}
 
 
 class _FriendlyGroup(click.Group):
@@ -198,28 +201,6 @@ def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str
     path = write_synthetic_dataset(out, format=fmt, num_episodes=episodes, episode_length=length,
                                    image_size=(height, width), cameras=tuple(cameras.split(",")), seed=seed)
     click.echo(f"wrote {fmt} dataset: {episodes} episodes x {length} frames, cameras {cameras} -> {path}")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def export() -> None:
-    """Fuse backbone and trained head into one live policy (stage three).
-
-    \b
-    Example:
-      dinocache export runs/act1 --out policy.pt2
-    """
-    _not_built("dinocache export", "stage three: the fused policy and its exporters")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def demo() -> None:
-    """Run extract -> train -> export on the bundled sample dataset.
-
-    \b
-    Example:
-      dinocache demo
-    """
-    _not_built("dinocache demo", "it needs all three stages")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ LEROBOT_DEFAULTS = {
     "kl_weight": 10.0,
     "temporal_ensemble_coeff": None,
     "optimizer_lr": 1e-5,
+    "optimizer_lr_backbone": 1e-5,
     "optimizer_weight_decay": 1e-4,
     "grad_clip_norm": 10.0,
     "use_cls_token": False,

@@ -10,12 +10,14 @@ bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,6 +135,16 @@ def parse_episodes(text: str | None, available: Sequence[int]) -> list[int]:
     return chosen
 
 
+def backbone_provenance(backbone: FrozenBackbone) -> dict[str, Any]:
+    """What a store records about its backbone: ``backbone``, ``weights`` (hashes, seed; no path),
+    ``weights_path`` (informative) and ``preprocess``; stage three rebuilds the backbone from it."""
+    prov = backbone.provenance()
+    weights = dict(prov.pop("weights"))
+    weights_path = weights.pop("path", None)
+    preprocess = prov.pop("preprocess")
+    return {"backbone": prov, "weights": weights, "weights_path": weights_path, "preprocess": preprocess}
+
+
 def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras: Sequence[str],
                 backbone: FrozenBackbone, cfg: ExtractConfig) -> StoreLayout:
     """Read every low-dimensional array (cheap) and decide the store's shapes and provenance."""
@@ -149,10 +161,6 @@ def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras:
         table.append((ep.index, start, ep.length, ep.task))
         start += ep.length
     h, w = backbone.grid_size
-    prov = backbone.provenance()
-    weights = dict(prov.pop("weights"))
-    weights_path = weights.pop("path", None)
-    preprocess = prov.pop("preprocess")
     return StoreLayout(
         num_frames=start,
         grids={camera: (h, w, backbone.embed_dim) for camera in cameras},
@@ -162,10 +170,7 @@ def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras:
         timestamp=np.concatenate(timestamp),
         episodes=table,
         provenance={
-            "backbone": prov,
-            "weights": weights,
-            "weights_path": weights_path,
-            "preprocess": preprocess,
+            **backbone_provenance(backbone),
             "precision": cfg.resolved_precision(),
             "source": {"format": source.format, "fingerprint": source.fingerprint()},
             "source_path": str(Path(source.path).resolve()),
@@ -178,7 +183,38 @@ def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras:
         chunk_frames=cfg.chunk_frames,
         unit_frames=cfg.unit_frames,
         compression=Compression.parse(cfg.compression),
+        verification_frames=functools.partial(frames_at_rows, source, [(i, s, n) for i, s, n, _ in table], cameras),
     )
+
+
+def frames_at_rows(source: DatasetSource, episodes: Sequence[tuple[int, int, int]], cameras: Sequence[str],
+                   rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The raw uint8 frames of store ``rows`` (``(index, start, length)`` per stored episode), per camera.
+
+    Each episode holding a wanted row is decoded once per camera, from its start up to its last
+    wanted frame: the frames are the very ones extraction feeds the backbone.
+    """
+    wanted: dict[int, list[tuple[int, int]]] = {}  # episode -> [(position in rows, frame in episode)]
+    for position, row in enumerate(int(r) for r in rows):
+        index, start, _ = next(ep for ep in episodes if ep[1] <= row < ep[1] + ep[2])
+        wanted.setdefault(index, []).append((position, row - start))
+    out = {}
+    for camera in cameras:
+        info = source.cameras[camera]
+        frames = np.empty((len(rows), info.height, info.width, 3), dtype=np.uint8)
+        for index, targets in wanted.items():
+            last, seen = max(frame for _, frame in targets), 0
+            batches = source.iter_frames(index, camera, batch_size=16)
+            for batch in batches:
+                for position, frame in targets:
+                    if seen <= frame < seen + len(batch):
+                        frames[position] = batch[frame - seen]
+                seen += len(batch)
+                if seen > last:  # stop decoding (a generator's close() releases the video now)
+                    getattr(batches, "close", lambda: None)()
+                    break
+        out[camera] = frames
+    return out
 
 
 def shard_units(num_units: int, shard: tuple[int, int] | None) -> range:

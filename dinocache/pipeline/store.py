@@ -12,6 +12,7 @@ The layout is specified in ``docs/cache-format.md`` (format version :data:`FORMA
       episodes/{index,start,length,task_index}  (E,) int64; the task strings in its attributes
       stats/<key>/{mean,std,min,max}  (D,)          exact, over every stored frame, float64 accumulated
       units/done                      (U,)          uint8, one chunk per work unit: 1 once written
+      verification/rows, verification/<camera>      a few raw uint8 frames, for checking exported policies
 
 Frames are written in *work units*: a unit is the frame range of exactly one shard of every feature
 array, so no two writers ever touch the same shard file (Zarr applies partial shard writes by
@@ -26,7 +27,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ from dinocache.errors import StoreError
 FORMAT_NAME = "dinocache-features"
 FORMAT_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")
+
+#: Raw frames a store keeps (per camera) so that stage three can check an exported policy against
+#: the cached features when the source dataset is no longer around.
+VERIFICATION_FRAMES = 8
 
 #: Provenance keys that define what a store *is*: a second extraction into the same store must agree
 #: on all of them (or pass ``--overwrite``), and later stages check the ones they depend on.
@@ -109,10 +114,19 @@ class StoreLayout:
     chunk_frames: int = 16
     unit_frames: int = 256
     compression: Compression = Compression()
+    #: Reads the raw uint8 frames ``(K, H, W, 3)`` of the given store rows, per camera; called only by
+    #: the process that creates the store (see :func:`verification_rows`).
+    verification_frames: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None
 
     @property
     def num_units(self) -> int:
         return -(-self.num_frames // self.unit_frames)
+
+
+def verification_rows(num_frames: int, count: int = VERIFICATION_FRAMES) -> np.ndarray:
+    """The store rows whose raw frames are kept: ``count`` spread evenly over the whole store, so over
+    episodes and over phases within them (first and last frame included)."""
+    return np.unique(np.linspace(0, num_frames - 1, min(count, num_frames)).round().astype(np.int64))
 
 
 def unit_range(unit: int, unit_frames: int, num_frames: int) -> tuple[int, int]:
@@ -163,6 +177,13 @@ def _build(root: zarr.Group, layout: StoreLayout) -> None:
     for col, name in enumerate(("index", "start", "length", "task_index")):
         episodes.create_array(name, data=np.ascontiguousarray(columns[:, col]), **checksum)
     root.create_array("units/done", shape=(layout.num_units,), dtype="uint8", chunks=(1,), fill_value=0)
+    if layout.verification_frames is not None:
+        rows = verification_rows(n)
+        frames = layout.verification_frames(rows)
+        root.create_array("verification/rows", data=rows, **checksum)
+        for camera in layout.grids:
+            root.create_array(f"verification/{camera}", data=np.ascontiguousarray(frames[camera], dtype=np.uint8),
+                              compressors=[ZstdCodec(level=3), Crc32cCodec()])
 
     root.attrs.put({
         "dinocache": {
@@ -268,6 +289,13 @@ class FeatureStore:
         tasks = self.root["episodes"].attrs["tasks"]
         cols = [self.read(f"episodes/{name}") for name in ("index", "start", "length", "task_index")]
         return [(int(i), int(s), int(n), tasks[int(t)]) for i, s, n, t in zip(*cols)]
+
+    def verification_frames(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """The store rows and per-camera raw uint8 frames kept for checking exported policies, or None
+        for a store written before dinocache kept them."""
+        if "verification" not in self.root:
+            return None
+        return self.read("verification/rows"), {camera: self.read(f"verification/{camera}") for camera in self.cameras}
 
     def stats(self, key: str) -> dict[str, np.ndarray]:
         return {name: self.read(f"stats/{key}/{name}") for name in ("mean", "std", "min", "max")}

@@ -47,8 +47,8 @@ from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.policy.normalize import Normalizer
 
 __all__ = [
-    "PolicySpec", "save_checkpoint", "load_policy", "load_training_state", "checkpoint_dir", "capture_rng",
-    "restore_rng", "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "LAST", "BEST",
+    "PolicySpec", "save_checkpoint", "load_head", "load_training_state", "resolve_checkpoint", "checkpoint_step",
+    "checkpoint_dir", "capture_rng", "restore_rng", "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "LAST", "BEST",
 ]
 
 RUN_FILE = "run.json"
@@ -234,16 +234,33 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
 
 def _resolve(path: str | os.PathLike) -> Path:
     """A checkpoint folder from itself or from a run folder (meaning its ``last`` checkpoint)."""
+    return resolve_checkpoint(path, LAST)
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: str | int = LAST) -> Path:
+    """The checkpoint folder ``which`` (``last``, ``best`` or a step) of run folder ``path``.
+
+    ``path`` may also be a checkpoint folder itself, in which case ``which`` is not used.
+    A missing checkpoint is refused naming the ones the run has.
+    """
     path = Path(path)
     if (path / CHECKPOINTS).is_dir():
-        path = checkpoint_dir(path, LAST)
+        name = str(which)
+        target = checkpoint_dir(path, int(name) if name.isdigit() else name)
+        if not target.exists():
+            have = ", ".join(sorted(p.name for p in (path / CHECKPOINTS).iterdir() if not p.name.startswith(".")))
+            raise DinocacheError(f"{path}: no checkpoint {name!r} (the run has: {have or 'none'})")
+        path = target
     if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        raise DinocacheError(f"{path}: not a dinocache checkpoint (no {MODEL_FILE} and {CONFIG_FILE})")
+        raise DinocacheError(f"{path}: not a dinocache run or checkpoint (no {MODEL_FILE} and {CONFIG_FILE})")
     return path
 
 
-def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ACTHead, Normalizer, PolicySpec]:
-    """The trained head (in eval mode), its normaliser and its spec, from a checkpoint or run folder."""
+def load_head(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ACTHead, Normalizer, PolicySpec]:
+    """The trained head (in eval mode), its normaliser and its spec, from a checkpoint or run folder.
+
+    Only the head: the live policy, backbone included, is :func:`dinocache.load_policy`.
+    """
     path = _resolve(path)
     spec = PolicySpec.from_dict(json.loads((path / CONFIG_FILE).read_text()))
     head, normalizer = spec.build()
@@ -251,6 +268,11 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
     normalizer.load_state_dict({k[len("normalizer."):]: v for k, v in weights.items() if k.startswith("normalizer.")})
     return head.to(device).eval(), normalizer.to(device), spec
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The training step a checkpoint (or a run's ``last``) was written at."""
+    return int(json.loads((_resolve(path) / CONFIG_FILE).read_text())["step"])
 
 
 def load_training_state(path: str | os.PathLike, head: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

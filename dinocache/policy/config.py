@@ -58,8 +58,9 @@ class ACTConfig:
     """Hyperparameters of the ACT head, with LeRobot's names and defaults.
 
     LeRobot's defaults are tuned for the bimanual ALOHA tasks (ResNet18 features, 50 Hz control).
-    Vision-backbone fields are absent: the backbone is frozen and was run when the store was
-    built, so the head only sees its cached patch grids.
+    Vision-backbone fields are absent (the backbone is frozen and was run when the store was built,
+    so the head only sees its cached patch grids), except ``optimizer_lr_backbone``, which only the
+    online baseline of :mod:`dinocache.policy.online` uses when it fine-tunes ACT's ResNet18.
 
     Args:
         n_obs_steps: Observation steps given to the policy. Only 1 is supported (as in LeRobot).
@@ -84,6 +85,8 @@ class ACTConfig:
         temporal_ensemble_coeff: ``None`` disables temporal ensembling; the ACT paper uses 0.01.
             Requires ``n_action_steps == 1`` since the model must be queried at every step.
         optimizer_lr: AdamW learning rate.
+        optimizer_lr_backbone: AdamW learning rate of a vision backbone trained online (ACT's
+            ResNet18 in dinocache.policy.online); unused when training on cached features.
         optimizer_weight_decay: AdamW weight decay.
         grad_clip_norm: Gradient-norm clip applied by the training loop (LeRobot's train default).
         use_cls_token: Also feed each camera's cached CLS vector as one extra encoder token.
@@ -117,6 +120,7 @@ class ACTConfig:
     dropout: float = 0.1
     kl_weight: float = 10.0
     optimizer_lr: float = 1e-5
+    optimizer_lr_backbone: float = 1e-5
     optimizer_weight_decay: float = 1e-4
     grad_clip_norm: float = 10.0
 

@@ -1,0 +1,165 @@
+"""Does fusing cost anything? The exported policy's control step vs. its backbone and head alone.
+
+For each backbone, a run is made synthetically (no dataset, no training: a default-size ACT head,
+``dim_model=512``, 4 encoder layers, chunk 100, initialised as training would, behind random-weight
+backbone provenance; one 480x640 camera, a 14-d state and action), exported with
+``dinocache export`` (``--skip-verify``: there is no store to check against) and timed at batch 1:
+
+  * fused: one *query* step of the exported ``.pt2`` through ``PolicyRuntime.select_action`` (checks,
+    uint8 -> preprocessing -> backbone -> head -> un-normalised chunk);
+  * backbone alone: the eager ``FrozenBackbone`` (its preprocessing included) on the same frame;
+  * head alone: the eager ``ACTHead`` + normaliser on features of the backbone's grid shape.
+
+Overhead = fused query p50 / (backbone p50 + head p50) - 1 (target <= 10 %). The three are timed in
+turn, one call of each per step, so that load from other processes hits them alike. Then
+``dinocache bench-policy`` runs on the exported file in a fresh process: its query / queued step
+figures and its peak memory (RSS high-water) are what a robot process that loads the policy sees.
+
+    python benchmarks/bench_policy.py                                   # both backbones, CPU
+    python benchmarks/bench_policy.py --backbones dinov2_vits14_reg --steps 10
+    python benchmarks/bench_policy.py --device cuda --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinocache.encoders.backbone import create_backbone
+from dinocache.pipeline.extract import backbone_provenance
+from dinocache.policy.act import ACTHead
+from dinocache.policy.bench import latencies_ms, random_observation
+from dinocache.policy.checkpoint import PolicySpec, capture_rng, load_head, save_checkpoint
+from dinocache.policy.config import ACTION, OBS_STATE, ACTConfig, ACTInputs
+from dinocache.policy.export import export_policy
+from dinocache.policy.normalize import Normalizer
+from dinocache.policy.runtime import load_policy
+
+CAMERA = "observation.images.top"
+HEIGHT, WIDTH, DIM = 480, 640, 14
+
+
+def make_run(folder: Path, backbone_name: str, image_size: int) -> Path:
+    """A run folder with one checkpoint: a default ACT head (fresh init) on random-weight backbone provenance."""
+    backbone = create_backbone(backbone_name, weights="random", image_size=image_size)
+    h, w = backbone.grid_size
+    provenance = {**backbone_provenance(backbone), "precision": "fp32", "dtype": "float16", "cameras": [CAMERA],
+                  "camera_sizes": {CAMERA: [HEIGHT, WIDTH]}, "fps": 50.0,
+                  "source": {"format": "synthetic", "fingerprint": "benchmark"},
+                  "lowdim_names": {OBS_STATE: [f"joint_{i}" for i in range(DIM)],
+                                   ACTION: [f"joint_{i}" for i in range(DIM)]}}
+    config = ACTConfig()
+    inputs = ACTInputs(cameras=[("top", backbone.embed_dim, h, w)], state_dim=DIM, action_dim=DIM)
+    rng = np.random.default_rng(0)
+    stats = {key: {"mean": rng.normal(size=DIM).tolist(), "std": rng.uniform(0.5, 2, DIM).tolist()}
+             for key in (OBS_STATE, ACTION)}
+    torch.manual_seed(0)
+    head = ACTHead(config, inputs)
+    spec = PolicySpec(config, inputs, stats, "(none: benchmark)", provenance, {"top": CAMERA})
+    save_checkpoint(folder, 0, head, Normalizer(stats), spec, torch.optim.AdamW(head.parameters()),
+                    [capture_rng()], sampler={}, extra={})
+    return folder
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+
+
+def measure(backbone_name: str, image_size: int, device: str, steps: int, work: Path) -> dict:
+    """Export a synthetic run to ``work/<backbone>.pt2`` and time fused / backbone / head, interleaved."""
+    run = make_run(work / backbone_name, backbone_name, image_size)
+    t0 = time.perf_counter()
+    exported = export_policy(run, work / f"{backbone_name}.pt2", device=device, verify=False, progress=False)
+    export_s = time.perf_counter() - t0
+    runtime = load_policy(exported.path, device=device, n_action_steps=100, temporal_ensemble_coeff=None)
+    observation = random_observation(runtime.metadata)
+
+    target = torch.device(device)
+    backbone = create_backbone(backbone_name, weights="random", image_size=image_size, device=device)
+    frame = torch.from_numpy(observation[CAMERA])[None].to(target)
+    head, normalizer, _ = load_head(run, device=device)
+    h, w = backbone.grid_size
+    features = {ACTInputs.feature_key("top"): torch.randn(1, backbone.embed_dim, h, w, device=target),
+                OBS_STATE: torch.randn(1, DIM, device=target)}
+
+    def head_step() -> None:
+        with torch.no_grad():
+            normalizer.unnormalize(ACTION, head(features)[0]).cpu()
+
+    kinds = {"fused": (lambda: runtime.select_action(observation), runtime.reset),
+             "backbone": (lambda: backbone(frame), None), "head": (head_step, None)}
+    for step, before in kinds.values():  # warm-up
+        latencies_ms(step, 1, 2, before=before, sync=target)
+    samples: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(steps):  # one of each in turn, so that background load hits all three alike
+        for name, (step, before) in kinds.items():
+            samples[name].extend(latencies_ms(step, 1, 0, before=before, sync=target))
+    result = {name: percentiles(np.asarray(values)) for name, values in samples.items()}
+    parts = result["backbone"]["p50"] + result["head"]["p50"]
+    result.update(backbone_name=backbone_name, overhead=result["fused"]["p50"] / parts - 1, export_s=export_s,
+                  file_mib=exported.path.stat().st_size / 2**20, threads=torch.get_num_threads(), steps=steps)
+    return result
+
+
+def bench_in_fresh_process(policy: Path, device: str, steps: int, threads: int | None) -> tuple[str, dict]:
+    """``dinocache bench-policy`` on the exported file in a process of its own (what a robot process holds)."""
+    command = [sys.executable, "-m", "dinocache.cli", "bench-policy", str(policy), "--device", device,
+               "--steps", str(steps), *(["--threads", str(threads)] if threads else [])]
+    text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    numbers = [float(x) for x in re.findall(r"p(?:50|99) +([\d.]+) ms", text)]
+    memory = float(re.search(r"peak memory (\d+) MiB", text).group(1))
+    return text, {"query": numbers[0:2], "queued": numbers[2:4], "peak_mib": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="dinov2_vits14_reg,dinov2_vitb14_reg")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=60, help="timed calls of each kind")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:  # one backbone, in a process of its own; prints one JSON line
+        print(json.dumps(measure(args.child, args.image_size, args.device, args.steps, args.work)))
+        return
+
+    print(f"# torch {torch.__version__}, {platform.machine()}, device {args.device}, {torch.get_num_threads()} "
+          f"thread(s), batch 1, one {HEIGHT}x{WIDTH} camera at {args.image_size} px, {args.steps} steps of each kind")
+    rows, outputs = [], []
+    with tempfile.TemporaryDirectory(prefix="dinocache-bench-policy-") as work:
+        for name in args.backbones.split(","):
+            child = [sys.executable, __file__, "--child", name, "--work", work, "--image-size", str(args.image_size),
+                     "--device", args.device, "--steps", str(args.steps),
+                     *(["--threads", str(args.threads)] if args.threads else [])]
+            r = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            text, fresh = bench_in_fresh_process(Path(work) / f"{name}.pt2", args.device, args.steps, args.threads)
+            outputs.append(f"$ dinocache bench-policy {name}.pt2 --steps {args.steps}\n{text}")
+            rows.append(f"| {name} | {r['fused']['p50']:.1f} / {r['fused']['p99']:.1f} | {r['backbone']['p50']:.1f} / "
+                        f"{r['backbone']['p99']:.1f} | {r['head']['p50']:.1f} / {r['head']['p99']:.1f} | "
+                        f"{100 * r['overhead']:+.1f} % | {fresh['query'][0]:.1f} / {fresh['query'][1]:.1f} | "
+                        f"{fresh['queued'][0]:.2f} / {fresh['queued'][1]:.2f} | {fresh['peak_mib']:.0f} MiB | "
+                        f"{r['file_mib']:.0f} MiB |")
+            print(f"  done {name} (export {r['export_s']:.0f} s)", file=sys.stderr, flush=True)
+    print("| backbone | fused query p50 / p99 (ms) | backbone alone p50 / p99 | head alone p50 / p99 | overhead (p50) "
+          "| bench-policy query p50 / p99 | bench-policy queued p50 / p99 | bench-policy peak RSS | .pt2 size |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print("\n" + "\n".join(outputs))
+
+
+if __name__ == "__main__":
+    main()

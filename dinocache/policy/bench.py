@@ -1,0 +1,155 @@
+"""``dinocache bench-policy``: how long one control step of a live policy takes, and what it holds.
+
+A control loop at 50 Hz has 20 ms per step. With action chunking there are two kinds of step: a
+*query* step runs preprocessing, backbone and head (every ``n_action_steps`` steps, or every step
+with temporal ensembling), a *queued* step only pops the next action. Both are timed here at batch
+size 1 through :meth:`PolicyRuntime.select_action`, i.e. including the observation checks and
+conversions a robot loop pays for, and reported as median and 99th percentile (the tail is what
+makes a control loop miss its deadline). Peak memory is the process's RSS high-water mark on CPU
+(everything the process holds, interpreter and libraries included) and ``max_memory_allocated``
+on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from dinocache.policy.metadata import read_policy_metadata
+from dinocache.policy.runtime import PolicyRuntime, load_policy
+
+__all__ = ["BenchResult", "bench_policy", "latencies_ms", "bench_command", "random_observation"]
+
+
+@dataclass
+class BenchResult:
+    """Per-step latency (milliseconds, batch 1) and peak memory of a policy."""
+
+    policy: str
+    device: str
+    threads: int
+    steps: int
+    query_p50_ms: float
+    query_p99_ms: float
+    queued_p50_ms: float | None  # None: a chunk of one action, every step is a query
+    queued_p99_ms: float | None
+    peak_memory_bytes: int
+    memory_kind: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        queued = ("n/a (every step queries the model)" if self.queued_p50_ms is None
+                  else f"p50 {self.queued_p50_ms:8.3f} ms   p99 {self.queued_p99_ms:8.3f} ms")
+        return "\n".join([
+            f"policy      {self.policy} on {self.device} ({self.threads} thread(s)), {self.steps} steps of each kind",
+            f"query step  p50 {self.query_p50_ms:8.3f} ms   p99 {self.query_p99_ms:8.3f} ms   "
+            "(checks, preprocessing, backbone, head)",
+            f"queued step {queued}",
+            f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB ({self.memory_kind})",
+        ])
+
+
+def latencies_ms(step: Callable[[], Any], steps: int, warmup: int = 3,
+                 before: Callable[[], Any] | None = None, sync: torch.device | None = None) -> np.ndarray:
+    """Wall time of ``steps`` calls of ``step()`` in milliseconds, after ``warmup`` untimed calls.
+
+    ``before()`` runs untimed ahead of every call; ``sync`` waits for that CUDA device after each call
+    (for callables that return device tensors without synchronising).
+    """
+    times = []
+    for i in range(warmup + steps):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        step()
+        if sync is not None and sync.type == "cuda":
+            torch.cuda.synchronize(sync)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return np.asarray(times)
+
+
+def random_observation(metadata: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """An observation of the shapes ``metadata`` asks for: random frames, a state drawn around zero."""
+    rng = np.random.default_rng(seed)
+    observation = {camera: rng.integers(0, 256, (*metadata["image_size"][camera], 3), dtype=np.uint8)
+                   for camera in metadata["cameras"]}
+    observation["observation.state"] = rng.normal(size=metadata["state_dim"]).astype(np.float32)
+    if metadata.get("env_state_dim"):
+        observation["observation.environment_state"] = rng.normal(size=metadata["env_state_dim"]).astype(np.float32)
+    return observation
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    scale = 1 if os.uname().sysname == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process RSS high-water"
+
+
+def bench_policy(policy: str | os.PathLike | PolicyRuntime, device: str = "cpu", steps: int = 50,
+                 warmup: int = 3) -> BenchResult:
+    """Time query and queued steps of ``policy`` (a path for :func:`load_policy`, or a loaded runtime).
+
+    A path is loaded with a plain action queue of ``chunk_size`` actions, so that both kinds of step
+    occur; a given runtime is used with its own action selection.
+    """
+    if isinstance(policy, PolicyRuntime):
+        runtime, name = policy, "(runtime)"
+    else:
+        chunk = read_policy_metadata(policy)["chunk_size"]
+        runtime = load_policy(policy, device=device, temporal_ensemble_coeff=None, n_action_steps=chunk)
+        name = str(policy)
+    target = runtime.device
+    observation = random_observation(runtime.metadata)
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+    query = latencies_ms(lambda: runtime.select_action(observation), steps, warmup, before=runtime.reset)
+    queued = None
+    if runtime.metadata["n_action_steps"] > 1:
+        def refill() -> None:  # make sure the next call pops from the queue
+            if not runtime.queried:
+                runtime.reset()
+                runtime.select_action(observation)
+        runtime.reset()
+        runtime.select_action(observation)
+        queued = latencies_ms(lambda: runtime.select_action(observation), steps, warmup, before=refill)
+    peak, kind = _peak_memory(target)
+    return BenchResult(policy=name, device=str(target), threads=torch.get_num_threads(), steps=steps,
+                       query_p50_ms=float(np.percentile(query, 50)), query_p99_ms=float(np.percentile(query, 99)),
+                       queued_p50_ms=None if queued is None else float(np.percentile(queued, 50)),
+                       queued_p99_ms=None if queued is None else float(np.percentile(queued, 99)),
+                       peak_memory_bytes=int(peak), memory_kind=kind)
+
+
+@click.command("bench-policy", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("policy", type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--steps", default=50, show_default=True, help="Timed steps of each kind.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed steps first.")
+@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU [default: torch's].")
+def bench_command(policy: Path, device: str, steps: int, warmup: int, threads: int | None) -> None:
+    """Per-step latency (p50, p99) at batch 1 of a query step and a queued step, and peak memory.
+
+    POLICY is a .pt2 / .onnx from `dinocache export`, or a run folder (eager).
+
+    \b
+    Examples:
+      dinocache bench-policy policy.pt2
+      dinocache bench-policy policy.pt2 --device cuda --steps 200
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    click.echo(bench_policy(policy, device=device, steps=steps, warmup=warmup).format())

@@ -1,0 +1,342 @@
+"""Stage three: ``dinocache export`` writes the fused policy as one self-describing file.
+
+Order of work, each step able to stop the export before anything is written:
+
+1. rebuild the fused policy from the run's checkpoint and the store's recorded backbone provenance
+   (weights checked against the recorded hashes, :mod:`dinocache.policy.provenance`);
+2. check it against the cache (:mod:`dinocache.policy.parity`): the fused actions on raw frames must
+   match the head's actions on the cached features within a tolerance set by the cache dtype;
+3. trace it: ``torch.export`` (a ``.pt2`` program, batch size dynamic) or torch's ONNX exporter;
+4. run the traced program (the ``.pt2`` module, or the ``.onnx`` file in onnxruntime) on the check's
+   frames and compare with the eager policy;
+5. write the file under a temporary name with its metadata (:mod:`dinocache.policy.metadata`) and
+   rename it into place. A failed step leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dinocache.errors import DinocacheError
+from dinocache.policy.checkpoint import LAST
+from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
+from dinocache.policy.fused import DTYPES, FusedPolicy, build_fused_policy, parse_dtype
+from dinocache.policy.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
+from dinocache.policy.parity import ParityError, ParityReport, check_parity, open_run_store, verification_frames
+
+__all__ = ["ExportResult", "export_policy", "export_command", "FORMATS", "TRACE_TOLERANCE", "onnx_input_names"]
+
+FORMATS = ("pt2", "onnx")
+#: Largest allowed difference (normalised action units) between the traced program and the eager
+#: policy at float32: tracing changes no arithmetic, so only kernel-level noise is allowed.
+TRACE_TOLERANCE = 1e-4
+#: Example batch size for tracing; the batch axis is exported dynamic (1 and up work).
+_EXAMPLE_BATCH = 2
+
+
+@dataclass
+class ExportResult:
+    """What ``export_policy`` wrote and measured (differences in normalised action units)."""
+
+    path: Path
+    format: str
+    max_abs_diff: float | None  # fused vs head on the cache (None: exported unverified)
+    tolerance: float | None
+    trace_max_abs_diff: float  # the written program vs the eager fused policy
+    metadata: dict[str, Any] = field(repr=False)
+    parity: ParityReport | None = None
+    seconds: float = 0.0
+
+    def format_text(self) -> str:
+        size = self.path.stat().st_size / 2**20 if self.path.exists() else 0.0
+        lines = [f"policy      {self.path} ({self.format}, {size:.1f} MiB, {self.metadata['dtype']})",
+                 f"inputs      {', '.join(f'{c} {h}x{w}' for c, (h, w) in self.metadata['image_size'].items())}; "
+                 f"state {self.metadata['state_dim']}" +
+                 (f"; env state {self.metadata['env_state_dim']}" if self.metadata['env_state_dim'] else ""),
+                 f"outputs     {self.metadata['chunk_size']} x {self.metadata['action_dim']} actions at "
+                 f"{self.metadata['fps']} fps"]
+        lines.append(self.parity.format() if self.parity else "parity      NOT VERIFIED (--skip-verify)")
+        lines.append(f"traced      max |{self.format} - eager| = {self.trace_max_abs_diff:.3g} action std; "
+                     f"{self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def onnx_input_names(metadata: dict[str, Any]) -> list[str]:
+    """The ONNX graph's inputs: one per camera (its dataset key), then the state (and env state)."""
+    return [*metadata["cameras"], OBS_STATE] + ([OBS_ENV_STATE] if metadata["env_state_dim"] else [])
+
+
+class _FlatInputs(nn.Module):
+    """The fused policy with one tensor per input, as ONNX wants them (images first, then state)."""
+
+    def __init__(self, policy: FusedPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.num_cameras = len(policy.cameras)
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.policy(list(inputs[:self.num_cameras]), *inputs[self.num_cameras:])
+
+
+def _example_inputs(policy: FusedPolicy, frames: list[np.ndarray] | None, state: Tensor | None,
+                    env: Tensor | None, image_size: dict[str, list[int]], device: torch.device) -> tuple:
+    """``(images, state, env)`` of :data:`_EXAMPLE_BATCH` rows: the check's frames, or zeros unverified."""
+    n = _EXAMPLE_BATCH
+    if frames is None:
+        frames = [np.zeros((n, *image_size[camera], 3), np.uint8) for camera in policy.cameras]
+        state = torch.zeros(n, policy.inputs.state_dim)
+        env = torch.zeros(n, policy.inputs.env_state_dim) if policy.has_env_state else None
+    images = [torch.from_numpy(np.ascontiguousarray(f[:n])).to(device) for f in frames]
+    return images, state[:n].to(device), None if env is None else env[:n].to(device)
+
+
+def _all_inputs(images: list[Tensor], state: Tensor, env: Tensor | None) -> tuple:
+    return (images, state) if env is None else (images, state, env)
+
+
+def _batch_dim() -> Any:
+    return torch.export.Dim("batch", min=1, max=4096)
+
+
+def _dynamic_batch(images: list[Tensor], env: Tensor | None) -> tuple:
+    batch = _batch_dim()
+    return ([{0: batch}] * len(images), {0: batch}) + (({0: batch},) if env is not None else ())
+
+
+@contextlib.contextmanager
+def _quiet_onnx() -> Iterator[None]:
+    """The ONNX exporter and its optimiser log and warn at length about things that are fine."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _normalised_diff(policy: FusedPolicy, a: Tensor, b: Tensor) -> float:
+    return (policy.normalizer.normalize(ACTION, a.float().cpu()) -
+            policy.normalizer.normalize(ACTION, b.float().cpu())).abs().max().item()
+
+
+def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict[str, Any], tmp: Path) -> float:
+    """Trace with ``torch.export``, check the program against ``eager``, save it with its metadata."""
+    images, state, env = inputs
+    with torch.no_grad():
+        program = torch.export.export(policy, _all_inputs(images, state, env),
+                                      dynamic_shapes=_dynamic_batch(images, env))
+        traced = program.module()(*_all_inputs(images, state, env))
+    diff = _normalised_diff(policy, traced, eager)
+    metadata["export"]["trace_max_abs_diff"] = diff
+    _check_trace(diff, metadata, "the torch.export program")
+    torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
+    return diff
+
+
+def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict[str, Any], tmp: Path) -> float:
+    """Export through ``torch.onnx.export(dynamo=True)``, run the file in onnxruntime, compare with ``eager``."""
+    images, state, env = inputs
+    names = onnx_input_names(metadata)
+    flat = (*images, state) + ((env,) if env is not None else ())
+    batch = _batch_dim()
+    shapes = (tuple({0: batch} for _ in flat),)  # forward(*inputs) has one argument: the tuple
+    try:
+        with _quiet_onnx(), torch.no_grad():
+            program = torch.onnx.export(_FlatInputs(policy), flat, dynamo=True, input_names=names,
+                                        output_names=[ACTION], dynamic_shapes=shapes, optimize=True, verbose=False)
+    except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user needs the gist
+        cause = err.__cause__ or err
+        raise DinocacheError(f"the ONNX exporter failed ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); "
+                             "--format pt2 does not depend on it") from err
+    metadata["export"]["onnx"] = {"opset": int(program.model.opset_imports.get("", 0)), "input_names": names,
+                                  "output_names": [ACTION]}
+    program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(metadata)
+    with _quiet_onnx():
+        program.save(tmp)
+    diff = _normalised_diff(policy, torch.from_numpy(_run_onnxruntime(tmp, names, flat)), eager)
+    metadata["export"]["trace_max_abs_diff"] = diff
+    _check_trace(diff, metadata, "the ONNX file in onnxruntime")
+    program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(metadata)  # now with the measured difference
+    with _quiet_onnx():
+        program.save(tmp)
+    return diff
+
+
+def _run_onnxruntime(path: Path, names: list[str], inputs: tuple) -> np.ndarray:
+    import onnxruntime
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in onnxruntime.get_available_providers()]
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=providers)
+        return session.run(None, {name: value.cpu().numpy() for name, value in zip(names, inputs)})[0]
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types
+        raise DinocacheError(f"onnxruntime cannot run the exported graph ({str(err).splitlines()[0][:300]}); "
+                             "nothing was written; --format pt2 does not depend on it") from err
+
+
+def _check_trace(diff: float, metadata: dict[str, Any], what: str) -> None:
+    limit = TRACE_TOLERANCE if metadata["dtype"] == "float32" else max(TRACE_TOLERANCE, metadata["parity"]["tolerance"]
+                                                                       if metadata["parity"] else 1e-2)
+    metadata["export"]["trace_tolerance"] = limit
+    if not diff <= limit:
+        raise ParityError(f"{what} differs from the eager fused policy by {diff:.3g} action std (allowed {limit:.3g}); "
+                          "nothing was written")
+
+
+def _check_device(device: str) -> torch.device:
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise DinocacheError(f"--device {device}: CUDA is not available on this machine")
+    return target
+
+
+def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = "pt2", checkpoint: str | int = LAST,
+                  dtype: str | torch.dtype = "float32", device: str = "cpu", weights: str | os.PathLike | None = None,
+                  dataset: str | os.PathLike | None = None, progress: bool = True, *,
+                  store: str | os.PathLike | None = None, verify: bool = True,
+                  check_weights: bool = True) -> ExportResult:
+    """Fuse the backbone with the head of ``run`` and write it to ``out`` (see the module docstring).
+
+    Args:
+        run: a run folder (or one checkpoint folder).
+        out: the file to write (``.pt2`` / ``.onnx``).
+        format: ``pt2`` (a ``torch.export`` program) or ``onnx``.
+        checkpoint: ``last``, ``best`` or a step.
+        dtype: compute precision (autocast) of backbone and head: float32, float16 or bfloat16.
+        device: where to trace and check (cpu, cuda, cuda:1 ...); the program is specialised to it.
+        weights: backbone weights file (default: as recorded, see :func:`~dinocache.policy.provenance.default_weights`).
+        dataset: the source dataset to take check frames from (default: the recorded path, else the
+            frames the store keeps).
+        store: the feature store the head was trained on (default: the recorded path).
+        verify: run the parity check (False: export unverified, recorded as such in the metadata).
+        check_weights: refuse weights whose hashes differ from the store's (False: let the parity
+            check judge them; for tests).
+
+    Raises:
+        DinocacheError: a bad request, missing inputs, or a failed check; no file is written then.
+    """
+    t_begin = time.perf_counter()
+    if format not in FORMATS:
+        raise DinocacheError(f"--format {format!r}: choose {' or '.join(FORMATS)}")
+    out = Path(out)
+    compute_dtype = parse_dtype(dtype)
+    if format == "onnx" and compute_dtype != torch.float32:
+        raise DinocacheError(f"--format onnx --dtype {dtype}: ONNX export is float32 only (onnxruntime rejects the "
+                             "graphs torch's exporter makes of half-precision autocast regions); export float32 and let "
+                             "the ONNX runtime pick its precision, or use --format pt2")
+    target = _check_device(device)
+    stages = ["rebuild backbone", "check against the cache", f"trace ({format})", "write"]
+    with tqdm(total=len(stages), disable=not progress, unit="step", dynamic_ncols=True,
+              bar_format="export {n}/{total}: {desc}") as bar:
+        def stage(done: int) -> None:
+            bar.n = done
+            bar.set_description_str(stages[done] if done < len(stages) else f"done in {time.perf_counter() - t_begin:.0f} s")
+
+        stage(0)
+        policy = build_fused_policy(run, checkpoint, weights=weights, device=target, dtype=compute_dtype,
+                                    check_weights=check_weights)
+        metadata = policy_metadata(policy.spec, policy.checkpoint_path, policy.step, compute_dtype)
+        metadata["backbone_weights"] = dict(policy.backbone.weights_info)
+        metadata["export"] = {"format": format, "device": str(target), "batch": "dynamic",
+                              "weights_checked": check_weights}
+        stage(1)
+        report, frames, state, env = None, None, None, None
+        if verify:
+            feature_store = open_run_store(policy, store)
+            checked = verification_frames(feature_store, dataset)
+            report = check_parity(policy, feature_store, checked)
+            if not report.passed:
+                raise ParityError(f"{report.format()}: the fused policy does not act as the head does on the cached "
+                                  "features (other backbone weights or preprocessing?); nothing was written")
+            frames = checked.images
+            rows = checked.rows[:_EXAMPLE_BATCH]
+            state = torch.from_numpy(np.asarray(feature_store.read(OBS_STATE)[rows], np.float32))
+            env = (torch.from_numpy(np.asarray(feature_store.read(OBS_ENV_STATE)[rows], np.float32))
+                   if policy.has_env_state else None)
+        metadata["parity"] = report.to_dict() if report else {"verified": False}
+        if progress and report is not None:
+            tqdm.write(f"dinocache: {report.format()}")
+
+        stage(2)
+        inputs = _example_inputs(policy, frames, state, env, metadata["image_size"], target)
+        with torch.no_grad():
+            eager = policy(*_all_inputs(*inputs))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # torch wants the .pt2 suffix
+        try:
+            writer = _write_pt2 if format == "pt2" else _write_onnx
+            trace_diff = writer(policy, inputs, eager, metadata, tmp)
+            stage(3)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        stage(4)
+    return ExportResult(path=out, format=format, max_abs_diff=report.max_abs_diff if report else None,
+                        tolerance=report.tolerance if report else None, trace_max_abs_diff=trace_diff,
+                        metadata=metadata, parity=report, seconds=time.perf_counter() - t_begin)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The policy file to write (.pt2 or .onnx).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="pt2 (torch.export program) or onnx [default: from --out's suffix, else pt2].")
+@click.option("--checkpoint", default=LAST, show_default=True, help="last, best, or a training step.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+              help="Compute precision (autocast) of backbone and head; half precision is meant for CUDA.")
+@click.option("--device", default="cpu", show_default=True, help="Device to trace and check on: cpu, cuda, cuda:1 ...")
+@click.option("--weights", default=None, type=click.Path(path_type=Path),
+              help="Backbone weights file [default: the recorded one, else the Hugging Face cache]; checked "
+                   "against the store's recorded hashes.")
+@click.option("--dataset", default=None, type=click.Path(path_type=Path),
+              help="Source dataset for the check's frames [default: the recorded path, else the frames the store keeps].")
+@click.option("--store", default=None, type=click.Path(path_type=Path),
+              help="The feature store the head was trained on [default: the recorded path].")
+@click.option("--skip-verify", is_flag=True, help="Export without the parity check (recorded as unverified).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def export_command(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, device: str,
+                   weights: Path | None, dataset: Path | None, store: Path | None, skip_verify: bool,
+                   no_progress: bool) -> None:
+    """Fuse backbone and trained head of RUN into one live policy file (stage three).
+
+    The backbone is rebuilt from the run's recorded provenance and its weights checked against the
+    recorded hashes; the fused policy is checked against the head on the cached features (on frames
+    of the source dataset, or those the store keeps) before anything is written.
+
+    \b
+    Examples:
+      dinocache export runs/act1 --out policy.pt2
+      dinocache export runs/act1 --out policy.onnx --checkpoint best
+      dinocache export runs/act1 --out policy.pt2 --device cuda --dtype bfloat16
+      dinocache export runs/act1 --out policy.pt2 --weights ~/ckpt/dinov2_vits14_reg4_pretrain.pth
+    """
+    fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")
+    result = export_policy(run, out, format=fmt, checkpoint=checkpoint, dtype=dtype, device=device, weights=weights,
+                           dataset=dataset, progress=not no_progress, store=store, verify=not skip_verify)
+    click.echo(result.format_text())

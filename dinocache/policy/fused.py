@@ -1,0 +1,152 @@
+"""The fused live policy: camera frames and raw robot state in, an un-normalised action chunk out.
+
+Training never sees an image: the head learns on features cached by stage one. On the robot there
+is no cache, so :class:`FusedPolicy` puts back in front of the head the exact pieces extraction ran,
+as modules and not as re-implementations: the store's :class:`~dinocache.encoders.FrozenBackbone`
+(its :class:`~dinocache.encoders.ImagePreprocessor` included) rebuilt from the recorded provenance,
+then the trained :class:`~dinocache.policy.act.ACTHead` between the :class:`Normalizer` that
+normalises the state and un-normalises the actions. It has no data-dependent control flow, so it
+exports whole with ``torch.export`` and to ONNX.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dinocache.encoders.backbone import FrozenBackbone
+from dinocache.errors import DinocacheError
+from dinocache.policy.act import ACTHead
+from dinocache.policy.checkpoint import LAST, PolicySpec, checkpoint_step, load_head, resolve_checkpoint
+from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.policy.normalize import Normalizer
+from dinocache.policy.provenance import rebuild_backbone
+
+__all__ = ["FusedPolicy", "build_fused_policy", "parse_dtype", "DTYPES"]
+
+#: Compute precisions of the fused policy, by the name ``--dtype`` takes.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``'float16'`` / ``torch.float16`` -> ``torch.float16``; anything but the three is refused."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise DinocacheError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+class FusedPolicy(nn.Module):
+    """Backbone (with its preprocessing) + normaliser + ACT head as one inference-only module.
+
+    ``forward(images, state, env_state=None)``:
+
+    * ``images``: a list (or tuple) with one uint8 ``(B, H, W, 3)`` tensor per camera, in the
+      store's camera order (:attr:`cameras`), at the camera's native size; the backbone's own
+      preprocessing resizes / crops them exactly as extraction did.
+    * ``state``: raw (not normalised) ``observation.state``, float ``(B, state_dim)``.
+    * ``env_state``: raw ``observation.environment_state`` ``(B, env_state_dim)``, required when the
+      store had one (:attr:`has_env_state`), else not given.
+
+    Returns the un-normalised action chunk, float32 ``(B, chunk_size, action_dim)``.
+
+    ``compute_dtype`` other than float32 runs backbone and head under autocast to that dtype (the
+    weights stay float32), which is how extraction's ``--precision`` and training on CUDA run too.
+    The module is always in eval mode: the CVAE encoder never runs (:func:`build_fused_policy`
+    removes it), the latent is zero.
+    """
+
+    def __init__(self, backbone: FrozenBackbone, head: ACTHead, normalizer: Normalizer, spec: PolicySpec,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.normalizer = normalizer
+        self.spec = spec
+        self.compute_dtype = compute_dtype
+        #: Dataset camera keys (``observation.images.top``) in store order, one image each.
+        self.cameras: list[str] = [spec.camera_keys[name] for name in spec.inputs.camera_names]
+        self.has_env_state = spec.inputs.env_state_dim is not None
+        #: Where the head came from (set by :func:`build_fused_policy`).
+        self.checkpoint_path: Path | None = None
+        self.step: int | None = None
+        self.eval()
+
+    def train(self, mode: bool = True) -> FusedPolicy:
+        """Stay in eval mode whatever the caller asks: the live policy never trains."""
+        return super().train(False)
+
+    @property
+    def inputs(self) -> ACTInputs:
+        return self.spec.inputs
+
+    def forward(self, images: Sequence[Tensor], state: Tensor, env_state: Tensor | None = None) -> Tensor:
+        if len(images) != len(self.cameras):
+            raise ValueError(f"the fused policy takes {len(self.cameras)} images ({', '.join(self.cameras)}), "
+                             f"got {len(images)}")
+        batch = self._features(list(images))
+        batch[OBS_STATE] = self.normalizer.normalize(OBS_STATE, state.float())
+        if self.has_env_state:
+            if env_state is None:
+                raise ValueError(f"this policy also takes {OBS_ENV_STATE} ({self.inputs.env_state_dim} values)")
+            batch[OBS_ENV_STATE] = self.normalizer.normalize(OBS_ENV_STATE, env_state.float())
+        amp = self.compute_dtype != torch.float32
+        with torch.no_grad(), torch.autocast(state.device.type, dtype=self.compute_dtype, enabled=amp):
+            actions, _ = self.head(batch)
+        return self.normalizer.unnormalize(ACTION, actions.float())
+
+    def _features(self, images: list[Tensor]) -> dict[str, Tensor]:
+        """Each camera's grid (and CLS) under the head's batch keys.
+
+        Cameras of one size go through the backbone as one batch (one call, better use of a GPU);
+        the shapes are static, so the choice is made once, at trace time.
+        """
+        if len(images) > 1 and all(image.shape == images[0].shape for image in images):
+            grid, cls = self.backbone(torch.cat(images))
+            n = len(images)  # camera-major rows: unflatten, not split, keeps the batch size symbolic
+            outputs = list(zip(grid.unflatten(0, (n, -1)).unbind(0), cls.unflatten(0, (n, -1)).unbind(0)))
+        else:
+            outputs = [self.backbone(image) for image in images]
+        batch: dict[str, Tensor] = {}
+        for name, (grid, cls) in zip(self.inputs.camera_names, outputs):
+            batch[ACTInputs.feature_key(name)] = grid
+            if self.spec.config.use_cls_token:
+                batch[ACTInputs.cls_key(name)] = cls
+        return batch
+
+
+def _drop_training_only(head: ACTHead) -> None:
+    """Remove the CVAE encoder, which only runs in training: an exported program keeps every parameter
+    of the module, used or not, and with LeRobot's defaults the CVAE encoder is a third of the head."""
+    for name in [n for n, _ in chain(head.named_children(), head.named_buffers(recurse=False))
+                 if n.startswith("vae_encoder")]:
+        delattr(head, name)
+
+
+def build_fused_policy(run_or_checkpoint: str | os.PathLike, checkpoint: str | int = LAST,
+                       weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                       dtype: str | torch.dtype = torch.float32, check_weights: bool = True) -> FusedPolicy:
+    """The fused policy of a run folder's checkpoint (``last``, ``best`` or a step) or of a checkpoint folder.
+
+    The backbone is rebuilt from the provenance the run recorded for its feature store, with
+    ``weights`` (default: the recorded file if it still exists, else the Hugging Face cache, or the
+    recorded seed for random weights); weights whose sha256 / tensor hash differ from the recorded
+    ones are refused unless ``check_weights`` is False (meant for tests of the parity check).
+    """
+    compute_dtype = parse_dtype(dtype)
+    path = resolve_checkpoint(run_or_checkpoint, checkpoint)
+    head, normalizer, spec = load_head(path, device=device)
+    _drop_training_only(head)
+    amp = None if compute_dtype == torch.float32 else compute_dtype
+    backbone = rebuild_backbone(spec.store_provenance, weights=weights, device=device, amp_dtype=amp,
+                                check=check_weights)
+    policy = FusedPolicy(backbone, head, normalizer, spec, compute_dtype).to(device)
+    policy.checkpoint_path = Path(path)
+    policy.step = checkpoint_step(path)
+    return policy

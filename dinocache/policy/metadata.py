@@ -1,0 +1,128 @@
+"""What an exported policy says about itself: inputs, outputs, timing, provenance, parity.
+
+A robot integrator needs to know, before loading any weights, which cameras at what size the
+policy wants, what its state and action vectors mean, at what rate it was trained, and whether it
+was checked against the cache it was trained on. That record is one JSON document:
+
+* in a ``.pt2``: the archive entry ``<archive>/extra/dinocache.json``, written by
+  ``torch.export.save(..., extra_files=...)``; a ``.pt2`` is a zip, so it is read with
+  :mod:`zipfile` without touching the weights;
+* in an ``.onnx``: the model's ``metadata_props["dinocache"]``;
+* for a run or checkpoint folder (an unexported policy): computed from the checkpoint's spec.
+
+The schema is documented in ``docs/export.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinocache import __version__
+from dinocache.errors import DinocacheError
+from dinocache.policy.checkpoint import CONFIG_FILE, LAST, PolicySpec, resolve_checkpoint
+from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
+
+__all__ = ["POLICY_FORMAT", "POLICY_FORMAT_VERSION", "METADATA_NAME", "policy_metadata", "read_policy_metadata",
+           "policy_kind"]
+
+POLICY_FORMAT = "dinocache-policy"
+POLICY_FORMAT_VERSION = 1
+#: Name of the metadata document inside a ``.pt2`` (extra file) and an ``.onnx`` (metadata key, no suffix).
+METADATA_NAME = "dinocache.json"
+ONNX_METADATA_KEY = "dinocache"
+
+
+def policy_metadata(spec: PolicySpec, checkpoint: str | os.PathLike, step: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The metadata of the fused policy of ``spec`` (the head's checkpoint ``checkpoint`` at ``step``).
+
+    Exporting adds ``export`` (format, device, file inputs/outputs) and ``parity`` (the check's result).
+    """
+    import timm  # only for its version; a robot process loading a .pt2 need not import it
+
+    prov = spec.store_provenance
+    cameras = [spec.camera_keys[name] for name in spec.inputs.camera_names]
+    sizes = prov.get("camera_sizes") or {}
+    names = prov.get("lowdim_names") or {}
+    config = spec.config
+    return {
+        "format": POLICY_FORMAT,
+        "format_version": POLICY_FORMAT_VERSION,
+        "dinocache_version": __version__,
+        "cameras": cameras,
+        "camera_names": spec.inputs.camera_names,
+        # native size of each camera: what the policy takes (its own preprocessing resizes)
+        "image_size": {cam: list(sizes.get(cam, prov["preprocess"]["image_size"])) for cam in cameras},
+        "state_dim": spec.inputs.state_dim,
+        "action_dim": spec.inputs.action_dim,
+        "env_state_dim": spec.inputs.env_state_dim,
+        "state_names": names.get(OBS_STATE),
+        "action_names": names.get(ACTION),
+        "env_state_names": names.get(OBS_ENV_STATE),
+        "fps": prov.get("fps"),
+        "chunk_size": config.chunk_size,
+        "n_action_steps": config.n_action_steps,
+        "temporal_ensemble_coeff": config.temporal_ensemble_coeff,
+        "dtype": str(dtype).removeprefix("torch."),
+        "checkpoint": {"path": str(Path(checkpoint).resolve()), "step": step},
+        "act_config": config.to_dict(),
+        "act_inputs": spec.inputs.to_dict(),
+        "store_path": spec.store_path,
+        "provenance": prov,
+        "normalization": spec.stats,
+        "versions": {"dinocache": __version__, "torch": torch.__version__, "timm": timm.__version__},
+        "parity": None,
+    }
+
+
+def policy_kind(path: str | os.PathLike) -> str:
+    """``'pt2'``, ``'onnx'`` or ``'folder'`` (a run or checkpoint folder), from what ``path`` is."""
+    path = Path(path)
+    if path.is_dir():
+        return "folder"
+    if not path.is_file():
+        raise DinocacheError(f"{path}: no such policy file or run folder")
+    if path.suffix == ".onnx":
+        return "onnx"
+    if zipfile.is_zipfile(path):
+        return "pt2"
+    raise DinocacheError(f"{path}: not a policy (expected a .pt2 or .onnx written by `dinocache export`, "
+                         "or a run folder)")
+
+
+def read_policy_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an exported policy (or of a run / checkpoint folder's ``last``), weights not loaded."""
+    path = Path(path)
+    kind = policy_kind(path)
+    if kind == "folder":
+        checkpoint = resolve_checkpoint(path, LAST)
+        config = json.loads((checkpoint / CONFIG_FILE).read_text())
+        return policy_metadata(PolicySpec.from_dict(config), checkpoint, config["step"], torch.float32)
+    if kind == "onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        text = next((p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY), None)
+    else:
+        with zipfile.ZipFile(path) as archive:
+            entry = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_NAME}")), None)
+            text = archive.read(entry).decode() if entry else None
+    if text is None:
+        raise DinocacheError(f"{path}: a {kind} file without dinocache metadata; was it written by `dinocache export`?")
+    metadata = json.loads(text)
+    _check_format(metadata, path)
+    return metadata
+
+
+def _check_format(metadata: Mapping[str, Any], path: Path) -> None:
+    if metadata.get("format") != POLICY_FORMAT:
+        raise DinocacheError(f"{path}: not a dinocache policy (metadata format {metadata.get('format')!r})")
+    if metadata.get("format_version") != POLICY_FORMAT_VERSION:
+        raise DinocacheError(f"{path}: policy format version {metadata.get('format_version')} is not understood by "
+                             f"dinocache {__version__} (it reads version {POLICY_FORMAT_VERSION})")

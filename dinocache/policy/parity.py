@@ -1,0 +1,202 @@
+"""The export's self-check: on real frames, the fused policy must act as the head does on the cache.
+
+The head was trained on cached features; the fused policy recomputes them from pixels. If anything
+between the two differs (weights, preprocessing, frame decoding, a timm upgrade), the robot runs a
+policy that was never validated. So before a file is written, for a few frames spread over the
+store (:func:`~dinocache.pipeline.store.verification_rows`), the fused policy's actions on the raw
+frames and raw state are compared with the head's actions on the *cached* features and the same
+state. The raw frames come from the source dataset when it is there (and still the same: its
+fingerprint is checked), else from the few frames the store keeps for this purpose.
+
+Tolerance. The two sides legitimately differ by the rounding of the cached features (float16 by
+default: relative error up to 2^-11), by any half-precision compute at extraction
+(``--precision``) or in the fused policy (``--dtype``), and by float32 kernel noise. How much that
+moves the actions depends on the head, so it is measured: the head is run on the cached features
+with Gaussian noise of that relative size added (:func:`feature_error`, relative to each token's RMS),
+plus, under a half ``--dtype``, the change from running the head itself in that dtype; the tolerance
+is :data:`SAFETY` times the largest action change these cause. Differences are in
+normalised action units (action standard deviations, so every action dimension counts alike).
+Features from other weights differ by ~100 %, hundreds of times more than any rounding, and fail.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dinocache.errors import DatasetError, DinocacheError
+from dinocache.pipeline.extract import frames_at_rows
+from dinocache.pipeline.store import IDENTITY_KEYS, FeatureStore, verification_rows
+from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.policy.fused import FusedPolicy
+
+__all__ = ["ParityError", "ParityReport", "VerificationFrames", "feature_error", "open_run_store",
+           "verification_frames", "check_parity", "ROUNDING", "COMPUTE_FACTOR", "SAFETY"]
+
+#: Relative error of one rounding to each dtype (its unit roundoff). For float32 it stands for the
+#: run-to-run noise of float32 kernels instead (batch size and thread count change summation orders).
+ROUNDING = {"float32": 1e-5, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+#: A backbone computing under half-precision autocast rounds at every layer; its final features are
+#: off by a few unit roundoffs (bfloat16 ViTs: cosine similarity ~0.9999 to float32, i.e. ~1.4 %).
+COMPUTE_FACTOR = 4
+#: Allowed difference = SAFETY x the action change caused by feature noise of the expected size.
+SAFETY = 4.0
+#: Floor of the tolerance (normalised action units), for a head that barely reads its features.
+MIN_TOLERANCE = 1e-6
+_PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class ParityError(DinocacheError):
+    """The fused policy does not reproduce the head's actions on the cached features."""
+
+
+@dataclass
+class VerificationFrames:
+    """Raw frames of some store rows: one uint8 ``(K, H, W, 3)`` array per camera, in store order."""
+
+    rows: np.ndarray
+    images: list[np.ndarray]
+    origin: str  # "dataset <path>" or "store"
+
+
+@dataclass
+class ParityReport:
+    """What the check measured (differences and tolerance in normalised action units)."""
+
+    frames: int
+    rows: list[int]
+    origin: str
+    max_abs_diff: float
+    max_abs_diff_raw: float
+    tolerance: float
+    sensitivity: float
+    feature_error: float
+    feature_rel_diff: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verified": True, **asdict(self)}
+
+    def format(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        return (f"parity {verdict}: max |fused - head on cache| = {self.max_abs_diff:.3g} action std "
+                f"({self.max_abs_diff_raw:.3g} in action units), tolerance {self.tolerance:.3g}, over "
+                f"{self.frames} frames from the {self.origin}; features differ by {100 * self.feature_rel_diff:.3g} %")
+
+
+def feature_error(store_dtype: str, extraction_precision: str, compute_dtype: torch.dtype) -> float:
+    """Expected relative error of the fused policy's features against the cached ones (see module doc)."""
+    error = ROUNDING[store_dtype]
+    for dtype in (_PRECISION_DTYPES.get(extraction_precision, "float32"), str(compute_dtype).removeprefix("torch.")):
+        if dtype != "float32":
+            error += COMPUTE_FACTOR * ROUNDING[dtype]
+    return error
+
+
+def open_run_store(policy: FusedPolicy, store: str | os.PathLike | None = None) -> FeatureStore:
+    """The feature store the head was trained on (``store`` overrides the recorded path), checked to be it."""
+    path = Path(store) if store is not None else Path(policy.spec.store_path)
+    if not path.exists():
+        raise DinocacheError(f"the feature store the head was trained on, {path}, is not there: the export check "
+                             "needs its cached features; pass --store PATH (or --skip-verify to export unverified)")
+    opened = FeatureStore(path)
+    recorded = policy.spec.store_provenance
+    opened.check_identity({key: recorded.get(key) for key in IDENTITY_KEYS},
+                          hint="it is not the store the head was trained on")
+    return opened
+
+
+def verification_frames(store: FeatureStore, dataset: str | os.PathLike | None = None) -> VerificationFrames:
+    """Raw frames for the check: from ``dataset`` (default: the store's recorded source path) when it
+    is there, else from the frames the store keeps. A ``dataset`` given explicitly must be the one the
+    store was extracted from (same fingerprint)."""
+    from dinocache.pipeline.readers import open_dataset
+
+    recorded = store.provenance.get("source_path")
+    path = Path(dataset) if dataset is not None else Path(recorded) if recorded else None
+    why = f"the source dataset {path} is not there" if path is not None else "no source dataset is recorded"
+    if path is not None and path.exists():
+        source = open_dataset(path, format=store.provenance["source"]["format"], skip_bad_episodes=True)
+        expected = store.provenance["source"]["fingerprint"]
+        found = source.fingerprint()
+        if found == expected:
+            rows = verification_rows(store.num_frames)
+            episodes = [(index, start, length) for index, start, length, _ in store.episodes()]
+            frames = frames_at_rows(source, episodes, store.cameras, rows)
+            return VerificationFrames(rows, [frames[camera] for camera in store.cameras], f"dataset {path}")
+        why = f"{path} is not the dataset the store was extracted from (fingerprint {found}, store has {expected})"
+        if dataset is not None:
+            raise DatasetError(why)
+    kept = store.verification_frames()
+    if kept is None:
+        raise DinocacheError(f"cannot check the exported policy: {why}, and the store {store.path} keeps no raw "
+                             "frames (it predates them); pass --dataset PATH, or --skip-verify to export unverified")
+    rows, frames = kept
+    return VerificationFrames(rows, [frames[camera] for camera in store.cameras], "store's kept frames")
+
+
+def _cached_batch(policy: FusedPolicy, store: FeatureStore, rows: np.ndarray, device: torch.device) -> dict[str, Tensor]:
+    """The head's batch for store ``rows``: cached features and normalised state, as in training."""
+    batch: dict[str, Tensor] = {}
+    for name, camera in zip(policy.inputs.camera_names, policy.cameras):
+        grids = np.stack([store.patch(camera, slice(r, r + 1))[0] for r in rows])
+        batch[ACTInputs.feature_key(name)] = torch.from_numpy(grids).float().permute(0, 3, 1, 2).to(device)
+        if policy.spec.config.use_cls_token:
+            cls = np.stack([store.cls(camera, slice(r, r + 1))[0] for r in rows])
+            batch[ACTInputs.cls_key(name)] = torch.from_numpy(cls).float().to(device)
+    for key in (OBS_STATE, OBS_ENV_STATE) if policy.has_env_state else (OBS_STATE,):
+        batch[key] = policy.normalizer.normalize(key, _lowdim(store, key, rows, device))
+    return batch
+
+
+def _lowdim(store: FeatureStore, key: str, rows: np.ndarray, device: torch.device) -> Tensor:
+    values = store.read(key)
+    return torch.from_numpy(np.asarray(values[rows], dtype=np.float32).reshape(len(rows), -1)).to(device)
+
+
+def _with_noise(batch: dict[str, Tensor], relative: float) -> dict[str, Tensor]:
+    """``batch`` with Gaussian noise of ``relative`` x each token's RMS added to every feature (fixed seed)."""
+    generator = torch.Generator().manual_seed(0)
+    noisy = dict(batch)
+    for key, value in batch.items():
+        if key.startswith(("features.", "cls.")):
+            rms = value.pow(2).mean(dim=1, keepdim=True).sqrt()  # channels are dim 1 for grids and CLS
+            noise = torch.randn(value.shape, generator=generator).to(value.device)
+            noisy[key] = value + relative * rms * noise
+    return noisy
+
+
+@torch.no_grad()
+def check_parity(policy: FusedPolicy, store: FeatureStore, frames: VerificationFrames) -> ParityReport:
+    """Compare the fused policy on ``frames`` with the head on the same rows' cached features."""
+    device = next(policy.parameters()).device
+    images = [torch.from_numpy(np.ascontiguousarray(f)).to(device) for f in frames.images]
+    state = _lowdim(store, OBS_STATE, frames.rows, device)
+    env = _lowdim(store, OBS_ENV_STATE, frames.rows, device) if policy.has_env_state else None
+    fused = policy(images, state, env)
+
+    batch = _cached_batch(policy, store, frames.rows, device)
+    reference = policy.head(batch)[0].float()  # the head as trained: float32, on the cache
+    diff = (policy.normalizer.normalize(ACTION, fused) - reference).abs().max().item()
+    diff_raw = (fused - policy.normalizer.unnormalize(ACTION, reference)).abs().max().item()
+
+    error = feature_error(store.provenance.get("dtype", "float16"), store.provenance.get("precision", "fp32"),
+                          policy.compute_dtype)
+    sensitivity = (policy.head(_with_noise(batch, error))[0].float() - reference).abs().max().item()
+    if policy.compute_dtype != torch.float32:  # the head itself also computes in half precision
+        with torch.autocast(device.type, dtype=policy.compute_dtype):
+            sensitivity += (policy.head(batch)[0].float() - reference).abs().max().item()
+    tolerance = max(SAFETY * sensitivity, MIN_TOLERANCE)
+
+    cached = batch[ACTInputs.feature_key(policy.inputs.camera_names[0])]
+    recomputed = policy.backbone(images[0])[0].float()
+    rel = ((recomputed - cached).norm() / cached.norm().clamp_min(1e-12)).item()
+    return ParityReport(frames=len(frames.rows), rows=[int(r) for r in frames.rows], origin=frames.origin,
+                        max_abs_diff=diff, max_abs_diff_raw=diff_raw, tolerance=tolerance, sensitivity=sensitivity,
+                        feature_error=error, feature_rel_diff=rel, passed=bool(diff <= tolerance))

@@ -1,0 +1,248 @@
+"""The live policy on the robot: one observation in, one action out, at the control rate.
+
+:func:`load_policy` opens an exported ``.pt2`` (the ``torch.export`` program), an ``.onnx`` (run by
+onnxruntime) or a run / checkpoint folder (the eager fused policy, rebuilt and hash-checked) and
+returns a :class:`PolicyRuntime`. Its :meth:`~PolicyRuntime.select_action` takes what a robot loop
+hands over (a dict of camera frames and the state vector, numpy or torch, LeRobot keys) and returns
+the action for this control step; ACT's chunking is handled inside by the same
+:mod:`~dinocache.policy.action_selection` objects LeRobot's semantics were tested against: a queue of
+``n_action_steps`` actions (the model runs only when it is empty), or temporal ensembling (the model
+runs every step and overlapping chunks are blended with weights ``exp(-coeff * i)``, oldest first).
+
+Observations are checked every step, queued or not, so a wiring mistake fails at the first step
+with one message naming the key and the expected shape, not later inside the backbone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dinocache.errors import DinocacheError
+from dinocache.policy.action_selection import make_action_selector
+from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
+from dinocache.policy.metadata import policy_kind, policy_metadata, read_policy_metadata
+
+__all__ = ["PolicyRuntime", "ObservationError", "load_policy", "AS_TRAINED"]
+
+#: A chunk predictor: camera images (uint8 ``(1, H, W, 3)``), state ``(1, D)``, env state or None -> ``(1, chunk, A)``.
+Predict = Callable[[list[Any], Any, Any], Tensor]
+
+
+class _AsTrained:
+    def __repr__(self) -> str:
+        return "AS_TRAINED"
+
+
+#: Default of :func:`load_policy`'s action-selection options: the value the head was trained with.
+AS_TRAINED: Any = _AsTrained()
+
+
+class ObservationError(DinocacheError, ValueError):
+    """An observation the policy cannot take: a missing key, or a value of the wrong shape or dtype."""
+
+
+class PolicyRuntime:
+    """A loaded policy for a control loop: :meth:`reset` per episode, :meth:`select_action` per step.
+
+    Attributes:
+        metadata: the policy's metadata (see ``docs/export.md``), with ``n_action_steps`` and
+            ``temporal_ensemble_coeff`` the values this runtime uses.
+        device: where the model runs.
+        queries: model calls so far; ``queried``: whether the last :meth:`select_action` called it.
+    """
+
+    def __init__(self, predict: Predict, metadata: dict[str, Any], device: torch.device,
+                 n_action_steps: int | None = None, temporal_ensemble_coeff: Any = AS_TRAINED) -> None:
+        self._predict = predict
+        self.device = device
+        self._trained = metadata
+        config = _selection_config(metadata, n_action_steps, temporal_ensemble_coeff)
+        self.metadata = {**metadata, "n_action_steps": config.n_action_steps,
+                         "temporal_ensemble_coeff": config.temporal_ensemble_coeff}
+        self._selector = make_action_selector(config)
+        self._images = {camera: (*metadata["image_size"][camera], 3) for camera in metadata["cameras"]}
+        self._vectors = {OBS_STATE: metadata["state_dim"]}
+        if metadata.get("env_state_dim"):
+            self._vectors[OBS_ENV_STATE] = metadata["env_state_dim"]
+        self.queries = 0
+        self.queried = False
+
+    def reset(self) -> None:
+        """Forget queued / ensembled actions: call at the start of every episode."""
+        self._selector.reset()
+
+    def with_action_selection(self, n_action_steps: int | None = None,
+                              temporal_ensemble_coeff: Any = AS_TRAINED) -> PolicyRuntime:
+        """A runtime sharing this one's loaded model, with other action selection (see :func:`load_policy`):
+        compare queue lengths or ensembling coefficients without loading the model again."""
+        return PolicyRuntime(self._predict, self._trained, self.device, n_action_steps, temporal_ensemble_coeff)
+
+    def select_action(self, observation: Mapping[str, Any]) -> np.ndarray:
+        """The action ``(action_dim,)`` float32 to execute now.
+
+        ``observation`` maps every camera (``observation.images.<cam>`` or ``<cam>``) to its frame,
+        uint8 HWC at the camera's native size (numpy or torch, an optional leading batch axis of
+        1), and ``observation.state`` (or ``state``) to the raw state vector; plus
+        ``observation.environment_state`` when the policy has one. Other keys are ignored.
+        """
+        images = [self._image(camera, self._lookup(observation, camera)) for camera in self._images]
+        vectors = [self._vector(key, self._lookup(observation, key)) for key in self._vectors]
+        self.queried = False
+
+        def predict() -> Tensor:
+            self.queries += 1
+            self.queried = True
+            return self._predict(images, vectors[0], vectors[1] if len(vectors) > 1 else None)
+
+        return self._selector.select(predict)[0].float().cpu().numpy()
+
+    # -- validation ---------------------------------------------------------------------------------
+    def _lookup(self, observation: Mapping[str, Any], key: str) -> Any:
+        short = key.rsplit(".", 1)[-1]
+        for name in (key, short):
+            if name in observation:
+                return observation[name]
+        expected = ", ".join(f"{k} {shape}" for k, shape in self._expected().items())
+        raise ObservationError(f"observation has no {key!r} (nor {short!r}); the policy takes {expected}")
+
+    def _expected(self) -> dict[str, str]:
+        shapes = {camera: f"uint8 {shape}" for camera, shape in self._images.items()}
+        shapes.update({key: f"float ({dim},)" for key, dim in self._vectors.items()})
+        return shapes
+
+    def _image(self, key: str, value: Any) -> Any:
+        expected = self._images[key]
+        if isinstance(value, np.ndarray):
+            is_uint8 = value.dtype == np.uint8
+        elif isinstance(value, Tensor):
+            is_uint8 = value.dtype == torch.uint8
+        else:
+            raise ObservationError(f"observation[{key!r}]: expected a uint8 {expected} image (numpy or torch, HWC), "
+                                   f"got a {type(value).__name__}")
+        shape = tuple(value.shape)
+        if shape == (1, *expected):
+            value, shape = value[0], expected
+        if shape != expected or not is_uint8:
+            hint = ""
+            if shape == (3, *expected[:2]):
+                hint = " (channels first: transpose it to HWC)"
+            elif not is_uint8:
+                hint = " (convert float frames with (x * 255).round() to uint8)"
+            raise ObservationError(f"observation[{key!r}]: expected a uint8 {expected} image (HWC), got "
+                                   f"{str(value.dtype).removeprefix('torch.')} {shape}{hint}")
+        return value
+
+    def _vector(self, key: str, value: Any) -> Tensor:
+        dim = self._vectors[key]
+        tensor = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float32))
+        if tuple(tensor.shape) not in ((dim,), (1, dim)):
+            raise ObservationError(f"observation[{key!r}]: expected {dim} values, shape ({dim},), got shape "
+                                   f"{tuple(tensor.shape)}")
+        if not tensor.is_floating_point() and tensor.dtype not in (torch.int32, torch.int64):
+            raise ObservationError(f"observation[{key!r}]: expected float values ({dim},), got {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise ObservationError(f"observation[{key!r}] holds NaN or inf: {tensor.tolist()}")
+        return tensor.reshape(1, dim).float()
+
+
+def _selection_config(metadata: Mapping[str, Any], n_action_steps: int | None, coeff: Any) -> ACTConfig:
+    """The trained ACT config with the requested action selection; ensembling implies one step per query."""
+    changes: dict[str, Any] = {}
+    if coeff is not AS_TRAINED:
+        changes["temporal_ensemble_coeff"] = coeff
+        if coeff is not None and n_action_steps is None:
+            changes["n_action_steps"] = 1
+    if n_action_steps is not None:
+        changes["n_action_steps"] = n_action_steps
+    try:
+        return ACTConfig.from_dict({**metadata["act_config"], **changes})
+    except ValueError as err:
+        raise DinocacheError(f"action selection: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Back ends
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_predict(module: Callable[..., Tensor], device: torch.device) -> Predict:
+    def predict(images: list[Any], state: Tensor, env: Tensor | None) -> Tensor:
+        batch = [torch.as_tensor(image).to(device, non_blocking=True).unsqueeze(0) for image in images]
+        inputs = (batch, state.to(device)) + (() if env is None else (env.to(device),))
+        with torch.no_grad():
+            return module(*inputs)
+    return predict
+
+
+def _onnx_predict(path: Path, metadata: Mapping[str, Any], device: torch.device) -> Predict:
+    import onnxruntime
+
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise DinocacheError(f"{path}: onnxruntime here has no CUDA provider (install onnxruntime-gpu), "
+                                 "or load it with device='cpu'")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    session = onnxruntime.InferenceSession(str(path), providers=providers)
+    names = metadata["export"]["onnx"]["input_names"]
+
+    def predict(images: list[Any], state: Tensor, env: Tensor | None) -> Tensor:
+        arrays = [_numpy(image)[None] for image in images] + [_numpy(state)] + ([] if env is None else [_numpy(env)])
+        return torch.from_numpy(session.run(None, dict(zip(names, arrays)))[0])
+    return predict
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return np.ascontiguousarray(value.cpu().numpy() if isinstance(value, Tensor) else value)
+
+
+def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device) -> Callable[..., Tensor]:
+    """The ``.pt2`` program as a callable module on ``device`` (moved there if traced elsewhere)."""
+    program = torch.export.load(str(path))
+    traced_on = torch.device(metadata["export"]["device"])
+    if traced_on != device:
+        if metadata["dtype"] != "float32" and traced_on.type != device.type:
+            raise DinocacheError(f"{path} was exported for {traced_on} in {metadata['dtype']}; its autocast regions "
+                                 f"are bound to {traced_on.type}: re-export with --device {device}")
+        program = torch.export.passes.move_to_device_pass(program, device)
+    return program.module()
+
+
+def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, n_action_steps: int | None = None,
+                temporal_ensemble_coeff: float | None = AS_TRAINED,
+                weights: str | os.PathLike | None = None) -> PolicyRuntime:
+    """Open a live policy: an exported ``.pt2`` / ``.onnx``, or a run / checkpoint folder (eager).
+
+    Args:
+        path: the policy file, or a run folder (its ``last`` checkpoint) / a checkpoint folder.
+        device: where to run it (cpu, cuda, cuda:1 ...).
+        n_action_steps: actions executed per model query (default: as trained).
+        temporal_ensemble_coeff: ACT's ensembling coefficient, None to turn ensembling off (default:
+            as trained). Setting a coefficient without ``n_action_steps`` sets that to 1.
+        weights: backbone weights for a run folder (as ``dinocache export --weights``).
+    """
+    path, device = Path(path), torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DinocacheError(f"device {device}: CUDA is not available on this machine")
+    kind = policy_kind(path)
+    if kind == "folder":
+        from dinocache.policy.fused import build_fused_policy
+
+        policy = build_fused_policy(path, weights=weights, device=device)
+        metadata = policy_metadata(policy.spec, policy.checkpoint_path, policy.step, policy.compute_dtype)
+        metadata["export"] = {"format": "eager", "device": str(device)}
+        predict = _torch_predict(policy, device)
+    else:
+        metadata = read_policy_metadata(path)
+        if kind == "onnx":
+            predict = _onnx_predict(path, metadata, device)
+        else:
+            predict = _torch_predict(_load_program(path, metadata, device), device)
+    return PolicyRuntime(predict, metadata, device, n_action_steps, temporal_ensemble_coeff)

@@ -1,0 +1,342 @@
+"""Stage three end to end on real files: a generated dataset with real video, a real extraction, a few
+training steps, then the fused policy: export (.pt2 and .onnx), its parity check, the live runtime,
+`bench-policy`.
+
+Everything is built once per module (a ViT-S/14 with random weights at 56 px, a tiny head, two
+cameras, an environment state, CLS tokens on) so the whole file runs in about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dinocache.cli import main
+from dinocache.errors import BackboneError, DatasetError, DinocacheError
+from dinocache.pipeline.extract import ExtractConfig, extract
+from dinocache.pipeline.store import FeatureStore
+from dinocache.pipeline.synthetic import write_synthetic_dataset
+from dinocache.policy.bench import bench_policy
+from dinocache.policy.export import export_policy
+from dinocache.policy.fused import FusedPolicy, build_fused_policy
+from dinocache.policy.metadata import read_policy_metadata
+from dinocache.policy.parity import ParityError, check_parity, open_run_store, verification_frames
+from dinocache.policy.provenance import check_weights
+from dinocache.policy.runtime import ObservationError, load_policy
+from dinocache.policy.train import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_encoders_weights import _official_dinov2, _timm_model  # noqa: E402
+from test_train import TINY  # noqa: E402
+
+TOP, WRIST = "observation.images.top", "observation.images.wrist"
+STATE, ENV = "observation.state", "observation.environment_state"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster and reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """dataset -> `extract` (ViT-S/14, random weights, 56 px, float16 cache) -> 30 training steps."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export")
+    dataset = write_synthetic_dataset(root / "data", num_episodes=4, episode_length=16, image_size=(48, 64),
+                                      cameras=("top", "wrist"), with_env_state=True, seed=0)
+    extract(ExtractConfig(dataset=dataset, out=root / "f.zarr", backbone="dinov2_vits14", weights="random",
+                          image_size="56", unit_frames=16, chunk_frames=8, batch_size=8, progress=False))
+    train(TrainConfig(store=root / "f.zarr", out=root / "run", steps=30, batch_size=8,
+                      act=dict(TINY, use_cls_token=True), val_episodes="none", save_every=1000, log_every=10,
+                      progress=False))
+    return SimpleNamespace(root=root, dataset=dataset, store=FeatureStore(root / "f.zarr"), run=root / "run")
+
+
+@pytest.fixture(scope="module")
+def eager(trained) -> FusedPolicy:
+    return build_fused_policy(trained.run)
+
+
+@pytest.fixture(scope="module")
+def pt2(trained) -> SimpleNamespace:
+    """The run exported through the command line, as a user would."""
+    out = trained.root / "policy.pt2"
+    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return SimpleNamespace(path=out, output=result.output)
+
+
+@pytest.fixture(scope="module")
+def live(pt2):
+    """The exported .pt2 loaded once (``torch.export.load`` takes seconds); tests derive their own
+    action selection from it with ``with_action_selection``."""
+    return load_policy(pt2.path)
+
+
+def observations(trained, steps: int) -> list[dict]:
+    """``steps`` distinct observations: the store's kept frames (cycled) with those rows' state."""
+    rows, frames = trained.store.verification_frames()
+    state, env = trained.store.read(STATE), trained.store.read(ENV)
+    return [{TOP: frames[TOP][t % len(rows)], WRIST: frames[WRIST][t % len(rows)],
+             STATE: state[rows[t % len(rows)]], ENV: env[rows[t % len(rows)]]} for t in range(steps)]
+
+
+def chunk(eager: FusedPolicy, obs: dict) -> torch.Tensor:
+    """The eager fused policy's ``(chunk, A)`` action chunk for one observation."""
+    with torch.no_grad():
+        return eager([torch.from_numpy(obs[TOP])[None], torch.from_numpy(obs[WRIST])[None]],
+                     torch.from_numpy(obs[STATE])[None], torch.from_numpy(obs[ENV])[None])[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and "tmp" in p.name]
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_export_writes_a_checked_self_describing_pt2(trained, pt2):
+    assert "parity ok" in pt2.output and "policy" in pt2.output
+    assert not leftovers(pt2.path.parent)
+    meta = read_policy_metadata(pt2.path)  # from the zip entry: no weights loaded
+    prov = trained.store.provenance
+    assert meta["format"] == "dinocache-policy" and meta["dtype"] == "float32"
+    assert meta["cameras"] == [TOP, WRIST] and meta["camera_names"] == ["top", "wrist"]
+    assert meta["image_size"] == {TOP: [48, 64], WRIST: [48, 64]}
+    assert (meta["state_dim"], meta["action_dim"], meta["env_state_dim"]) == (4, 4, 2)
+    assert meta["state_names"] == prov["lowdim_names"][STATE] and meta["action_names"] == prov["lowdim_names"]["action"]
+    assert meta["fps"] == 30.0 and meta["chunk_size"] == 5 and meta["n_action_steps"] == 5
+    assert meta["temporal_ensemble_coeff"] is None and meta["checkpoint"]["step"] == 30
+    assert meta["provenance"]["weights"] == prov["weights"] and meta["provenance"]["preprocess"] == prov["preprocess"]
+    assert meta["backbone_weights"]["tensor_sha256"] == prov["weights"]["tensor_sha256"]
+    parity = meta["parity"]
+    assert parity["verified"] and parity["passed"] and parity["frames"] == 8
+    assert parity["origin"] == f"dataset {trained.dataset}"
+    assert parity["max_abs_diff"] <= parity["tolerance"] < 1e-2, parity  # float16 cache: a tight tolerance
+    assert parity["feature_error"] == 2.0**-11
+    assert meta["export"]["format"] == "pt2" and meta["export"]["trace_max_abs_diff"] <= 1e-6
+
+
+@pytest.mark.slow
+def test_pt2_reloaded_in_a_fresh_process_gives_the_eager_actions(trained, eager, pt2, live, tmp_path):
+    obs = observations(trained, 3)
+    images = [np.stack([o[TOP] for o in obs]), np.stack([o[WRIST] for o in obs])]
+    state, env = np.stack([o[STATE] for o in obs]), np.stack([o[ENV] for o in obs])
+    np.savez(tmp_path / "inputs.npz", top=images[0], wrist=images[1], state=state, env=env)
+    script = f"""
+import numpy as np, torch
+torch.set_num_threads(1)
+x = np.load({str(tmp_path / 'inputs.npz')!r})
+module = torch.export.load({str(pt2.path)!r}).module()
+with torch.no_grad():  # batch 3 and batch 1: the batch axis is exported dynamic
+    three = module([torch.from_numpy(x['top']), torch.from_numpy(x['wrist'])], torch.from_numpy(x['state']),
+                   torch.from_numpy(x['env']))
+    one = module([torch.from_numpy(x['top'][:1]), torch.from_numpy(x['wrist'][:1])], torch.from_numpy(x['state'][:1]),
+                 torch.from_numpy(x['env'][:1]))
+np.savez({str(tmp_path / 'outputs.npz')!r}, three=three.numpy(), one=one.numpy())
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = np.load(tmp_path / "outputs.npz")
+    with torch.no_grad():
+        expected = eager([torch.from_numpy(i) for i in images], torch.from_numpy(state), torch.from_numpy(env))
+    assert out["three"].shape == (3, 5, 4) and out["one"].shape == (1, 5, 4)
+    np.testing.assert_allclose(out["three"], expected.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["one"][0], expected[0].numpy(), rtol=0, atol=1e-6)
+    # and through the runtime a robot loop uses: the first action of the chunk
+    action = live.with_action_selection().select_action(obs[0])
+    assert action.dtype == np.float32 and action.shape == (4,)
+    np.testing.assert_allclose(action, expected[0, 0].numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, tmp_path):
+    import onnxruntime
+
+    result = export_policy(trained.run, tmp_path / "policy.onnx", format="onnx", progress=False)
+    assert result.path.is_file() and not leftovers(tmp_path)
+    assert result.max_abs_diff <= result.tolerance and result.trace_max_abs_diff <= 1e-4
+    meta = read_policy_metadata(result.path)
+    assert meta["export"]["onnx"]["input_names"] == [TOP, WRIST, STATE, ENV]
+    assert meta["parity"]["max_abs_diff"] == result.max_abs_diff
+
+    obs = observations(trained, 3)
+    feed = {TOP: np.stack([o[TOP] for o in obs]), WRIST: np.stack([o[WRIST] for o in obs]),
+            STATE: np.stack([o[STATE] for o in obs]), ENV: np.stack([o[ENV] for o in obs])}
+    (actions,) = onnxruntime.InferenceSession(str(result.path)).run(None, feed)
+    with torch.no_grad():
+        expected = eager([torch.from_numpy(feed[TOP]), torch.from_numpy(feed[WRIST])], torch.from_numpy(feed[STATE]),
+                         torch.from_numpy(feed[ENV]))
+    np.testing.assert_allclose(actions, expected.numpy(), rtol=1e-4, atol=1e-4)
+    action = load_policy(result.path).select_action(obs[0])
+    np.testing.assert_allclose(action, expected[0, 0].numpy(), rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(DinocacheError, match="float32 only"):
+        export_policy(trained.run, tmp_path / "half.onnx", format="onnx", dtype="bfloat16", progress=False)
+
+
+def test_wrong_weights_are_refused_by_hash_and_fail_the_parity_check(trained, tmp_path):
+    """Weights of the same architecture but other values: the hash check refuses them, naming both
+    tensor hashes; let through, the parity check fails; either way no file is written."""
+    other = tmp_path / "other_vits14.pth"
+    torch.save(_official_dinov2(_timm_model("dinov2_vits14")), other)
+    out = tmp_path / "policy.pt2"
+    with pytest.raises(BackboneError) as info:
+        export_policy(trained.run, out, weights=other, progress=False)
+    message = str(info.value)
+    hashes = re.findall(r"\b[0-9a-f]{64}\b", message)
+    assert len(set(hashes)) == 2 and trained.store.provenance["weights"]["tensor_sha256"] in hashes, message
+    assert str(other) in message and "\n" not in message
+
+    with pytest.raises(ParityError, match=r"parity FAILED.*nothing was written") as info:
+        export_policy(trained.run, out, weights=other, progress=False, check_weights=False)
+    assert not out.exists() and not leftovers(tmp_path)
+
+    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(out), "--weights", str(other),
+                                       "--no-progress"])
+    assert result.exit_code == 2 and result.output.startswith("dinocache: error: ") and "tensor_sha256" in result.output
+    assert not out.exists()
+
+
+def test_check_weights_names_both_file_hashes():
+    recorded = {"source": "file", "sha256": "a" * 64, "seed": None, "tensor_sha256": "b" * 64}
+    check_weights({**recorded, "path": "/w/same.pth"}, recorded, "/w/same.pth", "/old/w.pth")  # equal: accepted
+    with pytest.raises(BackboneError, match=rf"/w/x.pth.*sha256 {'c' * 64}.*/old/w.pth, sha256 {'a' * 64}.*--weights PATH"):
+        check_weights({**recorded, "path": "/w/x.pth", "sha256": "c" * 64}, recorded, "/w/x.pth", "/old/w.pth")
+    with pytest.raises(BackboneError, match=rf"tensor_sha256 {'d' * 64}.*tensor_sha256 {'b' * 64}"):
+        check_weights({**recorded, "path": "/w/x.pth", "tensor_sha256": "d" * 64}, recorded, "/w/x.pth")
+
+
+def test_without_the_dataset_the_check_uses_the_frames_the_store_keeps(trained, eager, tmp_path):
+    store = open_run_store(eager)
+    from_dataset = verification_frames(store)
+    assert from_dataset.origin.startswith("dataset") and len(from_dataset.rows) == 8
+    reference = check_parity(eager, store, from_dataset)
+    assert reference.passed
+
+    other = write_synthetic_dataset(tmp_path / "other", num_episodes=4, episode_length=16, image_size=(48, 64),
+                                    cameras=("top", "wrist"), with_env_state=True, seed=1)
+    with pytest.raises(DatasetError, match="not the dataset the store was extracted from"):
+        verification_frames(store, dataset=other)
+
+    no_frames = tmp_path / "old.zarr"  # a store from before stores kept frames
+    shutil.copytree(store.path, no_frames)
+    shutil.rmtree(no_frames / "verification")
+    moved = trained.dataset.with_name("moved")
+    trained.dataset.rename(moved)
+    try:
+        kept = verification_frames(store)
+        assert kept.origin == "store's kept frames"
+        np.testing.assert_array_equal(kept.rows, from_dataset.rows)
+        for a, b in zip(kept.images, from_dataset.images):  # the very frames extraction decoded
+            np.testing.assert_array_equal(a, b)
+        report = check_parity(eager, store, kept)
+        assert report.passed and report.max_abs_diff == reference.max_abs_diff
+        with pytest.raises(DinocacheError, match=r"is not there.*keeps no raw frames.*--dataset PATH.*--skip-verify"):
+            verification_frames(FeatureStore(no_frames))
+    finally:
+        moved.rename(trained.dataset)
+
+
+def test_half_precision_is_checked_with_a_wider_tolerance(trained, eager):
+    store = open_run_store(eager)
+    frames = verification_frames(store)
+    full = check_parity(eager, store, frames)
+    half = check_parity(build_fused_policy(trained.run, dtype="bfloat16"), store, frames)
+    assert half.passed and half.tolerance > 10 * full.tolerance
+    assert half.feature_error == pytest.approx(2.0**-11 + 4 * 2.0**-8)
+    assert half.max_abs_diff > full.max_abs_diff  # bfloat16 really is less precise
+
+
+def test_checkpoints_are_chosen_by_name_or_step(trained, tmp_path):
+    assert build_fused_policy(trained.run, checkpoint=30).step == 30
+    with pytest.raises(DinocacheError, match=r"no checkpoint 'best' \(the run has: 000030, last\)"):
+        export_policy(trained.run, tmp_path / "p.pt2", checkpoint="best", progress=False)
+
+
+# -- live runtime ---------------------------------------------------------------------------------
+
+
+def test_queue_queries_the_model_every_n_action_steps(trained, eager, live):
+    assert live.metadata["n_action_steps"] == 5  # as trained
+    policy = live.with_action_selection(n_action_steps=3)
+    obs = observations(trained, 10)
+    queried, actions = [], []
+    for o in obs:
+        actions.append(policy.select_action(o))
+        queried.append(policy.queried)
+    assert queried == [t % 3 == 0 for t in range(10)] and policy.queries == 4
+    for t, action in enumerate(actions):  # step t executes action t - t0 of the chunk predicted at t0
+        t0 = 3 * (t // 3)
+        np.testing.assert_allclose(action, chunk(eager, obs[t0])[t - t0].numpy(), rtol=0, atol=1e-6)
+    policy.reset()
+    policy.select_action(obs[5])
+    assert policy.queried
+
+
+def test_temporal_ensemble_is_the_weighted_average_of_every_chunk_covering_a_step(trained, eager, live):
+    coeff, steps = 0.3, 9
+    policy = live.with_action_selection(temporal_ensemble_coeff=coeff)
+    assert policy.metadata["n_action_steps"] == 1 and policy.metadata["temporal_ensemble_coeff"] == coeff
+    obs = observations(trained, steps)
+    chunks = [chunk(eager, o).double() for o in obs]
+    size = chunks[0].shape[0]
+    for t in range(steps):
+        action = policy.select_action(obs[t])
+        assert policy.queried
+        covering = [s for s in range(t + 1) if t - s < size]  # oldest first
+        weights = [math.exp(-coeff * i) for i in range(len(covering))]
+        expected = sum(w * chunks[s][t - s] for w, s in zip(weights, covering)) / sum(weights)
+        np.testing.assert_allclose(action, expected.numpy(), rtol=0, atol=1e-5)
+        if t >= 1:  # the average really differs from executing the newest or the oldest chunk alone
+            assert not np.allclose(action, chunks[t][0].numpy(), atol=1e-4)
+            assert not np.allclose(action, chunks[covering[0]][t - covering[0]].numpy(), atol=1e-4)
+
+
+def test_select_action_names_the_key_and_the_expected_shape(trained):
+    policy = load_policy(trained.run)  # the eager fused policy, straight from the run folder
+    good = observations(trained, 1)[0]
+    action = policy.select_action({"top": torch.from_numpy(good[TOP])[None], "wrist": good[WRIST],
+                                   STATE: torch.from_numpy(good[STATE]), ENV: good[ENV].tolist()})
+    assert action.dtype == np.float32 and action.shape == (4,)
+    cases = {
+        "missing camera": ({k: v for k, v in good.items() if k != WRIST},
+                           rf"no '{re.escape(WRIST)}' \(nor 'wrist'\).*{re.escape(WRIST)} uint8 \(48, 64, 3\)"),
+        "wrong size": ({**good, TOP: good[TOP][:40]}, r"observation.images.top'\]: expected a uint8 \(48, 64, 3\) image.*\(40, 64, 3\)"),
+        "float frames": ({**good, TOP: good[TOP] / 255.0}, r"got float64 \(48, 64, 3\).*convert float frames"),
+        "channels first": ({**good, TOP: good[TOP].transpose(2, 0, 1)}, r"\(3, 48, 64\) \(channels first"),
+        "state width": ({**good, STATE: good[STATE][:3]}, r"observation.state'\]: expected 4 values, shape \(4,\), got shape \(3,\)"),
+        "NaN state": ({**good, STATE: np.full(4, np.nan, np.float32)}, "NaN"),
+        "no env state": ({k: v for k, v in good.items() if k != ENV}, "observation.environment_state"),
+    }
+    for name, (obs, message) in cases.items():
+        with pytest.raises(ObservationError, match=message):
+            policy.select_action(obs)
+    assert issubclass(ObservationError, ValueError)
+
+
+def test_bench_policy_times_query_and_queued_steps(trained, live):
+    result = CliRunner().invoke(main, ["bench-policy", str(trained.run), "--steps", "3", "--warmup", "1"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"query step  p50 +[\d.]+ ms +p99 +[\d.]+ ms", result.output), result.output
+    assert "queued step p50" in result.output and "peak memory" in result.output
+    numbers = bench_policy(live, steps=3, warmup=1)
+    assert numbers.query_p50_ms > numbers.queued_p50_ms > 0 and numbers.query_p99_ms >= numbers.query_p50_ms
+    assert numbers.peak_memory_bytes > 100 * 2**20 and numbers.memory_kind == "process RSS high-water"
+    assert json.loads(json.dumps(numbers.to_dict()))["steps"] == 3
