@@ -30,3 +30,15 @@ def small_dataset(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "small", format="lerobot-v2.1",
                                    num_episodes=3, episode_length=14, image_size=(48, 64),
                                    cameras=("top", "wrist"), seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run several times faster, and reproducibly, on one
+    intra-op thread than on two; modules of such tests use it for every test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ TINY = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=2, n_d
             kl_weight=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run faster on one intra-op thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_batch(batch_size: int, size: tuple[int, int], cameras=("top",), state_dim=3, action_dim=2,

@@ -16,7 +16,6 @@ pytest.importorskip("gym_aloha")
 pytest.importorskip("dm_control")
 
 import av  # noqa: E402
-import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from dinocache.cli import main  # noqa: E402
@@ -30,13 +29,7 @@ from dinocache.sim.expert import ScriptedExpert, plan_joint_actions  # noqa: E40
 CAMERA = (84, 112)  # HxW: small, and 112 is a multiple of the ViT patch (14) after the extractor resizes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny heads on a shared 2-core machine run faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ TINY = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=2, n_d
 METRIC_KEYS = {"step", "loss", "l1", "kld", "grad_norm", "val_l1", "steps_per_s", "data_fraction", "samples"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny heads on a shared 2-core machine run ~10x faster on one intra-op thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
