@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from _machine import cpu_model
+
 from dinocache.pipeline.readers import DatasetSource, iter_episode_batches, open_dataset
 from dinocache.pipeline.synthetic import write_synthetic_dataset
 
@@ -95,16 +97,6 @@ def measure(name: str, path: Path, repeat: int,
     result = Result(name, frames, wall, cpu)
     print(f"  {name}: {result.fps:.0f} fps", file=sys.stderr)
     return result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

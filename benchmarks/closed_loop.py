@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BACKBONES = ("dinov2_vits14_reg", "resnet18")
@@ -71,21 +71,6 @@ def weights_label(weights: str, seed: int) -> str:
     if weights == "random":
         return f"random init (seed {seed}), not pretrained"
     return "pretrained (Hugging Face cache)" if weights == "auto" else f"pretrained ({Path(weights).name})"
-
-
-def machine(device: str) -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {"device": device, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor() or platform.machine()
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def choose_steps(args: argparse.Namespace, store: Path, work: Path, act: dict[str, Any], preset: str | None,
@@ -264,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     made = json.loads((demos / DEMOS_RECORD).read_text())
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "command": " ".join(["python benchmarks/closed_loop.py", *sys.argv[1:]]),
-        "machine": machine(device),
+        "machine": describe_machine(device),
         "demos": {"path": str(demos), "attempted": made["attempted"], "kept": made["kept"],
                   "seed": min(made["seeds"] + [f["seed"] for f in made["failed"]]), "seconds": made["seconds"],
                   "cameras": ",".join(made["cameras"]),

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from _machine import describe_machine
 
 DEFAULT_BACKBONES = ("resnet18", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov3_vits16",
                      "dinov2_vitb14_reg", "dinov3_vitb16")
@@ -275,20 +276,11 @@ def fused_latency(run: Path, task: dict[str, Any]) -> dict[str, Any]:
     """Live latency at batch 1 of the fused policy (backbone + normaliser + head) built from ``run``."""
     import torch
 
+    from dinocache.policy.fused import build_fused_policy
+
     device = task["device"]
     image = torch.randint(0, 256, (1, *task["camera_size"], 3), dtype=torch.uint8, device=device)
     state = torch.zeros(1, LOWDIM, device=device)
-    try:
-        from dinocache.policy.fused import build_fused_policy
-    except ImportError as err:  # the fused policy is not there: compose backbone + head by hand
-        source = f"backbone + head, composed by hand ({err})"
-        from dinocache.encoders.backbone import create_backbone
-        from dinocache.policy.checkpoint import load_head
-        from dinocache.policy.online import OnlineACT
-
-        head, _, _ = load_head(run, device=device)
-        backbone = create_backbone(task["backbone"], weights="random", image_size=task["image_size"], device=device)
-        return {**online_latency(OnlineACT(head, backbone), task), "latency_source": source}
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     policy = build_fused_policy(run, device=device, dtype=dtype)
     with torch.no_grad():
@@ -408,22 +400,6 @@ def run_child(task: dict[str, Any]) -> dict[str, Any]:
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
     print(f"    {shown}", file=sys.stderr, flush=True)
     return result
-
-
-def machine(device: str, threads: int | None) -> dict[str, Any]:
-    import timm
-    import torch
-
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                            "torch_threads": threads or torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor() or platform.machine()
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def size_label(size: Any) -> str:
@@ -585,7 +561,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     rows = rows_of(results, frames, args.device)
-    info = machine(args.device, args.threads)
+    info = describe_machine(args.device, args.threads)
     command = "python benchmarks/compare_backbones.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     table = markdown_table(rows, args.device)
     summary = headline(rows)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
@@ -54,11 +53,6 @@ def main() -> None:
       dinocache train features.zarr --out runs/act1
       dinocache export runs/act1 --out policy.pt2
     """
-
-
-def _not_built(stage: str, issue: str) -> NoReturn:
-    click.echo(f"dinocache: `{stage}` is not built yet ({issue}); nothing was done.", err=True)
-    sys.exit(3)
 
 
 @main.command()
