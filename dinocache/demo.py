@@ -33,8 +33,11 @@ SAMPLE_RECIPE: dict[str, Any] = dict(format="lerobot-v2.1", num_episodes=12, epi
                                      image_size=(96, 128), cameras=("top", "wrist"), fps=30,
                                      state_dim=6, action_dim=6, seed=7)
 #: A head that learns the sample in a couple of minutes on a CPU; every other field keeps ACT's default.
-DEMO_HEAD: dict[str, Any] = dict(chunk_size=20, n_action_steps=20, dim_model=128, dim_feedforward=512,
-                                 n_encoder_layers=2, n_vae_encoder_layers=2, optimizer_lr=3e-4)
+#: It acts with the ACT paper's temporal ensembling (a query every step, chunks blended with
+#: ``exp(-0.01 i)``): the sample's disc keeps moving, and executing 20 predicted actions open loop, as
+#: a plain action queue does, drifts from it.
+DEMO_HEAD: dict[str, Any] = dict(chunk_size=20, n_action_steps=1, temporal_ensemble_coeff=0.01, dim_model=128,
+                                 dim_feedforward=512, n_encoder_layers=2, n_vae_encoder_layers=2, optimizer_lr=3e-4)
 _MARKER = ".dinocache-demo"
 
 
@@ -75,7 +78,7 @@ class DemoConfig:
     image_size: str = "112"
     steps: int = 600
     batch_size: int = 16
-    control_steps: int = 40
+    control_steps: int | None = None  # per held-out episode; None: every step
     device: str | None = None
     dataset: Path | None = None  # default: the bundled sample
     progress: bool = True
@@ -90,6 +93,7 @@ class DemoResult:
     artefacts: dict[str, Path] = field(default_factory=dict)
     val_l1: float | None = None
     baseline_val_l1: float | None = None
+    live_episodes: int = 0
     live_mae: float | None = None
     live_baseline_mae: float | None = None
     parity_max_abs_diff: float | None = None
@@ -106,7 +110,7 @@ def _prepare_out(out: Path) -> None:
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
-    """Extract, train, export, then drive the exported policy for a few steps of a held-out episode."""
+    """Extract, train, export, then drive the exported policy through the held-out episodes, step by step."""
     from dinocache.pipeline.extract import ExtractConfig, extract
     from dinocache.pipeline.inspect import pca_picture
     from dinocache.pipeline.store import FeatureStore
@@ -141,13 +145,16 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
                              progress=cfg.progress)
     result.parity_max_abs_diff = exported.max_abs_diff
 
-    echo(f"[4/4] live: select_action on {cfg.control_steps} steps of a held-out episode")
+    episodes = json.loads((paths["run"] / "run.json").read_text())["split"]["val"]
+    steps = "every step" if cfg.control_steps is None else f"{cfg.control_steps} steps"
+    echo(f"[4/4] live: select_action on {steps} of held-out episodes {episodes}")
+    result.live_episodes = len(episodes)
     result.live_mae, result.live_baseline_mae = _drive(paths["policy"], dataset, paths["run"], cfg)
     return result
 
 
 def _drive(policy_path: Path, dataset: Path, run_dir: Path, cfg: DemoConfig) -> tuple[float, float]:
-    """Feed a validation episode's frames and states to the policy one step at a time, as a robot would.
+    """Feed the validation episodes' frames and states to the policy one step at a time, as a robot would.
 
     Returns the mean absolute error of the chosen actions against the demonstrated ones, and that of
     always answering the training set's mean action (the bar any policy has to clear).
@@ -156,22 +163,21 @@ def _drive(policy_path: Path, dataset: Path, run_dir: Path, cfg: DemoConfig) -> 
     from dinocache.pipeline.readers import open_dataset
 
     run = json.loads((run_dir / "run.json").read_text())
-    episode = run["split"]["val"][0]
     mean_action = np.asarray(run["normalization"]["action"]["mean"], dtype=np.float32)
     policy = load_policy(policy_path, device=cfg.device or "cpu")
     source = open_dataset(dataset)
-    lowdim = source.read_lowdim(episode)
-    steps = min(cfg.control_steps, len(lowdim["action"]))
-    frames = {camera: source.read_frames(episode, camera)[:steps] for camera in policy.metadata["cameras"]}
-    policy.reset()
-    chosen = np.stack([
-        policy.select_action({**{camera: frames[camera][t] for camera in frames},
-                              "observation.state": lowdim["observation.state"][t]})
-        for t in range(steps)
-    ])
-    demonstrated = lowdim["action"][:steps]
-    return (float(np.abs(chosen - demonstrated).mean()),
-            float(np.abs(mean_action[None] - demonstrated).mean()))
+    chosen, demonstrated = [], []
+    for episode in run["split"]["val"]:
+        lowdim = source.read_lowdim(episode)
+        steps = len(lowdim["action"]) if cfg.control_steps is None else min(cfg.control_steps, len(lowdim["action"]))
+        frames = {camera: source.read_frames(episode, camera)[:steps] for camera in policy.metadata["cameras"]}
+        policy.reset()
+        chosen += [policy.select_action({**{camera: frames[camera][t] for camera in frames},
+                                         "observation.state": lowdim["observation.state"][t]})
+                   for t in range(steps)]
+        demonstrated.append(lowdim["action"][:steps])
+    actual = np.concatenate(demonstrated)
+    return float(np.abs(np.stack(chosen) - actual).mean()), float(np.abs(mean_action[None] - actual).mean())
 
 
 def format_result(result: DemoResult) -> str:
@@ -184,8 +190,8 @@ def format_result(result: DemoResult) -> str:
         lines.append(f"  export parity: fused policy vs head on cached features, max |diff| "
                      f"{result.parity_max_abs_diff:.2e}")
     if result.live_mae is not None:
-        lines.append(f"  live control on a held-out episode: action error {result.live_mae:.4f} vs "
-                     f"{result.live_baseline_mae:.4f} for the mean action")
+        lines.append(f"  live control on {result.live_episodes} held-out episodes: action error {result.live_mae:.4f} "
+                     f"vs {result.live_baseline_mae:.4f} for the mean action")
     if result.weights_source == "random":
         lines.append("  (random backbone weights: pass --weights PATH or set $DINOCACHE_WEIGHTS for real features)")
     return "\n".join(lines)
@@ -201,12 +207,12 @@ def format_result(result: DemoResult) -> str:
 @click.option("--image-size", default=DemoConfig.image_size, show_default=True, help="Backbone input size, H or HxW.")
 @click.option("--steps", default=DemoConfig.steps, show_default=True, help="Training steps.")
 @click.option("--batch-size", default=DemoConfig.batch_size, show_default=True)
-@click.option("--control-steps", default=DemoConfig.control_steps, show_default=True,
-              help="Live select_action steps on a held-out episode.")
+@click.option("--control-steps", type=int, default=None,
+              help="Live select_action steps per held-out episode [default: every step].")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo_command(out: Path, backbone: str, weights: str | None, image_size: str, steps: int, batch_size: int,
-                 control_steps: int, device: str | None, no_progress: bool) -> None:
+                 control_steps: int | None, device: str | None, no_progress: bool) -> None:
     """Run all three stages on the sample dataset shipped with dinocache: extract -> train -> export -> act.
 
     \b

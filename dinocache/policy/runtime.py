@@ -141,7 +141,7 @@ class PolicyRuntime:
 
     def _vector(self, key: str, value: Any) -> Tensor:
         dim = self._vectors[key]
-        tensor = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float32))
+        tensor = value if isinstance(value, Tensor) else torch.tensor(np.asarray(value, dtype=np.float32))
         if tuple(tensor.shape) not in ((dim,), (1, dim)):
             raise ObservationError(f"observation[{key!r}]: expected {dim} values, shape ({dim},), got shape "
                                    f"{tuple(tensor.shape)}")
