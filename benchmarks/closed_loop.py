@@ -20,6 +20,9 @@ With real weights:
 
 Other examples:
 
+    # what docs/benchmarks.md records for a 2-core CPU: a narrower head, ViT-S at 112 px (an 8x8 grid,
+    # close to ResNet18's 7x7 at 224), about 22 min of training per backbone
+    python benchmarks/closed_loop.py --head small --image-size dinov2_vits14_reg=112x112,resnet18=224x224 --train-minutes 22
     python benchmarks/closed_loop.py --demos /tmp/sim50/demos      # reuse demos already made
     python benchmarks/closed_loop.py --smoke --work /tmp/cl_smoke --record none   # plumbing check, minutes
 """
