@@ -12,7 +12,7 @@ exports whole with ``torch.export`` and to ONNX.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
 from dinocache.policy.normalize import Normalizer
 from dinocache.policy.provenance import rebuild_backbone
 
-__all__ = ["FusedPolicy", "build_fused_policy", "parse_dtype", "DTYPES"]
+__all__ = ["FusedPolicy", "build_fused_policy", "camera_features", "parse_dtype", "DTYPES"]
 
 #: Compute precisions of the fused policy, by the name ``--dtype`` takes.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,7 +90,8 @@ class FusedPolicy(nn.Module):
         if len(images) != len(self.cameras):
             raise ValueError(f"the fused policy takes {len(self.cameras)} images ({', '.join(self.cameras)}), "
                              f"got {len(images)}")
-        batch = self._features(list(images))
+        batch = camera_features(self.backbone, list(images), self.inputs.camera_names,
+                                self.spec.config.use_cls_token)
         batch[OBS_STATE] = self.normalizer.normalize(OBS_STATE, state.float())
         if self.has_env_state:
             if env_state is None:
@@ -101,24 +102,28 @@ class FusedPolicy(nn.Module):
             actions, _ = self.head(batch)
         return self.normalizer.unnormalize(ACTION, actions.float())
 
-    def _features(self, images: list[Tensor]) -> dict[str, Tensor]:
-        """Each camera's grid (and CLS) under the head's batch keys.
 
-        Cameras of one size go through the backbone as one batch (one call, better use of a GPU);
-        the shapes are static, so the choice is made once, at trace time.
-        """
-        if len(images) > 1 and all(image.shape == images[0].shape for image in images):
-            grid, cls = self.backbone(torch.cat(images))
-            n = len(images)  # camera-major rows: unflatten, not split, keeps the batch size symbolic
-            outputs = list(zip(grid.unflatten(0, (n, -1)).unbind(0), cls.unflatten(0, (n, -1)).unbind(0)))
-        else:
-            outputs = [self.backbone(image) for image in images]
-        batch: dict[str, Tensor] = {}
-        for name, (grid, cls) in zip(self.inputs.camera_names, outputs):
-            batch[ACTInputs.feature_key(name)] = grid
-            if self.spec.config.use_cls_token:
-                batch[ACTInputs.cls_key(name)] = cls
-        return batch
+def camera_features(encoder: Callable[[Tensor], tuple[Tensor, Tensor]], images: list[Tensor],
+                    camera_names: Sequence[str], use_cls_token: bool) -> dict[str, Tensor]:
+    """Each camera's grid (and CLS, with ``use_cls_token``) under the head's batch keys.
+
+    ``encoder`` maps uint8 ``(B, H, W, 3)`` frames to ``(grid, cls)``: the frozen backbone here and
+    in the online baseline, or ACT's fine-tuned ResNet there. Cameras of one size go through it as
+    one batch (one call, better use of a GPU); shapes are static, so under ``torch.export`` the
+    choice is made once, at trace time.
+    """
+    if len(images) > 1 and all(image.shape == images[0].shape for image in images):
+        grid, cls = encoder(torch.cat(images))
+        n = len(images)  # camera-major rows: unflatten, not split, keeps the batch size symbolic
+        outputs = list(zip(grid.unflatten(0, (n, -1)).unbind(0), cls.unflatten(0, (n, -1)).unbind(0)))
+    else:
+        outputs = [encoder(image) for image in images]
+    batch: dict[str, Tensor] = {}
+    for name, (grid, cls) in zip(camera_names, outputs):
+        batch[ACTInputs.feature_key(name)] = grid
+        if use_cls_token:
+            batch[ACTInputs.cls_key(name)] = cls
+    return batch
 
 
 def _drop_training_only(head: ACTHead) -> None:

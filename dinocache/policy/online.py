@@ -38,6 +38,7 @@ from dinocache.encoders.preprocess import ImageSize
 from dinocache.errors import BackboneError
 from dinocache.policy.act import ACTHead
 from dinocache.policy.config import ACTConfig, ACTInputs
+from dinocache.policy.fused import camera_features
 
 __all__ = ["IMAGES_PREFIX", "image_key", "FinetunedConvNet", "OnlineACT", "build_online_act"]
 
@@ -96,23 +97,11 @@ class OnlineACT(nn.Module):
         return any(p.requires_grad for p in self.encoder.parameters())
 
     def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Every camera's grid (and CLS, with ``use_cls_token``) under the head's batch keys.
-
-        Cameras of one size go through the backbone as one batch, as in the fused live policy.
-        """
+        """Every camera's grid (and CLS, with ``use_cls_token``) under the head's batch keys, as in the
+        fused live policy (:func:`~dinocache.policy.fused.camera_features`)."""
         names = self.head.inputs.camera_names
-        images = [batch[image_key(name)] for name in names]
-        if len(images) > 1 and all(image.shape == images[0].shape for image in images):
-            grid, cls = self.encoder(torch.cat(images))
-            outputs = list(zip(grid.chunk(len(images)), cls.chunk(len(images))))
-        else:
-            outputs = [self.encoder(image) for image in images]
-        features: dict[str, Tensor] = {}
-        for name, (grid, cls) in zip(names, outputs):
-            features[ACTInputs.feature_key(name)] = grid
-            if self.head.config.use_cls_token:
-                features[ACTInputs.cls_key(name)] = cls
-        return features
+        return camera_features(self.encoder, [batch[image_key(name)] for name in names], names,
+                               self.head.config.use_cls_token)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         lowdim = {key: value for key, value in batch.items() if not key.startswith(IMAGES_PREFIX)}
