@@ -156,13 +156,14 @@ def inspect(store: Path, pca: Path | None, frames: int, quick: bool) -> None:
     from dinocache.pipeline.store import FeatureStore
 
     feature_store = FeatureStore(store)
-    click.echo(describe(feature_store))
-    if not quick:
-        problems = verify(feature_store)
-        click.echo("verify      " + ("every frame is written (no NaN)" if not problems else "; ".join(problems)))
+    problems = None if quick else verify(feature_store)
+    click.echo(describe(feature_store, problems))
+    if problems is not None:
+        click.echo("verify      " + ("every array reads and every frame is written (no NaN)" if not problems
+                                     else "; ".join(problems)))
     if pca is not None:
         click.echo(f"pca         {pca_picture(feature_store, pca, num_frames=frames)}")
-    if not quick and problems:
+    if problems:
         sys.exit(1)
 
 

@@ -20,3 +20,8 @@ class DatasetError(DinocacheError):
 
 class StoreError(DinocacheError):
     """A feature store that is corrupt, incomplete, or built differently from what is asked."""
+
+
+class TrainingError(DinocacheError):
+    """A training run that cannot start or go on: a meaningless option, a taken run folder, a loss
+    that stopped being finite."""

@@ -8,15 +8,26 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from dinocache.errors import DinocacheError
+from dinocache.errors import DinocacheError, StoreError
 from dinocache.pipeline.extract import store_bytes
 from dinocache.pipeline.store import FeatureStore
 
 
-def describe(store: FeatureStore) -> str:
-    """Provenance, shapes, sizes on disk, completeness and low-dimensional statistics, as text."""
+def describe(store: FeatureStore, problems: list[str] | None = None) -> str:
+    """Provenance, shapes, sizes on disk, completeness and low-dimensional statistics, as text.
+
+    ``problems`` are what :func:`verify` found (None: not verified). Unit markers only say a unit was
+    written once, so a store whose markers are all set but whose frames read as NaN is reported
+    incomplete, not complete.
+    """
     p = store.provenance
     done = store.done_units()
+    if not done.all():
+        completeness = f"{int(done.sum())}/{len(done)} units  (INCOMPLETE: re-run extract)"
+    elif problems:
+        completeness = f"incomplete: all {len(done)} units are marked done, but verify finds damage (below)"
+    else:
+        completeness = f"{len(done)}/{len(done)} units" + ("  (not verified: --quick)" if problems is None else "")
     weights = p.get("weights", {})
     wdesc = (f"random (seed {weights.get('seed')})" if weights.get("source") == "random"
              else f"{weights.get('source')} sha256 {str(weights.get('sha256'))[:16]}...")
@@ -28,7 +39,7 @@ def describe(store: FeatureStore) -> str:
         f"frames      {store.num_frames} in {len(store.episodes())} episodes at {p.get('fps')} fps",
         f"storage     {p['dtype']}, chunks of {p['chunk_frames']} frames, units (shards) of {p['unit_frames']}, "
         f"compression {p['compression']}, {store_bytes(store.path) / 2**20:.1f} MiB on disk",
-        f"complete    {int(done.sum())}/{len(done)} units" + ("" if done.all() else "  (INCOMPLETE: re-run extract)"),
+        f"complete    {completeness}",
     ]
     for camera in store.cameras:
         h, w, c = store.grid_shape(camera)
@@ -41,20 +52,35 @@ def describe(store: FeatureStore) -> str:
 
 
 def verify(store: FeatureStore, progress: bool = True) -> list[str]:
-    """Read every feature chunk (checksums included) and report units not done or frames still NaN."""
+    """Read every array (checksums included) and report units not done, unreadable chunks, and frames
+    or values that read as NaN: a shard file never written, or lost since its unit was marked done."""
     problems = []
     done = store.done_units()
     if not done.all():
         problems.append(f"{int((~done).sum())} of {len(done)} units not done")
     for camera in store.cameras:
-        bad = 0
+        nan = 0
         for unit in tqdm(range(store.num_units), desc=f"verify {camera}", disable=not progress, leave=False):
             start, stop = store.unit_range(unit)
-            patch = store.patch(camera, slice(start, stop))
-            bad += int(np.isnan(patch.reshape(len(patch), -1)).any(axis=1).sum())
-            bad += int(np.isnan(store.cls(camera, slice(start, stop))).any(axis=1).sum())
-        if bad:
-            problems.append(f"camera {camera!r}: {bad} frame(s) contain NaN (never written)")
+            try:
+                patch, cls = store.patch(camera, slice(start, stop)), store.cls(camera, slice(start, stop))
+            except StoreError as err:
+                problems.append(str(err).removeprefix(f"{store.path}: "))
+                continue
+            nan += int((np.isnan(patch.reshape(len(patch), -1)).any(axis=1) | np.isnan(cls).any(axis=1)).sum())
+        if nan:
+            problems.append(f"camera {camera!r}: {nan} frame(s) contain NaN (never written, or the shard file is lost)")
+    for name in store.array_names():
+        if name.startswith("cameras/"):
+            continue
+        try:
+            values = store.read(name)
+        except StoreError as err:
+            problems.append(str(err).removeprefix(f"{store.path}: "))
+            continue
+        if values.dtype.kind == "f" and np.isnan(values).any():
+            problems.append(f"array {name!r}: {int(np.isnan(values).sum())} value(s) are NaN (never written, "
+                            f"or its file is lost)")
     return problems
 
 

@@ -301,9 +301,12 @@ class FeatureStore:
         return {name: self.read(f"stats/{key}/{name}") for name in ("mean", "std", "min", "max")}
 
     def check_identity(self, wanted: Mapping[str, Any], hint: str = "") -> None:
-        """Refuse, naming every differing key with both values, when the store is not what is wanted."""
-        diffs = [f"{key}: store has {self.provenance.get(key)!r}, asked for {value!r}"
-                 for key, value in wanted.items() if self.provenance.get(key) != value]
+        """Refuse, naming every differing key with both values, when the store is not what is wanted.
+
+        Nested provenance (``backbone``, ``weights``, ``preprocess``...) is compared field by field,
+        so the refusal names ``backbone.name`` and its two values rather than two whole dictionaries.
+        """
+        diffs = [diff for key, value in wanted.items() for diff in _differences(key, self.provenance.get(key), value)]
         if diffs:
             raise StoreError(f"{self.path} was built differently ({'; '.join(diffs)})" + (f"; {hint}" if hint else ""))
 
@@ -337,12 +340,13 @@ class FeatureStore:
             raise StoreError(f"{self.path}: no array {name!r} in the store") from None
 
     def read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
-        """Read (part of) an array; a failed checksum or decode names the array."""
+        """Read (part of) an array; a failed checksum or decode names the array, its file and frames."""
         array = self._array(name)
         try:
             return array[selection]
         except Exception as err:  # noqa: BLE001 - checksum and codec failures surface as several types
-            raise StoreError(f"{self.path}: array {name!r} is corrupt or unreadable ({type(err).__name__}: {err})") from err
+            raise StoreError(f"{self.path}: array {name!r} is corrupt or unreadable{_damage(name, array, selection)} "
+                             f"({type(err).__name__}: {err})") from err
 
     def patch(self, camera: str, selection: Any = slice(None)) -> np.ndarray:
         return self.read(f"cameras/{camera}/patch", selection)
@@ -356,6 +360,41 @@ class FeatureStore:
             yield name
         for gname, group in self.root.groups():
             yield from (f"{gname}/{name}" for name, _ in _walk_arrays(group))
+
+
+def _damage(name: str, array: zarr.Array, selection: Any) -> str:
+    """Where in ``array`` a failed read went wrong: the first chunk of ``selection`` that does not read,
+    as its file (the shard holding it) and its frame range, so the user knows what to re-extract."""
+    frames, step, per_file = array.shape[0], array.chunks[0], (array.shards or array.chunks)
+    if isinstance(selection, slice):
+        start, stop, _ = selection.indices(frames)
+    elif isinstance(selection, (int, np.integer)):
+        start = int(selection) % frames
+        stop = start + 1
+    else:
+        start, stop = 0, frames
+    for lo in range(start - start % step, stop, step):
+        try:
+            array[lo:lo + step]
+        except Exception:  # noqa: BLE001 - the chunk that fails, whatever the codec raises
+            single_file = all(c >= n for c, n in zip(per_file[1:], array.shape[1:]))
+            key = "/".join([name, "c", str(lo // per_file[0]), *["0"] * (array.ndim - 1)])
+            return f" in {key if single_file else 'the chunk'} holding frames {lo}-{min(lo + step, frames) - 1}"
+    return ""
+
+
+def _differences(key: str, have: Any, want: Any) -> list[str]:
+    """``key: store has X, asked for Y`` for every leaf that differs, dictionaries walked by field."""
+    if isinstance(have, Mapping) and isinstance(want, Mapping):
+        return [diff for sub in sorted(set(have) | set(want), key=str)
+                for diff in _differences(f"{key}.{sub}", have.get(sub), want.get(sub))]
+    return [] if have == want else [f"{key}: store has {_short(have)}, asked for {_short(want)}"]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: a list of 10 000 episode indices must not fill the screen."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def _walk_arrays(group: zarr.Group) -> Iterable[tuple[str, zarr.Array]]:

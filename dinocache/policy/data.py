@@ -423,10 +423,29 @@ class CachedFeatures:
         return self.store.num_frames * self.bytes_per_frame
 
     # -- loading -----------------------------------------------------------------------------------
-    def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+    def _array_name(self, key: str) -> str:
+        """The store array behind a batch key: ``cameras/<camera>/patch`` or ``cameras/<camera>/cls``."""
         kind, _, name = key.partition(".")
-        read = self.store.patch if kind + "." == FEATURES_PREFIX else self.store.cls
-        return read(self.camera_keys[name], slice(start, stop))
+        return f"cameras/{self.camera_keys[name]}/{'patch' if kind + '.' == FEATURES_PREFIX else 'cls'}"
+
+    def _read(self, key: str, start: int, stop: int) -> Tensor:
+        """Store rows ``start..stop-1`` of one feature table, refused if any value is NaN or inf.
+
+        ``units/done`` only says a unit was written once: a shard file deleted or lost since reads
+        as Zarr's NaN fill value, and a single NaN frame makes the loss, then every weight, NaN
+        at the first step that draws it. Checking here costs one pass over data just read from
+        disk, and catches it before training on it (in memory) or as its chunk arrives (streamed).
+        """
+        name = self._array_name(key)
+        values = torch.from_numpy(self.store.read(name, slice(start, stop)))
+        if not torch.isfinite(values).all():
+            bad = torch.nonzero(~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)).flatten() + start
+            raise StoreError(
+                f"{self.store.path}: array {name!r} holds NaN or inf in {len(bad)} frame(s) of {start}-{stop - 1} "
+                f"(first {int(bad[0])}, last {int(bad[-1])}) although every unit is marked done: a shard file is "
+                f"missing or damaged. Check it with `dinocache inspect`, then re-extract (--overwrite)"
+            )
+        return values
 
     def _load_all(self, progress: bool) -> Block:
         """Read every feature array into RAM, one shard (work unit) at a time."""
@@ -439,7 +458,7 @@ class CachedFeatures:
         with tqdm(total=n * len(tables), unit="frame", desc="load features", disable=not progress, leave=False) as bar:
             for key, table in tables.items():
                 for start, stop in units:
-                    table[start:stop] = torch.from_numpy(self._read(key, start, stop))
+                    table[start:stop] = self._read(key, start, stop)
                     bar.update(stop - start)
         return Block(tables)
 
@@ -459,7 +478,7 @@ class CachedFeatures:
             self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dinocache-read")
         tables = {}
         for key in self._table_shapes():
-            parts = self._readers.map(lambda run, key=key: torch.from_numpy(self._read(key, *run)), runs)
+            parts = self._readers.map(lambda run, key=key: self._read(key, *run), runs)
             tables[key] = torch.cat(list(parts))
         return Block(tables, chunks=np.asarray(chunks), chunk_frames=cf)
 

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,12 +33,12 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dinocache.errors import DinocacheError
+from dinocache.errors import DinocacheError, TrainingError
 from dinocache.pipeline.store import IDENTITY_KEYS, FeatureStore
 from dinocache.policy.act import ACTHead
 from dinocache.policy.checkpoint import (
-    BEST, LAST, METRICS_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir, load_training_state,
-    restore_rng, save_checkpoint, write_json,
+    BEST, CHECKPOINTS, LAST, METRICS_FILE, MODEL_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir,
+    checkpoint_step, load_training_state, restore_rng, save_checkpoint, write_json,
 )
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEEDFORWARD_ACTIVATIONS, ACTConfig
 from dinocache.policy.data import (
@@ -57,8 +58,14 @@ class TrainConfig:
     """Everything ``dinocache train`` is asked to do (see ``--help`` and ``docs/training.md``).
 
     ``batch_size``, ``seed``, ``val_episodes``, ``val_frames``, ``preset`` and ``act`` define the run:
-    on ``resume`` the recorded values are used, and a value given here that differs from its default
-    must agree with the record. The other fields may change between a run and its resumption.
+    on ``resume`` the recorded values are used, and a value the user gave must agree with the record,
+    whatever it is. ``given`` names the fields the user gave (the command line knows, from click's
+    parameter source); left None (the Python API, where an argument equal to its default cannot be
+    told from an omitted one), the fields that differ from their defaults count as given. The other
+    fields may change between a run and its resumption.
+
+    Values are checked when the config is made, so that a meaningless one (``batch_size=0``) is
+    refused before any folder exists.
     """
 
     store: Path
@@ -79,6 +86,22 @@ class TrainConfig:
     window_frames: int | None = None
     resume: bool = False
     progress: bool = True
+    given: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        minimum = {"steps": 1, "batch_size": 1, "val_frames": 0, "eval_every": 1, "save_every": 1, "log_every": 1}
+        if self.window_frames is not None:
+            minimum["window_frames"] = 1
+        for name, least in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TrainingError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least {least}")
+
+    def is_given(self, name: str) -> bool:
+        """Whether the user set option ``name`` (see the class docstring)."""
+        if self.given is not None:
+            return name in self.given
+        return getattr(self, name) != getattr(TrainConfig(store=self.store, out=self.out), name)
 
 
 @dataclass
@@ -141,14 +164,13 @@ def resolve_act_config(preset: str | None, overrides: dict[str, Any], store: Fea
 def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, store: FeatureStore, split: list[int]) -> None:
     """Refuse to resume onto another store, or with a changed option that defines the run."""
     conflicts = []
-    defaults = TrainConfig(store=cfg.store, out=cfg.out)
-    for name in ("batch_size", "seed", "val_frames"):
+    for name in _RUN_OPTIONS:
         given, was = getattr(cfg, name), recorded["train"][name]
-        if given != getattr(defaults, name) and given != was:
+        if cfg.is_given(name) and given != was:
             conflicts.append(f"--{name.replace('_', '-')} {given} (the run has {was})")
-    if cfg.val_episodes != defaults.val_episodes and split != recorded["split"]["val"]:
+    if cfg.is_given("val_episodes") and split != recorded["split"]["val"]:
         conflicts.append(f"--val-episodes selects {split} (the run validates on {recorded['split']['val']})")
-    if cfg.preset is not None and cfg.preset != recorded["preset"]:
+    if cfg.is_given("preset") and cfg.preset != recorded["preset"]:
         conflicts.append(f"--preset {cfg.preset} (the run has {recorded['preset']})")
     for name, value in cfg.act.items():
         if recorded["act_config"].get(name) != value:
@@ -353,27 +375,70 @@ def _open_run(cfg: TrainConfig, store: FeatureStore, procs: _Processes) -> tuple
     """What the run is: a new one built from ``cfg``, or the recorded one that ``cfg.resume`` continues.
 
     Returns the head configuration, the options that define the run (``preset``, ``batch_size``,
-    ``seed``, ``val_frames``, ``split``), and whether it resumes. Every process decides the same
-    before rank 0 writes anything (hence the barrier).
+    ``seed``, ``val_frames``, ``split``), and whether a checkpoint is to be loaded: a recorded run
+    with no checkpoint yet (its process was killed before the first one) starts again from step 0
+    with its recorded options. Every process decides the same before rank 0 writes anything (hence
+    the barrier).
     """
     run_dir = Path(cfg.out)
     split = split_episodes([index for index, *_ in store.episodes()], cfg.val_episodes)
+    has_checkpoint = (checkpoint_dir(run_dir, LAST) / MODEL_FILE).is_file()
     if cfg.resume:
-        if not (checkpoint_dir(run_dir, LAST) / "model.safetensors").is_file():
-            raise DinocacheError(f"{run_dir}: nothing to resume (no {checkpoint_dir(run_dir, LAST)})")
+        if not (run_dir / RUN_FILE).is_file():
+            raise TrainingError(f"{run_dir}: nothing to resume (no {RUN_FILE}); start the run without --resume")
         recorded = json.loads((run_dir / RUN_FILE).read_text())
         _check_resume(recorded, cfg, store, split.val)
         config = ACTConfig.from_dict(recorded["act_config"])
         options = {**recorded["train"], "preset": recorded["preset"], "split": EpisodeSplit(**recorded["split"])}
     else:
         if (run_dir / RUN_FILE).exists():
-            raise DinocacheError(f"{run_dir} already holds a training run; pass --resume to continue it, "
-                                 f"or choose another --out")
+            how = ("continue it" if has_checkpoint else
+                   "start it again with its recorded options (it stopped before its first checkpoint)")
+            raise TrainingError(f"{run_dir} already holds a training run; pass --resume to {how}, "
+                                f"or choose another --out")
         config = resolve_act_config(cfg.preset, cfg.act, store)
         options = {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_frames": cfg.val_frames,
                    "preset": cfg.preset, "split": split}
     procs.barrier()
-    return config, options, cfg.resume
+    return config, options, cfg.resume and has_checkpoint
+
+
+def _claim_run(run_dir: Path, record: dict[str, Any]) -> None:
+    """Write ``run.json`` only if no other run has: two ``train --out`` racing for one folder get one winner.
+
+    The record is written whole beside it and hard-linked into place, which fails if the name exists.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{RUN_FILE}.{os.getpid()}"
+    write_json(tmp, record)
+    try:
+        os.link(tmp, run_dir / RUN_FILE)
+    except FileExistsError:
+        raise TrainingError(f"{run_dir} already holds a training run (another process just started it); "
+                            f"choose another --out") from None
+    finally:
+        tmp.unlink()
+
+
+def _release_run(run_dir: Path) -> None:
+    """Undo :func:`_claim_run` for a run that died before its first checkpoint: with nothing to resume,
+    its record would only lock the folder. The folder goes too when nothing else is left in it."""
+    for name in (RUN_FILE, METRICS_FILE, PLOT_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _padding_warning(data: CachedFeatures, rows: np.ndarray, episodes: list[tuple[int, int, int, str]]) -> str | None:
+    """A warning when the action chunk is longer than every episode: most of each window is then padding."""
+    longest = max(length for _, _, length, _ in episodes)
+    if data.chunk_size <= longest or not len(rows):
+        return None
+    _, is_pad = action_windows(torch.from_numpy(rows), data.episode_end, data.chunk_size)
+    return (f"dinocache: warning: --chunk-size {data.chunk_size} is longer than every episode (the longest has "
+            f"{longest} frames): {100 * is_pad.float().mean().item():.0f}% of the training action windows is "
+            f"padding, which the loss ignores; a chunk shorter than the episodes trains on more real actions")
 
 
 def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
@@ -417,11 +482,33 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
     else:
         if procs.rank:
             torch.manual_seed(seed + procs.rank)  # same initial weights (DDP broadcasts rank 0's), own noise
-        if procs.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / RUN_FILE, {**spec.to_dict(), "train": {k: options[k] for k in _RUN_OPTIONS},
-                                            "split": dataclasses.asdict(split), "world_size": procs.world_size,
-                                            "baseline_val_l1": baseline})
+        if procs.main and cfg.resume:  # a recorded run that died before its first checkpoint starts again
+            _truncate_metrics(run_dir / METRICS_FILE, 0)
+        elif procs.main:
+            _claim_run(run_dir, {**spec.to_dict(), "train": {k: options[k] for k in _RUN_OPTIONS},
+                                 "split": dataclasses.asdict(split), "world_size": procs.world_size,
+                                 "baseline_val_l1": baseline})
+    try:
+        return _loop(cfg, procs, data, head, optimizer, spec, options, train_rows, val_rows, baseline, step, best_val,
+                     t_begin)
+    except BaseException:
+        if procs.main and not checkpoint_dir(run_dir, LAST).exists():
+            _release_run(run_dir)
+        raise
+
+
+def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHead, optimizer: torch.optim.Optimizer,
+          spec: PolicySpec, options: dict[str, Any], train_rows: np.ndarray, val_rows: np.ndarray,
+          baseline: float | None, step: int, best_val: float, t_begin: float) -> TrainResult:
+    """The training steps from ``step`` to ``cfg.steps``, with validation, logging and checkpoints.
+
+    A step whose gradient norm is not finite (a NaN or inf loss, or an overflow in the backward pass)
+    stops the run before the optimiser applies it: after one such update every weight is NaN, and a
+    head trained on to the end would export actions that are NaN. The norm is taken after DDP's
+    all-reduce, so every process stops at the same step.
+    """
+    device, run_dir, config = procs.device, Path(cfg.out), spec.config
+    batch_size, seed, split = options["batch_size"], options["seed"], options["split"]
     if cfg.compile:  # the head's forward only: compute_loss reads scalars (.item()), a graph break
         head.compile()
     model: nn.Module = _LossModule(head)
@@ -432,6 +519,8 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
     if procs.main and baseline is not None:
         tqdm.write(f"dinocache: {len(split.train)} train / {len(split.val)} val episodes; validation L1 of "
                    f"predicting the mean action: {baseline:.4f} (what the head has to beat)")
+    if procs.main and step == 0 and (warning := _padding_warning(data, train_rows, data.store.episodes())):
+        tqdm.write(warning)
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and procs.main),
                desc=f"train {run_dir.name}", dynamic_ncols=True)
     log = _Log(run_dir / METRICS_FILE, bar, data.in_memory) if procs.main else None
@@ -448,6 +537,8 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
                 loss, info = model(batch)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(_diverged(run_dir, step + 1, info["loss"], float(grad_norm)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -477,6 +568,15 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
         plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, baseline)
     return TrainResult(run_dir, step, log.last if log else None, None if math.isinf(best_val) else best_val,
                        baseline, data.in_memory, time.perf_counter() - t_begin)
+
+
+def _diverged(run_dir: Path, step: int, loss: float, grad_norm: float) -> str:
+    """The one line that stops a run whose step ``step`` would make the weights non-finite."""
+    last = checkpoint_dir(run_dir, LAST)
+    kept = (f"the last good checkpoint is {last} (step {checkpoint_step(last)})" if last.exists()
+            else "there was no checkpoint yet, so the run folder is released")
+    return (f"{run_dir}: training diverged at step {step}: loss {loss:g}, gradient norm {grad_norm:g}; stopped "
+            f"before updating the weights, {kept}. Lower --lr, or check the store with `dinocache inspect`")
 
 
 _RUN_OPTIONS = ("batch_size", "seed", "val_frames")
@@ -590,11 +690,13 @@ def train_command(store: Path, out: Path, preset: str | None, steps: int, batch_
       dinocache train features.zarr --out runs/act1 --resume --steps 100000
       torchrun --nproc_per_node 4 -m dinocache.cli train features.zarr --out runs/act1
     """
+    ctx = click.get_current_context()
+    given = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
     cfg = TrainConfig(store=store, out=out, steps=steps, batch_size=batch_size, preset=preset,
                       act={k: v for k, v in act.items() if v is not None}, val_episodes=val_episodes,
                       val_frames=val_frames, eval_every=eval_every, save_every=save_every, log_every=log_every,
                       seed=seed, device=device, compile=compile_, memory_budget=memory_budget,
-                      window_frames=window_frames, resume=resume, progress=not no_progress)
+                      window_frames=window_frames, resume=resume, progress=not no_progress, given=given)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(result.format())
