@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _child import exit_if_failed, run_child
 from dinocache.encoders.backbone import create_backbone
 from dinocache.pipeline.extract import backbone_provenance
 from dinocache.policy.act import ACTHead
@@ -69,6 +69,10 @@ def make_run(folder: Path, backbone_name: str, image_size: int) -> Path:
     save_checkpoint(folder, 0, head, Normalizer(stats), spec, torch.optim.AdamW(head.parameters()),
                     [capture_rng()], sampler={}, extra={})
     return folder
+
+
+class ChildFailed(RuntimeError):
+    """A child process of this benchmark exited non-zero (its stderr was shown as it ran)."""
 
 
 def percentiles(values: np.ndarray) -> dict[str, float]:
@@ -115,7 +119,10 @@ def bench_in_fresh_process(policy: Path, device: str, steps: int, threads: int |
     """``dinocache bench-policy`` on the exported file in a process of its own (what a robot process holds)."""
     command = [sys.executable, "-m", "dinocache.cli", "bench-policy", str(policy), "--device", device,
                "--steps", str(steps), *(["--threads", str(threads)] if threads else [])]
-    text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    done = run_child(command)
+    if not done.ok:
+        raise ChildFailed(f"dinocache bench-policy {policy.name}: {done.error()}")
+    text = done.stdout
     numbers = [float(x) for x in re.findall(r"p(?:50|99) +([\d.]+) ms", text)]
     memory = float(re.search(r"peak memory (\d+) MiB", text).group(1))
     return text, {"query": numbers[0:2], "queued": numbers[2:4], "peak_mib": memory}
@@ -139,14 +146,22 @@ def main() -> None:
 
     print(f"# torch {torch.__version__}, {platform.machine()}, device {args.device}, {torch.get_num_threads()} "
           f"thread(s), batch 1, one {HEIGHT}x{WIDTH} camera at {args.image_size} px, {args.steps} steps of each kind")
-    rows, outputs = [], []
+    rows, outputs, failures = [], [], []
     with tempfile.TemporaryDirectory(prefix="dinocache-bench-policy-") as work:
         for name in args.backbones.split(","):
             child = [sys.executable, __file__, "--child", name, "--work", work, "--image-size", str(args.image_size),
                      "--device", args.device, "--steps", str(args.steps),
                      *(["--threads", str(args.threads)] if args.threads else [])]
-            r = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            text, fresh = bench_in_fresh_process(Path(work) / f"{name}.pt2", args.device, args.steps, args.threads)
+            done = run_child(child)
+            if not done.ok:
+                failures.append(f"{name}: {done.error()}")
+                continue
+            r = json.loads(done.stdout.splitlines()[-1])
+            try:
+                text, fresh = bench_in_fresh_process(Path(work) / f"{name}.pt2", args.device, args.steps, args.threads)
+            except ChildFailed as err:
+                failures.append(str(err))
+                continue
             outputs.append(f"$ dinocache bench-policy {name}.pt2 --steps {args.steps}\n{text}")
             rows.append(f"| {name} | {r['fused']['p50']:.1f} / {r['fused']['p99']:.1f} | {r['backbone']['p50']:.1f} / "
                         f"{r['backbone']['p99']:.1f} | {r['head']['p50']:.1f} / {r['head']['p99']:.1f} | "
@@ -159,6 +174,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     print("\n" + "\n".join(outputs))
+    exit_if_failed(failures)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import resource
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from _child import exit_if_failed, run_child as run_child_process
 from _machine import describe_machine
 
 DEFAULT_BACKBONES = ("resnet18", "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov3_vits16",
@@ -390,11 +390,12 @@ def run_child(task: dict[str, Any]) -> dict[str, Any]:
     print(f"[{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(task)], stdout=subprocess.PIPE, text=True)
+    done = run_child_process([sys.executable, __file__, "--child", json.dumps(task)])
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    if done.returncode != 0 or not lines:
-        print(f"    FAILED (exit {done.returncode})", file=sys.stderr, flush=True)
-        return {"error": f"exit {done.returncode}"}
+    if not done.ok or not lines:
+        error = done.error() if not done.ok else "exit 0 without a result line"
+        print(f"    FAILED ({error})", file=sys.stderr, flush=True)
+        return {"error": error}
     result = json.loads(lines[-1][len(RESULT):])
     result.update(wall_s=time.perf_counter() - t0, load_before=load, load_after=os.getloadavg()[0])
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
@@ -599,6 +600,9 @@ def main() -> None:
             *[f"* {line}" for line in summary],
             "",
         ]))
+    exit_if_failed([f"{kind} {entry['backbone']} @{size_label(entry['image_size'])}: {part['error']}"
+                    for entry in results for kind, part in entry.items()
+                    if isinstance(part, dict) and "error" in part and part["error"] != "no store"])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from dinocache.demo import SAMPLE_RECIPE, resolve_weights, sample_dataset, write
 from dinocache.encoders.weights import WEIGHTS_ENV
 from dinocache.pipeline.readers import open_dataset
 
+from _devices import DEVICES
+
 
 def test_the_bundled_sample_is_what_its_recipe_writes(tmp_path: Path):
     """The shipped files are the generator's output: same metadata and arrays, frames within codec noise."""
@@ -44,13 +46,14 @@ def test_weights_fall_back_to_random_with_one_visible_line(monkeypatch, tmp_path
 
 
 @pytest.mark.slow
-def test_demo_runs_all_three_stages_from_the_command_line(tmp_path: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_demo_runs_all_three_stages_from_the_command_line(tmp_path: Path, device: str):
     """The README's first command, with a shortened schedule, in a fresh process with no weights around."""
     env = {k: v for k, v in os.environ.items() if k != WEIGHTS_ENV}
     env.update(HF_HUB_CACHE=str(tmp_path / "empty-hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
     out = tmp_path / "demo"
     command = [sys.executable, "-m", "dinocache.cli", "demo", "--out", str(out), "--steps", "30", "--image-size", "56",
-               "--batch-size", "8", "--control-steps", "6", "--no-progress"]
+               "--batch-size", "8", "--control-steps", "6", "--device", device, "--no-progress"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout

@@ -40,6 +40,7 @@ from dinocache.policy.train import TrainConfig, train
 sys.path.insert(0, str(Path(__file__).parent))
 from test_encoders_weights import _official_dinov2, _timm_model  # noqa: E402
 from test_train import TINY  # noqa: E402
+from _devices import DEVICES  # noqa: E402
 
 TOP, WRIST = "observation.images.top", "observation.images.wrist"
 STATE, ENV = "observation.state", "observation.environment_state"
@@ -159,11 +160,35 @@ np.savez({str(tmp_path / 'outputs.npz')!r}, three=three.numpy(), one=one.numpy()
     np.testing.assert_allclose(action, expected[0, 0].numpy(), rtol=0, atol=1e-6)
 
 
+#: Largest difference (in the actions' own units) allowed between a policy computing in ``dtype`` and
+#: the float32 eager policy on the CPU: kernel noise at float32, the half-precision rounding otherwise.
+DTYPE_ATOL = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_export_on_the_device_serves_numpy_frames_there(trained, eager, device, dtype, tmp_path):
+    """Trace, parity check, trace check and the live runtime on ``device``: everything that meets there
+    (the normaliser's statistics, the traced program's actions, frames handed over as numpy) must be on
+    one device. On the CPU this runs the same code as on CUDA, autocast regions included."""
+    result = export_policy(trained.run, tmp_path / "policy.pt2", device=device, dtype=dtype, progress=False)
+    assert result.parity.passed and result.trace_max_abs_diff <= result.metadata["export"]["trace_tolerance"]
+    meta = read_policy_metadata(result.path)
+    assert meta["dtype"] == dtype and torch.device(meta["export"]["device"]).type == device
+    policy = load_policy(result.path, device=device)
+    obs = observations(trained, 2)
+    action = policy.select_action(obs[0])  # numpy frames and state, as a robot loop hands them over
+    assert isinstance(action, np.ndarray) and action.dtype == np.float32 and action.shape == (4,)
+    np.testing.assert_allclose(action, chunk(eager, obs[0])[0].numpy(), rtol=0, atol=DTYPE_ATOL[dtype])
+    assert np.isfinite(policy.select_action(obs[1])).all()
+
+
 @pytest.mark.slow
-def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, device, tmp_path):
     import onnxruntime
 
-    result = export_policy(trained.run, tmp_path / "policy.onnx", format="onnx", progress=False)
+    result = export_policy(trained.run, tmp_path / "policy.onnx", format="onnx", device=device, progress=False)
     assert result.path.is_file() and not leftovers(tmp_path)
     assert result.max_abs_diff <= result.tolerance and result.trace_max_abs_diff <= 1e-4
     meta = read_policy_metadata(result.path)
@@ -178,7 +203,7 @@ def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, tmp_path):
         expected = eager([torch.from_numpy(feed[TOP]), torch.from_numpy(feed[WRIST])], torch.from_numpy(feed[STATE]),
                          torch.from_numpy(feed[ENV]))
     np.testing.assert_allclose(actions, expected.numpy(), rtol=1e-4, atol=1e-4)
-    action = load_policy(result.path).select_action(obs[0])
+    action = load_policy(result.path, device=device).select_action(obs[0])
     np.testing.assert_allclose(action, expected[0, 0].numpy(), rtol=1e-4, atol=1e-4)
 
     with pytest.raises(DinocacheError, match="float32 only"):
@@ -325,11 +350,16 @@ def test_select_action_names_the_key_and_the_expected_shape(trained):
     assert issubclass(ObservationError, ValueError)
 
 
-def test_bench_policy_times_query_and_queued_steps(trained, live):
-    result = CliRunner().invoke(main, ["bench-policy", str(trained.run), "--steps", "3", "--warmup", "1"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_policy_times_query_and_queued_steps(trained, live, device):
+    result = CliRunner().invoke(main, ["bench-policy", str(trained.run), "--steps", "3", "--warmup", "1",
+                                       "--device", device])
     assert result.exit_code == 0, result.output
     assert re.search(r"query step  p50 +[\d.]+ ms +p99 +[\d.]+ ms", result.output), result.output
     assert "queued step p50" in result.output and "peak memory" in result.output
+    assert f"on {device}" in result.output
+    if device != "cpu":
+        return  # the in-process figures below are the CPU's
     numbers = bench_policy(live, steps=3, warmup=1)
     assert numbers.query_p50_ms > numbers.queued_p50_ms > 0 and numbers.query_p99_ms >= numbers.query_p50_ms
     assert numbers.peak_memory_bytes > 100 * 2**20 and numbers.memory_kind == "process RSS high-water"

@@ -21,6 +21,8 @@ from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.readers import open_dataset
 from dinocache.pipeline.store import FeatureStore
 
+from _devices import DEVICES
+
 BACKBONE = "dinov2_vits14"
 SIZE = "56"
 
@@ -78,6 +80,26 @@ def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, tmp_path: 
     again = extract(cfg)
     assert again.units == 0 and again.units_skipped == 6
     assert store_files(tmp_path / "f.zarr") == before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_extraction_on_the_device_matches_float32(small_dataset: Path, tmp_path: Path, device: str):
+    """The CUDA path (pinned host buffers, asynchronous copies, bf16 autocast) and its CPU twin (the
+    same autocast on the CPU): the store is complete, says what precision made it, and its features
+    are the float32 forward's within bfloat16's rounding."""
+    summary = extract(config(small_dataset, tmp_path / "f.zarr", device=device, precision="bf16"))
+    assert summary.frames == 42
+    store = FeatureStore(tmp_path / "f.zarr")
+    assert store.done_units().all() and store.provenance["precision"] == "bf16"
+    backbone = create_backbone(BACKBONE, weights="random", image_size=int(SIZE), seed=0)
+    source = open_dataset(small_dataset)
+    for index, start, length, _ in store.episodes():
+        for camera in store.cameras:
+            with torch.no_grad():
+                grid, _ = backbone(torch.from_numpy(source.read_frames(index, camera)))
+            want = grid.permute(0, 2, 3, 1).numpy()
+            got = store.patch(camera, slice(start, start + length)).astype(np.float32)
+            assert np.abs(got - want).mean() < 0.02 * np.abs(want).mean(), (index, camera)
 
 
 def _kill_midway(args: list[str], store: Path, at_least: int) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from _datasets import (
-    V30_EPISODES, edit_parquet, error_text, make, v21_data, v30_data, v30_video)
+    V30_EPISODES, edit_parquet, error_text, make, v21_data, v21_video, v30_data, v30_video)
 
 from dinocache.errors import DatasetError
 from dinocache.pipeline.readers import (
@@ -128,6 +128,29 @@ def test_other_codecs_decode(tmp_path, codec, size):
     got = open_dataset(root).read_frames(0, "top")
     want = synthetic_episode(0, 10, image_size=size).frames["top"]
     assert np.abs(got.astype(float) - want).mean() < CODEC_MAE
+
+
+def test_video_with_undecodable_metadata_still_reads(tmp_path):
+    """A container tag that is not UTF-8 (an old muxer's Latin-1 title) must not stop decoding,
+    on PyAV <= 18 (strict unless told otherwise) as on PyAV >= 19 (no such argument any more)."""
+    import av
+
+    root = make(tmp_path, num_episodes=1, episode_length=6, cameras=("top",))
+    video = v21_video(root, 0)
+    want = open_dataset(root).read_frames(0, "top")
+    tagged = video.with_suffix(".tagged.mp4")
+    with av.open(str(video)) as src, av.open(str(tagged), "w") as dst:
+        dst.metadata["title"] = "TITLETAG"
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    data = tagged.read_bytes()
+    assert data.count(b"TITLETAG") == 1
+    video.write_bytes(data.replace(b"TITLETAG", b"\xff\xfe\xe9TITLE"))  # same length, not UTF-8
+    tagged.unlink()
+    np.testing.assert_array_equal(open_dataset(root).read_frames(0, "top"), want)
 
 
 @pytest.mark.parametrize("fmt", ["lerobot-v2.1", "lerobot-v3.0"])

@@ -25,6 +25,7 @@ from dinocache.sim.demos import DEMOS_RECORD, generate_demos, recorded_demo_seed
 from dinocache.sim.env import EPISODE_STEPS, JOINT_NAMES, cube_pose, demo_seeds, eval_seeds  # noqa: E402
 from dinocache.sim.evaluate import RESULTS_FILE, evaluate, run_episodes, wilson_interval  # noqa: E402
 from dinocache.sim.expert import ScriptedExpert, plan_joint_actions  # noqa: E402
+from _devices import DEVICES  # noqa: E402
 
 CAMERA = (84, 112)  # HxW: small, and 112 is a multiple of the ViT patch (14) after the extractor resizes
 
@@ -104,25 +105,27 @@ def test_eval_counts_a_success_and_writes_video(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_demos_extract_train_export_eval(demos: Path, tmp_path: Path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_demos_extract_train_export_eval(demos: Path, tmp_path: Path, device: str):
     from dinocache.pipeline.extract import ExtractConfig, extract
     from dinocache.policy.export import export_policy
     from dinocache.policy.train import TrainConfig, train
 
     store = tmp_path / "features.zarr"
     extract(ExtractConfig(dataset=demos, out=store, backbone="dinov2_vits14_reg", weights="random",
-                          image_size="42x56", batch_size=64, device="cpu", progress=False))
+                          image_size="42x56", batch_size=64, device=device, progress=False))
     run = tmp_path / "run"
     head = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=1, n_decoder_layers=1,
                 n_vae_encoder_layers=1, latent_dim=8, chunk_size=10, n_action_steps=10)
     train(TrainConfig(store=store, out=run, steps=4, batch_size=4, act=head, val_episodes=None, eval_every=4,
-                      save_every=4, log_every=2, device="cpu", progress=False))
-    policy = export_policy(run, tmp_path / "policy.pt2", format="pt2", device="cpu", dataset=demos,
+                      save_every=4, log_every=2, device=device, progress=False))
+    policy = export_policy(run, tmp_path / "policy.pt2", format="pt2", device=device, dataset=demos,
                            progress=False).path
 
     out = tmp_path / "eval"
     result = CliRunner().invoke(main, ["sim", "eval", str(policy), "--episodes", "1", "--max-steps", "20",
-                                       "--out", str(out), "--videos", "1", "--demos", str(demos), "--no-progress"])
+                                       "--out", str(out), "--videos", "1", "--demos", str(demos), "--device", device,
+                                       "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "success" in result.output and "95% CI" in result.output
     record = json.loads((out / RESULTS_FILE).read_text())

@@ -135,8 +135,12 @@ def _quiet_onnx() -> Iterator[None]:
 
 
 def _normalised_diff(policy: FusedPolicy, a: Tensor, b: Tensor) -> float:
-    return (policy.normalizer.normalize(ACTION, a.float().cpu()) -
-            policy.normalizer.normalize(ACTION, b.float().cpu())).abs().max().item()
+    """Largest difference of two action chunks in normalised units, computed where the normaliser's
+    statistics live (the export device): the outputs compared come from anywhere (the traced program
+    on the export device, onnxruntime on the host)."""
+    device = policy.normalizer.device
+    return (policy.normalizer.normalize(ACTION, a.float().to(device)) -
+            policy.normalizer.normalize(ACTION, b.float().to(device))).abs().max().item()
 
 
 def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict[str, Any], tmp: Path) -> float:

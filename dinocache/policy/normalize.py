@@ -111,6 +111,11 @@ class Normalizer(nn.Module):
         """The keys this normaliser has statistics for."""
         return [name.replace("/", ".") for name in self.stats]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the statistics are (they move with the module, as every buffer does)."""
+        return next(self.buffers()).device
+
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._module_name(key) in self.stats
 

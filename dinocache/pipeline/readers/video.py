@@ -46,12 +46,27 @@ class VideoProbe:
     codec: str
 
 
+def open_video(path: Path) -> av.container.InputContainer:
+    """Open ``path`` for reading, tolerating container metadata that is not valid UTF-8.
+
+    Metadata is never read here, so a bad tag (an encoder's name in Latin-1, binary artwork) must
+    not stop decoding. PyAV up to 18 decodes tags strictly unless told ``metadata_errors="ignore"``;
+    PyAV 19 removed that argument and always decodes them with ``surrogateescape``. Rather than
+    compare version strings, ask for the tolerant mode and fall back when the argument is refused
+    (PyAV refuses it before touching the file).
+    """
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except TypeError:
+        return av.open(str(path))
+
+
 def probe_video(path: Path) -> VideoProbe:
     """Read a video's header. Raises :class:`VideoReadError` when it is missing or unreadable."""
     if not path.is_file():
         raise VideoReadError("video file is missing")
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with open_video(path) as container:
             if not container.streams.video:
                 raise VideoReadError("file has no video stream")
             stream = container.streams.video[0]
@@ -95,7 +110,7 @@ def iter_clip(clip: EpisodeClip, batch_size: int = 32) -> Iterator[np.ndarray]:
     expected = len(clip.timestamps)
     tolerance = 0.5 / clip.fps
     try:
-        container = av.open(str(clip.path), metadata_errors="ignore")
+        container = open_video(clip.path)
     except (av.FFmpegError, OSError) as err:
         raise _error(clip, f"cannot open video ({_ffmpeg_reason(err)})") from None
     with container:
