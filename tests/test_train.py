@@ -24,6 +24,7 @@ from dinocache.policy.train import TrainConfig, resolve_act_config, train, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_data import make_store  # noqa: E402
+from _devices import DEVICES, needs_cuda  # noqa: E402
 
 TINY = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=2, n_decoder_layers=1,
             n_vae_encoder_layers=1, latent_dim=8, chunk_size=5, dropout=0.0, optimizer_lr=1e-3, kl_weight=1.0)
@@ -165,6 +166,43 @@ def test_two_process_ddp_on_cpu_trains_and_checkpoints(learnable: Path, tmp_path
     records = metrics(run)
     assert [r["step"] for r in records] == [3, 6] and records[-1]["samples"] == 6 * 4 * 2
     assert all(np.isfinite(r["loss"]) and r["val_l1"] is not None for r in records)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains_on_the_device_and_resumes_there(learnable: Path, tmp_path: Path, device: str):
+    """One process on ``device`` (bf16 autocast and pinned batches on CUDA): finite losses, a validation,
+    checkpoints that load, and a resume on the same device that continues the run."""
+    common = dict(store=learnable, batch_size=8, act=TINY, val_episodes="0.2", eval_every=4, save_every=4,
+                  log_every=2, device=device, progress=False)
+    train(TrainConfig(out=tmp_path / "run", steps=4, **common))
+    train(TrainConfig(out=tmp_path / "run", steps=8, resume=True, **common))
+    records = metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) for r in records) and records[-1]["val_l1"] is not None
+    head, _, _ = load_head(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in head.state_dict().values())
+
+
+@needs_cuda
+def test_torchrun_on_cuda_trains_and_checkpoints(learnable: Path, tmp_path: Path):
+    """torchrun on CUDA, one process per GPU (up to two): DDP over NCCL where there are two GPUs, the
+    torchrun environment (``cuda:LOCAL_RANK``) alone where there is one. The CPU twin is the two-process
+    gloo run above."""
+    nproc = min(2, torch.cuda.device_count())
+    run = tmp_path / "ddp"
+    args = ["--steps", "6", "--batch-size", "4", "--save-every", "3", "--log-every", "3", "--eval-every", "3",
+            "--val-episodes", "0.2", "--no-progress"]
+    for name, value in TINY.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "dinocache.policy.train", str(learnable), "--out", str(run), *args],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((run / "run.json").read_text())
+    assert record["world_size"] == nproc
+    assert all(np.isfinite(r["loss"]) for r in metrics(run))
 
 
 def test_presets_check_the_backbone_and_set_the_head(learnable: Path):
