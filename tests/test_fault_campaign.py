@@ -152,3 +152,166 @@ def test_a_checksum_error_in_features_names_the_shard_file_and_frames(tmp_path: 
     assert 64 <= first and last == first + 7 and last <= 95, line
     report = cli("inspect", store)
     assert report.exit_code == 1 and "cameras/wrist/patch/c/2/0/0/0 holding frames" in report.stdout, report.output
+
+
+# ------------------------------------------------- 4, 5. runs that die (or would) before a checkpoint --
+@pytest.mark.parametrize("option, value", [("--batch-size", 0), ("--steps", 0), ("--save-every", 0)])
+def test_a_meaningless_option_is_refused_before_any_folder_is_made(tmp_path: Path, option, value):
+    store = tmp_path / "f.zarr"
+    make_store(store, num_episodes=2)
+    one_line_error(cli("train", store, "--out", tmp_path / "run", option, value, "--no-progress"),
+                   f"{option} {value}: must be a whole number of at least")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_dies_before_its_first_checkpoint_does_not_lock_its_folder(tmp_path: Path, monkeypatch):
+    store, run = tmp_path / "f.zarr", tmp_path / "run"
+    make_store(store, num_episodes=4)
+    args = [store, "--out", run, "--steps", 3, "--batch-size", 4, "--val-episodes", "none", "--no-progress",
+            *act_args()]
+
+    # In the process: an error at the first step releases the folder.
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash)
+    assert isinstance(cli("train", *args).exception, RuntimeError)
+    monkeypatch.undo()
+    assert not run.exists()
+
+    # Killed outright (nothing can clean up): the recorded run starts again with --resume.
+    killer = ("import os, signal, sys, torch; from dinocache.policy.train import main; "
+              "torch.optim.AdamW.step = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); main(sys.argv[1:])")
+    done = subprocess.run([sys.executable, "-c", killer, *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (run / "run.json").is_file() and not (run / "checkpoints" / "last").exists()
+    one_line_error(cli("train", *args), "already holds a training run", "--resume to start it again")
+    resumed = cli("train", *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "steps       3" in resumed.output and (run / "checkpoints" / "last").resolve().name == "000003"
+
+
+# ------------------------------------------------------- 12a. a chunk longer than every episode --
+def test_a_chunk_longer_than_every_episode_is_said(tmp_path: Path):
+    store = tmp_path / "f.zarr"
+    make_store(store, num_episodes=2, lengths=(10, 12))
+    result = cli("train", store, "--out", tmp_path / "run", "--steps", 1, "--batch-size", 4, "--val-episodes", "none",
+                 "--no-progress", *act_args(chunk_size=40))
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "--chunk-size 40 is longer than every episode (the longest has 12 frames)" in warning[0]
+    assert int(re.search(r"(\d+)% of the training action windows is padding", warning[0]).group(1)) > 80
+    quiet = cli("train", store, "--out", tmp_path / "run2", "--steps", 1, "--batch-size", 4, "--val-episodes", "none",
+                "--no-progress", *act_args(chunk_size=5))
+    assert quiet.exit_code == 0 and "warning" not in quiet.output
+
+
+# -------------------------------------------------------------------------------- stage one --
+from _datasets import edit_hdf5, edit_json, make, reencode, truncate, v21_video  # noqa: E402
+from test_extract import config, extract_args, store_files  # noqa: E402
+
+from dinocache.pipeline.extract import extract  # noqa: E402
+from dinocache.pipeline.store import FeatureStore  # noqa: E402
+
+
+def test_a_full_disk_during_extraction_ends_in_one_line_and_resumes(small_dataset: Path, tmp_path: Path, monkeypatch):
+    import zarr.storage._local as local_store
+
+    put, feature_files = local_store._put, []
+
+    def filling_disk(path, value, exclusive=False):
+        """The disk holds the store's skeleton and two units' features, then every write fails."""
+        if {"cameras", "c"} <= set(Path(path).parts):  # a feature shard (not metadata)
+            feature_files.append(path)
+            if len(feature_files) > 2 * 4:  # 2 cameras x (patch, cls) per unit
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return put(path, value, exclusive)
+
+    out = tmp_path / "f.zarr"
+    monkeypatch.setattr(local_store, "_put", filling_disk)
+    line = one_line_error(cli(*extract_args(small_dataset, out)), "cannot write unit 2", "No space left on device",
+                          "The 2 units already written are kept", "re-run the same command")
+    assert "Traceback" not in line
+    monkeypatch.undo()
+    rerun = cli(*extract_args(small_dataset, out))
+    assert rerun.exit_code == 0 and "(2 already done)" in rerun.stdout, rerun.output
+    extract(config(small_dataset, tmp_path / "clean.zarr"))
+    assert store_files(out) == store_files(tmp_path / "clean.zarr")
+
+
+def test_a_failed_extraction_leaves_no_hidden_creating_folder(tmp_path: Path):
+    dataset = make(tmp_path)
+    video = v21_video(dataset, 2)
+    reencode(video, 2, 12, faststart=True)  # the header promises 12 frames ...
+    truncate(video, 0.6)  # ... the data runs out: found only when the store's verification frames are decoded
+    for _ in range(2):
+        one_line_error(cli(*extract_args(dataset, tmp_path / "f.zarr")), str(video), "episode 2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lerobot-v2.1"]
+
+
+def test_an_asked_for_episode_that_was_skipped_says_why(tmp_path: Path):
+    dataset = make(tmp_path)
+    truncate(v21_video(dataset, 2), 0.5)  # episode 2's video cannot be opened
+    one_line_error(cli(*extract_args(dataset, tmp_path / "f.zarr", "--skip-bad-episodes", "--episodes", "1,2")),
+                   "--episodes: episode 2 was skipped as bad", "cannot open video")
+    one_line_error(cli(*extract_args(dataset, tmp_path / "f.zarr", "--skip-bad-episodes", "--episodes", "1,7")),
+                   "episode(s) [7] are not in the dataset")
+
+
+def test_an_identity_refusal_names_the_fields_that_differ(small_dataset: Path, tmp_path: Path):
+    out = tmp_path / "f.zarr"
+    extract(config(small_dataset, out, episodes="0:1"))
+    line = one_line_error(cli(*extract_args(small_dataset, out, "--episodes", "0:1", "--image-size", "28")),
+                          "preprocess.image_size: store has [56, 56], asked for [28, 28]",
+                          "backbone.grid_size: store has [4, 4], asked for [2, 2]", "--overwrite")
+    assert "timm_id" not in line and "weights" not in line and "'mean'" not in line, line  # only what differs
+
+
+# ---------------------------------------------------------------------------------- readers --
+from dinocache.errors import BackboneError, DatasetError  # noqa: E402
+from dinocache.pipeline.readers import open_dataset  # noqa: E402
+
+
+@pytest.mark.parametrize("fmt", ["lerobot-v2.1", "lerobot-v3.0"])
+def test_an_info_fps_that_contradicts_timestamps_and_video_is_refused(tmp_path: Path, fmt):
+    dataset = make(tmp_path, format=fmt)  # parquet timestamps and video streams at 30 fps
+    edit_json(dataset / "meta" / "info.json", lambda info: {**info, "fps": 15})
+    with pytest.raises(DatasetError, match=r"info.json: declares fps 15, but the parquet timestamps run at 30 fps "
+                                           r"and the videos run at 30 fps; correct 'fps'"):
+        open_dataset(dataset)
+    one_line_error(cli(*extract_args(dataset, tmp_path / "f.zarr")), "declares fps 15")
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_an_hdf5_action_shorter_than_the_images_is_named(tmp_path: Path):
+    dataset = make(tmp_path, format="aloha-hdf5")
+    edit_hdf5(dataset / "episode_1.hdf5", "/action", lambda action: action[:-2])
+    with pytest.raises(DatasetError) as excinfo:
+        open_dataset(dataset)
+    text = str(excinfo.value)
+    assert "episode 1: /action has 10 rows but /observations/qpos and /observations/images/top have 12" in text, text
+    assert "camera" not in text
+
+
+# ---------------------------------------------------------------------------------- encoders --
+def test_a_weights_file_of_random_bytes_gets_no_unsafe_advice(tmp_path: Path):
+    from dinocache.encoders.backbone import create_backbone
+
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"\x17" + np.random.default_rng(0).bytes(4095))
+    with pytest.raises(BackboneError) as excinfo:
+        create_backbone("dinov2_vits14", weights=str(weights), image_size=28)
+    text = str(excinfo.value)
+    assert "is not a PyTorch (.pth/.pt) or .safetensors checkpoint" in text and str(weights) in text
+    assert "weights_only" not in text
+
+
+def test_an_int64_image_is_told_how_to_cast_integers(tmp_path: Path):
+    from dinocache.encoders.backbone import create_backbone
+
+    backbone = create_backbone("dinov2_vits14", weights="random", image_size=28)
+    frames = torch.full((1, 28, 28, 3), 200, dtype=torch.int64)
+    with pytest.raises(BackboneError, match=r"got torch.int64; cast integer frames holding 0-255") as excinfo:
+        backbone(frames)
+    assert "float frames" not in str(excinfo.value)

@@ -20,6 +20,7 @@ classifier layer the backbone does not have.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import sys
 import warnings
 from collections.abc import Mapping
@@ -68,6 +69,10 @@ def read_state_dict(path: Path) -> StateDict:
             data = load_file(str(path), device="cpu")
         else:
             data = _torch_load(path)
+    except pickle.UnpicklingError:
+        # torch's own text advises weights_only=False: unsafe on an untrusted file, and useless on
+        # one that is not a checkpoint at all.
+        raise BackboneError(f"cannot read weights file {path}: {_not_loadable(path)}") from None
     except Exception as err:  # corrupt / truncated / not a checkpoint: all the same to the user
         raise BackboneError(f"cannot read weights file {path}: {_one_line(err)}") from None
     for key in ("state_dict", "model", "module"):
@@ -81,6 +86,16 @@ def read_state_dict(path: Path) -> StateDict:
     if not_tensors:
         raise BackboneError(f"weights file {path} has non-tensor entries, e.g. {not_tensors[:3]}")
     return dict(data)
+
+
+def _not_loadable(path: Path) -> str:
+    """Why a file that ``torch.load(weights_only=True)`` refuses cannot be used, from its first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save's zip, or a legacy pickle
+        return ("it holds Python objects besides tensors, and dinocache never unpickles code from a weights "
+                "file; save only the tensors, torch.save(model.state_dict(), path), or use .safetensors")
+    return "it is not a PyTorch (.pth/.pt) or .safetensors checkpoint (its bytes are neither a zip archive nor a pickle)"
 
 
 def _torch_load(path: Path) -> object:

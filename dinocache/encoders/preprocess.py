@@ -162,9 +162,10 @@ class ImagePreprocessor(nn.Module):
     @staticmethod
     def _to_batched_chw(images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
-            raise BackboneError(
-                f"images must be uint8 (0-255), got {images.dtype}; convert float frames with "
-                "(x * 255).round().to(torch.uint8)")
+            how = ("convert float frames in [0, 1] with (x * 255).round().to(torch.uint8)" if images.is_floating_point()
+                   else "cast integer frames holding 0-255 with x.to(torch.uint8) (check the range first: "
+                        "16-bit or raw sensor values must be scaled)")
+            raise BackboneError(f"images must be uint8 (0-255), got {images.dtype}; {how}")
         if images.ndim == 3:
             images = images.unsqueeze(0)
         elif images.ndim != 4:

@@ -14,7 +14,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,12 @@ class ExtractSummary:
 
 # --- planning ------------------------------------------------------------------------------------
 
-def parse_episodes(text: str | None, available: Sequence[int]) -> list[int]:
-    """``None`` -> all; ``'0:50'`` -> indices 0..49 (a slice of episode *indices*); ``'3,5,9'`` -> those."""
+def parse_episodes(text: str | None, available: Sequence[int], skipped: Mapping[int, str] | None = None) -> list[int]:
+    """``None`` -> all; ``'0:50'`` -> indices 0..49 (a slice of episode *indices*); ``'3,5,9'`` -> those.
+
+    ``skipped`` maps episodes dropped by ``--skip-bad-episodes`` to why: asking for one by name is
+    refused with that reason, not as an episode the dataset does not have.
+    """
     if not text:
         return list(available)
     have = set(available)
@@ -127,6 +131,10 @@ def parse_episodes(text: str | None, available: Sequence[int]) -> list[int]:
         except ValueError:
             raise DinocacheError(f"--episodes {text!r}: expected START:STOP or a comma list of episode indices") from None
         missing = [i for i in chosen if i not in have]
+        bad = [i for i in missing if i in (skipped or {})]
+        if bad:
+            raise DinocacheError(f"--episodes: episode {bad[0]} was skipped as bad (--skip-bad-episodes): "
+                                 f"{skipped[bad[0]]}")
         if missing:
             raise DinocacheError(f"--episodes: episode(s) {missing} are not in the dataset (it has {len(have)}: "
                                  f"{min(have)}..{max(have)})")
@@ -403,7 +411,7 @@ def prepare(cfg: ExtractConfig, backbone: FrozenBackbone) -> tuple[DatasetSource
     cameras = list(source.select_cameras(cfg.cameras) if cfg.cameras else source.cameras)
     if not cameras:
         raise DinocacheError(f"{cfg.dataset}: the dataset has no camera to extract features from")
-    chosen = set(parse_episodes(cfg.episodes, [ep.index for ep in source.episodes]))
+    chosen = set(parse_episodes(cfg.episodes, [ep.index for ep in source.episodes], dict(source.skipped)))
     episodes = [ep for ep in source.episodes if ep.index in chosen]
     layout = plan_layout(source, episodes, cameras, backbone, cfg)
     store = create_or_open(cfg.out, layout, overwrite=cfg.overwrite)

@@ -216,7 +216,13 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
         tmp = path.parent / f".{path.name}.creating-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _build(zarr.open_group(tmp, mode="w", zarr_format=3), layout)
+        try:
+            _build(zarr.open_group(tmp, mode="w", zarr_format=3), layout)
+        except BaseException as err:  # a half-built store is of no use to anyone: leave nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise StoreError(f"{path}: cannot create the store ({err.strerror or err})") from err
+            raise
         try:
             os.rename(tmp, path)
         except OSError:  # another process created it first
@@ -328,9 +334,16 @@ class FeatureStore:
             patch, cls = features[camera]
             if patch.shape[0] != stop - start or cls.shape[0] != stop - start:
                 raise StoreError(f"{self.path}: unit {unit} of camera {camera!r} needs {stop - start} frames, got {patch.shape[0]}")
-            self.root[f"cameras/{camera}/patch"][start:stop] = patch
-            self.root[f"cameras/{camera}/cls"][start:stop] = cls
-        self.root["units/done"][unit] = 1
+        try:
+            for camera in self.cameras:
+                self.root[f"cameras/{camera}/patch"][start:stop] = features[camera][0]
+                self.root[f"cameras/{camera}/cls"][start:stop] = features[camera][1]
+            self.root["units/done"][unit] = 1
+        except OSError as err:  # a full disk, a lost mount: the user's to fix, and nothing done is lost
+            done = int(self.done_units().sum())
+            raise StoreError(f"{self.path}: cannot write unit {unit} (frames {start}-{stop - 1}): {_os_reason(err)}. "
+                             f"The {done} units already written are kept; fix this and re-run the same command "
+                             f"to resume") from err
 
     # -- reading -----------------------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
@@ -381,6 +394,12 @@ def _damage(name: str, array: zarr.Array, selection: Any) -> str:
             key = "/".join([name, "c", str(lo // per_file[0]), *["0"] * (array.ndim - 1)])
             return f" in {key if single_file else 'the chunk'} holding frames {lo}-{min(lo + step, frames) - 1}"
     return ""
+
+
+def _os_reason(err: OSError) -> str:
+    """``No space left on device`` and the like, with the file when the OS names one."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{reason}: {err.filename}" if err.filename else reason
 
 
 def _differences(key: str, have: Any, want: Any) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,23 @@ def episode_files(folder: Path) -> dict[int, Path]:
                                                         f"{found[index].name}"))
             found[index] = file
     return dict(sorted(found.items()))
+
+
+def _episode_length(root: h5py.File, images: h5py.Group) -> tuple[int, str | None]:
+    """The episode's frame count, and which per-frame arrays disagree with it (or None).
+
+    Every camera, ``qpos`` and ``action`` hold one row per frame. The length most of them share is
+    the episode's, so that a short ``/action`` is named as what is short, not blamed on the cameras.
+    """
+    lengths = {name: root[name].shape[0] if root[name].ndim else 0 for name in REQUIRED_DATASETS}
+    lengths.update({f"{IMAGES_GROUP}/{name}": ds.shape[0] if ds.ndim else 0
+                    for name, ds in images.items() if isinstance(ds, h5py.Dataset)})
+    length = Counter(lengths.values()).most_common(1)[0][0]
+    odd = [f"{name} has {n} rows" for name, n in lengths.items() if n != length]
+    if not odd:
+        return int(length), None
+    agree = [name for name, n in lengths.items() if n == length]
+    return int(length), f"{', '.join(odd)} but {' and '.join(agree)} have {length}: one row per frame is needed"
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,9 @@ class AlohaHdf5Source(DatasetSource):
         images = root.get(IMAGES_GROUP)
         if not isinstance(images, h5py.Group) or not len(images):
             return 0, f"has no camera under {IMAGES_GROUP}"
-        length = int(root["/action"].shape[0]) if root["/action"].ndim else 0
+        length, uneven = _episode_length(root, images)
+        if uneven is not None:
+            return length, uneven
         if length == 0:
             return 0, "has length 0 (no frames)"
 

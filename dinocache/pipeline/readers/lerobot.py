@@ -29,6 +29,9 @@ from dinocache.pipeline.readers.video import (
 #: Per-frame bookkeeping columns read with the low-dimensional features.
 _FRAME_COLUMNS = ("frame_index", "timestamp")
 
+#: How far the rate measured from the timestamps or the video may be from the declared ``fps``.
+FPS_TOLERANCE = 0.05
+
 
 class LeRobotSource(DatasetSource):
     """A local LeRobot dataset (v2.1 or v3.0), validated when opened."""
@@ -43,8 +46,11 @@ class LeRobotSource(DatasetSource):
         self._meta_files = sorted(p for p in (self.path / "meta").rglob("*") if p.is_file())
         self._lowdim_digests = {}
         self._video_files = []
+        self._timestamp_steps: list[np.ndarray] = []
+        self._video_rates: dict[Path, float] = {}
         book = EpisodeBook(self.path)
         self._scan(book)
+        self._check_fps()
         self.episodes, self.skipped = book.finish(skip_bad_episodes)
 
     # ----------------------------------------------------------------- subclass interface --
@@ -115,6 +121,35 @@ class LeRobotSource(DatasetSource):
             return problem(file, episode, f"timestamps do not increase at frame {at}")
         return None
 
+    def _scanned_rows_problem(self, file: Path, episode: int, arrays: dict[str, np.ndarray],
+                              length: int, length_source: str) -> str | None:
+        """:meth:`_rows_problem` while opening: a good episode's timestamps also go to :meth:`_check_fps`."""
+        bad = self._rows_problem(file, episode, arrays, length, length_source)
+        if bad is None:
+            self._timestamp_steps.append(np.diff(arrays["timestamp"].astype(np.float64)))
+        return bad
+
+    def _check_fps(self) -> None:
+        """Refuse a declared ``fps`` that the parquet timestamps or the videos contradict.
+
+        Frames are matched to rows by timestamp, so a wrong ``fps`` reads without complaint; but it is
+        recorded in the store and becomes the exported policy's control rate, where a policy run at
+        half the rate it was trained for fails on the robot. The median step is the measure, so
+        recorded timestamps with jitter or a dropped frame do not trip it.
+        """
+        steps = np.concatenate(self._timestamp_steps) if self._timestamp_steps else np.empty(0)
+        measured = []
+        if len(steps):
+            measured.append(("the parquet timestamps", 1.0 / float(np.median(steps))))
+        if self._video_rates:
+            measured.append(("the videos", float(np.median(list(self._video_rates.values())))))
+        wrong = [f"{what} run at {rate:.4g} fps" for what, rate in measured
+                 if abs(rate - self.fps) > FPS_TOLERANCE * self.fps]
+        if wrong:
+            raise DatasetError(problem(self.info.info_file, None, f"declares fps {self.fps:g}, but "
+                                       f"{' and '.join(wrong)}; correct 'fps' (it is recorded in the "
+                                       f"feature store and becomes the exported policy's control rate)"))
+
     def _probe_videos(self, files: list[Path]) -> dict[Path, VideoProbe | str]:
         """Read the headers of many videos in parallel (I/O bound on network storage)."""
         def one(file: Path) -> VideoProbe | str:
@@ -126,7 +161,11 @@ class LeRobotSource(DatasetSource):
         if not files:
             return {}
         with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-            return dict(zip(files, pool.map(one, files)))
+            probes = dict(zip(files, pool.map(one, files)))
+        for file, probe in probes.items():  # the stream's frame rate, where the container says enough
+            if not isinstance(probe, str) and probe.frames > 1 and probe.duration:
+                self._video_rates[file] = probe.frames / probe.duration
+        return probes
 
     def _video_problem(self, probe: VideoProbe | str, file: Path, episode: int,
                        camera: str) -> str | None:

@@ -74,7 +74,7 @@ class LeRobotV21Source(LeRobotSource):
         if others:
             book.bad(index, problem(file, index, f"rows belong to episode {min(others)}"))
             return
-        bad = self._rows_problem(file, index, arrays, length, "meta/episodes.jsonl")
+        bad = self._scanned_rows_problem(file, index, arrays, length, "meta/episodes.jsonl")
         if bad is not None:
             book.bad(index, bad)
 

@@ -149,7 +149,7 @@ class LeRobotV30Source(LeRobotSource):
             lo, hi = np.searchsorted(sorted_owner, [ep.index, ep.index + 1])
             rows = order[lo:hi]
             mine = {key: value[rows] for key, value in arrays.items()}
-            bad = self._rows_problem(file, ep.index, mine, ep.length, "meta/episodes")
+            bad = self._scanned_rows_problem(file, ep.index, mine, ep.length, "meta/episodes")
             if bad is not None:
                 book.bad(ep.index, bad)
 
