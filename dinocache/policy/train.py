@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -94,7 +95,7 @@ class TrainConfig:
             minimum["window_frames"] = 1
         for name, least in minimum.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise TrainingError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least {least}")
 
     def is_given(self, name: str) -> bool:
