@@ -40,7 +40,7 @@ from dinocache.policy.train import TrainConfig, train
 sys.path.insert(0, str(Path(__file__).parent))
 from test_encoders_weights import _official_dinov2, _timm_model  # noqa: E402
 from test_train import TINY  # noqa: E402
-from _devices import DEVICES  # noqa: E402
+from _devices import DEVICES, needs_cuda  # noqa: E402
 
 TOP, WRIST = "observation.images.top", "observation.images.wrist"
 STATE, ENV = "observation.state", "observation.environment_state"
@@ -208,6 +208,78 @@ def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, device, tmp_path)
 
     with pytest.raises(DinocacheError, match="float32 only"):
         export_policy(trained.run, tmp_path / "half.onnx", format="onnx", dtype="bfloat16", progress=False)
+
+
+def _with_metadata(src: Path, dst: Path, edit) -> Path:
+    """A copy of the .pt2 archive ``src`` whose dinocache metadata went through ``edit`` (entries kept as they are)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as archive, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as out:
+        for info in archive.infolist():
+            data = archive.read(info)
+            if info.filename.endswith("extra/dinocache.json"):
+                meta = json.loads(data)
+                edit(meta)
+                data = json.dumps(meta).encode()
+            out.writestr(info, data)
+    return dst
+
+
+@pytest.mark.slow
+def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trained, eager, tmp_path):
+    """``--compile``: AOTInductor kernels and the plain program in one archive. Here the kernels run
+    (checked against the eager policy at export and again here); a package whose kernels were built
+    for another device (a CUDA build, as its record says) runs its program instead, saying why once."""
+    from dinocache.policy.runtime import CompiledPolicyFallback
+
+    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(tmp_path / "c.pt2"), "--compile",
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "max |AOTInductor for cpu - eager|" in result.output
+    meta = read_policy_metadata(tmp_path / "c.pt2")
+    compiled = meta["export"]["compiled"]
+    assert compiled["device"] == "cpu" and compiled["torch"] == torch.__version__ and compiled["cpu_isa"]
+    assert meta["export"]["trace_max_abs_diff"] <= meta["export"]["trace_tolerance"]
+
+    obs = observations(trained, 3)
+    live = load_policy(tmp_path / "c.pt2")
+    assert live.metadata["runtime"] == {"backend": "aoti", "cuda_graph": False}
+    for o in obs:
+        np.testing.assert_allclose(live.select_action(o), chunk(eager, o)[0].numpy(), rtol=0, atol=1e-4)
+        live.reset()
+
+    def built_for_a_gpu(meta: dict) -> None:
+        meta["export"]["compiled"].update(device="cuda", compute_capability="90", cpu_isa=None)
+
+    foreign = _with_metadata(tmp_path / "c.pt2", tmp_path / "gpu.pt2", built_for_a_gpu)
+    with pytest.warns(CompiledPolicyFallback, match=r"gpu.pt2: not running its compiled kernels \(built for cuda, "
+                                                    r"loading on cpu\); running the plain torch.export program"):
+        fallback = load_policy(foreign)
+    assert fallback.metadata["runtime"]["backend"] == "program"
+    np.testing.assert_allclose(fallback.select_action(obs[0]), chunk(eager, obs[0])[0].numpy(), rtol=0, atol=1e-5)
+
+    refused = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(tmp_path / "c.onnx"), "--compile"])
+    assert refused.exit_code != 0 and "--compile makes an AOTInductor .pt2" in refused.output
+
+
+@needs_cuda
+def test_cuda_graph_replay_gives_the_actions_of_plain_launches(trained, tmp_path):
+    """The runtime's batch-1 CUDA graph (captured once, inputs copied into static buffers, replayed)
+    against the same compiled policy launched kernel by kernel, over distinct observations."""
+    path = export_policy(trained.run, tmp_path / "policy.pt2", device="cuda", progress=False).path
+    graphed = load_policy(path, device="cuda", temporal_ensemble_coeff=0.1)
+    plain = load_policy(path, device="cuda", temporal_ensemble_coeff=0.1, cuda_graph=False)
+    assert graphed.metadata["runtime"] == {"backend": "aoti", "cuda_graph": True}
+    for o in observations(trained, 6):
+        np.testing.assert_allclose(graphed.select_action(o), plain.select_action(o), rtol=0, atol=1e-5)
+    assert graphed.queries == plain.queries == 6
+
+
+def test_cuda_graph_needs_a_cuda_device(trained, pt2):
+    """The CPU side of the CUDA-graph option: asked for where it cannot run, it is refused in one line."""
+    with pytest.raises(DinocacheError, match="cuda_graph=True needs a CUDA device"):
+        load_policy(pt2.path, device="cpu", cuda_graph=True)
+    assert load_policy(pt2.path).metadata["runtime"] == {"backend": "program", "cuda_graph": False}
 
 
 def test_wrong_weights_are_refused_by_hash_and_fail_the_parity_check(trained, tmp_path):

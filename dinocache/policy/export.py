@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
 from dinocache.policy.checkpoint import LAST
+from dinocache.policy.compiled import compile_program, compiled_record, load_compiled, write_package
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.fused import DTYPES, FusedPolicy, build_fused_policy, parse_dtype
 from dinocache.policy.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
@@ -71,7 +72,9 @@ class ExportResult:
                  f"outputs     {self.metadata['chunk_size']} x {self.metadata['action_dim']} actions at "
                  f"{self.metadata['fps']} fps"]
         lines.append(self.parity.format() if self.parity else "parity      NOT VERIFIED (--skip-verify)")
-        lines.append(f"traced      max |{self.format} - eager| = {self.trace_max_abs_diff:.3g} action std; "
+        compiled = self.metadata["export"].get("compiled")
+        what = f"AOTInductor for {compiled['device']}" if compiled else self.format
+        lines.append(f"traced      max |{what} - eager| = {self.trace_max_abs_diff:.3g} action std; "
                      f"{self.seconds:.1f} s")
         return "\n".join(lines)
 
@@ -143,17 +146,35 @@ def _normalised_diff(policy: FusedPolicy, a: Tensor, b: Tensor) -> float:
             policy.normalizer.normalize(ACTION, b.float().to(device))).abs().max().item()
 
 
-def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict[str, Any], tmp: Path) -> float:
-    """Trace with ``torch.export``, check the program against ``eager``, save it with its metadata."""
+def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict[str, Any], tmp: Path,
+               compile: bool = False) -> float:
+    """Trace with ``torch.export``, check the program against ``eager``, save it with its metadata.
+
+    With ``compile`` the program is also compiled by AOTInductor for the export device and both go
+    into one archive (:mod:`dinocache.policy.compiled`); the check then runs the compiled kernels
+    loaded back from the written archive, i.e. what a robot process will run.
+    """
     images, state, env = inputs
     with torch.no_grad():
         program = torch.export.export(policy, _all_inputs(images, state, env),
                                       dynamic_shapes=_dynamic_batch(images, env))
-        traced = program.module()(*_all_inputs(images, state, env))
+    if not compile:
+        with torch.no_grad():
+            traced = program.module()(*_all_inputs(images, state, env))
+        diff = _normalised_diff(policy, traced, eager)
+        metadata["export"]["trace_max_abs_diff"] = diff
+        _check_trace(diff, metadata, "the torch.export program")
+        torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
+        return diff
+    aoti_files = compile_program(program)
+    write_package(tmp, program, aoti_files, {METADATA_NAME: json.dumps(metadata)})
+    metadata["export"]["compiled"] = compiled_record(tmp)
+    with torch.no_grad():
+        traced = load_compiled(tmp, next(policy.parameters()).device)(*_all_inputs(images, state, env))
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
-    _check_trace(diff, metadata, "the torch.export program")
-    torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
+    _check_trace(diff, metadata, "the AOTInductor-compiled program")
+    write_package(tmp, program, aoti_files, {METADATA_NAME: json.dumps(metadata)})  # with the measured difference
     return diff
 
 
@@ -219,7 +240,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
                   dtype: str | torch.dtype = "float32", device: str = "cpu", weights: str | os.PathLike | None = None,
                   dataset: str | os.PathLike | None = None, progress: bool = True, *,
                   store: str | os.PathLike | None = None, verify: bool = True,
-                  check_weights: bool = True) -> ExportResult:
+                  check_weights: bool = True, compile: bool | None = None) -> ExportResult:
     """Fuse the backbone with the head of ``run`` and write it to ``out`` (see the module docstring).
 
     Args:
@@ -236,6 +257,8 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         verify: run the parity check (False: export unverified, recorded as such in the metadata).
         check_weights: refuse weights whose hashes differ from the store's (False: let the parity
             check judge them; for tests).
+        compile: also compile the policy with AOTInductor for ``device`` into the ``.pt2`` (default:
+            on CUDA, where it pays; the plain program stays inside as the portable fallback).
 
     Raises:
         DinocacheError: a bad request, missing inputs, or a failed check; no file is written then.
@@ -250,7 +273,13 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
                              "graphs torch's exporter makes of half-precision autocast regions); export float32 and let "
                              "the ONNX runtime pick its precision, or use --format pt2")
     target = _check_device(device)
-    stages = ["rebuild backbone", "check against the cache", f"trace ({format})", "write"]
+    if compile is None:
+        compile = format == "pt2" and target.type == "cuda"
+    if compile and format != "pt2":
+        raise DinocacheError("--compile makes an AOTInductor .pt2; ONNX files are compiled by their runtime "
+                             "(TensorRT, onnxruntime): drop --compile or use --format pt2")
+    stages = ["rebuild backbone", "check against the cache",
+              f"trace ({format})" + (" and compile (AOTInductor)" if compile else ""), "write"]
     with tqdm(total=len(stages), disable=not progress, unit="step", dynamic_ncols=True,
               bar_format="export {n}/{total}: {desc}") as bar:
         def stage(done: int) -> None:
@@ -263,7 +292,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         metadata = policy_metadata(policy.spec, policy.checkpoint_path, policy.step, compute_dtype)
         metadata["backbone_weights"] = dict(policy.backbone.weights_info)
         metadata["export"] = {"format": format, "device": str(target), "batch": "dynamic",
-                              "weights_checked": check_weights}
+                              "weights_checked": check_weights, "compiled": None}
         stage(1)
         report, frames, state, env = None, None, None, None
         if verify:
@@ -289,8 +318,10 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # torch wants the .pt2 suffix
         try:
-            writer = _write_pt2 if format == "pt2" else _write_onnx
-            trace_diff = writer(policy, inputs, eager, metadata, tmp)
+            if format == "pt2":
+                trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp, compile=compile)
+            else:
+                trace_diff = _write_onnx(policy, inputs, eager, metadata, tmp)
             stage(3)
             os.replace(tmp, out)
         finally:
@@ -323,10 +354,13 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
 @click.option("--store", default=None, type=click.Path(path_type=Path),
               help="The feature store the head was trained on [default: the recorded path].")
 @click.option("--skip-verify", is_flag=True, help="Export without the parity check (recorded as unverified).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="Also compile the policy with AOTInductor for --device into the .pt2, so the robot process "
+                   "loads fused kernels (the plain program stays inside as the fallback) [default: on CUDA].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def export_command(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, device: str,
                    weights: Path | None, dataset: Path | None, store: Path | None, skip_verify: bool,
-                   no_progress: bool) -> None:
+                   compile_: bool | None, no_progress: bool) -> None:
     """Fuse backbone and trained head of RUN into one live policy file (stage three).
 
     The backbone is rebuilt from the run's recorded provenance and its weights checked against the
@@ -337,10 +371,12 @@ def export_command(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype
     Examples:
       dinocache export runs/act1 --out policy.pt2
       dinocache export runs/act1 --out policy.onnx --checkpoint best
-      dinocache export runs/act1 --out policy.pt2 --device cuda --dtype bfloat16
+      dinocache export runs/act1 --out policy.pt2 --device cuda --dtype bfloat16      # compiled for this GPU
+      dinocache export runs/act1 --out policy.pt2 --compile                           # compiled for this CPU
       dinocache export runs/act1 --out policy.pt2 --weights ~/ckpt/dinov2_vits14_reg4_pretrain.pth
     """
     fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")
     result = export_policy(run, out, format=fmt, checkpoint=checkpoint, dtype=dtype, device=device, weights=weights,
-                           dataset=dataset, progress=not no_progress, store=store, verify=not skip_verify)
+                           dataset=dataset, progress=not no_progress, store=store, verify=not skip_verify,
+                           compile=compile_)
     click.echo(result.format_text())

@@ -16,6 +16,7 @@ with one message naming the key and the expected shape, not later inside the bac
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ from torch import Tensor
 
 from dinocache.errors import DinocacheError
 from dinocache.policy.action_selection import make_action_selector
+from dinocache.policy.compiled import compiled_mismatch, load_compiled
 from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
 from dinocache.policy.metadata import policy_kind, policy_metadata, read_policy_metadata
 
-__all__ = ["PolicyRuntime", "ObservationError", "load_policy", "AS_TRAINED"]
+__all__ = ["PolicyRuntime", "ObservationError", "CompiledPolicyFallback", "load_policy", "AS_TRAINED"]
 
 #: A chunk predictor: camera images (uint8 ``(1, H, W, 3)``), state ``(1, D)``, env state or None -> ``(1, chunk, A)``.
 Predict = Callable[[list[Any], Any, Any], Tensor]
@@ -46,6 +48,10 @@ AS_TRAINED: Any = _AsTrained()
 
 class ObservationError(DinocacheError, ValueError):
     """An observation the policy cannot take: a missing key, or a value of the wrong shape or dtype."""
+
+
+class CompiledPolicyFallback(UserWarning):
+    """A compiled policy's kernels do not fit this machine; its plain program runs instead."""
 
 
 class PolicyRuntime:
@@ -172,13 +178,66 @@ def _selection_config(metadata: Mapping[str, Any], n_action_steps: int | None, c
 # --------------------------------------------------------------------------------------------------
 
 
-def _torch_predict(module: Callable[..., Tensor], device: torch.device) -> Predict:
+def _torch_predict(module: Callable[..., Tensor], device: torch.device, cuda_graph: bool = False) -> Predict:
+    call = _CudaGraphCall(module, device) if cuda_graph else module
+
     def predict(images: list[Any], state: Tensor, env: Tensor | None) -> Tensor:
         batch = [torch.as_tensor(image).to(device, non_blocking=True).unsqueeze(0) for image in images]
         inputs = (batch, state.to(device)) + (() if env is None else (env.to(device),))
         with torch.no_grad():
-            return module(*inputs)
+            return call(*inputs)
     return predict
+
+
+class _CudaGraphCall:
+    """``module`` replayed as one CUDA graph: a batch-1 query is a few hundred small kernels, each
+    shorter than its launch, so launching them one by one costs more than running them.
+
+    The graph is captured on the first call, from static input buffers on the device; every later
+    call copies its inputs into those buffers and replays it. Shapes are static (one observation per
+    control step), so one capture serves the whole run; a call with other shapes is refused rather
+    than silently re-captured. The action queue and temporal ensembling stay outside the graph.
+    """
+
+    WARMUP = 3  # eager runs on a side stream before capture (cuBLAS handles, autotuning, allocator)
+
+    def __init__(self, module: Callable[..., Tensor], device: torch.device) -> None:
+        self.module, self.device = module, device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: list[Tensor] = []
+        self.static_output: Tensor | None = None
+        self.structure: Any = None
+
+    def __call__(self, images: list[Tensor], state: Tensor, env: Tensor | None = None) -> Tensor:
+        flat = [*images, state] + ([] if env is None else [env])
+        shapes = [tuple(t.shape) for t in flat]
+        if self.graph is None:
+            self._capture(flat, len(images), env is not None)
+            self.structure = shapes
+        elif shapes != self.structure:
+            raise ObservationError(f"the CUDA graph was captured for inputs of shapes {self.structure}, got {shapes}; "
+                                   "load the policy with cuda_graph=False for varying shapes")
+        for static, value in zip(self.static_inputs, flat):
+            static.copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.static_output.clone()  # the next replay overwrites the graph's output buffer
+
+    def _run(self, num_images: int, has_env: bool) -> Tensor:
+        inputs = self.static_inputs
+        args = (inputs[:num_images], inputs[num_images]) + ((inputs[num_images + 1],) if has_env else ())
+        return self.module(*args)
+
+    def _capture(self, flat: list[Tensor], num_images: int, has_env: bool) -> None:
+        self.static_inputs = [value.detach().clone() for value in flat]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(self.WARMUP):
+                self._run(num_images, has_env)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.static_output = self._run(num_images, has_env)
 
 
 def _onnx_predict(path: Path, metadata: Mapping[str, Any], device: torch.device) -> Predict:
@@ -203,8 +262,25 @@ def _numpy(value: Any) -> np.ndarray:
     return np.ascontiguousarray(value.cpu().numpy() if isinstance(value, Tensor) else value)
 
 
-def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device) -> Callable[..., Tensor]:
-    """The ``.pt2`` program as a callable module on ``device`` (moved there if traced elsewhere)."""
+def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device,
+                  single_threaded: bool = False) -> tuple[Callable[..., Tensor], str]:
+    """The ``.pt2`` as a callable on ``device`` and which form it is (``aoti`` or ``program``).
+
+    A package with AOTInductor kernels built for this machine runs them; otherwise (another device,
+    GPU generation, CPU instruction set or torch build) the plain program inside runs instead, and a
+    :class:`CompiledPolicyFallback` warning says why, once.
+    """
+    compiled = metadata["export"].get("compiled")
+    if compiled:
+        reason = compiled_mismatch(compiled, device)
+        if reason is None:
+            try:
+                return load_compiled(path, device, single_threaded=single_threaded), "aoti"
+            except Exception as err:  # noqa: BLE001 - a loader failure of any kind means: use the program
+                reason = f"its kernels would not load ({type(err).__name__}: {str(err).strip()[:200]})"
+        warnings.warn(f"{path}: not running its compiled kernels ({reason}); running the plain torch.export program "
+                      "inside instead (slower: re-export with --compile on this machine)", CompiledPolicyFallback,
+                      stacklevel=3)
     program = torch.export.load(str(path))
     traced_on = torch.device(metadata["export"]["device"])
     if traced_on != device:
@@ -212,12 +288,12 @@ def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device)
             raise DinocacheError(f"{path} was exported for {traced_on} in {metadata['dtype']}; its autocast regions "
                                  f"are bound to {traced_on.type}: re-export with --device {device}")
         program = torch.export.passes.move_to_device_pass(program, device)
-    return program.module()
+    return program.module(), "program"
 
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, n_action_steps: int | None = None,
                 temporal_ensemble_coeff: float | None = AS_TRAINED,
-                weights: str | os.PathLike | None = None) -> PolicyRuntime:
+                weights: str | os.PathLike | None = None, cuda_graph: bool | None = None) -> PolicyRuntime:
     """Open a live policy: an exported ``.pt2`` / ``.onnx``, or a run / checkpoint folder (eager).
 
     Args:
@@ -227,22 +303,33 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         temporal_ensemble_coeff: ACT's ensembling coefficient, None to turn ensembling off (default:
             as trained). Setting a coefficient without ``n_action_steps`` sets that to 1.
         weights: backbone weights for a run folder (as ``dinocache export --weights``).
+        cuda_graph: replay each query as one CUDA graph (default: on CUDA, for the torch back ends;
+            the ONNX runtime has its own).
+
+    ``metadata["runtime"]`` says what runs: ``backend`` (``aoti``: compiled kernels, ``program``: the
+    ``torch.export`` program, ``eager``: a run folder, ``onnxruntime``) and ``cuda_graph``.
     """
     path, device = Path(path), torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DinocacheError(f"device {device}: CUDA is not available on this machine")
     kind = policy_kind(path)
+    if cuda_graph and (device.type != "cuda" or kind == "onnx"):
+        raise DinocacheError(f"cuda_graph=True needs a CUDA device and a .pt2 or run folder (got {device}, {kind})")
+    graph = device.type == "cuda" and kind != "onnx" if cuda_graph is None else cuda_graph
     if kind == "folder":
         from dinocache.policy.fused import build_fused_policy
 
         policy = build_fused_policy(path, weights=weights, device=device)
         metadata = policy_metadata(policy.spec, policy.checkpoint_path, policy.step, policy.compute_dtype)
         metadata["export"] = {"format": "eager", "device": str(device)}
-        predict = _torch_predict(policy, device)
+        module, backend = policy, "eager"
     else:
         metadata = read_policy_metadata(path)
         if kind == "onnx":
-            predict = _onnx_predict(path, metadata, device)
-        else:
-            predict = _torch_predict(_load_program(path, metadata, device), device)
-    return PolicyRuntime(predict, metadata, device, n_action_steps, temporal_ensemble_coeff)
+            metadata["runtime"] = {"backend": "onnxruntime", "cuda_graph": False}
+            return PolicyRuntime(_onnx_predict(path, metadata, device), metadata, device, n_action_steps,
+                                 temporal_ensemble_coeff)
+        module, backend = _load_program(path, metadata, device, single_threaded=graph)
+    metadata["runtime"] = {"backend": backend, "cuda_graph": graph}
+    return PolicyRuntime(_torch_predict(module, device, cuda_graph=graph), metadata, device, n_action_steps,
+                         temporal_ensemble_coeff)

@@ -1,0 +1,101 @@
+"""The compiled deployment form: AOTInductor kernels and the plain ``torch.export`` program in one ``.pt2``.
+
+A ``torch.export`` program run through ``.module()`` executes eagerly, kernel by kernel; at batch 1 a
+ViT's few hundred small kernels are each shorter than their launch, so the query is launch-bound.
+AOTInductor (``torch._inductor``) compiles the program ahead of time into a shared library of fused
+kernels for one device, which the robot process loads without tracing or a compiler at start-up.
+
+Compiled kernels are specific: to a device type, a CUDA compute capability or a CPU instruction set,
+and the torch build that made them. So one archive (PyTorch's own PT2 archive format, which holds
+both) carries the compiled kernels *and* the portable exported program, and the record of what the
+kernels were built for sits in the policy's metadata (``export.compiled``). :func:`compiled_mismatch`
+says why a machine cannot run them; the runtime then falls back to the program, saying so once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinocache.errors import DinocacheError
+
+__all__ = ["compile_program", "write_package", "compiled_record", "compiled_mismatch", "load_compiled"]
+
+
+def _package_api() -> Callable[..., Any]:
+    try:
+        from torch.export.pt2_archive._package import package_pt2
+    except ImportError:  # torch < 2.8 has no PT2 archive writer that holds both forms
+        raise DinocacheError(f"--compile needs torch >= 2.8 (this is {torch.__version__}); "
+                             "export with --no-compile") from None
+    return package_pt2
+
+
+def compile_program(program: torch.export.ExportedProgram) -> list[Any]:
+    """AOTInductor's files for ``program`` (for the device its tensors are on), ready to package."""
+    args, kwargs = program.example_inputs
+    try:
+        return torch._inductor.aot_compile(program.module(), args, kwargs, options={"aot_inductor.package": True})
+    except Exception as err:  # noqa: BLE001 - the compiler raises many types; the user needs the gist
+        cause = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise DinocacheError(f"AOTInductor could not compile the policy ({type(err).__name__}: {cause}); "
+                             "--no-compile writes the plain torch.export program") from err
+
+
+def write_package(path: Path, program: torch.export.ExportedProgram, aoti_files: list[Any],
+                  extra_files: dict[str, str]) -> None:
+    """One PT2 archive with the exported program, the compiled kernels and ``extra_files``."""
+    _package_api()(str(path), exported_programs=program, aoti_files=aoti_files, extra_files=extra_files)
+
+
+def compiled_record(path: Path) -> dict[str, Any]:
+    """What the kernels in the package at ``path`` were built for (AOTInductor's own metadata, plus torch)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = next((n for n in archive.namelist() if n.endswith("wrapper_metadata.json")), None)
+        built = json.loads(archive.read(entry)) if entry else {}
+    return {"device": built.get("AOTI_DEVICE_KEY"), "compute_capability": built.get("AOTI_COMPUTE_CAPABILITY") or None,
+            "cpu_isa": built.get("AOTI_CPU_ISA") or None, "platform": f"{platform.system().lower()}-{platform.machine()}",
+            "torch": torch.__version__}
+
+
+def _cpu_isas() -> set[str]:
+    from torch._inductor import cpu_vec_isa
+
+    return {token for isa in cpu_vec_isa.valid_vec_isa_list() for token in str(isa).upper().split()}
+
+
+def compiled_mismatch(record: dict[str, Any], device: torch.device) -> str | None:
+    """Why this machine cannot run kernels built as ``record`` says on ``device``; None when it can."""
+    here = f"{platform.system().lower()}-{platform.machine()}"
+    if record.get("platform") != here:
+        return f"built on {record.get('platform')}, this is {here}"
+    if record.get("device") != device.type:
+        return f"built for {record.get('device')}, loading on {device.type}"
+    if record.get("torch", "").split("+")[0] != torch.__version__.split("+")[0]:
+        return f"built with torch {record.get('torch')}, this is torch {torch.__version__}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if record.get("compute_capability") not in (None, f"{major}{minor}"):
+            return (f"built for compute capability {record['compute_capability']}, "
+                    f"{torch.cuda.get_device_name(device)} is {major}{minor}")
+    elif record.get("cpu_isa"):
+        missing = set(record["cpu_isa"].split()) - _cpu_isas()
+        if missing:
+            return f"built for CPU instructions {record['cpu_isa']}, this CPU lacks {' '.join(sorted(missing))}"
+    return None
+
+
+def load_compiled(path: str | os.PathLike, device: torch.device, single_threaded: bool = False) -> Callable[..., Any]:
+    """The compiled kernels of ``path`` as a callable on ``device`` (same inputs as the fused policy).
+
+    ``single_threaded`` drops AOTInductor's own thread synchronisation, which CUDA graph capture needs.
+    """
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded, device_index=index)
