@@ -9,7 +9,6 @@ video, written to disk and broken with file operations.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import signal
@@ -24,11 +23,15 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dinocache.cli import main
-from dinocache.errors import StoreError, TrainingError
-from dinocache.policy.checkpoint import load_head
+from dinocache.encoders.backbone import create_backbone
+from dinocache.errors import BackboneError, DatasetError
+from dinocache.pipeline.extract import extract
+from dinocache.pipeline.readers import open_dataset
 from dinocache.policy.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _datasets import edit_hdf5, edit_json, make, reencode, truncate, v21_video  # noqa: E402
+from test_extract import config, extract_args, store_files  # noqa: E402
 from test_train import TINY  # noqa: E402
 from test_train_data import make_store  # noqa: E402
 
@@ -208,11 +211,6 @@ def test_a_chunk_longer_than_every_episode_is_said(tmp_path: Path):
 
 
 # -------------------------------------------------------------------------------- stage one --
-from _datasets import edit_hdf5, edit_json, make, reencode, truncate, v21_video  # noqa: E402
-from test_extract import config, extract_args, store_files  # noqa: E402
-
-from dinocache.pipeline.extract import extract  # noqa: E402
-from dinocache.pipeline.store import FeatureStore  # noqa: E402
 
 
 def test_a_full_disk_during_extraction_ends_in_one_line_and_resumes(small_dataset: Path, tmp_path: Path, monkeypatch):
@@ -269,8 +267,6 @@ def test_an_identity_refusal_names_the_fields_that_differ(small_dataset: Path, t
 
 
 # ---------------------------------------------------------------------------------- readers --
-from dinocache.errors import BackboneError, DatasetError  # noqa: E402
-from dinocache.pipeline.readers import open_dataset  # noqa: E402
 
 
 @pytest.mark.parametrize("fmt", ["lerobot-v2.1", "lerobot-v3.0"])
@@ -296,8 +292,6 @@ def test_an_hdf5_action_shorter_than_the_images_is_named(tmp_path: Path):
 
 # ---------------------------------------------------------------------------------- encoders --
 def test_a_weights_file_of_random_bytes_gets_no_unsafe_advice(tmp_path: Path):
-    from dinocache.encoders.backbone import create_backbone
-
     weights = tmp_path / "model.pth"
     weights.write_bytes(b"\x17" + np.random.default_rng(0).bytes(4095))
     with pytest.raises(BackboneError) as excinfo:
@@ -308,8 +302,6 @@ def test_a_weights_file_of_random_bytes_gets_no_unsafe_advice(tmp_path: Path):
 
 
 def test_an_int64_image_is_told_how_to_cast_integers(tmp_path: Path):
-    from dinocache.encoders.backbone import create_backbone
-
     backbone = create_backbone("dinov2_vits14", weights="random", image_size=28)
     frames = torch.full((1, 28, 28, 3), 200, dtype=torch.int64)
     with pytest.raises(BackboneError, match=r"got torch.int64; cast integer frames holding 0-255") as excinfo:
