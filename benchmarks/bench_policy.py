@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from _child import exit_if_failed, run_child
+from _machine import describe_machine
 from dinocache.encoders.backbone import create_backbone
 from dinocache.pipeline.extract import backbone_provenance
 from dinocache.policy.act import ACTHead
@@ -79,17 +80,24 @@ def percentiles(values: np.ndarray) -> dict[str, float]:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
 
 
-def measure(backbone_name: str, image_size: int, device: str, steps: int, work: Path) -> dict:
-    """Export a synthetic run to ``work/<backbone>.pt2`` and time fused / backbone / head, interleaved."""
+def measure(backbone_name: str, image_size: int, device: str, steps: int, work: Path, compile: bool,
+            dtype: str) -> dict:
+    """Export a synthetic run to ``work/<backbone>.pt2`` and time fused / backbone / head, interleaved.
+
+    With ``compile`` the file carries AOTInductor kernels; the plain program inside the same file is then
+    timed too (``fused_program``), in the same rounds, so the compiled form's gain is read side by side.
+    """
     run = make_run(work / backbone_name, backbone_name, image_size)
     t0 = time.perf_counter()
-    exported = export_policy(run, work / f"{backbone_name}.pt2", device=device, verify=False, progress=False)
+    exported = export_policy(run, work / f"{backbone_name}.pt2", device=device, dtype=dtype, verify=False,
+                             progress=False, compile=compile)
     export_s = time.perf_counter() - t0
     runtime = load_policy(exported.path, device=device, n_action_steps=100, temporal_ensemble_coeff=None)
     observation = random_observation(runtime.metadata)
 
     target = torch.device(device)
-    backbone = create_backbone(backbone_name, weights="random", image_size=image_size, device=device)
+    amp = None if dtype == "float32" else getattr(torch, dtype)
+    backbone = create_backbone(backbone_name, weights="random", image_size=image_size, device=device, amp_dtype=amp)
     frame = torch.from_numpy(observation[CAMERA])[None].to(target)
     head, normalizer, _ = load_head(run, device=device)
     h, w = backbone.grid_size
@@ -97,21 +105,26 @@ def measure(backbone_name: str, image_size: int, device: str, steps: int, work: 
                 OBS_STATE: torch.randn(1, DIM, device=target)}
 
     def head_step() -> None:
-        with torch.no_grad():
-            normalizer.unnormalize(ACTION, head(features)[0]).cpu()
+        with torch.no_grad(), torch.autocast(target.type, dtype=amp or torch.float32, enabled=amp is not None):
+            normalizer.unnormalize(ACTION, head(features)[0].float()).cpu()
 
     kinds = {"fused": (lambda: runtime.select_action(observation), runtime.reset),
              "backbone": (lambda: backbone(frame), None), "head": (head_step, None)}
-    for step, before in kinds.values():  # warm-up
+    if compile:
+        plain = load_policy(exported.path, device=device, n_action_steps=100, temporal_ensemble_coeff=None,
+                            compiled=False, cuda_graph=False)
+        kinds["fused_program"] = (lambda: plain.select_action(observation), plain.reset)
+    for step, before in kinds.values():  # warm-up (the CUDA graph is captured here)
         latencies_ms(step, 1, 2, before=before, sync=target)
     samples: dict[str, list[float]] = {name: [] for name in kinds}
-    for _ in range(steps):  # one of each in turn, so that background load hits all three alike
+    for _ in range(steps):  # one of each in turn, so that background load hits all of them alike
         for name, (step, before) in kinds.items():
             samples[name].extend(latencies_ms(step, 1, 0, before=before, sync=target))
     result = {name: percentiles(np.asarray(values)) for name, values in samples.items()}
     parts = result["backbone"]["p50"] + result["head"]["p50"]
     result.update(backbone_name=backbone_name, overhead=result["fused"]["p50"] / parts - 1, export_s=export_s,
-                  file_mib=exported.path.stat().st_size / 2**20, threads=torch.get_num_threads(), steps=steps)
+                  file_mib=exported.path.stat().st_size / 2**20, threads=torch.get_num_threads(), steps=steps,
+                  runtime=runtime.metadata["runtime"], dtype=dtype)
     return result
 
 
@@ -125,7 +138,11 @@ def bench_in_fresh_process(policy: Path, device: str, steps: int, threads: int |
     text = done.stdout
     numbers = [float(x) for x in re.findall(r"p(?:50|99) +([\d.]+) ms", text)]
     memory = float(re.search(r"peak memory (\d+) MiB", text).group(1))
-    return text, {"query": numbers[0:2], "queued": numbers[2:4], "peak_mib": memory}
+    start = re.search(r"load ([\d.]+) s, first query ([\d.]+) ms", text)
+    kernels = re.search(r"GPU kernels +([\d.]+) ms", text)
+    return text, {"query": numbers[0:2], "queued": numbers[2:4], "peak_mib": memory,
+                  "load_s": float(start.group(1)), "first_query_ms": float(start.group(2)),
+                  "kernel_ms": float(kernels.group(1)) if kernels else None}
 
 
 def main() -> None:
@@ -133,24 +150,35 @@ def main() -> None:
     parser.add_argument("--backbones", default="dinov2_vits14_reg,dinov2_vitb14_reg")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 [default: bfloat16 on CUDA, else float32]")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="export with AOTInductor kernels (and time the plain program beside them) [default: on CUDA]")
     parser.add_argument("--steps", type=int, default=60, help="timed calls of each kind")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:  # one backbone, in a process of its own; prints one JSON line
-        print(json.dumps(measure(args.child, args.image_size, args.device, args.steps, args.work)))
+        print(json.dumps(measure(args.child, args.image_size, args.device, args.steps, args.work, args.compile,
+                                 args.dtype)))
         return
 
+    began = time.perf_counter()
     print(f"# torch {torch.__version__}, {platform.machine()}, device {args.device}, {torch.get_num_threads()} "
-          f"thread(s), batch 1, one {HEIGHT}x{WIDTH} camera at {args.image_size} px, {args.steps} steps of each kind")
-    rows, outputs, failures = [], [], []
+          f"thread(s), batch 1, one {HEIGHT}x{WIDTH} camera at {args.image_size} px, {args.dtype}, "
+          f"{'compiled (AOTInductor)' if args.compile else 'torch.export program'}, {args.steps} steps of each kind")
+    rows, outputs, failures, results = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="dinocache-bench-policy-") as work:
         for name in args.backbones.split(","):
             child = [sys.executable, __file__, "--child", name, "--work", work, "--image-size", str(args.image_size),
-                     "--device", args.device, "--steps", str(args.steps),
+                     "--device", args.device, "--steps", str(args.steps), "--dtype", args.dtype,
+                     "--compile" if args.compile else "--no-compile",
                      *(["--threads", str(args.threads)] if args.threads else [])]
             done = run_child(child)
             if not done.ok:
@@ -162,18 +190,34 @@ def main() -> None:
             except ChildFailed as err:
                 failures.append(str(err))
                 continue
+            results.append({**r, "bench_policy": fresh})
             outputs.append(f"$ dinocache bench-policy {name}.pt2 --steps {args.steps}\n{text}")
-            rows.append(f"| {name} | {r['fused']['p50']:.1f} / {r['fused']['p99']:.1f} | {r['backbone']['p50']:.1f} / "
-                        f"{r['backbone']['p99']:.1f} | {r['head']['p50']:.1f} / {r['head']['p99']:.1f} | "
-                        f"{100 * r['overhead']:+.1f} % | {fresh['query'][0]:.1f} / {fresh['query'][1]:.1f} | "
-                        f"{fresh['queued'][0]:.2f} / {fresh['queued'][1]:.2f} | {fresh['peak_mib']:.0f} MiB | "
+            program = r.get("fused_program")
+            rows.append(f"| {name} | {r['fused']['p50']:.1f} / {r['fused']['p99']:.1f} | "
+                        + (f"{program['p50']:.1f} / {program['p99']:.1f} | " if program else "")
+                        + f"{r['backbone']['p50']:.1f} / {r['backbone']['p99']:.1f} | {r['head']['p50']:.1f} / "
+                        f"{r['head']['p99']:.1f} | {100 * r['overhead']:+.1f} % | {fresh['query'][0]:.1f} / "
+                        f"{fresh['query'][1]:.1f} | {fresh['queued'][0]:.2f} / {fresh['queued'][1]:.2f} | "
+                        + (f"{fresh['kernel_ms']:.2f} | " if cuda else "")
+                        + f"{fresh['load_s']:.1f} s / {fresh['first_query_ms']:.0f} ms | {fresh['peak_mib']:.0f} MiB | "
                         f"{r['file_mib']:.0f} MiB |")
             print(f"  done {name} (export {r['export_s']:.0f} s)", file=sys.stderr, flush=True)
-    print("| backbone | fused query p50 / p99 (ms) | backbone alone p50 / p99 | head alone p50 / p99 | overhead (p50) "
-          "| bench-policy query p50 / p99 | bench-policy queued p50 / p99 | bench-policy peak RSS | .pt2 size |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    columns = ["backbone", f"fused query p50 / p99 (ms), {'compiled' if args.compile else 'program'}"]
+    columns += ["fused query, plain program"] if args.compile else []
+    columns += ["backbone alone p50 / p99", "head alone p50 / p99", "overhead (p50)", "bench-policy query p50 / p99",
+                "bench-policy queued p50 / p99"]
+    columns += ["GPU kernels per query (ms)"] if cuda else []
+    columns += ["load / first query", "peak memory", ".pt2 size"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * (len(columns) - 1))
     print("\n".join(rows))
     print("\n" + "\n".join(outputs))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_policy.py " + " ".join(sys.argv[1:]),
+            "machine": describe_machine(args.device, args.threads), "settings": {k: str(v) for k, v in vars(args).items()},
+            "total_s": time.perf_counter() - began, "results": results, "failures": failures}, indent=1))
     exit_if_failed(failures)
 
 

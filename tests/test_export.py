@@ -411,6 +411,7 @@ def test_select_action_names_the_key_and_the_expected_shape(trained):
                            rf"no '{re.escape(WRIST)}' \(nor 'wrist'\).*{re.escape(WRIST)} uint8 \(48, 64, 3\)"),
         "wrong size": ({**good, TOP: good[TOP][:40]}, r"observation.images.top'\]: expected a uint8 \(48, 64, 3\) image.*\(40, 64, 3\)"),
         "float frames": ({**good, TOP: good[TOP] / 255.0}, r"got float64 \(48, 64, 3\).*convert float frames"),
+        "int64 frames": ({**good, TOP: good[TOP].astype(np.int64)}, r"got int64 \(48, 64, 3\).*cast integer frames"),
         "channels first": ({**good, TOP: good[TOP].transpose(2, 0, 1)}, r"\(3, 48, 64\) \(channels first"),
         "state width": ({**good, STATE: good[STATE][:3]}, r"observation.state'\]: expected 4 values, shape \(4,\), got shape \(3,\)"),
         "NaN state": ({**good, STATE: np.full(4, np.nan, np.float32)}, "NaN"),

@@ -44,6 +44,11 @@ class BenchResult:
     queued_p99_ms: float | None
     peak_memory_bytes: int
     memory_kind: str
+    backend: str = "?"  # what ran: aoti, program, eager, onnxruntime (PolicyRuntime.metadata["runtime"])
+    cuda_graph: bool = False
+    kernel_ms: float | None = None  # GPU time of the query's kernels alone (CUDA, from the profiler)
+    load_s: float | None = None  # loading the policy (when given a path)
+    first_query_ms: float | None = None  # the first query after loading: lazy initialisation, capture
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,13 +56,20 @@ class BenchResult:
     def format(self) -> str:
         queued = ("n/a (every step queries the model)" if self.queued_p50_ms is None
                   else f"p50 {self.queued_p50_ms:8.3f} ms   p99 {self.queued_p99_ms:8.3f} ms")
-        return "\n".join([
-            f"policy      {self.policy} on {self.device} ({self.threads} thread(s)), {self.steps} steps of each kind",
+        lines = [
+            f"policy      {self.policy} on {self.device} ({self.threads} thread(s)), {self.steps} steps of each kind; "
+            f"runs {self.backend}" + (" as a CUDA graph" if self.cuda_graph else ""),
             f"query step  p50 {self.query_p50_ms:8.3f} ms   p99 {self.query_p99_ms:8.3f} ms   "
             "(checks, preprocessing, backbone, head)",
             f"queued step {queued}",
-            f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB ({self.memory_kind})",
-        ])
+        ]
+        if self.kernel_ms is not None:
+            lines.append(f"GPU kernels {self.kernel_ms:8.3f} ms per query (the rest of the query's wall time is launches "
+                         "and host work)")
+        if self.load_s is not None:
+            lines.append(f"start-up    load {self.load_s:.2f} s, first query {self.first_query_ms:.1f} ms")
+        lines.append(f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB ({self.memory_kind})")
+        return "\n".join(lines)
 
 
 def latencies_ms(step: Callable[[], Any], steps: int, warmup: int = 3,
@@ -91,6 +103,24 @@ def random_observation(metadata: dict[str, Any], seed: int = 0) -> dict[str, np.
     return observation
 
 
+def kernel_ms_per_query(runtime: PolicyRuntime, observation: dict[str, Any], queries: int) -> float:
+    """GPU time of the kernels of one query (milliseconds), summed by the profiler over ``queries`` queries.
+
+    Beside the query's wall time it shows the overhead: a launch-bound query has wall time far above
+    its kernel time; a CUDA graph or compiled kernels close the gap.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(queries):
+            runtime.reset()
+            runtime.select_action(observation)
+        torch.cuda.synchronize(runtime.device)
+    kernels_us = sum(event.self_device_time_total for event in prof.key_averages()
+                     if event.device_type == torch.autograd.DeviceType.CUDA)
+    return kernels_us / 1e3 / queries
+
+
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
@@ -106,14 +136,19 @@ def bench_policy(policy: str | os.PathLike | PolicyRuntime, device: str = "cpu",
     A path is loaded with a plain action queue of ``chunk_size`` actions, so that both kinds of step
     occur; a given runtime is used with its own action selection.
     """
+    load_s = first_query_ms = None
     if isinstance(policy, PolicyRuntime):
         runtime, name = policy, "(runtime)"
+        observation = random_observation(runtime.metadata)
     else:
         chunk = read_policy_metadata(policy)["chunk_size"]
+        t0 = time.perf_counter()
         runtime = load_policy(policy, device=device, temporal_ensemble_coeff=None, n_action_steps=chunk)
+        load_s = time.perf_counter() - t0
+        observation = random_observation(runtime.metadata)
+        first_query_ms = float(latencies_ms(lambda: runtime.select_action(observation), 1, 0)[0])
         name = str(policy)
     target = runtime.device
-    observation = random_observation(runtime.metadata)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
     query = latencies_ms(lambda: runtime.select_action(observation), steps, warmup, before=runtime.reset)
@@ -127,7 +162,11 @@ def bench_policy(policy: str | os.PathLike | PolicyRuntime, device: str = "cpu",
         runtime.select_action(observation)
         queued = latencies_ms(lambda: runtime.select_action(observation), steps, warmup, before=refill)
     peak, kind = _peak_memory(target)
+    info = runtime.metadata.get("runtime", {})
     return BenchResult(policy=name, device=str(target), threads=torch.get_num_threads(), steps=steps,
+                       backend=info.get("backend", "?"), cuda_graph=bool(info.get("cuda_graph")),
+                       kernel_ms=kernel_ms_per_query(runtime, observation, steps) if target.type == "cuda" else None,
+                       load_s=load_s, first_query_ms=first_query_ms,
                        query_p50_ms=float(np.percentile(query, 50)), query_p99_ms=float(np.percentile(query, 99)),
                        queued_p50_ms=None if queued is None else float(np.percentile(queued, 50)),
                        queued_p99_ms=None if queued is None else float(np.percentile(queued, 99)),

@@ -139,8 +139,11 @@ class PolicyRuntime:
             hint = ""
             if shape == (3, *expected[:2]):
                 hint = " (channels first: transpose it to HWC)"
-            elif not is_uint8:
+            elif not is_uint8 and (value.dtype.is_floating_point if isinstance(value, Tensor)
+                                   else np.issubdtype(value.dtype, np.floating)):
                 hint = " (convert float frames with (x * 255).round() to uint8)"
+            elif not is_uint8:
+                hint = " (cast integer frames in 0..255 with .astype(np.uint8) or .to(torch.uint8))"
             raise ObservationError(f"observation[{key!r}]: expected a uint8 {expected} image (HWC), got "
                                    f"{str(value.dtype).removeprefix('torch.')} {shape}{hint}")
         return value
@@ -262,8 +265,8 @@ def _numpy(value: Any) -> np.ndarray:
     return np.ascontiguousarray(value.cpu().numpy() if isinstance(value, Tensor) else value)
 
 
-def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device,
-                  single_threaded: bool = False) -> tuple[Callable[..., Tensor], str]:
+def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device, single_threaded: bool = False,
+                  compiled_kernels: bool = True) -> tuple[Callable[..., Tensor], str]:
     """The ``.pt2`` as a callable on ``device`` and which form it is (``aoti`` or ``program``).
 
     A package with AOTInductor kernels built for this machine runs them; otherwise (another device,
@@ -271,7 +274,7 @@ def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device,
     :class:`CompiledPolicyFallback` warning says why, once.
     """
     compiled = metadata["export"].get("compiled")
-    if compiled:
+    if compiled and compiled_kernels:
         reason = compiled_mismatch(compiled, device)
         if reason is None:
             try:
@@ -293,7 +296,8 @@ def _load_program(path: Path, metadata: Mapping[str, Any], device: torch.device,
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, n_action_steps: int | None = None,
                 temporal_ensemble_coeff: float | None = AS_TRAINED,
-                weights: str | os.PathLike | None = None, cuda_graph: bool | None = None) -> PolicyRuntime:
+                weights: str | os.PathLike | None = None, cuda_graph: bool | None = None,
+                compiled: bool = True) -> PolicyRuntime:
     """Open a live policy: an exported ``.pt2`` / ``.onnx``, or a run / checkpoint folder (eager).
 
     Args:
@@ -305,6 +309,8 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         weights: backbone weights for a run folder (as ``dinocache export --weights``).
         cuda_graph: replay each query as one CUDA graph (default: on CUDA, for the torch back ends;
             the ONNX runtime has its own).
+        compiled: run a ``.pt2``'s AOTInductor kernels where they fit this machine (False: its plain
+            program, e.g. to compare the two).
 
     ``metadata["runtime"]`` says what runs: ``backend`` (``aoti``: compiled kernels, ``program``: the
     ``torch.export`` program, ``eager``: a run folder, ``onnxruntime``) and ``cuda_graph``.
@@ -329,7 +335,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
             metadata["runtime"] = {"backend": "onnxruntime", "cuda_graph": False}
             return PolicyRuntime(_onnx_predict(path, metadata, device), metadata, device, n_action_steps,
                                  temporal_ensemble_coeff)
-        module, backend = _load_program(path, metadata, device, single_threaded=graph)
+        module, backend = _load_program(path, metadata, device, single_threaded=graph, compiled_kernels=compiled)
     metadata["runtime"] = {"backend": backend, "cuda_graph": graph}
     return PolicyRuntime(_torch_predict(module, device, cuda_graph=graph), metadata, device, n_action_steps,
                          temporal_ensemble_coeff)
