@@ -172,6 +172,10 @@ def test_every_parameter_receives_gradient():
 # --- loss ------------------------------------------------------------------------------------------
 
 
+def floats(info: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {key: float(value) for key, value in info.items()}
+
+
 def test_padded_actions_are_excluded_from_the_loss():
     head = ACTHead(small_config(dropout=0.0), INPUTS)
     batch = make_batch()
@@ -179,7 +183,7 @@ def test_padded_actions_are_excluded_from_the_loss():
 
     def loss_of(b):
         torch.manual_seed(1)  # the same latent sample every time
-        return head.compute_loss(b)[1]
+        return floats(head.compute_loss(b)[1])
 
     reference = loss_of(batch)
     padded_changed = dict(batch, action=torch.where(is_pad.unsqueeze(-1), 100.0, batch["action"]))
@@ -198,14 +202,16 @@ def test_l1_is_the_mean_over_non_padded_elements():
     expected = (predicted - batch["action"]).abs()[~batch["action_is_pad"]].mean()
 
     loss, info = head.compute_loss(batch)
-    assert info["l1_loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert loss.item() == pytest.approx(info["loss"])
+    assert float(info["l1_loss"]) == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == float(info["loss"])
+    assert all(not value.requires_grad and value.dim() == 0 for value in info.values()), \
+        "terms are detached device scalars: reading them is the caller's choice (a sync on CUDA)"
 
 
 def test_no_kl_term_without_vae():
     head = ACTHead(small_config(use_vae=False), INPUTS)
     assert not hasattr(head, "vae_encoder")
-    loss, info = head.compute_loss(make_batch())
+    info = floats(head.compute_loss(make_batch())[1])
     assert info["kld_loss"] == 0.0
     assert info["loss"] == pytest.approx(info["l1_loss"])
 
@@ -218,7 +224,7 @@ def test_kl_term_matches_closed_form_and_weight():
     sigma2 = log_sigma_x2.exp()
     expected = (0.5 * (mu**2 + sigma2 - 1 - log_sigma_x2)).sum(-1).mean()
     torch.manual_seed(5)
-    loss, info = head.compute_loss(batch)
+    info = floats(head.compute_loss(batch)[1])
     assert info["kld_loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert info["loss"] == pytest.approx(info["l1_loss"] + 3.0 * info["kld_loss"], rel=1e-5)
 
@@ -226,7 +232,7 @@ def test_kl_term_matches_closed_form_and_weight():
 def test_eval_mode_loss_uses_the_zero_latent():
     head = ACTHead(small_config(), INPUTS).eval()
     batch = make_batch()
-    _, info = head.compute_loss(batch)
+    info = floats(head.compute_loss(batch)[1])
     assert info["kld_loss"] == 0.0
     predicted, _ = head(observation_only(batch))
     expected = (predicted - batch["action"]).abs()[~batch["action_is_pad"]].mean()

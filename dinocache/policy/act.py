@@ -37,6 +37,7 @@ from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_ST
 
 __all__ = [
     "ACTHead",
+    "act_optimizer",
     "ACTEncoder",
     "ACTEncoderLayer",
     "ACTDecoder",
@@ -462,7 +463,7 @@ class ACTHead(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """ACT's training loss: masked L1 on the chunk plus ``kl_weight`` times the CVAE KL divergence.
 
         The L1 term is the mean absolute error over the non-padded action elements only, so a chunk
@@ -472,7 +473,10 @@ class ACTHead(nn.Module):
         eval mode, where the loss is that of the zero latent the live policy uses).
 
         Returns:
-            The scalar loss to back-propagate, and ``{"l1_loss", "kld_loss", "loss"}`` as floats.
+            The scalar loss to back-propagate, and ``{"l1_loss", "kld_loss", "loss"}`` as detached 0-dim
+            tensors on the batch's device. They stay tensors so that computing the loss never waits for
+            the device: the caller reads them (``float(info["loss"])``, a synchronisation on CUDA) when
+            it needs a number, and a training loop sums them on the device between records.
         """
         self._check_batch(batch, with_targets=True)
         actions_hat, latent_params = self(batch)
@@ -489,4 +493,14 @@ class ACTHead(nn.Module):
             kld_loss = (-0.5 * (1 + log_sigma_x2 - mu.pow(2) - log_sigma_x2.exp())).sum(-1).mean()
 
         loss = l1_loss + self.config.kl_weight * kld_loss
-        return loss, {"l1_loss": l1_loss.item(), "kld_loss": kld_loss.item(), "loss": loss.item()}
+        return loss, {"l1_loss": l1_loss.detach(), "kld_loss": kld_loss.detach(), "loss": loss.detach()}
+
+
+def act_optimizer(params: list[Tensor] | list[dict], config: ACTConfig) -> torch.optim.AdamW:
+    """LeRobot ACT's optimiser: AdamW at ``optimizer_lr`` with ``optimizer_weight_decay``, fused.
+
+    Fused means one kernel updates every parameter (instead of several per parameter), on the CPU
+    too, and the update can be skipped on the device by a ``found_inf`` flag, as a GradScaler does:
+    how the training loop refuses a non-finite step without reading the gradient norm every step.
+    """
+    return torch.optim.AdamW(params, lr=config.optimizer_lr, weight_decay=config.optimizer_weight_decay, fused=True)

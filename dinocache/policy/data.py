@@ -35,9 +35,10 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,10 @@ from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX, OBS_
 from dinocache.policy.normalize import Normalizer
 
 __all__ = [
-    "CachedFeatures", "Block", "SampleOrder", "BatchStream", "EpisodeSplit",
+    "CachedFeatures", "Block", "SampleOrder", "BatchStream", "DeviceBatches", "ResidentBatches", "HostBatches",
+    "EpisodeSplit",
     "open_training_store", "split_episodes", "episode_rows", "action_windows", "head_camera_name",
-    "parse_memory_budget", "available_memory", "DEFAULT_MEMORY_SHARE",
+    "parse_memory_budget", "available_memory", "available_device_memory", "DEFAULT_MEMORY_SHARE",
 ]
 
 Batch = dict[str, Tensor]
@@ -175,7 +177,7 @@ def action_windows(rows: Tensor, episode_end: Tensor, chunk_size: int) -> tuple[
     padding: their row is clamped to the episode's last frame (so the gather never crosses into
     the next episode) and ``is_pad`` is True. Returns ``(windows, is_pad)``, both ``(B, chunk_size)``.
     """
-    windows = rows.unsqueeze(1) + torch.arange(chunk_size, dtype=rows.dtype)
+    windows = rows.unsqueeze(1) + torch.arange(chunk_size, dtype=rows.dtype, device=rows.device)
     end = episode_end.index_select(0, rows).unsqueeze(1)
     is_pad = windows >= end
     return torch.minimum(windows, end - 1), is_pad
@@ -206,12 +208,19 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
-def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1) -> int:
-    """Bytes the cached features may occupy in this process's RAM.
+def available_device_memory(device: torch.device) -> int:
+    """Bytes free on a CUDA ``device`` now (``torch.cuda.mem_get_info``); 0 for the CPU, which has no device memory."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+
+
+def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1,
+                        available: Callable[[], int] = available_memory) -> int:
+    """Bytes the cached features may occupy in this process's RAM (or, with ``available``, device memory).
 
     ``value`` is bytes, a size (``"24GiB"``, ``"24G"``, ``"500MB"``), a share of the currently
-    available memory (``"50%"``), or None for :data:`DEFAULT_MEMORY_SHARE` of it. Shares are divided
-    by ``processes_per_machine``: every DDP rank on a machine holds its own copy.
+    available memory (``"50%"``, of what ``available()`` returns), or None for
+    :data:`DEFAULT_MEMORY_SHARE` of it. Shares are divided by ``processes_per_machine``: every DDP
+    rank on a machine holds its own copy (for device memory that is 1: one device per rank).
     """
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
@@ -225,7 +234,7 @@ def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1)
             share = -1.0
         if not 0 <= share <= 1:
             raise DinocacheError(f"--memory-budget {value!r}: a share must be between 0% and 100%")
-        return int(available_memory() * share / max(processes_per_machine, 1))
+        return int(available() * share / max(processes_per_machine, 1))
     match = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
     if not match or match.group(2) not in _UNITS:
         raise DinocacheError(f"--memory-budget {value!r}: expected a size like 24GiB or 500MB, or a share like 50%")
@@ -350,8 +359,11 @@ class CachedFeatures:
         chunk_size: Actions per sample.
         use_cls_token: Also provide ``cls.<camera>``.
         memory_budget: Bytes the features may take in RAM (see :func:`parse_memory_budget`).
-        pin_memory: Gather batches into pinned buffers (training on CUDA), so the host-to-device copy
-            is asynchronous.
+        device: Where the training step runs and its batches are delivered.
+        device_budget: Bytes of device memory the features may take, to be held on a CUDA ``device``
+            and gathered there (default: :data:`DEFAULT_MEMORY_SHARE` of its free memory). Features
+            in RAM that do not fit are gathered on the host into pinned buffers and copied over ahead
+            of the step. On the CPU, features in RAM are on the device.
         window_frames: Frames per streaming shuffle window; default: as many as a sixth of the budget
             holds (three windows are alive at once, current, read-ahead and one being gathered from),
             at most :data:`DEFAULT_WINDOW_FRAMES`.
@@ -359,12 +371,12 @@ class CachedFeatures:
     """
 
     def __init__(self, store: FeatureStore, chunk_size: int, use_cls_token: bool = False,
-                 memory_budget: int | None = None, pin_memory: bool = False, window_frames: int | None = None,
-                 progress: bool = False) -> None:
+                 memory_budget: int | None = None, device: str | torch.device = "cpu", device_budget: int | None = None,
+                 window_frames: int | None = None, progress: bool = False) -> None:
         self.store = store
         self.chunk_size = chunk_size
         self.use_cls_token = use_cls_token
-        self.pin_memory = pin_memory
+        self.device = torch.device(device)
         self.chunk_frames = int(store.provenance.get("chunk_frames", 16))
 
         self.has_env_state = OBS_ENV_STATE in store.lowdim_keys
@@ -400,6 +412,16 @@ class CachedFeatures:
         self.window_chunks = max(1, int(window_frames) // self.chunk_frames)
         self._readers: ThreadPoolExecutor | None = None
         self.resident = self._load_all(progress) if self.in_memory else None
+        if device_budget is None:
+            device_budget = parse_memory_budget(None, available=lambda: available_device_memory(self.device))
+        #: Features held where the step runs, batches gathered there from index tensors (no host work).
+        self.on_device = self.in_memory and (self.device.type == "cpu" or self.feature_bytes <= device_budget)
+        self.pin_memory = self.device.type == "cuda" and not self.on_device
+        self._device_tables: tuple[Block, dict[str, Tensor], Tensor] | None = None
+        if self.on_device:
+            block = Block({key: table.to(self.device) for key, table in self.resident.tables.items()})
+            self._device_tables = (block, {key: value.to(self.device) for key, value in self.lowdim.items()},
+                                   self.episode_end.to(self.device))
 
     # -- sizes -------------------------------------------------------------------------------------
     def _table_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -483,40 +505,66 @@ class CachedFeatures:
         return Block(tables, chunks=np.asarray(chunks), chunk_frames=cf)
 
     # -- batches -----------------------------------------------------------------------------------
-    def gather(self, pieces: Sequence[tuple[Block, np.ndarray]]) -> Batch:
-        """One batch from ``(block, rows)`` pieces, in order: index arithmetic only.
+    def batch_buffers(self, batch_size: int, device: str | torch.device = "cpu", pin: bool = False) -> Batch:
+        """Empty tensors for one batch, laid out as :meth:`gather` fills them.
 
-        Features come out as stored (float16 by default), channels-first views ``(B, C, h, w)`` of
-        the channels-last rows, which is ``torch.channels_last`` layout; the head casts them.
+        Features are channels-first views ``(B, C, h, w)`` of channels-last buffers (the store's row
+        layout, which is ``torch.channels_last``), as stored (float16 by default; the head casts them).
         """
-        rows = torch.from_numpy(np.concatenate([r for _, r in pieces]))
-        batch_size = len(rows)
-
-        def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            return torch.empty((batch_size, *shape), dtype=dtype, pin_memory=self.pin_memory)
+        def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            return torch.empty((batch_size, *shape), dtype=dtype, device=device, pin_memory=pin)
 
         batch: Batch = {}
         for key, shape in self._table_shapes().items():
-            out, offset = buffer(shape, self.feature_dtype), 0
-            for block, part in pieces:
-                local = torch.from_numpy(block.local(part))
-                torch.index_select(block.tables[key], 0, local, out=out[offset:offset + len(part)])
-                offset += len(part)
-            batch[key] = out.permute(0, 3, 1, 2) if out.dim() == 4 else out
+            buffer = empty(shape, self.feature_dtype)
+            batch[key] = buffer.permute(0, 3, 1, 2) if buffer.dim() == 4 else buffer
         for key, table in self.lowdim.items():
             if key != ACTION:
-                batch[key] = torch.index_select(table, 0, rows, out=buffer(table.shape[1:], table.dtype))
-        windows, is_pad = action_windows(rows, self.episode_end, self.chunk_size)
-        action = self.lowdim[ACTION]
-        flat = torch.empty((windows.numel(), action.shape[1]), dtype=action.dtype, pin_memory=self.pin_memory)
-        torch.index_select(action, 0, windows.flatten(), out=flat)
-        batch[ACTION] = flat.view(batch_size, self.chunk_size, action.shape[1])
-        batch[ACTION_IS_PAD] = is_pad.pin_memory() if self.pin_memory else is_pad
+                batch[key] = empty(tuple(table.shape[1:]), table.dtype)
+        batch[ACTION] = empty((self.chunk_size, self.lowdim[ACTION].shape[1]), self.lowdim[ACTION].dtype)
+        batch[ACTION_IS_PAD] = empty((self.chunk_size,), torch.bool)
         return batch
 
-    def _batches(self, pieces: Iterator[tuple[Block, np.ndarray]], batch_size: int) -> Iterator[Batch]:
-        """Cut a stream of ``(block, rows)`` into batches of ``batch_size`` rows (the last may be short)."""
-        pending: list[tuple[Block, np.ndarray]] = []
+    def _fill(self, out: Batch, parts: Sequence[tuple[Block, Tensor]], rows: Tensor, lowdim: dict[str, Tensor],
+              episode_end: Tensor) -> Batch:
+        """Write the batch of store ``rows`` into ``out``: one ``index_select`` per array, on the tables' device.
+
+        ``parts`` are ``(block, positions in its tables)``, in the order of ``rows``; ``lowdim`` and
+        ``episode_end`` are indexed by store row.
+        """
+        for key in self._table_shapes():
+            target, offset = out[key], 0
+            target = target.permute(0, 2, 3, 1) if target.dim() == 4 else target  # the channels-last buffer
+            for block, local in parts:
+                torch.index_select(block.tables[key], 0, local, out=target[offset:offset + len(local)])
+                offset += len(local)
+        for key, table in lowdim.items():
+            if key != ACTION:
+                torch.index_select(table, 0, rows, out=out[key])
+        windows, is_pad = action_windows(rows, episode_end, self.chunk_size)
+        action = lowdim[ACTION]
+        torch.index_select(action, 0, windows.flatten(), out=out[ACTION].view(-1, action.shape[1]))
+        out[ACTION_IS_PAD].copy_(is_pad)
+        return out
+
+    def gather(self, pieces: Sequence[tuple[Block, np.ndarray]], out: Batch | None = None) -> Batch:
+        """One batch from ``(block, rows)`` pieces of host blocks, in order: index arithmetic only.
+
+        Written into ``out`` when given, else into new buffers (pinned when they go to a GPU).
+        """
+        rows = torch.from_numpy(np.concatenate([r for _, r in pieces]))
+        if out is None:
+            out = self.batch_buffers(len(rows), pin=self.pin_memory)
+        parts = [(block, torch.from_numpy(block.local(part))) for block, part in pieces]
+        return self._fill(out, parts, rows, self.lowdim, self.episode_end)
+
+    @staticmethod
+    def _cut(pieces: Iterator[tuple[Block, Any]], batch_size: int) -> Iterator[list[tuple[Block, Any]]]:
+        """Cut a stream of ``(block, rows)`` into lists of pieces of ``batch_size`` rows (the last may be short).
+
+        ``rows`` may be arrays or tensors: only ``len`` and slicing are used.
+        """
+        pending: list[tuple[Block, Any]] = []
         held = 0
         for block, rows in pieces:
             while len(rows):
@@ -525,10 +573,10 @@ class CachedFeatures:
                 held += take
                 rows = rows[take:]
                 if held == batch_size:
-                    yield self.gather(pending)
+                    yield pending
                     pending, held = [], 0
         if held:
-            yield self.gather(pending)
+            yield pending
 
     def _loaded(self, pieces: Iterator[tuple[np.ndarray | None, np.ndarray]]) -> Iterator[tuple[Block, np.ndarray]]:
         """Attach features to each piece, reading the next piece's chunks while this one is used."""
@@ -551,22 +599,175 @@ class CachedFeatures:
             return SampleOrder(rows, seed, rank, world_size)
         return SampleOrder(rows, seed, rank, world_size, self.chunk_frames, self.window_chunks)
 
-    def train_batches(self, order: SampleOrder, batch_size: int, position: int = 0, prefetch: int = 4) -> BatchStream:
-        """Endless training batches of ``order``, skipping the first ``position`` samples, built ahead on a thread."""
-        return BatchStream(self._batches(self._loaded(order.pieces(position)), batch_size), prefetch)
+    def _batches(self, pieces: Iterator[tuple[np.ndarray | None, np.ndarray]], batch_size: int, out: Batch,
+                 prefetch: int) -> DeviceBatches:
+        """Batches of ``pieces`` written into ``out`` on the device, however the features are held."""
+        if self.on_device:
+            return ResidentBatches(self, pieces, batch_size, out)
+        ring = [self.batch_buffers(batch_size, pin=self.pin_memory) for _ in range(prefetch + 2)]
+        host = (self.gather(piece, out=ring[i % len(ring)])
+                for i, piece in enumerate(self._cut(self._loaded(pieces), batch_size)))
+        return HostBatches(BatchStream(host, prefetch), out)
+
+    def train_batches(self, order: SampleOrder, batch_size: int, position: int = 0, out: Batch | None = None,
+                      prefetch: int = 4) -> DeviceBatches:
+        """Endless training batches of ``order`` on the device, skipping the first ``position`` samples.
+
+        Every batch is written into ``out`` (default: new buffers on the device) and ``out`` is
+        returned: a step captured as a CUDA graph reads its inputs from fixed addresses. With features
+        on the device, the batch is gathered there from index tensors; otherwise a background thread
+        gathers batches ahead on the host (see :class:`HostBatches`).
+        """
+        out = self.batch_buffers(batch_size, self.device) if out is None else out
+        return self._batches(order.pieces(position), batch_size, out, prefetch)
+
+    def validation_batches(self, rows: np.ndarray, out: Batch) -> Iterator[Batch]:
+        """Batches of ``rows`` in order, each written into ``out`` and of its size (the shapes a graph needs).
+
+        The last batch is completed with copies of the last row, marked as padding in ``action_is_pad``,
+        so that they count in no loss.
+        """
+        batch_size, rows = len(out[ACTION]), np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        padded = np.concatenate([rows, np.full(-len(rows) % batch_size, rows[-1])])
+        pieces: Iterator[tuple[np.ndarray | None, np.ndarray]]
+        if self.on_device:
+            pieces = iter([(None, padded)])
+        else:  # whole chunks, a window at a time
+            chunk_of_row = padded // self.chunk_frames
+            chunks = np.unique(chunk_of_row)
+            windows = [chunks[w:w + self.window_chunks] for w in range(0, len(chunks), self.window_chunks)]
+            pieces = iter([(members, padded[np.isin(chunk_of_row, members)]) for members in windows])
+        with self._batches(pieces, batch_size, out, prefetch=2) as batches:
+            for index, batch in enumerate(batches):
+                real = len(rows) - index * batch_size
+                if real < batch_size:
+                    batch[ACTION_IS_PAD][real:] = True
+                yield batch
 
     def ordered_batches(self, rows: np.ndarray, batch_size: int) -> Iterator[Batch]:
-        """Batches of ``rows`` in order (validation); reads whole chunks, a window at a time, when streaming."""
+        """Batches of ``rows`` in order, gathered on the host (new buffers each); the last may be short."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.resident is not None:
-            return self._batches(iter([(self.resident, rows)]), batch_size)
+            return (self.gather(p) for p in self._cut(iter([(self.resident, rows)]), batch_size))
         chunk_of_row = rows // self.chunk_frames
         chunks = np.unique(chunk_of_row)
         pieces = []
         for w in range(0, len(chunks), self.window_chunks):
             members = chunks[w:w + self.window_chunks]
             pieces.append((members, rows[np.isin(chunk_of_row, members)]))
-        return self._batches(self._loaded(iter(pieces)), batch_size)
+        return (self.gather(p) for p in self._cut(self._loaded(iter(pieces)), batch_size))
+
+
+class DeviceBatches:
+    """Endless or finite batches written into one set of device buffers (``out``); close when done."""
+
+    def __init__(self, out: Batch) -> None:
+        self.out = out
+
+    def __iter__(self) -> DeviceBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the batches hold (threads, buffers)."""
+
+    def __enter__(self) -> DeviceBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ResidentBatches(DeviceBatches):
+    """Features on the training device: each batch is a handful of ``index_select`` kernels there.
+
+    The sampler's rows go to the device once per piece (an epoch, in memory); a batch is then a slice
+    of them, so a step costs the host no more than launching the gathers, and never waits.
+    """
+
+    def __init__(self, data: CachedFeatures, pieces: Iterator[tuple[np.ndarray | None, np.ndarray]],
+                 batch_size: int, out: Batch) -> None:
+        super().__init__(out)
+        assert data._device_tables is not None
+        self._data = data
+        self._block, self._lowdim, self._episode_end = data._device_tables
+        self._cuts = data._cut(((self._block, self._upload(rows)) for _, rows in pieces), batch_size)
+
+    def _upload(self, rows: np.ndarray) -> Tensor:
+        index = torch.from_numpy(rows)
+        if self._data.device.type == "cuda":  # pinned, so the copy is asynchronous
+            index = index.pin_memory()
+        return index.to(self._data.device, non_blocking=True)
+
+    def __next__(self) -> Batch:
+        parts = next(self._cuts)
+        rows = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
+        return self._data._fill(self.out, [(self._block, rows)], rows, self._lowdim, self._episode_end)
+
+
+class HostBatches(DeviceBatches):
+    """Batches gathered on the host by a :class:`BatchStream` and copied into ``out`` on the device.
+
+    The host batches live in a ring of ``prefetch + 2`` buffer sets (pinned for a GPU), reused round
+    robin: the stream holds at most ``prefetch`` of them, its thread fills one more, and this object
+    holds the one being copied, which it waits for before taking the next. So no buffer is
+    overwritten while in use, and none is allocated per step. On CUDA the copy of batch ``n + 1`` runs
+    on a side stream into a staging buffer while step ``n`` computes; ``__next__`` then only orders a
+    device-to-device copy into ``out`` after it. On the CPU the copy is a plain one, the same logic.
+    """
+
+    def __init__(self, stream: BatchStream, out: Batch) -> None:
+        super().__init__(out)
+        self._stream = stream
+        device = next(iter(out.values())).device
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._staged: tuple[Batch, Any] | None = None  # (staging buffers, event marking their copy done)
+        self._staging = {key: torch.empty_like(value) for key, value in out.items()} if self._side else None
+        self._consumed: Any = None  # event: ``out`` has taken the staging buffers' content
+
+    def _stage(self) -> None:
+        """Start copying the next host batch to the device (the side stream), or copy it now (CPU)."""
+        host = next(self._stream)
+        if self._side is None:
+            self._staged = (_copy(self.out, host), None)
+            return
+        with torch.cuda.stream(self._side):
+            if self._consumed is not None:  # step n-1's copy out of the staging buffers is done
+                self._side.wait_event(self._consumed)
+            _copy(self._staging, host, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._side)
+        self._staged = (self._staging, copied)
+
+    def __next__(self) -> Batch:
+        if self._staged is None:
+            self._stage()
+        staged, copied = self._staged
+        self._staged = None
+        if copied is not None:
+            copied.synchronize()  # the host buffer is free again (the copy was issued a step ago)
+            torch.cuda.current_stream().wait_event(copied)
+            _copy(self.out, staged, non_blocking=True)
+            self._consumed = torch.cuda.Event()
+            self._consumed.record()
+            try:
+                self._stage()  # the next batch's copy overlaps this step
+            except StopIteration:
+                pass
+        return self.out
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _copy(out: Batch, batch: Batch, non_blocking: bool = False) -> Batch:
+    for key, value in out.items():
+        value.copy_(batch[key], non_blocking=non_blocking)
+    return out
 
 
 class BatchStream:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.encoders.preprocess import ImageSize
 from dinocache.errors import BackboneError
-from dinocache.policy.act import ACTHead
+from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.policy.fused import camera_features
 
@@ -118,10 +118,9 @@ class OnlineACT(nn.Module):
         return groups
 
     def optimizer(self) -> torch.optim.AdamW:
-        """AdamW over :meth:`parameter_groups` with the config's learning rate and weight decay."""
-        config = self.head.config
-        return torch.optim.AdamW(self.parameter_groups(), lr=config.optimizer_lr,
-                                 weight_decay=config.optimizer_weight_decay)
+        """The cached training's AdamW (fused, :func:`~dinocache.policy.act.act_optimizer`) over
+        :meth:`parameter_groups`: the baseline gets the same optimiser kernels as the cache."""
+        return act_optimizer(self.parameter_groups(), self.head.config)
 
 
 def build_online_act(config: ACTConfig, backbone: str, cameras: Sequence[str], state_dim: int, action_dim: int,

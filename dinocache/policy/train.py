@@ -6,6 +6,10 @@ deliberately plain: one process per device, DDP when launched by ``torchrun``, b
 CUDA, AdamW at a constant learning rate with gradient clipping (LeRobot's ACT recipe), periodic
 validation on held-out episodes, checkpoints that resume bit-exactly.
 
+A step never waits for the host (:class:`TrainStep`): its loss terms and gradient norm are summed on
+the device and read when a record is written, a non-finite step is skipped on the device, and on
+CUDA the whole step is one CUDA graph replayed per step. Features sit on the GPU when they fit.
+
 What the run folder holds and how checkpoints are laid out is in :mod:`dinocache.policy.checkpoint`;
 how batches are made in :mod:`dinocache.policy.data`; the user guide is ``docs/training.md``.
 """
@@ -36,22 +40,27 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError, TrainingError
 from dinocache.pipeline.store import IDENTITY_KEYS, FeatureStore
-from dinocache.policy.act import ACTHead
+from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.checkpoint import (
     BEST, CHECKPOINTS, LAST, METRICS_FILE, MODEL_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir,
     checkpoint_step, load_training_state, restore_rng, save_checkpoint, write_json,
 )
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEEDFORWARD_ACTIVATIONS, ACTConfig
 from dinocache.policy.data import (
-    CachedFeatures, EpisodeSplit, action_windows, episode_rows, open_training_store, parse_memory_budget,
-    split_episodes,
+    Batch, CachedFeatures, EpisodeSplit, action_windows, available_device_memory, episode_rows, open_training_store,
+    parse_memory_budget, split_episodes,
 )
 from dinocache.policy.presets import PRESETS, apply_preset, check_preset_backbone, get_preset
 
-__all__ = ["TrainConfig", "TrainResult", "train", "train_command", "resolve_act_config", "mean_action_l1"]
+__all__ = ["TrainConfig", "TrainResult", "TrainStep", "train", "train_command", "resolve_act_config",
+           "mean_action_l1"]
 
 #: Data loading should stay below this share of the step time; above it the run says so once.
 DATA_FRACTION_TARGET = 0.05
+
+#: Eager calls before a step is captured as a CUDA graph (on a side stream, as capture requires:
+#: lazy initialisations, the optimiser's state and cuBLAS workspaces happen outside the graph).
+GRAPH_WARMUP = 3
 
 
 @dataclass
@@ -83,7 +92,9 @@ class TrainConfig:
     seed: int = 1000
     device: str | None = None
     compile: bool = False
+    cuda_graph: bool = True
     memory_budget: str | int | None = None
+    device_memory_budget: str | int | None = None
     window_frames: int | None = None
     resume: bool = False
     progress: bool = True
@@ -245,8 +256,120 @@ class _LossModule(nn.Module):
         super().__init__()
         self.head = head
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         return self.head.compute_loss(batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------
+
+
+class _Replayed:
+    """``fn()`` run eagerly, or, with ``graph``, captured once as a CUDA graph and replayed.
+
+    ``fn`` reads and writes only tensors that live as long as this object (static shapes and
+    addresses), which is what a replay needs. Its first :data:`GRAPH_WARMUP` calls run eagerly on
+    a side stream (as ``torch.cuda.graphs`` requires), the next one captures it, and every call
+    from then on is one replay: one launch instead of hundreds, and no Python. ``eager_after``
+    runs after each eager call (and never in the graph): what ``fn`` must not capture.
+    """
+
+    def __init__(self, fn: Any, graph: bool, eager_after: Any = None) -> None:
+        self.fn, self.graph, self.eager_after = fn, graph, eager_after
+        self.calls = 0
+        self._cuda_graph: Any = None
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if not self.graph:
+            self._eager()
+        elif self._cuda_graph is not None:
+            self._cuda_graph.replay()
+        elif self.calls <= GRAPH_WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._eager()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self._cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._cuda_graph):
+                self.fn()
+            self._cuda_graph.replay()
+
+    def _eager(self) -> None:
+        self.fn()
+        if self.eager_after is not None:
+            self.eager_after()
+
+
+class TrainStep:
+    """One optimiser step of the head on ``inputs``, device buffers the batches are written into.
+
+    Forward (bfloat16 autocast on CUDA), backward, gradient clipping (foreach) and the fused AdamW
+    step, without a single wait for the host: loss, L1, KL and gradient norm are summed on the
+    device, and read by :meth:`take` when a record is written. A step whose gradient norm is not
+    finite (a NaN loss, an overflow) is not applied: the optimiser reads a device flag
+    (``found_inf``, as with a GradScaler) that stays set, so that step and every later one are
+    skipped, the weights stay those before it, and :meth:`take` names it; the loop then stops.
+
+    With ``graph`` (on CUDA) the whole step is captured once as a CUDA graph and replayed
+    (:class:`_Replayed`); the optimiser is made ``capturable`` for it. Calling the step with the
+    same inputs gives the same result either way, within float tolerance.
+    """
+
+    def __init__(self, model: nn.Module, head: ACTHead, optimizer: torch.optim.Optimizer, inputs: Batch,
+                 graph: bool = False) -> None:
+        device = inputs[ACTION].device
+        self.model, self.optimizer, self.inputs = model, optimizer, inputs
+        self.params = [p for p in head.parameters() if p.requires_grad]
+        self.max_norm = head.config.grad_clip_norm
+        self.autocast = _autocast(device)
+        self.sums = torch.zeros(4, device=device)  # loss, l1, kld, grad_norm
+        self.count = torch.zeros((), device=device)  # steps since the last take
+        self.first_bad = torch.zeros(3, device=device)  # count, loss and grad_norm at the first step not applied
+        self.found_inf = torch.zeros((), device=device)
+        optimizer.found_inf = self.found_inf  # read by the fused AdamW: 1 skips the update
+        if graph:
+            for group in optimizer.param_groups:
+                group["capturable"] = True
+        self._run = _Replayed(self._step, graph, eager_after=lambda: optimizer.zero_grad(set_to_none=True))
+
+    def _step(self) -> None:
+        with self.autocast:
+            loss, info = self.model(self.inputs)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        self.count.add_(1)
+        bad = torch.isfinite(grad_norm).logical_not().float()
+        values = torch.stack([info["loss"].float(), info["l1_loss"].float(), info["kld_loss"].float(), grad_norm])
+        self.first_bad.copy_(torch.where(bad > self.found_inf, torch.stack([self.count, values[0], grad_norm]),
+                                         self.first_bad))
+        torch.maximum(self.found_inf, bad, out=self.found_inf)
+        self.sums.add_(values)
+        self.optimizer.step()  # in the graph, backward writes the same .grad tensors again: no zero_grad
+
+    def __call__(self) -> None:
+        """Run one step on what ``inputs`` hold now (queued on the device; returns at once on CUDA)."""
+        self._run()
+
+    def take(self) -> tuple[list[float], tuple[int, float, float] | None]:
+        """The sums (loss, l1, kld, grad_norm) since the last call, and ``(steps since the last call, loss,
+        grad_norm)`` of the first step that was not applied, or None; then starts new sums.
+
+        Reading them waits for the device to finish the queued steps: call it once per record.
+        """
+        values = torch.cat([self.sums, self.first_bad, self.found_inf.view(1)]).tolist()
+        self.sums.zero_()
+        self.count.zero_()
+        bad = (int(values[4]), values[5], values[6]) if values[7] else None
+        return values[:4], bad
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA (no loss scaling needed), off elsewhere; no cast cache, which a graph cannot keep."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,61 +388,69 @@ def mean_action_l1(data: CachedFeatures, train_rows: np.ndarray, val_rows: np.nd
     return (action[windows] - mean).abs()[~is_pad].mean().item()
 
 
-@torch.no_grad()
-def evaluate(head: ACTHead, data: CachedFeatures, rows: np.ndarray, batch_size: int, procs: _Processes,
-             autocast: torch.autocast) -> float:
-    """Validation L1 (normalised action units, non-padded steps) with the zero latent the live policy uses."""
-    head.eval()
-    total, count = 0.0, 0.0
-    for batch in data.ordered_batches(rows[procs.rank::procs.world_size], batch_size):
-        batch = _to_device(batch, procs.device)
-        with autocast:
-            _, info = head.compute_loss(batch)
-        n = (~batch[ACTION_IS_PAD]).sum().item() * batch[ACTION].shape[-1]
-        total, count = total + info["l1_loss"] * n, count + n
-    head.train()
-    total, count = procs.sum([total, count])
-    return total / max(count, 1.0)
+class _Validation:
+    """Validation L1 (normalised action units, non-padded steps) with the zero latent the live policy uses.
+
+    Batches of one size (the last padded, its padding masked) into fixed buffers, so that the forward
+    can be a CUDA graph like the training step; L1 and the count of real elements are summed on the
+    device and read once, at the end. Under DDP each process takes every ``world_size``-th frame.
+    """
+
+    def __init__(self, head: ACTHead, data: CachedFeatures, rows: np.ndarray, batch_size: int, procs: _Processes,
+                 graph: bool) -> None:
+        self.head, self.data, self.procs = head, data, procs
+        self.rows = rows[procs.rank::procs.world_size]
+        self.inputs = data.batch_buffers(max(1, min(batch_size, len(self.rows))), procs.device)
+        self.sums = torch.zeros(2, device=procs.device)
+        self.autocast = _autocast(procs.device)
+        self._run = _Replayed(self._forward, graph)
+
+    @torch.no_grad()
+    def _forward(self) -> None:
+        with self.autocast:
+            _, info = self.head.compute_loss(self.inputs)
+        count = (~self.inputs[ACTION_IS_PAD]).sum() * self.inputs[ACTION].shape[-1]
+        self.sums.add_(torch.stack([info["l1_loss"].float() * count, count.float()]))
+
+    def __call__(self) -> float:
+        self.head.eval()
+        for _ in self.data.validation_batches(self.rows, self.inputs):
+            self._run()
+        self.head.train()
+        total, count = self.procs.sum(self.sums.tolist())
+        self.sums.zero_()
+        return total / max(count, 1.0)
 
 
 class _Meter:
-    """Sums over the steps since the last record; :meth:`record` turns them into one metrics line."""
+    """Wall clock, data wait and steps since the last record; :meth:`record` turns them into one metrics line.
+
+    Steps per second are steps over the wall time between records, taken after :meth:`TrainStep.take`
+    has waited for the device: honest on CUDA, where launching a step returns before it ran.
+    Validation and checkpoint time are left out (the clock restarts after them).
+    """
 
     def __init__(self) -> None:
-        self.sums = {"loss": 0.0, "l1": 0.0, "kld": 0.0, "steps": 0.0, "data_s": 0.0, "step_s": 0.0}
-        self.grad_norm: Tensor | float = 0.0
+        self.restart()
 
-    def add(self, info: dict[str, float], grad_norm: Tensor, data_s: float, step_s: float) -> None:
-        for key, name in (("loss", "loss"), ("l1", "l1_loss"), ("kld", "kld_loss")):
-            self.sums[key] += info[name]
-        self.sums["steps"] += 1
-        self.sums["data_s"] += data_s
-        self.sums["step_s"] += step_s
-        self.grad_norm = self.grad_norm + grad_norm.detach().float()  # no device sync until the record
+    def restart(self) -> None:
+        self.began, self.steps, self.data_s = time.perf_counter(), 0, 0.0
 
-    def record(self, step: int, val_l1: float | None, samples: int, procs: _Processes) -> dict[str, Any]:
-        keys = list(self.sums)
-        grad_norm = float(self.grad_norm)
-        totals = dict(zip(keys + ["grad_norm"], procs.sum([self.sums[k] for k in keys] + [grad_norm])))
-        n = max(totals["steps"], 1.0)
-        self.__init__()
+    def record(self, step: int, sums: list[float], wall_s: float, val_l1: float | None, samples: int,
+               procs: _Processes) -> dict[str, Any]:
+        loss, l1, kld, grad_norm, steps, data_s, wall_s = procs.sum([*sums, self.steps, self.data_s, wall_s])
+        n = max(steps, 1.0)
         return {
             "step": step,
-            "loss": totals["loss"] / n,
-            "l1": totals["l1"] / n,
-            "kld": totals["kld"] / n,
-            "grad_norm": totals["grad_norm"] / n,
+            "loss": loss / n,
+            "l1": l1 / n,
+            "kld": kld / n,
+            "grad_norm": grad_norm / n,
             "val_l1": val_l1,
-            "steps_per_s": n / max(totals["step_s"], 1e-9),
-            "data_fraction": totals["data_s"] / max(totals["step_s"], 1e-9),
+            "steps_per_s": n / max(wall_s, 1e-9),
+            "data_fraction": data_s / max(wall_s, 1e-9),
             "samples": samples,
         }
-
-
-def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    if device.type == "cpu":
-        return batch
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -454,9 +585,10 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
     np.random.seed(seed)
     torch.manual_seed(seed)
     data = CachedFeatures(store, config.chunk_size, config.use_cls_token,
-                          parse_memory_budget(cfg.memory_budget, procs.local_world_size),
-                          pin_memory=device.type == "cuda", window_frames=cfg.window_frames,
-                          progress=cfg.progress and procs.main)
+                          parse_memory_budget(cfg.memory_budget, procs.local_world_size), device=device,
+                          device_budget=parse_memory_budget(cfg.device_memory_budget,
+                                                            available=lambda: available_device_memory(device)),
+                          window_frames=cfg.window_frames, progress=cfg.progress and procs.main)
     train_rows, val_rows = (episode_rows(store.episodes(), part) for part in (split.train, split.val))
     if len(val_rows) > options["val_frames"]:  # a fixed, evenly spread subset keeps evaluation cheap
         val_rows = val_rows[np.linspace(0, len(val_rows) - 1, options["val_frames"]).round().astype(np.int64)]
@@ -466,10 +598,11 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
 
     # Model and optimiser, fresh or from the last checkpoint (weights, moments, RNG, sampler position).
     head = ACTHead(config, data.inputs).to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.optimizer_lr, weight_decay=config.optimizer_weight_decay)
+    optimizer = act_optimizer(list(head.parameters()), config)
     step, best_val = 0, math.inf
     if resuming:
         state = load_training_state(checkpoint_dir(run_dir, LAST), head, optimizer)
+        _keep_fused(optimizer)
         step, best_val = state["step"], state.get("best_val_l1") or math.inf
         if len(state["rng"]) == procs.world_size:
             restore_rng(state["rng"][procs.rank])
@@ -498,24 +631,43 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
         raise
 
 
+def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Undo what loading a checkpoint does to the optimiser's flags: the saved param groups replace its
+    own, so a checkpoint of an earlier, unfused run (step counts on the CPU) would unfuse it, and one of
+    a graph run would leave it ``capturable``."""
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None, capturable=False)
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(param.device, torch.float32)
+
+
 def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHead, optimizer: torch.optim.Optimizer,
           spec: PolicySpec, options: dict[str, Any], train_rows: np.ndarray, val_rows: np.ndarray,
           baseline: float | None, step: int, best_val: float, t_begin: float) -> TrainResult:
     """The training steps from ``step`` to ``cfg.steps``, with validation, logging and checkpoints.
 
-    A step whose gradient norm is not finite (a NaN or inf loss, or an overflow in the backward pass)
-    stops the run before the optimiser applies it: after one such update every weight is NaN, and a
-    head trained on to the end would export actions that are NaN. The norm is taken after DDP's
-    all-reduce, so every process stops at the same step.
+    The host only queues work: a batch (gathered on the device, or copied there ahead of time), then
+    the step (:class:`TrainStep`). It reads the device once per record. A step whose gradient norm is
+    not finite (a NaN or inf loss, or an overflow in the backward pass) is skipped on the device, and
+    so is every later one; the next record sees it and stops the run, naming that step, with the
+    weights as they were before it: after one such update every weight is NaN, and a head trained on
+    to the end would export actions that are NaN. The norm is taken after DDP's all-reduce, so every
+    process stops at the same step.
     """
     device, run_dir, config = procs.device, Path(cfg.out), spec.config
     batch_size, seed, split = options["batch_size"], options["seed"], options["split"]
-    if cfg.compile:  # the head's forward only: compute_loss reads scalars (.item()), a graph break
+    # One process on CUDA: the step and the validation are CUDA graphs. Not under DDP, whose gradient
+    # all-reduce hooks would have to be captured too; nor with --compile, which brings its own graphs.
+    graph = cfg.cuda_graph and device.type == "cuda" and procs.world_size == 1 and not cfg.compile
+    if cfg.compile:
         head.compile()
     model: nn.Module = _LossModule(head)
     if procs.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    train_step = TrainStep(model, head, optimizer, data.batch_buffers(batch_size, device), graph=graph)
+    validate = _Validation(head, data, val_rows, max(4 * batch_size, 32), procs, graph) if len(val_rows) else None
 
     if procs.main and baseline is not None:
         tqdm.write(f"dinocache: {len(split.train)} train / {len(split.val)} val episodes; validation L1 of "
@@ -525,35 +677,32 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and procs.main),
                desc=f"train {run_dir.name}", dynamic_ncols=True)
     log = _Log(run_dir / METRICS_FILE, bar, data.in_memory) if procs.main else None
-    meter, val_l1 = _Meter(), None
     order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
-    stream = data.train_batches(order, batch_size, position=step * batch_size)
+    batches = data.train_batches(order, batch_size, position=step * batch_size, out=train_step.inputs)
     head.train()
+    meter = _Meter()
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = _to_device(next(stream), device)
-            t1 = time.perf_counter()
-            with autocast:
-                loss, info = model(batch)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip_norm)
-            if not torch.isfinite(grad_norm):
-                raise TrainingError(_diverged(run_dir, step + 1, info["loss"], float(grad_norm)))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            next(batches)  # into train_step.inputs
+            meter.data_s += time.perf_counter() - t0
+            train_step()
             step += 1
-            meter.add(info, grad_norm, data_s=t1 - t0, step_s=time.perf_counter() - t0)
+            meter.steps += 1
             bar.update(1)
 
             save = step % cfg.save_every == 0 or step == cfg.steps
-            evaluated = len(val_rows) > 0 and (save or step % cfg.eval_every == 0)
-            if evaluated:
-                val_l1 = evaluate(head, data, val_rows, max(4 * batch_size, 32), procs, autocast)
-            if save or evaluated or step % cfg.log_every == 0:
-                record = meter.record(step, val_l1 if evaluated else None, step * batch_size * procs.world_size, procs)
-                if log is not None:
-                    log.write(record, val_l1)
+            evaluated = validate is not None and (save or step % cfg.eval_every == 0)
+            if not (save or evaluated or step % cfg.log_every == 0):
+                continue
+            sums, bad = train_step.take()  # waits for the device: the wall clock is honest
+            wall_s = time.perf_counter() - meter.began
+            if bad is not None:
+                raise TrainingError(_diverged(run_dir, step - meter.steps + bad[0], bad[1], bad[2]))
+            val_l1 = validate() if evaluated else None
+            record = meter.record(step, sums, wall_s, val_l1, step * batch_size * procs.world_size, procs)
+            if log is not None:
+                log.write(record, val_l1)
             if save:
                 is_best = evaluated and val_l1 < best_val
                 best_val = min(best_val, val_l1) if evaluated else best_val
@@ -562,8 +711,9 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
                     save_checkpoint(run_dir, step, head, data.normalizer, spec, optimizer, rng,
                                     sampler=_sampler_state(data, seed, step * batch_size, procs.world_size),
                                     extra={"best_val_l1": None if math.isinf(best_val) else best_val}, best=is_best)
+            meter.restart()
     finally:
-        stream.close()
+        batches.close()
         bar.close()
     if procs.main and (run_dir / METRICS_FILE).is_file():
         plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, baseline)
@@ -671,14 +821,19 @@ def _act_options(command: click.Command) -> click.Command:
               help="RAM the features may take to be held in memory, e.g. 24GiB or 60% (default: 50% of MemAvailable, "
                    "shared by the processes of a machine). Larger stores are streamed.")
 @click.option("--window-frames", type=int, default=None, help="Frames per shuffle window when streaming (default: from the budget, at most 8192).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the head.")
+@click.option("--device-memory-budget", default=None,
+              help="GPU memory the features may take to be held there and batches gathered on the GPU, e.g. 20GiB "
+                   "or 60% (default: 50% of the free device memory). Otherwise they are copied from RAM, ahead of the step.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the head (the step is then not one CUDA graph).")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+              help="On CUDA, capture the whole step (and validation) once as a CUDA graph and replay it. Not under DDP.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 @_act_options
 def train_command(store: Path, out: Path, preset: str | None, steps: int, batch_size: int, val_episodes: str,
                   val_frames: int, eval_every: int, save_every: int, log_every: int, seed: int, device: str | None,
-                  memory_budget: str | None, window_frames: int | None, compile_: bool, resume: bool, no_progress: bool,
-                  **act: Any) -> None:
+                  memory_budget: str | None, device_memory_budget: str | None, window_frames: int | None, compile_: bool,
+                  cuda_graph: bool, resume: bool, no_progress: bool, **act: Any) -> None:
     """Train an ACT head on the cached features of STORE (stage two).
 
     Every ACTConfig field is an option under its LeRobot name; unset ones take the preset's value,
@@ -696,8 +851,9 @@ def train_command(store: Path, out: Path, preset: str | None, steps: int, batch_
     cfg = TrainConfig(store=store, out=out, steps=steps, batch_size=batch_size, preset=preset,
                       act={k: v for k, v in act.items() if v is not None}, val_episodes=val_episodes,
                       val_frames=val_frames, eval_every=eval_every, save_every=save_every, log_every=log_every,
-                      seed=seed, device=device, compile=compile_, memory_budget=memory_budget,
-                      window_frames=window_frames, resume=resume, progress=not no_progress, given=given)
+                      seed=seed, device=device, compile=compile_, cuda_graph=cuda_graph, memory_budget=memory_budget,
+                      device_memory_budget=device_memory_budget, window_frames=window_frames, resume=resume,
+                      progress=not no_progress, given=given)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(result.format())
