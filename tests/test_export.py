@@ -192,7 +192,13 @@ def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, device, tmp_path)
     assert result.path.is_file() and not leftovers(tmp_path)
     assert result.max_abs_diff <= result.tolerance and result.trace_max_abs_diff <= 1e-4
     meta = read_policy_metadata(result.path)
-    assert meta["export"]["onnx"]["input_names"] == [TOP, WRIST, STATE, ENV]
+    onnx_meta = meta["export"]["onnx"]
+    assert onnx_meta["input_names"] == [TOP, WRIST, STATE, ENV]
+    assert [(i["name"], i["dtype"], i["shape"]) for i in onnx_meta["inputs"]] == [
+        (TOP, "uint8", ["batch", 48, 64, 3]), (WRIST, "uint8", ["batch", 48, 64, 3]),
+        (STATE, "float32", ["batch", 4]), (ENV, "float32", ["batch", 2])]
+    assert onnx_meta["preprocessing_inside"].startswith("uint8 RGB frames") and "resize to 56x56" in onnx_meta[
+        "preprocessing_inside"]
     assert meta["parity"]["max_abs_diff"] == result.max_abs_diff
 
     obs = observations(trained, 3)

@@ -116,6 +116,17 @@ class PreprocessConfig:
         return cls(image_size=size, patch_size=spec.patch_size, mean=spec.mean, std=spec.std,
                    center_crop=center_crop)
 
+    def describe(self) -> str:
+        """What this preprocessing does, in one line, for people wiring a deployed graph (ONNX metadata)."""
+        h, w = self.image_size
+        fit = (f"scale to cover {h}x{w} and crop the centre" if self.center_crop
+               else f"resize to {h}x{w}")
+        mean = ", ".join(f"{v:.4g}" for v in self.mean)
+        std = ", ".join(f"{v:.4g}" for v in self.std)
+        return (f"uint8 RGB frames (B, H, W, 3) at the camera's native size -> {fit} ({self.interpolation}"
+                f"{', antialiased' if self.antialias else ''}) -> scale to [0, 1] -> subtract mean ({mean}), "
+                f"divide by std ({std})")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only (lists, not tuples), as recorded in the feature store."""
         data = asdict(self)

@@ -194,7 +194,8 @@ def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dic
         raise DinocacheError(f"the ONNX exporter failed ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); "
                              "--format pt2 does not depend on it") from err
     metadata["export"]["onnx"] = {"opset": int(program.model.opset_imports.get("", 0)), "input_names": names,
-                                  "output_names": [ACTION]}
+                                  "output_names": [ACTION], "inputs": _onnx_inputs(policy, names, flat),
+                                  "preprocessing_inside": policy.backbone.preprocess.config.describe()}
     program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(metadata)
     with _quiet_onnx():
         program.save(tmp)
@@ -205,6 +206,17 @@ def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dic
     with _quiet_onnx():
         program.save(tmp)
     return diff
+
+
+def _onnx_inputs(policy: FusedPolicy, names: list[str], flat: tuple) -> list[dict[str, Any]]:
+    """Each graph input's name, dtype, shape (``batch`` dynamic) and meaning, for whoever wires the
+    file into another runtime (TensorRT, onnxruntime) without dinocache at hand."""
+    meanings = {camera: "camera frame, uint8 RGB HWC at the camera's native size; the graph preprocesses it"
+                for camera in policy.cameras}
+    meanings[OBS_STATE] = "robot state as recorded (not normalised; the graph normalises it)"
+    meanings[OBS_ENV_STATE] = "environment state as recorded (not normalised)"
+    return [{"name": name, "dtype": str(value.dtype).removeprefix("torch."), "shape": ["batch", *value.shape[1:]],
+             "meaning": meanings[name]} for name, value in zip(names, flat)]
 
 
 def _run_onnxruntime(path: Path, names: list[str], inputs: tuple) -> np.ndarray:
