@@ -3,7 +3,8 @@
 #
 # A GPU is rare for this project's sessions: this script is how every device path gets checked at once
 # when one is lent. On the real LeRobot dataset it runs extract (bf16 autocast), inspect, train (400 steps
-# at batch 8 and at 64), export (.pt2 in float32 and bfloat16), bench-policy and `load_policy(...,
+# at batch 8 and at 64), export (.pt2 in float32 and bfloat16, AOTInductor-compiled), bench-policy (CUDA
+# graph) and `load_policy(...,
 # device="cuda").select_action` on numpy frames, a 4-worker dask extraction compared array by array with
 # the single-process store, the test suite's CUDA cases, then the GPU rows of the benchmarks. Each step
 # has its own time limit, so one hang does not take the rest; every step's output (tracebacks included)
@@ -86,9 +87,9 @@ step "train $STEPS steps, batch 8" 150 \
     "$DC train '$STORE' --out '$WORK/run8' --steps $STEPS --batch-size 8 --device $DEVICE --no-progress && tail -n 2 '$WORK/run8/metrics.jsonl'"
 step "train $STEPS steps, batch 64" 150 \
     "$DC train '$STORE' --out '$WORK/run64' --steps $STEPS --batch-size 64 --device $DEVICE --no-progress && tail -n 2 '$WORK/run64/metrics.jsonl'"
-step "export pt2 float32 --device $DEVICE" 180 \
+step "export pt2 float32 --device $DEVICE" 240 \
     "$DC export '$WORK/run8' --out '$WORK/policy32.pt2' --device $DEVICE --no-progress"
-step "export pt2 bfloat16 --device $DEVICE" 180 \
+step "export pt2 bfloat16 --device $DEVICE" 240 \
     "$DC export '$WORK/run8' --out '$WORK/policy16.pt2' --device $DEVICE --dtype bfloat16 --no-progress"
 step "bench-policy float32 ($DEVICE)" 90 "$DC bench-policy '$WORK/policy32.pt2' --device $DEVICE --steps 100"
 step "bench-policy bfloat16 ($DEVICE)" 90 "$DC bench-policy '$WORK/policy16.pt2' --device $DEVICE --steps 100"
