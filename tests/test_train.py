@@ -5,7 +5,9 @@ That the cached loss equals the loss with the backbone run online is in tests/te
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,10 +19,11 @@ import torch
 from click.testing import CliRunner
 
 from dinocache.errors import DinocacheError, StoreError
+from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.checkpoint import load_head
 from dinocache.policy.config import ACTConfig
 from dinocache.policy.data import CachedFeatures, episode_rows, open_training_store
-from dinocache.policy.train import TrainConfig, resolve_act_config, train, train_command
+from dinocache.policy.train import GRAPH_WARMUP, TrainConfig, TrainStep, resolve_act_config, train, train_command
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_data import make_store  # noqa: E402
@@ -222,3 +225,81 @@ def test_an_incomplete_store_is_refused_before_anything_is_written(tmp_path: Pat
         train(TrainConfig(store=tmp_path / "f.zarr", out=tmp_path / "run", steps=2, act=TINY, progress=False))
     assert not (tmp_path / "run").exists()
 
+
+
+def _step_setup(learnable: Path, device: str, **act):
+    """A tiny head on ``device``, its twin for the textbook loop, and batches written into fixed device buffers."""
+    store = open_training_store(learnable)
+    data = CachedFeatures(store, TINY["chunk_size"], memory_budget=1 << 30, device=device)
+    config = resolve_act_config(None, dict(TINY, **act), store)
+    torch.manual_seed(0)
+    head = ACTHead(config, data.inputs).to(device)
+    twin = copy.deepcopy(head)
+    inputs = data.batch_buffers(8, device)
+    batches = data.train_batches(data.sample_order(np.arange(store.num_frames), seed=0), 8, out=inputs)
+    return head, twin, inputs, batches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_step_equals_the_textbook_step(learnable: Path, device: str):
+    """TrainStep (sums on the device, the found_inf flag, and on CUDA the whole step as one CUDA graph,
+    captured after GRAPH_WARMUP eager steps and replayed) against forward, backward, clip, AdamW written
+    out, on the same batches and noise (dropout, CVAE). The CPU twin runs the same step without the graph."""
+    head, twin, inputs, batches = _step_setup(learnable, device, dropout=0.1)
+    step = TrainStep(head, act_optimizer(list(head.parameters()), head.config), inputs, graph=device == "cuda")
+    optimizer = act_optimizer(list(twin.parameters()), twin.config)
+    expected = np.zeros(4)
+    with batches:
+        for index in range(GRAPH_WARMUP + 3):
+            batch = {key: value.clone() for key, value in next(batches).items()}
+            torch.manual_seed(index)
+            step()
+            torch.manual_seed(index)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss, info = twin.compute_loss(batch)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), twin.config.grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            expected += [float(info["loss"]), float(info["l1_loss"]), float(info["kld_loss"]), float(norm)]
+    sums, bad = step.take()
+    assert bad is None
+    tolerance = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=2e-2, atol=1e-3)
+    np.testing.assert_allclose(sums, expected, **tolerance)
+    for (name, a), b in zip(head.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, **tolerance, msg=name)
+    assert step.take()[0] == [0.0] * 4, "take() starts new sums"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_non_finite_step_is_skipped_on_the_device_and_reported(learnable: Path, device: str):
+    """A NaN feature at step 5 (on CUDA, a replay of the captured graph): that update and every later one
+    are skipped without the host reading anything, and take() names the step."""
+    head, _, inputs, batches = _step_setup(learnable, device)
+    step = TrainStep(head, act_optimizer(list(head.parameters()), head.config), inputs, graph=device == "cuda")
+    with batches:
+        for index in range(1, 8):
+            next(batches)
+            if index == 5:
+                inputs["features.top"][0, 0, 0, 0] = float("nan")
+            step()
+            if index == 4:
+                before = {name: value.clone() for name, value in head.state_dict().items()}
+    sums, bad = step.take()
+    assert bad is not None and bad[0] == 5 and math.isnan(bad[1]) and math.isnan(bad[2]), bad
+    for name, value in head.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_with_the_graph_equals_one_without(learnable: Path, tmp_path: Path, device: str):
+    """train() with --cuda-graph (the default) and --no-cuda-graph: the same metrics within float tolerance
+    (on the CPU, where there is no graph, the flag changes nothing: identical)."""
+    common = dict(store=learnable, steps=8, batch_size=8, act=TINY, val_episodes="0.2", eval_every=4, save_every=8,
+                  log_every=4, device=device, progress=False)
+    for graph in (True, False):
+        train(TrainConfig(out=tmp_path / f"graph-{graph}", cuda_graph=graph, **common))
+    with_graph, without = metrics(tmp_path / "graph-True"), metrics(tmp_path / "graph-False")
+    for a, b in zip(with_graph, without):
+        for key in ("loss", "l1", "kld", "grad_norm", "val_l1"):
+            assert a[key] == pytest.approx(b[key], rel=0 if device == "cpu" else 2e-2, abs=0 if device == "cpu" else 1e-3)

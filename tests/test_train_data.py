@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from dinocache.policy.data import (
     CachedFeatures, SampleOrder, action_windows, episode_rows, open_training_store, parse_memory_budget,
     split_episodes,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _devices import DEVICES  # noqa: E402
 
 PHASE_STEP = 1 / 24
 
@@ -187,3 +191,42 @@ def test_memory_budget_parsing():
     assert abs(parse_memory_budget("50%", processes_per_machine=4) * 4 - half) < 2**28
     with pytest.raises(DinocacheError):
         parse_memory_budget("lots")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["on-device", "host"])
+def test_batches_on_the_device_equal_host_gathered_ones(store: FeatureStore, device: str, where: str):
+    """Features held on the device (batches gathered there from index tensors), or streamed and gathered
+    on the host into a reused ring of buffers (pinned, copied on a side stream on CUDA): the training
+    device gets exactly the batches a host gather of the sampler's rows gives, in the sampler's order."""
+    host = CachedFeatures(store, chunk_size=6, use_cls_token=True, memory_budget=1 << 30)
+    held = dict(memory_budget=1 << 30, device_budget=1 << 30) if where == "on-device" else \
+        dict(memory_budget=1, window_frames=24, device_budget=0)
+    data = CachedFeatures(store, chunk_size=6, use_cls_token=True, device=device, **held)
+    assert data.on_device == (where == "on-device")
+    order = data.sample_order(episode_rows(store.episodes(), [0, 2, 3, 5, 6]), seed=1)
+    pieces = order.pieces(5)
+    expected = np.concatenate([next(pieces)[1] for _ in range(40)])
+    with data.train_batches(order, batch_size=16, position=5) as batches:
+        for index in range(12):  # twice the ring of host buffers: every one is reused
+            got = next(batches)
+            assert got is batches.out and got["features.top"].device.type == device
+            want = host.gather([(host.resident, expected[16 * index:16 * (index + 1)])])
+            for key in want:
+                torch.testing.assert_close(got[key].cpu(), want[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_validation_batches_have_one_size_and_mask_their_padding(store: FeatureStore, device: str):
+    rows = episode_rows(store.episodes(), [1, 4])
+    for held in (dict(memory_budget=1 << 30), dict(memory_budget=1, window_frames=16)):
+        data = CachedFeatures(store, chunk_size=6, device=device, **held)
+        out = data.batch_buffers(16, device)
+        seen = []
+        for batch in data.validation_batches(rows, out):
+            cpu = {key: value.cpu() for key, value in batch.items()}
+            real = ~cpu[ACTION_IS_PAD].all(1)  # a real row's own action is never padding
+            assert real[:int(real.sum())].all(), "padding only at the end"
+            seen.append(_rows_of(cpu, data)[real.numpy()])
+        np.testing.assert_array_equal(np.concatenate(seen), rows)
+        assert len(seen) == -(-len(rows) // 16)

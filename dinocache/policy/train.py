@@ -307,6 +307,9 @@ class _Replayed:
 class TrainStep:
     """One optimiser step of the head on ``inputs``, device buffers the batches are written into.
 
+    ``model`` is the module whose ``forward`` is the head's loss (default: the head's
+    ``compute_loss``; DDP's wrapper of it under ``torchrun``), ``optimizer`` an :func:`act_optimizer`.
+
     Forward (bfloat16 autocast on CUDA), backward, gradient clipping (foreach) and the fused AdamW
     step, without a single wait for the host: loss, L1, KL and gradient norm are summed on the
     device, and read by :meth:`take` when a record is written. A step whose gradient norm is not
@@ -319,10 +322,11 @@ class TrainStep:
     same inputs gives the same result either way, within float tolerance.
     """
 
-    def __init__(self, model: nn.Module, head: ACTHead, optimizer: torch.optim.Optimizer, inputs: Batch,
-                 graph: bool = False) -> None:
+    def __init__(self, head: ACTHead, optimizer: torch.optim.Optimizer, inputs: Batch, graph: bool = False,
+                 model: nn.Module | None = None) -> None:
         device = inputs[ACTION].device
-        self.model, self.optimizer, self.inputs = model, optimizer, inputs
+        self.model = _LossModule(head) if model is None else model  # DDP wraps the loss module
+        self.optimizer, self.inputs = optimizer, inputs
         self.params = [p for p in head.parameters() if p.requires_grad]
         self.max_norm = head.config.grad_clip_norm
         self.autocast = _autocast(device)
@@ -666,7 +670,7 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
     model: nn.Module = _LossModule(head)
     if procs.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_step = TrainStep(model, head, optimizer, data.batch_buffers(batch_size, device), graph=graph)
+    train_step = TrainStep(head, optimizer, data.batch_buffers(batch_size, device), graph=graph, model=model)
     validate = _Validation(head, data, val_rows, max(4 * batch_size, 32), procs, graph) if len(val_rows) else None
 
     if procs.main and baseline is not None:
