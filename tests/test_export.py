@@ -361,6 +361,22 @@ def test_half_precision_is_checked_with_a_wider_tolerance(trained, eager):
     assert half.max_abs_diff > full.max_abs_diff  # bfloat16 really is less precise
 
 
+def test_the_file_is_named_for_its_format_and_errors_come_alone(trained, tmp_path):
+    """A ``.pth`` holding a ``.pt2`` archive misleads every tool that goes by the name: refused, in one
+    line, before any work; an error met midway is one line too, with no progress fragment before it."""
+    runner = CliRunner()
+    for out, fmt, expected in [("policy.pth", [], "a pt2 policy is written as .pt2; name it policy.pt2"),
+                               ("policy.onnx", ["--format", "pt2"], "name it policy.pt2 or give --format onnx"),
+                               ("policy.pt2", ["--format", "onnx"], "a onnx policy is written as .onnx")]:
+        result = runner.invoke(main, ["export", str(trained.run), "--out", str(tmp_path / out), *fmt])
+        assert result.exit_code != 0 and expected in result.output, result.output
+        assert result.output.strip().count("\n") == 0, result.output
+    midway = runner.invoke(main, ["export", str(trained.run), "--out", str(tmp_path / "p.pt2"), "--checkpoint", "best"])
+    assert midway.exit_code != 0 and "no checkpoint 'best'" in midway.output
+    assert "export 0/" not in midway.output and "rebuild backbone" not in midway.output, midway.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_checkpoints_are_chosen_by_name_or_step(trained, tmp_path):
     assert build_fused_policy(trained.run, checkpoint=30).step == 30
     with pytest.raises(DinocacheError, match=r"no checkpoint 'best' \(the run has: 000030, last\)"):

@@ -241,6 +241,18 @@ def _check_trace(diff: float, metadata: dict[str, Any], what: str) -> None:
                           "nothing was written")
 
 
+def _policy_path(out: Path, format: str) -> Path:
+    """``out`` named for ``format``: the suffix added when there is none, a different one refused (a
+    ``.pth`` holding a ``.pt2`` archive would mislead every tool that goes by the name)."""
+    if not out.suffix:
+        return out.with_name(f"{out.name}.{format}")
+    if out.suffix != f".{format}":
+        raise DinocacheError(f"--out {out}: a {format} policy is written as .{format}; name it "
+                             f"{out.with_suffix('.' + format).name}" +
+                             (" or give --format onnx" if out.suffix == ".onnx" else ""))
+    return out
+
+
 def _check_device(device: str) -> torch.device:
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -278,7 +290,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
     t_begin = time.perf_counter()
     if format not in FORMATS:
         raise DinocacheError(f"--format {format!r}: choose {' or '.join(FORMATS)}")
-    out = Path(out)
+    out = _policy_path(Path(out), format)
     compute_dtype = parse_dtype(dtype)
     if format == "onnx" and compute_dtype != torch.float32:
         raise DinocacheError(f"--format onnx --dtype {dtype}: ONNX export is float32 only (onnxruntime rejects the "
@@ -292,7 +304,9 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
                              "(TensorRT, onnxruntime): drop --compile or use --format pt2")
     stages = ["rebuild backbone", "check against the cache",
               f"trace ({format})" + (" and compile (AOTInductor)" if compile else ""), "write"]
-    with tqdm(total=len(stages), disable=not progress, unit="step", dynamic_ncols=True,
+    # leave=False erases the bar when export ends, and disable=None keeps it off where stderr is no
+    # terminal (logs, pipes), so neither the summary nor an error line follows a stray "export 1/4"
+    with tqdm(total=len(stages), disable=None if progress else True, unit="step", dynamic_ncols=True, leave=False,
               bar_format="export {n}/{total}: {desc}") as bar:
         def stage(done: int) -> None:
             bar.n = done
@@ -351,7 +365,8 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="The policy file to write (.pt2 or .onnx).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="The policy file to write: NAME.pt2 or NAME.onnx (a name without suffix gets the format's).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="pt2 (torch.export program) or onnx [default: from --out's suffix, else pt2].")
 @click.option("--checkpoint", default=LAST, show_default=True, help="last, best, or a training step.")
@@ -387,7 +402,7 @@ def export_command(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype
       dinocache export runs/act1 --out policy.pt2 --compile                           # compiled for this CPU
       dinocache export runs/act1 --out policy.pt2 --weights ~/ckpt/dinov2_vits14_reg4_pretrain.pth
     """
-    fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")
+    fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")  # a mismatching suffix is refused below
     result = export_policy(run, out, format=fmt, checkpoint=checkpoint, dtype=dtype, device=device, weights=weights,
                            dataset=dataset, progress=not no_progress, store=store, verify=not skip_verify,
                            compile=compile_)
