@@ -285,6 +285,25 @@ def test_auto_offline_without_cache_says_what_to_download(empty_offline_hf):
         create_backbone("dinov3_vits16", weights="auto")
 
 
+def test_auto_with_the_hub_out_of_reach_fails_at_once_without_retries(monkeypatch, tmp_path):
+    """Not told it is offline, on a machine where the Hub does not answer: one short attempt, then one
+    line saying what to download and which flag to pass (huggingface_hub alone retries for a minute)."""
+    import socket
+
+    with socket.socket() as closed:  # a local port nobody listens on: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(BackboneError) as info:
+        create_backbone("dinov2_vits14", weights="auto")
+    message = str(info.value)
+    assert f"127.0.0.1:{port} cannot be reached" in message and "\n" not in message
+    assert "--weights PATH" in message and "--weights random" in message
+
+
 def test_auto_uses_the_hf_cache_offline(empty_offline_hf, dinov2_s14):
     """A file already in the Hugging Face cache is used with no network (HF_HUB_OFFLINE=1)."""
     repo = empty_offline_hf / "models--timm--vit_small_patch14_dinov2.lvd142m"

@@ -3,9 +3,10 @@
 ``weights`` is one of:
 
 * ``'auto'``: timm's pretrained weights through the Hugging Face cache. A cached file is used
-  without touching the network; otherwise it is downloaded unless ``HF_HUB_OFFLINE`` is set. When
-  neither works, the run stops *before* any frame is read, with one message naming the official
-  file, its URL and the flags to pass instead.
+  without touching the network; otherwise it is downloaded unless ``HF_HUB_OFFLINE`` is set or the
+  Hub does not answer one short connection attempt (no minute of retries). When neither works, the
+  run stops *before* any frame is read, with one message naming the official file, its URL and the
+  flags to pass instead.
 * a path: an official or timm checkpoint / timm model folder (see ``checkpoints.py``).
 * ``'random'``: seeded random initialisation, for dry runs and tests. It is recorded with its seed
   so stage three can rebuild the very same backbone.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypedDict
@@ -170,6 +173,9 @@ def _hf_weights_file(spec: BackboneSpec) -> Path:
     if _hf_offline():
         raise weights_unavailable(
             spec, f"{repo} is not in the Hugging Face cache {cache_dir} and HF_HUB_OFFLINE is set")
+    unreachable = _hub_unreachable()
+    if unreachable:  # huggingface_hub would retry for a minute before saying so
+        raise weights_unavailable(spec, f"{repo} is not in the Hugging Face cache {cache_dir} and {unreachable}")
     errors = []
     for filename in _HF_FILES:
         try:
@@ -177,6 +183,17 @@ def _hf_weights_file(spec: BackboneSpec) -> Path:
         except Exception as err:  # network, auth, missing file: report, try the next name
             errors.append(f"{filename}: {type(err).__name__}")
     raise weights_unavailable(spec, f"downloading {repo} failed ({'; '.join(errors)})")
+
+
+def _hub_unreachable(timeout_s: float = 2.0) -> str | None:
+    """Why the Hub cannot be reached (one short connection attempt, no retries), or None when it can."""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{host}:{port} cannot be reached ({getattr(err, 'strerror', None) or type(err).__name__})"
+    return None
 
 
 def _hf_offline() -> bool:
