@@ -98,6 +98,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
               help="Backbone compute precision: auto is bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Videos decoded at once (default: one per available core).")
 @click.option("--episodes", default=None, help="START:STOP (episode indices) or a comma list.")
 @click.option("--format", "fmt", default=None, help="Dataset format when detection is not wanted: lerobot-v2.1, lerobot-v3.0, aloha-hdf5.")
 @click.option("--skip-bad-episodes", is_flag=True, help="Skip malformed episodes (listed at the end) instead of stopping.")

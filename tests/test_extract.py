@@ -102,6 +102,15 @@ def test_bfloat16_extraction_on_the_device_matches_float32(small_dataset: Path, 
             assert np.abs(got - want).mean() < 0.02 * np.abs(want).mean(), (index, camera)
 
 
+def zero_tail_of_mdat(file: Path, fraction: float) -> None:
+    """Zero the last ``fraction`` of an mp4's media data (a bad copy), keeping its size and its index."""
+    data = bytearray(file.read_bytes())
+    start = data.find(b"mdat") + 8
+    end = data.find(b"moov") if data.find(b"moov") > start else len(data)
+    data[end - int((end - start) * fraction):end] = bytes(int((end - start) * fraction))
+    file.write_bytes(bytes(data))
+
+
 def _kill_midway(args: list[str], store: Path, at_least: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "dinocache.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -126,21 +135,63 @@ def long_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def long_reference(long_dataset: Path, tmp_path_factory) -> dict[str, bytes]:
-    """The bytes of an uninterrupted single-process extraction of ``long_dataset``."""
+    """The bytes of an uninterrupted single-process extraction of ``long_dataset`` with one decode worker."""
     out = tmp_path_factory.mktemp("reference") / "clean.zarr"
-    extract(config(long_dataset, out))
+    extract(config(long_dataset, out, decode_workers=1))
     return store_files(out)
 
 
 def test_sigkill_then_rerun_is_byte_identical_to_clean_run(long_dataset: Path, long_reference, tmp_path: Path):
+    """Killed while four workers decode four episodes at once, resumed with the default workers: the
+    bytes of one uninterrupted single-worker run."""
     resumed = tmp_path / "resumed.zarr"
-    _kill_midway(extract_args(long_dataset, resumed), resumed, at_least=2)
+    _kill_midway(extract_args(long_dataset, resumed, "--decode-workers", "4"), resumed, at_least=2)
     done = FeatureStore(resumed).done_units()
     assert 0 < done.sum() < len(done), "the kill must land part-way"
     rerun = cli(*extract_args(long_dataset, resumed))
     assert rerun.exit_code == 0, rerun.output
     assert f"({int(done.sum())} already done)" in rerun.stdout
     assert store_files(resumed) == long_reference
+
+
+def test_decode_workers_do_not_change_a_byte(small_dataset: Path, tmp_path: Path):
+    """Two cameras, episodes straddling units, a batch size that divides neither: one decode worker
+    and four give the same store, byte for byte, and the summary says which stage set the pace."""
+    one = extract(config(small_dataset, tmp_path / "one.zarr", decode_workers=1, batch_size=3))
+    four = extract(config(small_dataset, tmp_path / "four.zarr", decode_workers=4, batch_size=3))
+    assert (one.decode_workers, four.decode_workers) == (1, 4) and one.frames == four.frames == 42
+    assert store_files(tmp_path / "one.zarr") == store_files(tmp_path / "four.zarr")
+    assert_features_match_direct_forward(tmp_path / "four.zarr", small_dataset)
+    assert four.limit in ("decode", "forward", "write") and f"limited by  {four.limit}" in four.format()
+
+
+def test_a_decode_error_in_one_worker_stops_the_run_keeping_what_was_written(tmp_path: Path):
+    """Episode 3's video is corrupt while other workers decode the episodes around it: the run stops
+    with one line naming the file and the episode, every unit before the episode is written, and
+    once the file is repaired a rerun keeps them and ends as a clean run would. (Ten episodes of 16
+    frames: the store's 8 verification frames, decoded when it is created, miss episode 3.)"""
+    from _datasets import v21_video
+
+    from dinocache.pipeline.synthetic import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "data", format="lerobot-v2.1", num_episodes=10, episode_length=16,
+                                      image_size=(48, 64), cameras=("top",), seed=5)
+    extract(config(dataset, tmp_path / "clean.zarr", decode_workers=1))
+    video = v21_video(dataset, 3)
+    original = video.read_bytes()
+    zero_tail_of_mdat(video, 0.3)  # same size: the dataset's fingerprint does not change
+    out = tmp_path / "f.zarr"
+    failed = cli(*extract_args(dataset, out, "--decode-workers", "4"))
+    assert failed.exit_code == 2, failed.output
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(video) in lines[0] and "episode 3: " in lines[0], failed.stderr
+    done = FeatureStore(out).done_units()
+    assert done[:6].all() and not done.all(), done  # units 0-5 hold rows 0-47: episodes 0-2
+    video.write_bytes(original)
+    rerun = cli(*extract_args(dataset, out))
+    assert rerun.exit_code == 0, rerun.output
+    assert f"({int(done.sum())} already done)" in rerun.stdout
+    assert store_files(out) == store_files(tmp_path / "clean.zarr")
 
 
 def test_two_concurrent_shards_equal_single_process(long_dataset: Path, long_reference, tmp_path: Path):

@@ -51,7 +51,7 @@ def _extract_task(cfg: ExtractConfig, units: Sequence[int]) -> ExtractSummary:
     store.check_identity({"weights": weights}, hint="the worker built different backbone weights than the client")
     done = store.done_units()
     todo = [u for u in units if not done[u]]
-    return run_units(store, source, backbone, todo, cfg.batch_size, cfg.device, cfg.dtype)
+    return run_units(store, source, backbone, todo, cfg.batch_size, cfg.device, cfg.dtype, cfg.resolved_decode_workers())
 
 
 def extract_with_dask(cfg: ExtractConfig, scheduler: str | None = None, n_workers: int | None = None) -> ExtractSummary:

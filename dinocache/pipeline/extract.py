@@ -1,20 +1,23 @@
 """Stage one: run a frozen backbone once over every frame of a dataset and fill a feature store.
 
-Three stages overlap so that the backbone never waits: a decode thread reads each video once,
-sequentially, and cuts the frames into fixed batches; the calling thread runs the backbone (which
-includes the one preprocessing module) on them; a writer thread writes each finished work unit to the
-store and marks it done. Batches always start at a unit's first frame, so a unit's features do not
-depend on which process, shard or resumed run computed it: a resumed or sharded extraction is
-bit-identical to an uninterrupted one.
+Three stages overlap so that the backbone never waits: ``--decode-workers`` threads decode several
+(episode, camera) videos at once, each front to back, and hand their frames back in a fixed order;
+the calling thread cuts them into fixed batches and runs the backbone (which includes the one
+preprocessing module) on them; a writer thread writes each finished work unit to the store and marks
+it done. Batches always start at a unit's first frame, so a unit's features do not depend on which
+process, shard, resumed run or number of decode workers computed it: the store is byte-identical.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.pipeline.readers import open_dataset
 from dinocache.pipeline.readers.base import DatasetSource, EpisodeInfo
+from dinocache.pipeline.readers.prefetch import ordered_streams
 from dinocache.pipeline.store import Compression, FeatureStore, StoreLayout, create_or_open
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,6 +61,7 @@ class ExtractConfig:
     overwrite: bool = False
     compile: bool = False
     shard: tuple[int, int] | None = None
+    decode_workers: int | None = None
     progress: bool = True
 
     def resolved_device(self) -> str:
@@ -66,6 +71,10 @@ class ExtractConfig:
         if self.precision != "auto":
             return self.precision
         return "bf16" if self.resolved_device().startswith("cuda") else "fp32"
+
+    def resolved_decode_workers(self) -> int:
+        """``--decode-workers``, by default one per available core (AV1 decodes ~250 frames/s per core)."""
+        return self.decode_workers or available_cores()
 
 
 @dataclass
@@ -82,6 +91,9 @@ class ExtractSummary:
     decode_s: float = 0.0
     forward_s: float = 0.0
     write_s: float = 0.0
+    wait_decode_s: float = 0.0
+    wait_write_s: float = 0.0
+    decode_workers: int = 1
     skipped_episodes: list[tuple[int, str]] = field(default_factory=list)
 
     @property
@@ -89,8 +101,20 @@ class ExtractSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
     def merge(self, other: ExtractSummary) -> None:
-        for name in ("frames", "units", "bytes_written", "decode_s", "forward_s", "write_s"):
+        for name in ("frames", "units", "bytes_written", "decode_s", "forward_s", "write_s", "wait_decode_s",
+                     "wait_write_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.decode_workers = max(self.decode_workers, other.decode_workers)
+
+    @property
+    def limit(self) -> str:
+        """The stage that set the pace: what the backbone's thread spent most of its time on, waiting
+        for decoded frames, running the forward, or waiting for the writer."""
+        spent = {"decode": self.wait_decode_s, "forward": self.forward_s, "write": self.wait_write_s}
+        return max(spent, key=spent.get)
+
+    def _busy(self, seconds: float, workers: int = 1) -> str:
+        return f"{100 * seconds / (workers * self.seconds):.0f} %" if self.seconds > 0 else "-"
 
     def format(self) -> str:
         lines = [
@@ -98,7 +122,10 @@ class ExtractSummary:
             f"frames      {self.frames} in {self.units} units ({self.units_skipped} already done), {self.episodes} episodes",
             f"written     {self.bytes_written / 2**20:.1f} MiB",
             f"throughput  {self.fps:.1f} frames/s over {self.seconds:.1f} s",
-            f"busy time   decode {self.decode_s:.1f} s | forward {self.forward_s:.1f} s | write {self.write_s:.1f} s",
+            f"busy time   decode {self.decode_s:.1f} s on {self.decode_workers} worker(s) ({self._busy(self.decode_s, self.decode_workers)}) "
+            f"| forward {self.forward_s:.1f} s ({self._busy(self.forward_s)}) | write {self.write_s:.1f} s ({self._busy(self.write_s)})",
+            f"limited by  {self.limit} (the forward waited {self.wait_decode_s:.1f} s for decoded frames "
+            f"and {self.wait_write_s:.1f} s for the writer)",
         ]
         if self.skipped_episodes:
             lines.append(f"SKIPPED {len(self.skipped_episodes)} bad episode(s):")
@@ -235,82 +262,188 @@ def shard_units(num_units: int, shard: tuple[int, int] | None) -> range:
 
 # --- the overlapped pipeline ---------------------------------------------------------------------
 
-class _FrameCursor:
-    """Sequential frames of one camera across consecutive units: each episode is decoded once."""
-
-    def __init__(self, source: DatasetSource, camera: str, batch_size: int) -> None:
-        self.source, self.camera, self.batch_size = source, camera, batch_size
-        self.episode: int | None = None
-        self.position = 0
-        self.pending = np.empty((0,), dtype=np.uint8)
-        self.iterator: Iterator[np.ndarray] | None = None
-
-    def take(self, episode: int, start: int, stop: int) -> Iterator[np.ndarray]:
-        """Yield frames ``start..stop-1`` of ``episode`` in pieces; reopens only when going backwards."""
-        if self.episode != episode or self.position > start:
-            self.iterator = self.source.iter_frames(episode, self.camera, batch_size=self.batch_size)
-            self.episode, self.position, self.pending = episode, 0, np.empty((0,), dtype=np.uint8)
-        while self.position < stop:
-            if len(self.pending) == 0:
-                self.pending = next(self.iterator)
-            lo = max(start - self.position, 0)
-            n = min(len(self.pending), stop - self.position)
-            if lo < n:
-                yield self.pending[lo:n]
-            self.pending = self.pending[n:]
-            self.position += n
+#: Frames decoded ahead of the backbone wait in memory: up to ``2 * decode_workers`` (episode,
+#: camera) streams, each queueing at most its share of this many bytes. Decoding in order with
+#: several workers needs the younger streams to run ahead, so a share under an episode's worth
+#: costs parallelism, never correctness.
+DECODE_AHEAD_BYTES = 4 * 2**30
 
 
-def _segments(episodes: Sequence[tuple[int, int, int]], start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-    """(episode, local_start, local_stop) pieces covering global frames [start, stop) of the store."""
-    for index, ep_start, length in episodes:
-        lo, hi = max(start, ep_start), min(stop, ep_start + length)
-        if lo < hi:
-            yield index, lo - ep_start, hi - ep_start
-
-
-def _rebatch(pieces: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Cut a stream of frame arrays into batches of exactly ``batch_size`` (the last may be shorter)."""
-    buffer: list[np.ndarray] = []
-    held = 0
-    for piece in pieces:
-        buffer.append(piece)
-        held += len(piece)
-        while held >= batch_size:
-            frames = np.concatenate(buffer)
-            yield frames[:batch_size]
-            rest = frames[batch_size:]
-            buffer, held = ([rest] if len(rest) else []), len(rest)
-    if held:
-        yield np.concatenate(buffer)
-
-
-def _decode(source: DatasetSource, store: FeatureStore, units: Sequence[int], batch_size: int,
-            out: queue.Queue, stop_event: threading.Event, timing: dict[str, float]) -> None:
-    """Producer thread: put (unit, camera, offset, uint8 batch) items, then (unit, None, 0, None) per unit."""
+def available_cores() -> int:
+    """CPU cores this process may run on: the affinity mask (which containers and SLURM narrow), not the host's."""
     try:
-        episodes = [(i, s, n) for i, s, n, _ in store.episodes()]
-        cursors = {camera: _FrameCursor(source, camera, batch_size) for camera in store.cameras}
-        for unit in units:
-            start, stop = store.unit_range(unit)
-            for camera in store.cameras:
-                pieces = (piece for episode, lo, hi in _segments(episodes, start, stop)
-                          for piece in cursors[camera].take(episode, lo, hi))
-                offset, t0 = 0, time.perf_counter()
-                for batch in _rebatch(pieces, batch_size):
-                    timing["decode_s"] += time.perf_counter() - t0
-                    if stop_event.is_set():
-                        return
-                    out.put((unit, camera, offset, batch))
-                    offset += len(batch)
-                    t0 = time.perf_counter()
-                if offset != stop - start:
-                    raise StoreError(f"unit {unit}, camera {camera!r}: decoded {offset} frames, expected {stop - start}")
-            out.put((unit, None, 0, None))
-    except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
-        out.put(err)
-    finally:
-        out.put(None)
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _spans(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``[start, stop)`` row ranges merged where they touch."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, int]], cameras: Sequence[str],
+                    spans: Sequence[tuple[int, int]], batch_size: int, workers: int,
+                    busy: list[float] | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
+    """``(camera, first store row, uint8 frames)`` for every row in ``spans``, decoded by ``workers`` threads.
+
+    ``episodes`` are ``(index, first store row, length)``. Each (episode, camera) that holds a wanted
+    row is one stream, decoded whole and front to back by one worker (a video cannot be entered in
+    the middle without decoding from its start); rows outside ``spans`` (units already done) are
+    decoded and dropped. Items come back episode by episode, camera by camera, rows ascending,
+    whatever the number of workers: that order, not the timing, decides what the caller computes.
+    A decoding error is raised here at its place in that order, after every item before it.
+    """
+    spans = _spans(spans)
+
+    def wanted(start: int, length: int) -> list[tuple[int, int]]:
+        return [(max(a, start), min(b, start + length)) for a, b in spans if a < start + length and b > start]
+
+    def stream(index: int, start: int, camera: str, rows: list[tuple[int, int]]) -> Iterator[tuple[str, int, np.ndarray]]:
+        row = start
+        for frames in source.iter_frames(index, camera, batch_size=batch_size):
+            for a, b in rows:
+                lo, hi = max(a, row), min(b, row + len(frames))
+                if lo < hi:
+                    yield camera, lo, frames[lo - row:hi - row]
+            row += len(frames)
+
+    largest = max(source.cameras[c].height * source.cameras[c].width * 3 for c in cameras)
+    queue_size = max(2, DECODE_AHEAD_BYTES // (2 * workers * batch_size * largest))
+    streams = [functools.partial(stream, index, start, camera, rows)
+               for index, start, length in episodes if (rows := wanted(start, length))
+               for camera in cameras]
+    return ordered_streams(streams, workers, queue_size, busy)
+
+
+@dataclass
+class _Slot:
+    """A reusable host buffer of one batch of frames (pinned on CUDA) and the copy that still reads it."""
+
+    tensor: torch.Tensor
+    array: np.ndarray
+    copied: Any = None  # torch.cuda.Event once the host-to-device copy is queued
+
+
+class _Forward:
+    """The backbone on staged batches, one batch in flight while the next is prepared.
+
+    On CUDA the host buffers are pinned once and reused; each batch's host-to-device copy runs on
+    a side stream, so it overlaps the previous batch's forward; features are cast to the store
+    dtype on the device (half the bytes to bring back for float16) and copied into reused pinned
+    buffers without blocking; the busy time is the GPU's, from events. Other devices run the same
+    bookkeeping synchronously, which is how the CPU tests exercise it.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, device: str, dtype: str, batch_size: int,
+                 deliver: Callable[[Any, np.ndarray, np.ndarray], None], timing: dict[str, float]) -> None:
+        self.backbone, self.device, self.batch_size = backbone, torch.device(device), batch_size
+        self.dtype = getattr(torch, dtype)
+        self.deliver, self.timing = deliver, timing
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.slots: dict[tuple[int, ...], list[_Slot]] = {}
+        self.outputs: dict[tuple[tuple[int, ...], ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.in_flight: collections.deque = collections.deque()
+
+    def slot(self, frame_shape: tuple[int, ...]) -> _Slot:
+        """A free host buffer for ``batch_size`` frames of this shape: a reused one whose copy is done, else a new one."""
+        free = self.slots.setdefault(frame_shape, [])
+        for i, slot in enumerate(free):
+            if slot.copied is None or slot.copied.query():
+                return free.pop(i)
+        if len(free) >= 2:  # enough buffers exist: wait for the oldest copy rather than pin more memory
+            slot = free.pop(0)
+            slot.copied.synchronize()
+            return slot
+        tensor = torch.empty((self.batch_size, *frame_shape), dtype=torch.uint8, pin_memory=self.cuda)
+        return _Slot(tensor, tensor.numpy())
+
+    def submit(self, slot: _Slot, n: int, tag: Any) -> None:
+        """Queue the forward of the first ``n`` frames of ``slot``; deliver the batch before it."""
+        t0 = time.perf_counter()
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self.copy_stream):
+                images = slot.tensor[:n].to(self.device, non_blocking=True)
+                slot.copied = torch.cuda.Event()
+                slot.copied.record(self.copy_stream)
+            compute.wait_event(slot.copied)
+            images.record_stream(compute)  # allocated on the copy stream, read on this one
+            began = torch.cuda.Event(enable_timing=True)
+            began.record(compute)
+        else:
+            images = slot.tensor[:n].to(self.device)
+        grid, cls = self.backbone(images)
+        grid = grid.permute(0, 2, 3, 1).to(self.dtype, memory_format=torch.contiguous_format)
+        cls = cls.to(self.dtype)
+        self.slots[slot.array.shape[1:]].append(slot)  # reusable once `copied` has completed
+        if self.cuda:
+            free = self.outputs.setdefault((tuple(grid.shape[1:]), tuple(cls.shape[1:])), [])
+            host = free.pop() if free else (
+                torch.empty((self.batch_size, *grid.shape[1:]), dtype=self.dtype, pin_memory=True),
+                torch.empty((self.batch_size, *cls.shape[1:]), dtype=self.dtype, pin_memory=True))
+            host[0][:n].copy_(grid, non_blocking=True)
+            host[1][:n].copy_(cls, non_blocking=True)
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record(compute)
+            self.in_flight.append((tag, n, host, (began, ended)))
+        else:
+            self.timing["forward_s"] += time.perf_counter() - t0
+            self.in_flight.append((tag, n, (grid.cpu(), cls.cpu()), None))
+        while len(self.in_flight) > 1:
+            self._finish()
+
+    def flush(self) -> None:
+        """Deliver every batch still in flight."""
+        while self.in_flight:
+            self._finish()
+
+    def _finish(self) -> None:
+        tag, n, (grid, cls), events = self.in_flight.popleft()
+        if events is not None:
+            began, ended = events
+            ended.synchronize()
+            self.timing["forward_s"] += began.elapsed_time(ended) / 1000
+        self.deliver(tag, grid[:n].numpy(), cls[:n].numpy())
+        if events is not None:  # delivered (copied out): the pinned buffers can take another batch
+            self.outputs[(tuple(grid.shape[1:]), tuple(cls.shape[1:]))].append((grid, cls))
+
+
+class _Batcher:
+    """Cuts one camera's rows into its units' batches: each batch starts at its unit's first frame
+    or ``batch_size`` frames after the previous one, whatever pieces decoding hands over, so a
+    unit's features never depend on how, where or by how many workers it was decoded."""
+
+    def __init__(self, store: FeatureStore, camera: str, forward: _Forward) -> None:
+        self.store, self.camera, self.forward = store, camera, forward
+        self.slot: _Slot | None = None
+        self.unit = self.offset = self.filled = self.size = 0
+
+    def add(self, row: int, frames: np.ndarray) -> None:
+        while len(frames):
+            if self.slot is None:
+                self.unit = row // self.store.unit_frames
+                start, stop = self.store.unit_range(self.unit)
+                self.offset = row - start
+                if self.offset % self.forward.batch_size:
+                    raise StoreError(f"unit {self.unit}, camera {self.camera!r}: rows arrived out of order at {row}")
+                self.size = min(self.forward.batch_size, stop - row)
+                self.slot, self.filled = self.forward.slot(frames.shape[1:]), 0
+            take = min(len(frames), self.size - self.filled)
+            self.slot.array[self.filled:self.filled + take] = frames[:take]
+            self.filled += take
+            row += take
+            frames = frames[take:]
+            if self.filled == self.size:
+                self.forward.submit(self.slot, self.size, (self.unit, self.camera, self.offset))
+                self.slot = None
 
 
 def _write(store: FeatureStore, inbox: queue.Queue, timing: dict[str, float], progress: tqdm | None,
@@ -332,57 +465,72 @@ def _write(store: FeatureStore, inbox: queue.Queue, timing: dict[str, float], pr
 
 
 def run_units(store: FeatureStore, source: DatasetSource, backbone: torch.nn.Module, units: Sequence[int],
-              batch_size: int, device: str, dtype: str, progress: tqdm | None = None) -> ExtractSummary:
-    """Compute and write ``units`` (skipping none: the caller chose them). Returns the busy times."""
-    timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
-    decoded: queue.Queue = queue.Queue(maxsize=4)
+              batch_size: int, device: str, dtype: str, decode_workers: int = 1,
+              progress: tqdm | None = None) -> ExtractSummary:
+    """Compute and write ``units`` (skipping none: the caller chose them). Returns the busy times.
+
+    ``decode_workers`` threads decode (episode, camera) streams at once; this thread cuts their
+    frames into each unit's batches and runs the backbone; a writer thread writes each finished
+    unit whole, in unit order. On an error every unit finished before it is still written.
+    """
+    timing = {"decode_s": 0.0, "forward_s": 0.0, "write_s": 0.0, "wait_decode_s": 0.0, "wait_write_s": 0.0}
+    decode_busy = [0.0]
     finished: queue.Queue = queue.Queue(maxsize=2)
-    stop_event, write_errors = threading.Event(), []
-    producer = threading.Thread(target=_decode, args=(source, store, units, batch_size, decoded, stop_event, timing),
-                                daemon=True, name="dinocache-decode")
+    write_errors: list[BaseException] = []
     writer = threading.Thread(target=_write, args=(store, finished, timing, progress, write_errors),
                               daemon=True, name="dinocache-write")
-    producer.start()
     writer.start()
-    buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    pin = device.startswith("cuda")
+    features: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    remaining = {u: (lambda r: (r[1] - r[0]) * len(store.cameras))(store.unit_range(u)) for u in units}
+
+    def deliver(tag: tuple[int, str, int], grid: np.ndarray, cls: np.ndarray) -> None:
+        unit, camera, offset = tag
+        if camera not in features.setdefault(unit, {}):
+            start, stop = store.unit_range(unit)
+            features[unit][camera] = (np.empty((stop - start, *grid.shape[1:]), grid.dtype),
+                                      np.empty((stop - start, *cls.shape[1:]), cls.dtype))
+        features[unit][camera][0][offset:offset + len(grid)] = grid
+        features[unit][camera][1][offset:offset + len(cls)] = cls
+        remaining[unit] -= len(grid)
+        if remaining[unit] == 0:
+            t0 = time.perf_counter()
+            finished.put((unit, features.pop(unit)))
+            timing["wait_write_s"] += time.perf_counter() - t0
+            if write_errors:
+                raise write_errors[0]
+
+    forward = _Forward(backbone, device, dtype, batch_size, deliver, timing)
+    batchers = {camera: _Batcher(store, camera, forward) for camera in store.cameras}
+    episodes = [(i, s, n) for i, s, n, _ in store.episodes()]
+    decoded = decode_in_order(source, episodes, store.cameras, [store.unit_range(u) for u in units], batch_size,
+                              decode_workers, decode_busy)
     t_begin = time.perf_counter()
     try:
-        while (item := decoded.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            unit, camera, offset, frames = item
-            if camera is None:
-                finished.put((unit, buffers))
-                buffers = {}
-                if write_errors:
-                    raise write_errors[0]
-                continue
+        while True:
             t0 = time.perf_counter()
-            images = torch.from_numpy(frames)
-            images = images.pin_memory().to(device, non_blocking=True) if pin else images
-            grid, cls = backbone(images)
-            grid = grid.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy().astype(dtype)
-            cls = cls.to("cpu", torch.float32).numpy().astype(dtype)
-            if camera not in buffers:
-                start, stop = store.unit_range(unit)
-                buffers[camera] = (np.empty((stop - start, *grid.shape[1:]), dtype),
-                                   np.empty((stop - start, cls.shape[1]), dtype))
-            buffers[camera][0][offset:offset + len(frames)] = grid
-            buffers[camera][1][offset:offset + len(frames)] = cls
-            timing["forward_s"] += time.perf_counter() - t0
+            item = next(decoded, None)
+            timing["wait_decode_s"] += time.perf_counter() - t0
+            if item is None:
+                break
+            camera, row, frames = item
+            batchers[camera].add(row, frames)
+        forward.flush()
+    except BaseException:
+        # Deliver what the device already computed, so every unit finished before the error is
+        # written; an error while doing so must not hide the first one.
+        with contextlib.suppress(BaseException):
+            forward.flush()
+        raise
     finally:
-        stop_event.set()
-        while producer.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                decoded.get_nowait()
-            except queue.Empty:
-                producer.join(0.05)
+        decoded.close()
         finished.put(None)
         writer.join()
     if write_errors:
         raise write_errors[0]
-    summary = ExtractSummary(store=store.path, units=len(units), **timing)
+    if any(remaining.values()):  # cannot happen: every row of every unit was decoded
+        raise StoreError(f"{store.path}: units {[u for u, n in remaining.items() if n]} were not completely computed")
+    timing["decode_s"] = decode_busy[0]
+    summary = ExtractSummary(store=store.path, units=len(units), decode_workers=decode_workers, **timing)
     summary.frames = sum(stop - start for start, stop in map(store.unit_range, units))
     summary.seconds = time.perf_counter() - t_begin
     return summary
@@ -435,7 +583,7 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
               desc=f"extract {store.path.name}", dynamic_ncols=True) as bar:
         if pending:
             summary.merge(run_units(store, source, model, pending, cfg.batch_size, cfg.resolved_device(),
-                                    cfg.dtype, progress=bar))
+                                    cfg.dtype, cfg.resolved_decode_workers(), progress=bar))
     summary.bytes_written = store_bytes(store.path)
     summary.seconds = time.perf_counter() - t_begin
     return summary
