@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypedDict
@@ -39,6 +37,7 @@ from dinocache.encoders.checkpoints import (
 )
 from dinocache.encoders.registry import DINOV3_ACCESS_PAGE, BackboneSpec
 from dinocache.errors import BackboneError
+from dinocache.hub import hf_home, hf_offline, hub_unreachable
 
 Source = Literal["random", "file", "hf-cache"]
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -170,10 +169,10 @@ def _hf_weights_file(spec: BackboneSpec) -> Path:
         cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
         if isinstance(cached, str):
             return Path(cached)
-    if _hf_offline():
+    if hf_offline():
         raise weights_unavailable(
             spec, f"{repo} is not in the Hugging Face cache {cache_dir} and HF_HUB_OFFLINE is set")
-    unreachable = _hub_unreachable()
+    unreachable = hub_unreachable()
     if unreachable:  # huggingface_hub would retry for a minute before saying so
         raise weights_unavailable(spec, f"{repo} is not in the Hugging Face cache {cache_dir} and {unreachable}")
     errors = []
@@ -185,26 +184,8 @@ def _hf_weights_file(spec: BackboneSpec) -> Path:
     raise weights_unavailable(spec, f"downloading {repo} failed ({'; '.join(errors)})")
 
 
-def _hub_unreachable(timeout_s: float = 2.0) -> str | None:
-    """Why the Hub cannot be reached (one short connection attempt, no retries), or None when it can."""
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as err:
-        return f"{host}:{port} cannot be reached ({getattr(err, 'strerror', None) or type(err).__name__})"
-    return None
-
-
-def _hf_offline() -> bool:
-    # Read at call time: huggingface_hub reads its environment once, at import.
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _hf_cache_dir() -> Path:
     """The hub cache huggingface_hub would use, from the environment as it is now."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
-    return Path(home).expanduser() / "hub"
+    return hf_home() / "hub"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dinocache.errors import DatasetError
 from dinocache.pipeline.readers.aloha import AlohaHdf5Source, episode_files
+from dinocache.pipeline.readers.hub import resolve_dataset
 from dinocache.pipeline.readers.base import (
     FORMATS, CameraInfo, DatasetSource, EpisodeInfo, LowDimInfo)
 from dinocache.pipeline.readers.lerobot_meta import (
@@ -59,7 +60,8 @@ def open_dataset(path: str | Path, format: str | None = None, skip_bad_episodes:
     """Open and validate a dataset.
 
     Args:
-        path: the dataset folder.
+        path: the dataset folder, or a Hugging Face Hub dataset id (``lerobot/pusht``), found in
+            ``$HF_LEROBOT_HOME`` or the Hub cache or downloaded (:func:`~dinocache.pipeline.readers.hub.resolve_dataset`).
         format: one of :data:`FORMATS`, or None to detect it. A format that contradicts the
             files (``lerobot-v3.0`` for a v2.1 folder) is an error, not a guess.
         skip_bad_episodes: drop malformed episodes into ``source.skipped`` (with the reason)
@@ -70,7 +72,7 @@ def open_dataset(path: str | Path, format: str | None = None, skip_bad_episodes:
     Raises:
         DatasetError: one line naming the file, the episode and what is wrong.
     """
-    path = Path(path).expanduser().absolute()
+    path = resolve_dataset(path).absolute()
     if format is not None and format not in FORMATS:
         raise DatasetError(f"{path}: unknown format '{format}'; formats: {', '.join(FORMATS)}")
     detected = detect_format(path)
