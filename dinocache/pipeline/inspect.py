@@ -130,18 +130,27 @@ def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str
         raise DinocacheError(f"{store.path}: frames {indices.tolist()} are not all written yet; finish extraction first")
     rgb = pca_rgb(grids)
     images = _camera_frames(store, camera, indices)
-    fig, axes = plt.subplots(2, len(indices), figsize=(3 * len(indices), 6), squeeze=False)
+    # The grid is drawn at the camera's aspect ratio, not the backbone input's: a 96x128 camera resized
+    # to a square 112x112 input gives a square grid, but each patch covers a wider-than-tall region.
+    height, width = (store.provenance.get("camera_sizes") or {}).get(camera) or grids.shape[1:3]
+    aspect = (height / width) / (grids.shape[1] / grids.shape[2])
+    fig, axes = plt.subplots(2, len(indices), figsize=(3 * len(indices), 6 * height / width + 0.8), squeeze=False)
     for col, (index, image, colours) in enumerate(zip(indices, images, rgb)):
         if image is not None:
             axes[0, col].imshow(image)
         else:
             axes[0, col].text(0.5, 0.5, "source dataset\nnot found", ha="center", va="center")
         axes[0, col].set_title(f"frame {index}", fontsize=9)
-        axes[1, col].imshow(colours, interpolation="nearest")
+        axes[1, col].imshow(colours, interpolation="nearest", aspect=aspect)
         for ax in axes[:, col]:
             ax.axis("off")
     name = store.provenance["backbone"].get("name")
-    fig.suptitle(f"{camera}: first three principal components of the {name} patch features")
+    weights = store.provenance.get("weights") or {}
+    if weights.get("source") == "random":
+        about = f"RANDOM weights (seed {weights.get('seed')}): the colours show the architecture, not learned features"
+    else:
+        about = f"weights: {weights.get('source')} {Path(str(weights.get('path') or '')).name}".rstrip()
+    fig.suptitle(f"{camera}: first three principal components of the {name} patch features\n{about}", fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, bbox_inches="tight")
