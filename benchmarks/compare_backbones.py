@@ -8,7 +8,9 @@ One run, one generated dataset, one ACT head (LeRobot's defaults), one batch siz
   step (:mod:`dinocache.policy.online`). DINO backbones run frozen (no grad); ``resnet18`` is ACT's
   own backbone fine-tuned as ACT does (FrozenBatchNorm2d, ``optimizer_lr_backbone``). Decoding runs
   ahead in a background thread (``BatchStream``, 4 batches ahead) with the frames of a batch decoded
-  by a thread pool (PyAV releases the GIL), so it overlaps the step: the fair baseline.
+  by a thread pool (PyAV releases the GIL), so it overlaps the step: the fair baseline. The frozen
+  backbone runs in bfloat16 on CUDA, the head under the same autocast, and the step is taken as
+  ``train()`` takes it (fused AdamW, foreach clipping, nothing read back until the timing ends).
 * **cached**: the real ``extract`` into a real store (timed: frames/s, bytes per 1000 frames), then
   the real ``train()`` loop on it (steps/s and the share of the step spent waiting for data, from
   its ``metrics.jsonl``), then the live latency at batch 1 of the fused policy built from that run.
@@ -98,7 +100,7 @@ def latency_ms(run: Callable[[], Any], device: str, runs: int, warmup: int = 3) 
 
 
 class RecordClock:
-    """Process CPU time at each line ``train()`` appends to ``metrics.jsonl`` (one per step with log_every=1).
+    """Process CPU time at each line ``train()`` appends to ``metrics.jsonl`` (one per ``log_every`` steps).
 
     ``train()`` reports wall-clock step times only; on a machine shared with other jobs the CPU time
     a step costs is the steadier figure, and the difference between two records brackets the steps
@@ -254,19 +256,21 @@ def child_cached(task: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     run = Path(task["run"])
     warmup, steps = task["warmup"], task["warmup"] + task["steps"]
+    # A record waits for the device (train() reads its sums then): one every `every` steps, not every step.
+    every = math.gcd(warmup, task["steps"])
     clock = RecordClock(run / "metrics.jsonl")
     try:
         train(TrainConfig(store=Path(task["store"]), out=run, steps=steps, batch_size=task["batch_size"],
-                          val_episodes="none", eval_every=10**9, save_every=steps, log_every=1, seed=0,
+                          val_episodes="none", eval_every=10**9, save_every=steps, log_every=every, seed=0,
                           device=device, progress=False))
     finally:
         clock.stop()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    timed = [r for r in records if r["step"] > warmup]  # one record per step (log_every=1)
-    step_s = sum(1 / r["steps_per_s"] for r in timed)
-    data_s = sum(r["data_fraction"] / r["steps_per_s"] for r in timed)
-    result = {"steps_per_s": len(timed) / step_s, "data_fraction": data_s / step_s, "timed_steps": len(timed),
-              "steps_per_cpu_s": len(timed) / (clock.cpu_at[steps] - clock.cpu_at[warmup]),
+    timed = [r for r in records if r["step"] > warmup]  # one record per `every` steps
+    step_s = sum(every / r["steps_per_s"] for r in timed)
+    data_s = sum(every * r["data_fraction"] / r["steps_per_s"] for r in timed)
+    result = {"steps_per_s": task["steps"] / step_s, "data_fraction": data_s / step_s, "timed_steps": task["steps"],
+              "steps_per_cpu_s": task["steps"] / (clock.cpu_at[steps // every] - clock.cpu_at[warmup // every]),
               "peak_memory": peak_memory(device)}
     result.update(fused_latency(run, task))
     return result
@@ -335,31 +339,34 @@ def child_online(task: dict[str, Any]) -> dict[str, Any]:
     stream = BatchStream(data.batches(task["batch_size"]), prefetch=4)
     model.train()
 
-    def step() -> tuple[float, float, float]:
-        t0, c0 = time.perf_counter(), time.process_time()
+    def step() -> float:
+        """One step as train.py takes it (fused AdamW, foreach clipping, nothing read back); returns the data wait."""
+        t0 = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-        t1 = time.perf_counter()
+        waited = time.perf_counter() - t0
         with autocast:
-            loss, _ = model(batch)  # compute_loss reads the loss as a float: a device sync, as in train.py
+            loss, _ = model(batch)
         loss.backward()
-        nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+        nn.utils.clip_grad_norm_(params, config.grad_clip_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return t1 - t0, time.perf_counter() - t0, time.process_time() - c0
+        return waited
 
     try:
         for _ in range(task["warmup"]):
             step()
-        timings: list[tuple[float, float, float]] = []
-        began = time.perf_counter()
-        while len(timings) < task["steps"] and (len(timings) < 3 or time.perf_counter() - began < task["online_budget_s"]):
-            timings.append(step())
+        sync(device)
+        waits: list[float] = []
+        began, cpu_began = time.perf_counter(), time.process_time()
+        while len(waits) < task["steps"] and (len(waits) < 3 or time.perf_counter() - began < task["online_budget_s"]):
+            waits.append(step())
+        sync(device)  # nothing is read back per step: the wall clock covers the queued work only after this
+        step_s, cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
     finally:
         stream.close()
-    step_s = sum(s for _, s, _ in timings)
-    result = {"steps_per_s": len(timings) / step_s, "data_fraction": sum(d for d, _, _ in timings) / step_s,
-              "steps_per_cpu_s": len(timings) / sum(c for _, _, c in timings),
-              "timed_steps": len(timings), "peak_memory": peak_memory(device),
+    result = {"steps_per_s": len(waits) / step_s, "data_fraction": sum(waits) / step_s,
+              "steps_per_cpu_s": len(waits) / cpu_s,
+              "timed_steps": len(waits), "peak_memory": peak_memory(device),
               "trainable_backbone_params": sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)}
     if finetune:  # no cache, no fused policy: ACT's live policy is this very model
         result.update(online_latency(model, task), latency_source="backbone + head (ACT), by hand")

@@ -9,7 +9,7 @@
 # the single-process store, the test suite's CUDA cases, then the GPU rows of the benchmarks. Each step
 # has its own time limit, so one hang does not take the rest; every step's output (tracebacks included)
 # goes to one log, a failing step's tail is also printed, and a summary table ends the run. Exit status
-# 1 when any step failed. About 8 minutes on one H200.
+# 1 when any step failed. About 8 minutes on one H200 (the training-step benchmark adds at most 2).
 #
 #   bash benchmarks/gpu_check.sh [DATASET]
 #
@@ -119,8 +119,10 @@ step "pytest: the CUDA cases" 300 "python3 -m pytest -q -x -ra -p no:cacheprovid
 
 # The GPU rows of the benchmarks, last: a slow one may only cost its own row.
 [ "$BENCHMARKS" = 1 ] && step "bench_extract.py --device cuda" 120 \
-    "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64"
+    "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
 [ "$BENCHMARKS" = 1 ] && step "bench_policy.py --device cuda" 240 "python3 benchmarks/bench_policy.py --device cuda --steps 100"
+[ "$BENCHMARKS" = 1 ] && step "bench_train_step.py --device cuda" 120 \
+    "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
 [ "$BENCHMARKS" = 1 ] && step "compare_backbones.py --device cuda" 300 \
     "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
 

@@ -272,11 +272,12 @@ class _Replayed:
     addresses), which is what a replay needs. Its first :data:`GRAPH_WARMUP` calls run eagerly on
     a side stream (as ``torch.cuda.graphs`` requires), the next one captures it, and every call
     from then on is one replay: one launch instead of hundreds, and no Python. ``eager_after``
-    runs after each eager call (and never in the graph): what ``fn`` must not capture.
+    runs after each eager call (and never in the graph): what ``fn`` must not capture;
+    ``before_capture`` once, before the capture.
     """
 
-    def __init__(self, fn: Any, graph: bool, eager_after: Any = None) -> None:
-        self.fn, self.graph, self.eager_after = fn, graph, eager_after
+    def __init__(self, fn: Any, graph: bool, eager_after: Any = None, before_capture: Any = None) -> None:
+        self.fn, self.graph, self.eager_after, self.before_capture = fn, graph, eager_after, before_capture
         self.calls = 0
         self._cuda_graph: Any = None
 
@@ -293,6 +294,8 @@ class _Replayed:
                 self._eager()
             torch.cuda.current_stream().wait_stream(side)
         else:
+            if self.before_capture is not None:
+                self.before_capture()
             self._cuda_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._cuda_graph):
                 self.fn()
@@ -335,10 +338,13 @@ class TrainStep:
         self.first_bad = torch.zeros(3, device=device)  # count, loss and grad_norm at the first step not applied
         self.found_inf = torch.zeros((), device=device)
         optimizer.found_inf = self.found_inf  # read by the fused AdamW: 1 skips the update
-        if graph:
-            for group in optimizer.param_groups:
-                group["capturable"] = True
-        self._run = _Replayed(self._step, graph, eager_after=lambda: optimizer.zero_grad(set_to_none=True))
+        self._run = _Replayed(self._step, graph, eager_after=lambda: optimizer.zero_grad(set_to_none=True),
+                              before_capture=self._capturable)
+
+    def _capturable(self) -> None:
+        """Let the optimiser step be captured (set only then: eager, ``capturable`` warns that it costs)."""
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
 
     def _step(self) -> None:
         with self.autocast:
