@@ -57,7 +57,8 @@ def test_demo_runs_all_three_stages_from_the_command_line(tmp_path: Path, device
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
-    assert "RANDOM weights" in text and "validation L1" in text and "live control on 3 held-out episodes" in text
+    assert "RANDOM weights" in text and "validation L1" in text and "over 3 held-out episodes" in text
+    assert "in action std" in text and "These numbers come from RANDOM backbone weights" in text
     for name in ("features.zarr", "features_pca.png", "run/loss.png", "run/run.json", "policy.pt2"):
         assert (out / name).exists(), name
     provenance = json.loads((out / "run" / "run.json").read_text())["store"]["provenance"]
