@@ -262,11 +262,19 @@ def shard_units(num_units: int, shard: tuple[int, int] | None) -> range:
 
 # --- the overlapped pipeline ---------------------------------------------------------------------
 
-#: Frames decoded ahead of the backbone wait in memory: up to ``2 * decode_workers`` (episode,
-#: camera) streams, each queueing at most its share of this many bytes. Decoding in order with
-#: several workers needs the younger streams to run ahead, so a share under an episode's worth
-#: costs parallelism, never correctness.
-DECODE_AHEAD_BYTES = 4 * 2**30
+def decode_ahead_bytes() -> int:
+    """How many bytes of decoded frames may wait for the backbone: an eighth of the RAM, at most 8 GiB.
+
+    They wait in up to ``2 * decode_workers`` (episode, camera) streams, each holding its share.
+    Decoding in order with several workers needs the younger streams to run ahead by about an
+    episode each (16 workers, 400-frame 480x640 episodes: ~6 GiB), so a smaller share costs
+    parallelism, never correctness.
+    """
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        ram = 16 * 2**30
+    return min(ram // 8, 8 * 2**30)
 
 
 def available_cores() -> int:
@@ -306,16 +314,19 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
         return [(max(a, start), min(b, start + length)) for a, b in spans if a < start + length and b > start]
 
     def stream(index: int, start: int, camera: str, rows: list[tuple[int, int]]) -> Iterator[tuple[str, int, np.ndarray]]:
-        row = start
-        for frames in source.iter_frames(index, camera, batch_size=batch_size):
+        row, batches = start, source.iter_frames(index, camera, batch_size=batch_size)
+        for frames in batches:
             for a, b in rows:
                 lo, hi = max(a, row), min(b, row + len(frames))
                 if lo < hi:
                     yield camera, lo, frames[lo - row:hi - row]
             row += len(frames)
+            if row >= rows[-1][1]:  # nothing wanted further on (a shard or resume boundary): release the video now
+                getattr(batches, "close", lambda: None)()
+                return
 
     largest = max(source.cameras[c].height * source.cameras[c].width * 3 for c in cameras)
-    queue_size = max(2, DECODE_AHEAD_BYTES // (2 * workers * batch_size * largest))
+    queue_size = max(2, decode_ahead_bytes() // (2 * workers * batch_size * largest))
     streams = [functools.partial(stream, index, start, camera, rows)
                for index, start, length in episodes if (rows := wanted(start, length))
                for camera in cameras]
