@@ -9,6 +9,9 @@ For each batch size (8, 64 and 256 by default), on a real feature store and LeRo
 * **loop**: the real ``train()`` on the store (no validation), its steps/s and data wait read from
   its ``metrics.jsonl`` (wall clock between records, after waiting for the device).
 
+Steps per CPU-second are recorded too (the process's CPU time over the timed steps): on a CPU shared
+with other jobs they move far less than wall time, so compare CPU runs by them.
+
 Each one runs in its own process, so peak memory (``torch.cuda.max_memory_allocated`` on CUDA, peak
 RSS on the CPU) is its own. The target on a GPU: the loop at >= 0.9 of the ceiling.
 
@@ -35,7 +38,7 @@ from typing import Any
 
 from _child import exit_if_failed, run_child
 from _machine import describe_machine
-from compare_backbones import peak_memory, sync
+from compare_backbones import RecordClock, peak_memory, sync
 
 RESULT = "RESULT "
 
@@ -67,13 +70,14 @@ def child_ceiling(task: dict[str, Any]) -> dict[str, Any]:
     for _ in range(task["warmup"]):
         step()
     step.take()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(task["steps"]):
         step()
     sums, bad = step.take()  # waits for the device
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     assert bad is None and math.isfinite(sums[0]), (sums, bad)
-    return {"steps_per_s": task["steps"] / seconds, "data_fraction": 0.0, "peak_memory": peak_memory(task["device"])}
+    return {"steps_per_s": task["steps"] / seconds, "steps_per_cpu_s": task["steps"] / cpu_s, "data_fraction": 0.0,
+            "peak_memory": peak_memory(task["device"])}
 
 
 def child_loop(task: dict[str, Any]) -> dict[str, Any]:
@@ -85,18 +89,24 @@ def child_loop(task: dict[str, Any]) -> dict[str, Any]:
     if task["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     warmup, steps = task["warmup"], task["steps"]
+    every = math.gcd(warmup, steps)
     run = Path(task["run"])
-    train(TrainConfig(store=Path(task["store"]), out=run, steps=warmup + steps, batch_size=task["batch_size"],
-                      val_episodes="none", eval_every=10**9, save_every=10**9, log_every=math.gcd(warmup, steps),
-                      seed=0, device=task["device"], progress=False))
+    clock = RecordClock(run / "metrics.jsonl")  # process CPU time at each record: steadier than wall on a busy CPU
+    try:
+        train(TrainConfig(store=Path(task["store"]), out=run, steps=warmup + steps, batch_size=task["batch_size"],
+                          val_episodes="none", eval_every=10**9, save_every=10**9, log_every=every, seed=0,
+                          device=task["device"], progress=False))
+    finally:
+        clock.stop()
     sync(task["device"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     timed = [r for r in records if r["step"] > warmup]
     previous = [warmup] + [r["step"] for r in timed[:-1]]
     seconds = [(r["step"] - p) / r["steps_per_s"] for r, p in zip(timed, previous)]
     data_s = sum(r["data_fraction"] * s for r, s in zip(timed, seconds))
-    return {"steps_per_s": steps / sum(seconds), "data_fraction": data_s / sum(seconds),
-            "peak_memory": peak_memory(task["device"])}
+    cpu_s = clock.cpu_at[(warmup + steps) // every] - clock.cpu_at[warmup // every]
+    return {"steps_per_s": steps / sum(seconds), "steps_per_cpu_s": steps / cpu_s,
+            "data_fraction": data_s / sum(seconds), "peak_memory": peak_memory(task["device"])}
 
 
 CHILDREN = {"ceiling": child_ceiling, "loop": child_loop}
@@ -140,7 +150,7 @@ def make_store(work: Path, args: argparse.Namespace) -> Path:
 def markdown_table(rows: list[dict[str, Any]], device: str) -> str:
     memory = "peak GPU memory (GiB)" if device.startswith("cuda") else "peak RSS (GiB)"
     lines = [f"| batch | ceiling steps/s | ceiling samples/s | loop steps/s | loop samples/s | loop / ceiling | "
-             f"loop data wait | {memory}: ceiling / loop |", "|---:" * 8 + "|"]
+             f"loop data wait | steps / CPU-s: ceiling / loop | {memory}: ceiling / loop |", "|---:" * 9 + "|"]
 
     def get(part: dict[str, Any] | None, key: str, spec: str, scale: float = 1.0) -> str:
         if part is None:
@@ -153,6 +163,7 @@ def markdown_table(rows: list[dict[str, Any]], device: str) -> str:
         lines.append(f"| {row['batch_size']} | {get(ceiling, 'steps_per_s', '.2f')} | "
                      f"{get(ceiling, 'samples_per_s', '.0f')} | {get(loop, 'steps_per_s', '.2f')} | "
                      f"{get(loop, 'samples_per_s', '.0f')} | {ratio} | {get(loop, 'data_fraction', '.1f', 100)} % | "
+                     f"{get(ceiling, 'steps_per_cpu_s', '.3f')} / {get(loop, 'steps_per_cpu_s', '.3f')} | "
                      f"{get(ceiling, 'peak_memory', '.2f', 2**-30)} / {get(loop, 'peak_memory', '.2f', 2**-30)} |")
     return "\n".join(lines)
 
