@@ -21,11 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from dinocache.encoders.registry import get_backbone_spec
-from dinocache.encoders.weights import WEIGHTS_ENV, find_local_weights
 from dinocache.errors import DinocacheError
 
 #: How the bundled sample was written: ``write_synthetic_dataset(out, **SAMPLE_RECIPE)``.
@@ -58,6 +56,8 @@ def write_sample(out: Path) -> Path:
 
 def resolve_weights(backbone: str, explicit: str | None) -> tuple[str, str]:
     """The ``weights`` argument to use and one line saying where it came from."""
+    from dinocache.encoders.weights import WEIGHTS_ENV, find_local_weights
+
     if explicit:
         return explicit, f"weights: {explicit} (--weights)"
     found = find_local_weights(get_backbone_spec(backbone))
@@ -215,31 +215,3 @@ def format_result(result: DemoResult) -> str:
                   "  the mean action only modestly. That is expected; it shows the pipeline works, not what DINO sees.",
                   "  Pass --weights PATH or set $DINOCACHE_WEIGHTS for real features."]
     return "\n".join(lines)
-
-
-@click.command("demo", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--out", type=click.Path(path_type=Path), default=DemoConfig.out, show_default=True,
-              help="Folder for every artefact (a folder from an earlier demo is replaced).")
-@click.option("--backbone", default=DemoConfig.backbone, show_default=True, help="Registry name of the backbone.")
-@click.option("--weights", default=None,
-              help=f"Checkpoint file/folder or 'random' (default: ${WEIGHTS_ENV}, then the Hugging Face cache, "
-                   "then random weights with a warning).")
-@click.option("--image-size", default=DemoConfig.image_size, show_default=True, help="Backbone input size, H or HxW.")
-@click.option("--steps", default=DemoConfig.steps, show_default=True, help="Training steps.")
-@click.option("--batch-size", default=DemoConfig.batch_size, show_default=True)
-@click.option("--control-steps", type=int, default=None,
-              help="Live select_action steps per held-out episode [default: every step].")
-@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo_command(out: Path, backbone: str, weights: str | None, image_size: str, steps: int, batch_size: int,
-                 control_steps: int | None, device: str | None, no_progress: bool) -> None:
-    """Run all three stages on the sample dataset shipped with dinocache: extract -> train -> export -> act.
-
-    \b
-    Examples:
-      dinocache demo
-      dinocache demo --weights ~/weights/dinov2_vits14_reg4_pretrain.pth --image-size 224
-    """
-    cfg = DemoConfig(out=out, backbone=backbone, weights=weights, image_size=image_size, steps=steps,
-                     batch_size=batch_size, control_steps=control_steps, device=device, progress=not no_progress)
-    click.echo(format_result(run_demo(cfg, echo=click.echo)))

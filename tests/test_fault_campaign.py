@@ -183,8 +183,8 @@ def test_a_run_that_dies_before_its_first_checkpoint_does_not_lock_its_folder(tm
     assert not run.exists()
 
     # Killed outright (nothing can clean up): the recorded run starts again with --resume.
-    killer = ("import os, signal, sys, torch; from dinocache.policy.train import main; "
-              "torch.optim.AdamW.step = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); main(sys.argv[1:])")
+    killer = ("import os, signal, sys, torch; from dinocache.cli import main; "
+              "torch.optim.AdamW.step = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); main(['train', *sys.argv[1:]])")
     done = subprocess.run([sys.executable, "-c", killer, *map(str, args)], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr

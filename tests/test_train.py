@@ -23,7 +23,8 @@ from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.checkpoint import load_head
 from dinocache.policy.config import ACTConfig
 from dinocache.policy.data import CachedFeatures, episode_rows, open_training_store
-from dinocache.policy.train import GRAPH_WARMUP, TrainConfig, TrainStep, resolve_act_config, train, train_command
+from dinocache.cli.train import train as train_command
+from dinocache.policy.train import GRAPH_WARMUP, TrainConfig, TrainStep, resolve_act_config, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_data import make_store  # noqa: E402
@@ -156,7 +157,7 @@ def test_two_process_ddp_on_cpu_trains_and_checkpoints(learnable: Path, tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "dinocache.policy.train", str(learnable), "--out", str(run), *args],
+         "-m", "dinocache.cli", "train", str(learnable), "--out", str(run), *args],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -199,7 +200,7 @@ def test_torchrun_on_cuda_trains_and_checkpoints(learnable: Path, tmp_path: Path
         args += [f"--{name.replace('_', '-')}", str(value)]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-         "-m", "dinocache.policy.train", str(learnable), "--out", str(run), *args],
+         "-m", "dinocache.cli", "train", str(learnable), "--out", str(run), *args],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -17,17 +17,15 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 
 from dinocache.policy.metadata import read_policy_metadata
 from dinocache.policy.runtime import PolicyRuntime, load_policy
 
-__all__ = ["BenchResult", "bench_policy", "latencies_ms", "bench_command", "random_observation"]
+__all__ = ["BenchResult", "bench_policy", "latencies_ms", "kernel_ms_per_query", "random_observation"]
 
 
 @dataclass
@@ -171,24 +169,3 @@ def bench_policy(policy: str | os.PathLike | PolicyRuntime, device: str = "cpu",
                        queued_p50_ms=None if queued is None else float(np.percentile(queued, 50)),
                        queued_p99_ms=None if queued is None else float(np.percentile(queued, 99)),
                        peak_memory_bytes=int(peak), memory_kind=kind)
-
-
-@click.command("bench-policy", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("policy", type=click.Path(path_type=Path))
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
-@click.option("--steps", default=50, show_default=True, help="Timed steps of each kind.")
-@click.option("--warmup", default=3, show_default=True, help="Untimed steps first.")
-@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU [default: torch's].")
-def bench_command(policy: Path, device: str, steps: int, warmup: int, threads: int | None) -> None:
-    """Per-step latency (p50, p99) at batch 1 of a query step and a queued step, and peak memory.
-
-    POLICY is a .pt2 / .onnx from `dinocache export`, or a run folder (eager).
-
-    \b
-    Examples:
-      dinocache bench-policy policy.pt2
-      dinocache bench-policy policy.pt2 --device cuda --steps 200
-    """
-    if threads is not None:
-        torch.set_num_threads(threads)
-    click.echo(bench_policy(policy, device=device, steps=steps, warmup=warmup).format())

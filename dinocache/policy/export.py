@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -36,13 +35,13 @@ from dinocache.errors import DinocacheError
 from dinocache.policy.checkpoint import LAST
 from dinocache.policy.compiled import compile_program, compiled_record, load_compiled, write_package
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
-from dinocache.policy.fused import DTYPES, FusedPolicy, build_fused_policy, parse_dtype
+from dinocache.policy.formats import FORMATS
+from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
 from dinocache.policy.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
 from dinocache.policy.parity import ParityError, ParityReport, check_parity, open_run_store, verification_frames
 
-__all__ = ["ExportResult", "export_policy", "export_command", "FORMATS", "TRACE_TOLERANCE", "onnx_input_names"]
+__all__ = ["ExportResult", "export_policy", "FORMATS", "TRACE_TOLERANCE", "onnx_input_names"]
 
-FORMATS = ("pt2", "onnx")
 #: Largest allowed difference (normalised action units) between the traced program and the eager
 #: policy at float32: tracing changes no arithmetic, so only kernel-level noise is allowed.
 TRACE_TOLERANCE = 1e-4
@@ -356,54 +355,3 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
     return ExportResult(path=out, format=format, max_abs_diff=report.max_abs_diff if report else None,
                         tolerance=report.tolerance if report else None, trace_max_abs_diff=trace_diff,
                         metadata=metadata, parity=report, seconds=time.perf_counter() - t_begin)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-@click.command("export", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.argument("run", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="The policy file to write: NAME.pt2 or NAME.onnx (a name without suffix gets the format's).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="pt2 (torch.export program) or onnx [default: from --out's suffix, else pt2].")
-@click.option("--checkpoint", default=LAST, show_default=True, help="last, best, or a training step.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
-              help="Compute precision (autocast) of backbone and head; half precision is meant for CUDA.")
-@click.option("--device", default="cpu", show_default=True, help="Device to trace and check on: cpu, cuda, cuda:1 ...")
-@click.option("--weights", default=None, type=click.Path(path_type=Path),
-              help="Backbone weights file [default: the recorded one, else the Hugging Face cache]; checked "
-                   "against the store's recorded hashes.")
-@click.option("--dataset", default=None, type=click.Path(path_type=Path),
-              help="Source dataset for the check's frames [default: the recorded path, else the frames the store keeps].")
-@click.option("--store", default=None, type=click.Path(path_type=Path),
-              help="The feature store the head was trained on [default: the recorded path].")
-@click.option("--skip-verify", is_flag=True, help="Export without the parity check (recorded as unverified).")
-@click.option("--compile/--no-compile", "compile_", default=None,
-              help="Also compile the policy with AOTInductor for --device into the .pt2, so the robot process "
-                   "loads fused kernels (the plain program stays inside as the fallback) [default: on CUDA].")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def export_command(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, device: str,
-                   weights: Path | None, dataset: Path | None, store: Path | None, skip_verify: bool,
-                   compile_: bool | None, no_progress: bool) -> None:
-    """Fuse backbone and trained head of RUN into one live policy file (stage three).
-
-    The backbone is rebuilt from the run's recorded provenance and its weights checked against the
-    recorded hashes; the fused policy is checked against the head on the cached features (on frames
-    of the source dataset, or those the store keeps) before anything is written.
-
-    \b
-    Examples:
-      dinocache export runs/act1 --out policy.pt2
-      dinocache export runs/act1 --out policy.onnx --checkpoint best
-      dinocache export runs/act1 --out policy.pt2 --device cuda --dtype bfloat16      # compiled for this GPU
-      dinocache export runs/act1 --out policy.pt2 --compile                           # compiled for this CPU
-      dinocache export runs/act1 --out policy.pt2 --weights ~/ckpt/dinov2_vits14_reg4_pretrain.pth
-    """
-    fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")  # a mismatching suffix is refused below
-    result = export_policy(run, out, format=fmt, checkpoint=checkpoint, dtype=dtype, device=device, weights=weights,
-                           dataset=dataset, progress=not no_progress, store=store, verify=not skip_verify,
-                           compile=compile_)
-    click.echo(result.format_text())

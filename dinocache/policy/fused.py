@@ -24,13 +24,14 @@ from dinocache.errors import DinocacheError
 from dinocache.policy.act import ACTHead
 from dinocache.policy.checkpoint import LAST, PolicySpec, checkpoint_step, load_head, resolve_checkpoint
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.policy.formats import COMPUTE_DTYPES
 from dinocache.policy.normalize import Normalizer
 from dinocache.policy.provenance import rebuild_backbone
 
 __all__ = ["FusedPolicy", "build_fused_policy", "camera_features", "parse_dtype", "DTYPES"]
 
 #: Compute precisions of the fused policy, by the name ``--dtype`` takes.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -17,21 +17,16 @@ how batches are made in :mod:`dinocache.policy.data`; the user guide is ``docs/t
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
-import numbers
 import os
 import random
-import re
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any
 
-import click
 import numpy as np
 import torch
 import torch.distributed as torch_dist
@@ -45,14 +40,15 @@ from dinocache.policy.checkpoint import (
     BEST, CHECKPOINTS, LAST, METRICS_FILE, MODEL_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir,
     checkpoint_step, load_training_state, restore_rng, save_checkpoint, write_json,
 )
-from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEEDFORWARD_ACTIVATIONS, ACTConfig
+from dinocache.policy.config import ACTION, ACTION_IS_PAD, ACTConfig
 from dinocache.policy.data import (
     Batch, CachedFeatures, EpisodeSplit, action_windows, available_device_memory, episode_rows, open_training_store,
     parse_memory_budget, split_episodes,
 )
-from dinocache.policy.presets import PRESETS, apply_preset, check_preset_backbone, get_preset
+from dinocache.policy.presets import apply_preset, check_preset_backbone, get_preset
+from dinocache.policy.train_config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "TrainStep", "train", "train_command", "resolve_act_config",
+__all__ = ["TrainConfig", "TrainResult", "TrainStep", "train", "resolve_act_config",
            "mean_action_l1"]
 
 #: Data loading should stay below this share of the step time; above it the run says so once.
@@ -61,59 +57,6 @@ DATA_FRACTION_TARGET = 0.05
 #: Eager calls before a step is captured as a CUDA graph (on a side stream, as capture requires:
 #: lazy initialisations, the optimiser's state and cuBLAS workspaces happen outside the graph).
 GRAPH_WARMUP = 3
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``dinocache train`` is asked to do (see ``--help`` and ``docs/training.md``).
-
-    ``batch_size``, ``seed``, ``val_episodes``, ``val_frames``, ``preset`` and ``act`` define the run:
-    on ``resume`` the recorded values are used, and a value the user gave must agree with the record,
-    whatever it is. ``given`` names the fields the user gave (the command line knows, from click's
-    parameter source); left None (the Python API, where an argument equal to its default cannot be
-    told from an omitted one), the fields that differ from their defaults count as given. The other
-    fields may change between a run and its resumption.
-
-    Values are checked when the config is made, so that a meaningless one (``batch_size=0``) is
-    refused before any folder exists.
-    """
-
-    store: Path
-    out: Path
-    steps: int = 100_000
-    batch_size: int = 8  # per process
-    preset: str | None = None
-    act: dict[str, Any] = field(default_factory=dict)  # ACTConfig fields to override (after the preset's)
-    val_episodes: str | float | list[int] | None = "0.1"
-    val_frames: int = 2048
-    eval_every: int = 1000
-    save_every: int = 20_000
-    log_every: int = 100
-    seed: int = 1000
-    device: str | None = None
-    compile: bool = False
-    cuda_graph: bool = True
-    memory_budget: str | int | None = None
-    device_memory_budget: str | int | None = None
-    window_frames: int | None = None
-    resume: bool = False
-    progress: bool = True
-    given: frozenset[str] | None = None
-
-    def __post_init__(self) -> None:
-        minimum = {"steps": 1, "batch_size": 1, "val_frames": 0, "eval_every": 1, "save_every": 1, "log_every": 1}
-        if self.window_frames is not None:
-            minimum["window_frames"] = 1
-        for name, least in minimum.items():
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
-                raise TrainingError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least {least}")
-
-    def is_given(self, name: str) -> bool:
-        """Whether the user set option ``name`` (see the class docstring)."""
-        if self.given is not None:
-            return name in self.given
-        return getattr(self, name) != getattr(TrainConfig(store=self.store, out=self.out), name)
 
 
 @dataclass
@@ -769,119 +712,3 @@ def _sampler_state(data: CachedFeatures, seed: int, position: int, world_size: i
     """All the sampler is (see :class:`~dinocache.policy.data.SampleOrder`): a checkpoint stores it."""
     return {"seed": seed, "position": position, "world_size": world_size,
             "window_chunks": None if data.in_memory else data.window_chunks}
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _field_help() -> dict[str, str]:
-    """Per-field help, taken from the ``Args:`` section of :class:`ACTConfig`'s docstring (one source of truth)."""
-    doc = inspect.getdoc(ACTConfig) or ""
-    helps: dict[str, str] = {}
-    current = None
-    for line in doc.split("Args:", 1)[-1].splitlines():
-        match = re.match(r"^ {4}(\w+): (.*)", line)
-        if match:
-            current = match.group(1)
-            helps[current] = match.group(2)
-        elif current and line.startswith(" " * 8):
-            helps[current] += " " + line.strip()
-    return {name: text.replace("``", "") for name, text in helps.items()}
-
-
-def _act_options(command: click.Command) -> click.Command:
-    """One option per :class:`ACTConfig` field, LeRobot's name in kebab-case; unset means preset/default."""
-    helps, hints, defaults = _field_help(), get_type_hints(ACTConfig), ACTConfig()
-    aliases = {"optimizer_lr": ["--lr"]}
-    for f in reversed(dataclasses.fields(ACTConfig)):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if type(None) in get_args(kind):  # Optional[X] -> X
-            kind = next(a for a in get_args(kind) if a is not type(None))
-        help_text = f"{helps.get(f.name, '')} [default: {getattr(defaults, f.name)!r}, or the preset's]"
-        if kind is bool:
-            decl = [f"{flag}/--no-{flag[2:]}", f.name]
-            command = click.option(*decl, default=None, help=help_text)(command)
-        else:
-            choice = click.Choice(FEEDFORWARD_ACTIVATIONS) if f.name == "feedforward_activation" else kind
-            decl = [flag, *aliases.get(f.name, []), f.name]
-            command = click.option(*decl, type=choice, default=None, help=help_text)(command)
-    return command
-
-
-@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.argument("store", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to create (or continue with --resume).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Head hyperparameters for a backbone; refuses a store built with another backbone.")
-@click.option("--steps", default=TrainConfig.steps, show_default=True, help="Total optimiser steps (also when resuming).")
-@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True, help="Samples per step and per process.")
-@click.option("--val-episodes", default=TrainConfig.val_episodes, show_default=True,
-              help="Held-out episodes: a fraction (0.1), a comma list of episode indices (3,17), or none.")
-@click.option("--val-frames", default=TrainConfig.val_frames, show_default=True,
-              help="Validate on at most this many frames of the held-out episodes (a fixed, evenly spread subset).")
-@click.option("--eval-every", default=TrainConfig.eval_every, show_default=True, help="Steps between validations.")
-@click.option("--save-every", default=TrainConfig.save_every, show_default=True, help="Steps between checkpoints (one is always written at the end).")
-@click.option("--log-every", default=TrainConfig.log_every, show_default=True, help="Steps between metrics records.")
-@click.option("--seed", default=TrainConfig.seed, show_default=True, help="Seed of initialisation, sampling, dropout and CVAE noise.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; torchrun picks cuda:LOCAL_RANK).")
-@click.option("--memory-budget", default=None,
-              help="RAM the features may take to be held in memory, e.g. 24GiB or 60% (default: 50% of MemAvailable, "
-                   "shared by the processes of a machine). Larger stores are streamed.")
-@click.option("--window-frames", type=int, default=None, help="Frames per shuffle window when streaming (default: from the budget, at most 8192).")
-@click.option("--device-memory-budget", default=None,
-              help="GPU memory the features may take to be held there and batches gathered on the GPU, e.g. 20GiB "
-                   "or 60% (default: 50% of the free device memory). Otherwise they are copied from RAM, ahead of the step.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the head (the step is then not one CUDA graph).")
-@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
-              help="On CUDA, capture the whole step (and validation) once as a CUDA graph and replay it. Not under DDP.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
-@_act_options
-def train_command(store: Path, out: Path, preset: str | None, steps: int, batch_size: int, val_episodes: str,
-                  val_frames: int, eval_every: int, save_every: int, log_every: int, seed: int, device: str | None,
-                  memory_budget: str | None, device_memory_budget: str | None, window_frames: int | None, compile_: bool,
-                  cuda_graph: bool, resume: bool, no_progress: bool, **act: Any) -> None:
-    """Train an ACT head on the cached features of STORE (stage two).
-
-    Every ACTConfig field is an option under its LeRobot name; unset ones take the preset's value,
-    else LeRobot's default.
-
-    \b
-    Examples:
-      dinocache train features.zarr --out runs/act1 --preset dinov2-reg
-      dinocache train features.zarr --out runs/act1 --chunk-size 50 --kl-weight 10 --lr 1e-5 --steps 50000
-      dinocache train features.zarr --out runs/act1 --resume --steps 100000
-      torchrun --nproc_per_node 4 -m dinocache.cli train features.zarr --out runs/act1
-    """
-    ctx = click.get_current_context()
-    given = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
-    cfg = TrainConfig(store=store, out=out, steps=steps, batch_size=batch_size, preset=preset,
-                      act={k: v for k, v in act.items() if v is not None}, val_episodes=val_episodes,
-                      val_frames=val_frames, eval_every=eval_every, save_every=save_every, log_every=log_every,
-                      seed=seed, device=device, compile=compile_, cuda_graph=cuda_graph, memory_budget=memory_budget,
-                      device_memory_budget=device_memory_budget, window_frames=window_frames, resume=resume,
-                      progress=not no_progress, given=given)
-    result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(result.format())
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dinocache.policy.train``: the command alone, errors as one line (as the ``dinocache`` CLI does)."""
-    try:
-        train_command.main(argv, prog_name="dinocache train", standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except DinocacheError as err:
-        click.echo(f"dinocache: error: {err}", err=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

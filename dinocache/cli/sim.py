@@ -1,4 +1,4 @@
-"""``dinocache sim``: scripted demonstrations and closed-loop evaluation in the ALOHA simulator.
+"""`dinocache sim`: scripted demonstrations and closed-loop evaluation in the ALOHA simulator.
 
 This module imports only click, so ``dinocache --help`` lists ``sim`` even where the ``sim`` extra is
 not installed; each command checks for the extra first and otherwise says in one line how to get it.
@@ -16,7 +16,7 @@ _TASKS = click.Choice(["transfer_cube"])
 
 
 @click.group("sim", context_settings={"help_option_names": ["-h", "--help"]})
-def sim_group() -> None:
+def sim() -> None:
     """Scripted ALOHA demonstrations and closed-loop evaluation (needs: pip install 'dinocache[sim]').
 
     \b
@@ -26,7 +26,7 @@ def sim_group() -> None:
     """
 
 
-@sim_group.command()
+@sim.command()
 @click.option("--task", type=_TASKS, default="transfer_cube", show_default=True)
 @click.option("--episodes", default=50, show_default=True, help="Scripted episodes to attempt (failed ones are left out).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset folder to create (must be empty).")
@@ -54,7 +54,7 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
     click.echo(summary.format())
 
 
-@sim_group.command("eval")
+@sim.command("eval")
 @click.argument("policy", type=click.Path(exists=True, path_type=Path))
 @click.option("--task", type=_TASKS, default="transfer_cube", show_default=True)
 @click.option("--episodes", default=50, show_default=True)

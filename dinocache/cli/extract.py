@@ -1,61 +1,13 @@
-"""The `dinocache` command line: one subcommand per stage, plus tools to look at what they made.
-
-Every user error surfaces as one line on stderr and a non-zero exit code; tracebacks are for bugs.
-"""
+"""Stage one's commands: `extract`, `inspect`, and the tools around them (`backbones`, `make-sample`)."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 import click
 
-from dinocache import __version__
-from dinocache.errors import DinocacheError
-
-
-#: Commands whose modules import torch: loaded only when called, so `dinocache --help` stays instant.
-_LAZY_COMMANDS = {"train": "dinocache.policy.train:train_command", "demo": "dinocache.demo:demo_command",
-                  "export": "dinocache.policy.export:export_command",
-                  "sim": "dinocache.sim.cli:sim_group",
-                  "bench-policy": "dinocache.policy.bench:bench_command"}
-
-
-class _FriendlyGroup(click.Group):
-    """Turn a :class:`DinocacheError` raised by any subcommand into one line and exit code 2."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in _LAZY_COMMANDS:
-            module, attr = _LAZY_COMMANDS[name].split(":")
-            return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, name)
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except DinocacheError as err:
-            click.echo(f"dinocache: error: {err}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="dinocache")
-def main() -> None:
-    """Cache frozen DINO features once; train ACT heads on them; export one fused live policy.
-
-    \b
-    Stages:
-      dinocache extract DATASET --backbone dinov2_vits14_reg --out features.zarr
-      dinocache train features.zarr --out runs/act1
-      dinocache export runs/act1 --out policy.pt2
-    """
-
-
-@main.command()
+@click.command()
 @click.option("--image-size", default="224", show_default=True,
               help="Input resolution, N or HxW, used for the patch grid and bytes-per-frame columns.")
 def backbones(image_size: str) -> None:
@@ -84,7 +36,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-@main.command()
+@click.command()
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--backbone", default="dinov2_vits14_reg", show_default=True, help="Registered name (see `dinocache backbones`) or timm:<model>.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The feature store to create or complete (a .zarr folder).")
@@ -140,7 +92,7 @@ def extract(dataset: Path, out: Path, fmt: str | None, shard: str | None, dask_s
     click.echo(summary.format())
 
 
-@main.command()
+@click.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--pca", type=click.Path(path_type=Path), default=None, help="Write the feature-PCA picture to this PNG.")
 @click.option("--frames", default=4, show_default=True, help="How many frames the PCA picture shows.")
@@ -168,7 +120,7 @@ def inspect(store: Path, pca: Path | None, frames: int, quick: bool) -> None:
         sys.exit(1)
 
 
-@main.command("make-sample")
+@click.command("make-sample")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["lerobot-v2.1", "lerobot-v3.0", "aloha-hdf5"]),
               default="lerobot-v2.1", show_default=True)
@@ -197,7 +149,3 @@ def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str
     path = write_synthetic_dataset(out, format=fmt, num_episodes=episodes, episode_length=length,
                                    image_size=(height, width), cameras=tuple(cameras.split(",")), seed=seed)
     click.echo(f"wrote {fmt} dataset: {episodes} episodes x {length} frames, cameras {cameras} -> {path}")
-
-
-if __name__ == "__main__":
-    main()

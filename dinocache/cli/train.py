@@ -1,0 +1,134 @@
+"""Stage two's command: `dinocache train` (also under `torchrun -m dinocache.cli train ...`).
+
+Its options are the run's (``TrainConfig``) and, under their LeRobot names, every ``ACTConfig`` field;
+``--help`` shows the two groups apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+import click
+
+from dinocache.policy.config import FEEDFORWARD_ACTIVATIONS, ACTConfig
+from dinocache.policy.presets import PRESETS
+from dinocache.policy.train_config import TrainConfig
+
+_ACT_FIELDS = frozenset(f.name for f in dataclasses.fields(ACTConfig))
+
+
+class _SectionedCommand(click.Command):
+    """``--help`` with the run's options and the ACT head's fields under two headings."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"Run options": [], "ACT fields (LeRobot's names; unset: the "
+                                                                          "preset's value, else LeRobot's default)": []}
+        run, act = sections
+        for param in self.get_params(ctx):
+            record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
+            if record is not None:
+                sections[act if param.name in _ACT_FIELDS else run].append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
+
+
+def _field_help() -> dict[str, str]:
+    """Per-field help, taken from the ``Args:`` section of :class:`ACTConfig`'s docstring (one source of truth)."""
+    doc = inspect.getdoc(ACTConfig) or ""
+    helps: dict[str, str] = {}
+    current = None
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^ {4}(\w+): (.*)", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2)
+        elif current and line.startswith(" " * 8):
+            helps[current] += " " + line.strip()
+    return {name: text.replace("``", "") for name, text in helps.items()}
+
+
+def _act_options(command: click.Command) -> click.Command:
+    """One option per :class:`ACTConfig` field, LeRobot's name in kebab-case; unset means preset/default."""
+    helps, hints, defaults = _field_help(), get_type_hints(ACTConfig), ACTConfig()
+    aliases = {"optimizer_lr": ["--lr"]}
+    for f in reversed(dataclasses.fields(ACTConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if type(None) in get_args(kind):  # Optional[X] -> X
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        help_text = f"{helps.get(f.name, '')} [default: {getattr(defaults, f.name)!r}, or the preset's]"
+        if kind is bool:
+            decl = [f"{flag}/--no-{flag[2:]}", f.name]
+            command = click.option(*decl, default=None, help=help_text)(command)
+        else:
+            choice = click.Choice(FEEDFORWARD_ACTIVATIONS) if f.name == "feedforward_activation" else kind
+            decl = [flag, *aliases.get(f.name, []), f.name]
+            command = click.option(*decl, type=choice, default=None, help=help_text)(command)
+    return command
+
+
+@click.command("train", cls=_SectionedCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to create (or continue with --resume).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Head hyperparameters for a backbone; refuses a store built with another backbone.")
+@click.option("--steps", default=TrainConfig.steps, show_default=True, help="Total optimiser steps (also when resuming).")
+@click.option("--batch-size", default=TrainConfig.batch_size, show_default=True, help="Samples per step and per process.")
+@click.option("--val-episodes", default=TrainConfig.val_episodes, show_default=True,
+              help="Held-out episodes: a fraction (0.1), a comma list of episode indices (3,17), or none.")
+@click.option("--val-frames", default=TrainConfig.val_frames, show_default=True,
+              help="Validate on at most this many frames of the held-out episodes (a fixed, evenly spread subset).")
+@click.option("--eval-every", default=TrainConfig.eval_every, show_default=True, help="Steps between validations.")
+@click.option("--save-every", default=TrainConfig.save_every, show_default=True, help="Steps between checkpoints (one is always written at the end).")
+@click.option("--log-every", default=TrainConfig.log_every, show_default=True, help="Steps between metrics records.")
+@click.option("--seed", default=TrainConfig.seed, show_default=True, help="Seed of initialisation, sampling, dropout and CVAE noise.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; torchrun picks cuda:LOCAL_RANK).")
+@click.option("--memory-budget", default=None,
+              help="RAM the features may take to be held in memory, e.g. 24GiB or 60% (default: 50% of MemAvailable, "
+                   "shared by the processes of a machine). Larger stores are streamed.")
+@click.option("--window-frames", type=int, default=None, help="Frames per shuffle window when streaming (default: from the budget, at most 8192).")
+@click.option("--device-memory-budget", default=None,
+              help="GPU memory the features may take to be held there and batches gathered on the GPU, e.g. 20GiB "
+                   "or 60% (default: 50% of the free device memory). Otherwise they are copied from RAM, ahead of the step.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the head (the step is then not one CUDA graph).")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+              help="On CUDA, capture the whole step (and validation) once as a CUDA graph and replay it. Not under DDP.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
+@_act_options
+def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: int, val_episodes: str,
+          val_frames: int, eval_every: int, save_every: int, log_every: int, seed: int, device: str | None,
+          memory_budget: str | None, device_memory_budget: str | None, window_frames: int | None, compile_: bool,
+          cuda_graph: bool, resume: bool, no_progress: bool, **act: Any) -> None:
+    """Train an ACT head on the cached features of STORE (stage two).
+
+    Every ACTConfig field is an option under its LeRobot name; unset ones take the preset's value,
+    else LeRobot's default.
+
+    \b
+    Examples:
+      dinocache train features.zarr --out runs/act1 --preset dinov2-reg
+      dinocache train features.zarr --out runs/act1 --chunk-size 50 --kl-weight 10 --lr 1e-5
+      dinocache train features.zarr --out runs/act1 --resume --steps 100000
+      torchrun --nproc_per_node 4 -m dinocache.cli train features.zarr --out runs/act1
+    """
+    from dinocache.policy.train import train as run_training
+
+    ctx = click.get_current_context()
+    given = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
+    cfg = TrainConfig(store=store, out=out, steps=steps, batch_size=batch_size, preset=preset,
+                      act={k: v for k, v in act.items() if v is not None}, val_episodes=val_episodes,
+                      val_frames=val_frames, eval_every=eval_every, save_every=save_every, log_every=log_every,
+                      seed=seed, device=device, compile=compile_, cuda_graph=cuda_graph, memory_budget=memory_budget,
+                      device_memory_budget=device_memory_budget, window_frames=window_frames, resume=resume,
+                      progress=not no_progress, given=given)
+    result = run_training(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(result.format())

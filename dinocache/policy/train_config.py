@@ -1,0 +1,68 @@
+"""What ``dinocache train`` is asked to do, as one dataclass (LeRobot keeps its configs apart from its loops).
+
+It imports no torch, so that the command line can take its defaults and answer ``--help`` at once.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dinocache.errors import TrainingError
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``dinocache train`` is asked to do (see ``--help`` and ``docs/training.md``).
+
+    ``batch_size``, ``seed``, ``val_episodes``, ``val_frames``, ``preset`` and ``act`` define the run:
+    on ``resume`` the recorded values are used, and a value the user gave must agree with the record,
+    whatever it is. ``given`` names the fields the user gave (the command line knows, from click's
+    parameter source); left None (the Python API, where an argument equal to its default cannot be
+    told from an omitted one), the fields that differ from their defaults count as given. The other
+    fields may change between a run and its resumption.
+
+    Values are checked when the config is made, so that a meaningless one (``batch_size=0``) is
+    refused before any folder exists.
+    """
+
+    store: Path
+    out: Path
+    steps: int = 100_000
+    batch_size: int = 8  # per process
+    preset: str | None = None
+    act: dict[str, Any] = field(default_factory=dict)  # ACTConfig fields to override (after the preset's)
+    val_episodes: str | float | list[int] | None = "0.1"
+    val_frames: int = 2048
+    eval_every: int = 1000
+    save_every: int = 20_000
+    log_every: int = 100
+    seed: int = 1000
+    device: str | None = None
+    compile: bool = False
+    cuda_graph: bool = True
+    memory_budget: str | int | None = None
+    device_memory_budget: str | int | None = None
+    window_frames: int | None = None
+    resume: bool = False
+    progress: bool = True
+    given: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        minimum = {"steps": 1, "batch_size": 1, "val_frames": 0, "eval_every": 1, "save_every": 1, "log_every": 1}
+        if self.window_frames is not None:
+            minimum["window_frames"] = 1
+        for name, least in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+                raise TrainingError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least {least}")
+
+    def is_given(self, name: str) -> bool:
+        """Whether the user set option ``name`` (see the class docstring)."""
+        if self.given is not None:
+            return name in self.given
+        return getattr(self, name) != getattr(TrainConfig(store=self.store, out=self.out), name)
