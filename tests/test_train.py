@@ -209,6 +209,21 @@ def test_torchrun_on_cuda_trains_and_checkpoints(learnable: Path, tmp_path: Path
     assert all(np.isfinite(r["loss"]) for r in metrics(run))
 
 
+def test_best_is_the_best_validation_seen_not_only_at_checkpoints(learnable: Path, tmp_path: Path):
+    """Validations every 3 steps, checkpoints every 12: `best` still points at the step whose validation
+    L1 was lowest, and no more than one checkpoint is kept only for having been best."""
+    run = tmp_path / "run"
+    train(TrainConfig(store=learnable, out=run, steps=24, batch_size=8, act=TINY, val_episodes="0.2", eval_every=3,
+                      save_every=12, log_every=3, progress=False))
+    records = [r for r in metrics(run) if r["val_l1"] is not None]
+    best = min(records, key=lambda r: r["val_l1"])
+    assert (run / "checkpoints" / "best").resolve().name == f"{best['step']:06d}"
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name not in ("best", "last"))
+    assert set(kept) - {f"{best['step']:06d}"} == {"000012", "000024"}
+    state = json.loads((run / "checkpoints" / "best" / "training_state.json").read_text())
+    assert state["best_val_l1"] == pytest.approx(best["val_l1"])
+
+
 def test_presets_check_the_backbone_and_set_the_head(learnable: Path):
     store = open_training_store(learnable)  # extracted with dinov2_vits14
     with pytest.raises(DinocacheError, match="dinov2_vits14_reg"):

@@ -634,6 +634,7 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
     batches = data.train_batches(order, batch_size, position=step * batch_size, out=train_step.inputs)
     head.train()
     meter = _Meter()
+    best_only: Path | None = None  # a checkpoint written only because its validation was the best so far
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -656,14 +657,22 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
             record = meter.record(step, sums, wall_s, val_l1, step * batch_size * procs.world_size, procs)
             if log is not None:
                 log.write(record, val_l1)
-            if save:
-                is_best = evaluated and val_l1 < best_val
-                best_val = min(best_val, val_l1) if evaluated else best_val
+            # Every validation may make a new best, not only those at a scheduled checkpoint: a best
+            # seen between checkpoints is saved then (and the one it supersedes, if it was saved only
+            # for being best, removed), so that `best` is the best validation the run saw.
+            is_best = evaluated and val_l1 < best_val
+            best_val = min(best_val, val_l1) if evaluated else best_val
+            if save or is_best:
                 rng = procs.gather(capture_rng())
                 if procs.main:
-                    save_checkpoint(run_dir, step, head, data.normalizer, spec, optimizer, rng,
-                                    sampler=_sampler_state(data, seed, step * batch_size, procs.world_size),
-                                    extra={"best_val_l1": None if math.isinf(best_val) else best_val}, best=is_best)
+                    written = save_checkpoint(run_dir, step, head, data.normalizer, spec, optimizer, rng,
+                                              sampler=_sampler_state(data, seed, step * batch_size, procs.world_size),
+                                              extra={"best_val_l1": None if math.isinf(best_val) else best_val},
+                                              best=is_best)
+                    if is_best and best_only is not None:
+                        shutil.rmtree(best_only, ignore_errors=True)
+                    if is_best:
+                        best_only = None if save else written
             meter.restart()
     finally:
         batches.close()
