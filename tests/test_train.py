@@ -23,6 +23,7 @@ from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.checkpoint import load_head
 from dinocache.policy.config import ACTConfig
 from dinocache.policy.data import CachedFeatures, episode_rows, open_training_store
+from dinocache.cli import main
 from dinocache.cli.train import train as train_command
 from dinocache.policy.train import GRAPH_WARMUP, TrainConfig, TrainStep, resolve_act_config, train
 
@@ -222,6 +223,37 @@ def test_best_is_the_best_validation_seen_not_only_at_checkpoints(learnable: Pat
     assert set(kept) - {f"{best['step']:06d}"} == {"000012", "000024"}
     state = json.loads((run / "checkpoints" / "best" / "training_state.json").read_text())
     assert state["best_val_l1"] == pytest.approx(best["val_l1"])
+
+
+def test_log_to_tensorboard_mirrors_the_metrics_and_records_the_config(learnable: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_command, [str(learnable), "--out", str(run), "--steps", "6", "--batch-size", "4",
+                                                "--log-every", "2", "--val-episodes", "0.2", "--eval-every", "3",
+                                                "--log-to", "tensorboard", "--no-progress",
+                                                *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    records = metrics(run)
+    logged = {e.step: e.value for e in events.Scalars("loss")}
+    assert logged == pytest.approx({r["step"]: r["loss"] for r in records})
+    assert [e.step for e in events.Scalars("val_l1")] == [r["step"] for r in records if r["val_l1"] is not None]
+    config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"chunk_size": 5' in config and "provenance" in config
+
+
+def test_log_to_a_tracker_that_is_not_installed_is_refused_before_the_run(learnable: Path, tmp_path: Path):
+    import importlib.util
+
+    missing = [kind for kind in ("wandb", "tensorboard") if importlib.util.find_spec(kind) is None]
+    if not missing:
+        pytest.skip("every tracker is installed here")
+    result = CliRunner().invoke(main, ["train", str(learnable), "--out", str(tmp_path / "run"), "--log-to", missing[0]])
+    assert result.exit_code != 0 and f"pip install 'dinocache[{missing[0]}]'" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_presets_check_the_backbone_and_set_the_head(learnable: Path):

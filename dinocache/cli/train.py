@@ -17,6 +17,7 @@ import click
 
 from dinocache.policy.config import FEEDFORWARD_ACTIVATIONS, ACTConfig
 from dinocache.policy.presets import PRESETS
+from dinocache.policy.tracking import TRACKERS
 from dinocache.policy.train_config import TrainConfig
 
 _ACT_FIELDS = frozenset(f.name for f in dataclasses.fields(ACTConfig))
@@ -101,12 +102,15 @@ def _act_options(command: click.Command) -> click.Command:
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="On CUDA, capture the whole step (and validation) once as a CUDA graph and replay it. Not under DDP.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")
+@click.option("--log-to", type=click.Choice(list(TRACKERS)), multiple=True,
+              help="Also log to TensorBoard (<out>/tensorboard) or Weights & Biases ($WANDB_PROJECT, default "
+                   "dinocache); repeat for both. metrics.jsonl and loss.png are always written.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 @_act_options
 def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: int, val_episodes: str,
           val_frames: int, eval_every: int, save_every: int, log_every: int, seed: int, device: str | None,
           memory_budget: str | None, device_memory_budget: str | None, window_frames: int | None, compile_: bool,
-          cuda_graph: bool, resume: bool, no_progress: bool, **act: Any) -> None:
+          cuda_graph: bool, resume: bool, log_to: tuple[str, ...], no_progress: bool, **act: Any) -> None:
     """Train an ACT head on the cached features of STORE (stage two).
 
     Every ACTConfig field is an option under its LeRobot name; unset ones take the preset's value,
@@ -128,7 +132,7 @@ def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: in
                       val_frames=val_frames, eval_every=eval_every, save_every=save_every, log_every=log_every,
                       seed=seed, device=device, compile=compile_, cuda_graph=cuda_graph, memory_budget=memory_budget,
                       device_memory_budget=device_memory_budget, window_frames=window_frames, resume=resume,
-                      progress=not no_progress, given=given)
+                      progress=not no_progress, given=given, log_to=log_to)
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(result.format())

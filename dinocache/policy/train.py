@@ -46,6 +46,7 @@ from dinocache.policy.data import (
     parse_memory_budget, split_episodes,
 )
 from dinocache.policy.presets import apply_preset, check_preset_backbone, get_preset
+from dinocache.policy.tracking import Tracker, open_trackers
 from dinocache.policy.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "TrainResult", "TrainStep", "train", "resolve_act_config",
@@ -629,7 +630,8 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
         tqdm.write(warning)
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and procs.main),
                desc=f"train {run_dir.name}", dynamic_ncols=True)
-    log = _Log(run_dir / METRICS_FILE, bar, data.in_memory) if procs.main else None
+    trackers = open_trackers(cfg.log_to, run_dir, json.loads((run_dir / RUN_FILE).read_text())) if procs.main else []
+    log = _Log(run_dir / METRICS_FILE, bar, data.in_memory, trackers) if procs.main else None
     order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
     batches = data.train_batches(order, batch_size, position=step * batch_size, out=train_step.inputs)
     head.train()
@@ -677,6 +679,8 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
     finally:
         batches.close()
         bar.close()
+        if log is not None:
+            log.close()
     if procs.main and (run_dir / METRICS_FILE).is_file():
         plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, baseline)
     return TrainResult(run_dir, step, log.last if log else None, None if math.isinf(best_val) else best_val,
@@ -696,16 +700,23 @@ _RUN_OPTIONS = ("batch_size", "seed", "val_frames")
 
 
 class _Log:
-    """Rank 0's output: ``metrics.jsonl``, the progress bar, and one warning if data loading is slow."""
+    """Rank 0's output: ``metrics.jsonl``, the progress bar, the experiment trackers asked for, and one
+    warning if data loading is slow."""
 
-    def __init__(self, path: Path, bar: tqdm, in_memory: bool) -> None:
-        self.path, self.bar, self.in_memory = path, bar, in_memory
+    def __init__(self, path: Path, bar: tqdm, in_memory: bool, trackers: list[Tracker]) -> None:
+        self.path, self.bar, self.in_memory, self.trackers = path, bar, in_memory, trackers
         self.last: dict[str, Any] | None = None
         self.warned = False
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
     def write(self, record: dict[str, Any], val_l1: float | None) -> None:
         with open(self.path, "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record, record["step"])
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", val_l1="-" if val_l1 is None else f"{val_l1:.4f}",
                              steps_s=f"{record['steps_per_s']:.1f}", data=f"{100 * record['data_fraction']:.1f}%")
         # The first record includes the warm-up (first batch, first streaming window): not judged.

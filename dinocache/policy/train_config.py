@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dinocache.errors import TrainingError
+from dinocache.policy.tracking import check_trackers
 
 __all__ = ["TrainConfig"]
 
@@ -50,6 +51,7 @@ class TrainConfig:
     window_frames: int | None = None
     resume: bool = False
     progress: bool = True
+    log_to: tuple[str, ...] = ()  # experiment trackers besides metrics.jsonl: "tensorboard", "wandb"
     given: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
@@ -60,6 +62,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise TrainingError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least {least}")
+
+        self.log_to = tuple(self.log_to)
+        check_trackers(self.log_to)
 
     def is_given(self, name: str) -> bool:
         """Whether the user set option ``name`` (see the class docstring)."""
