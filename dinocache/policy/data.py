@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import re
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ import torch
 from torch import Tensor
 
 from dinocache.errors import DinocacheError, StoreError
+from dinocache.pipeline.readers.prefetch import Prefetcher
 from dinocache.pipeline.store import FeatureStore
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE, ACTInputs
 from dinocache.policy.normalize import Normalizer
@@ -770,54 +769,16 @@ def _copy(out: Batch, batch: Batch, non_blocking: bool = False) -> Batch:
     return out
 
 
-class BatchStream:
-    """Batches produced by a background thread, ``prefetch`` ahead of the consumer.
+class BatchStream(Prefetcher[Batch]):
+    """Batches produced by a background thread, ``prefetch`` ahead of the consumer (the package's one
+    threaded producer, :class:`~dinocache.pipeline.readers.prefetch.Prefetcher`).
 
     The thread only gathers and reads; it draws no random numbers, so running ahead does not change
     any result. An exception in it is re-raised by the next :meth:`__next__`.
     """
 
-    _END = object()
-
     def __init__(self, batches: Iterator[Batch], prefetch: int = 4) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(batches,), daemon=True, name="dinocache-batches")
-        self._thread.start()
-
-    def _produce(self, batches: Iterator[Batch]) -> None:
-        try:
-            for batch in batches:
-                if not self._put(batch):
-                    return
-            self._put(self._END)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._put(err)
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> BatchStream:
-        return self
-
-    def __next__(self) -> Batch:
-        item = self._queue.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the producer thread and drop what it prepared."""
-        self._stop.set()
-        self._thread.join()
+        super().__init__(lambda: batches, queue_size=prefetch, name="dinocache-batches")
 
     def __enter__(self) -> BatchStream:
         return self
