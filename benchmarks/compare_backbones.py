@@ -169,7 +169,7 @@ class DecodedSamples:
         from dinocache.pipeline.readers import open_dataset
         from dinocache.pipeline.store import lowdim_stats
         from dinocache.policy.config import ACTION, OBS_STATE
-        from dinocache.policy.data import head_camera_name
+        from dinocache.keys import short_name
         from dinocache.policy.normalize import Normalizer
 
         source = open_dataset(dataset)
@@ -181,7 +181,7 @@ class DecodedSamples:
         self.lowdim = {key: self.normalizer.normalize(key, torch.from_numpy(v).float()) for key, v in raw.items()}
         self.episode_end = torch.from_numpy(np.concatenate([np.full(ep.length, ep.start + ep.length) for ep in episodes]))
         self.sample = [(ep.index, t) for ep in episodes for t in range(ep.length)]  # row -> (episode, frame)
-        self.cameras = {head_camera_name(key): key for key in source.cameras}
+        self.cameras = {short_name(key): key for key in source.cameras}
         # Where each episode lies in its video (path, timestamps): the reader's own bookkeeping.
         self.clips = {(ep.index, key): source._clip(ep.index, key) for ep in episodes for key in source.cameras}
         self.chunk_size, self.seed = chunk_size, seed
@@ -200,12 +200,12 @@ class DecodedSamples:
 
         from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_STATE
         from dinocache.policy.data import action_windows
-        from dinocache.policy.online import image_key
+        from dinocache.keys import camera_key
 
         batch: dict[str, Any] = {}
         for name, key in self.cameras.items():
             frames = self.pool.map(lambda r: decode_frame(self.clips[self.sample[r][0], key], self.sample[r][1]), rows)
-            batch[image_key(name)] = torch.from_numpy(np.stack(list(frames)))
+            batch[camera_key(name)] = torch.from_numpy(np.stack(list(frames)))
         index = torch.from_numpy(rows)
         batch[OBS_STATE] = self.lowdim[OBS_STATE][index]
         windows, batch[ACTION_IS_PAD] = action_windows(index, self.episode_end, self.chunk_size)
@@ -297,11 +297,11 @@ def online_latency(model: Any, task: dict[str, Any]) -> dict[str, float]:
     import torch
 
     from dinocache.policy.config import OBS_STATE
-    from dinocache.policy.online import image_key
+    from dinocache.keys import camera_key
 
     device = task["device"]
     model.eval()
-    batch = {image_key(name): torch.randint(0, 256, (1, *task["camera_size"], 3), dtype=torch.uint8, device=device)
+    batch = {camera_key(name): torch.randint(0, 256, (1, *task["camera_size"], 3), dtype=torch.uint8, device=device)
              for name in model.head.inputs.camera_names}
     batch[OBS_STATE] = torch.zeros(1, model.head.inputs.state_dim, device=device)
     cuda = device.startswith("cuda")

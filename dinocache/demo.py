@@ -25,6 +25,7 @@ import numpy as np
 
 from dinocache.encoders.registry import get_backbone_spec
 from dinocache.errors import DinocacheError
+from dinocache.keys import ACTION, OBS_STATE
 
 #: How the bundled sample was written: ``write_synthetic_dataset(out, **SAMPLE_RECIPE)``.
 SAMPLE_RECIPE: dict[str, Any] = dict(format="lerobot-v2.1", num_episodes=12, episode_length=60,
@@ -166,7 +167,7 @@ def _drive(policy_path: Path, dataset: Path, run_dir: Path, cfg: DemoConfig) -> 
     from dinocache.pipeline.readers import open_dataset
 
     run = json.loads((run_dir / "run.json").read_text())
-    stats = run["normalization"]["action"]
+    stats = run["normalization"][ACTION]
     mean_action = np.asarray(stats["mean"], dtype=np.float32)
     std_action = np.asarray(stats["std"], dtype=np.float32)
     policy = load_policy(policy_path, device=cfg.device or "cpu")
@@ -183,9 +184,9 @@ def _drive(policy_path: Path, dataset: Path, run_dir: Path, cfg: DemoConfig) -> 
             policy.reset()
             for t in range(steps):
                 chosen.append(policy.select_action({**{camera: frames[camera][t] for camera in frames},
-                                                    "observation.state": lowdim["observation.state"][t]}))
+                                                    OBS_STATE: lowdim[OBS_STATE][t]}))
                 bar.update()
-            demonstrated.append(lowdim["action"][:steps])
+            demonstrated.append(lowdim[ACTION][:steps])
     actual = np.concatenate(demonstrated)
     return (float((np.abs(np.stack(chosen) - actual) / std_action).mean()),
             float((np.abs(mean_action[None] - actual) / std_action).mean()))

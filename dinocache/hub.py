@@ -11,13 +11,21 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-__all__ = ["hf_home", "hf_offline", "hub_unreachable"]
+__all__ = ["hf_home", "hub_cache_dir", "hf_offline", "hub_unreachable"]
 
 
 def hf_home() -> Path:
     """``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface``, else ``~/.cache/huggingface``."""
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")).expanduser()
+
+
+def hub_cache_dir() -> Path:
+    """The Hub cache huggingface_hub would use, from the environment as it is now: ``$HF_HUB_CACHE``,
+    else ``hf_home()/hub`` (passed explicitly to huggingface_hub, whose own default was fixed at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return hf_home() / "hub"
 
 
 def hf_offline() -> bool:

@@ -13,7 +13,8 @@ from dinocache.encoders.backbone import create_backbone
 from dinocache.errors import BackboneError
 from dinocache.policy.act import ACTHead
 from dinocache.policy.config import ACTConfig, ACTInputs
-from dinocache.policy.online import FinetunedConvNet, OnlineACT, build_online_act, image_key
+from dinocache.keys import camera_key
+from dinocache.policy.online import FinetunedConvNet, OnlineACT, build_online_act
 
 TINY = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=2, n_decoder_layers=1,
             n_vae_encoder_layers=1, latent_dim=8, chunk_size=5, n_action_steps=5, dropout=0.0, optimizer_lr=1e-3,
@@ -27,7 +28,7 @@ def random_batch(batch_size: int, size: tuple[int, int], cameras=("top",), state
                  chunk=5, seed=0) -> dict[str, torch.Tensor]:
     """Frames and normalised low-dim tensors with the shapes the head wants (content is irrelevant here)."""
     generator = torch.Generator().manual_seed(seed)
-    batch = {image_key(cam): torch.randint(0, 256, (batch_size, *size, 3), dtype=torch.uint8, generator=generator)
+    batch = {camera_key(cam): torch.randint(0, 256, (batch_size, *size, 3), dtype=torch.uint8, generator=generator)
              for cam in cameras}
     batch["observation.state"] = torch.randn(batch_size, state_dim, generator=generator)
     batch["action"] = torch.randn(batch_size, chunk, action_dim, generator=generator)
@@ -66,11 +67,11 @@ def test_training_on_the_cache_equals_running_the_backbone_online(tmp_path: Path
 
     (state_mean, state_std), (action_mean, action_std) = stats("observation.state"), stats("action")
     starts = {ep.index: ep.start for ep in source.episodes}
-    online: dict[str, list] = {k: [] for k in (image_key("top"), "observation.state", "action", "action_is_pad")}
+    online: dict[str, list] = {k: [] for k in (camera_key("top"), "observation.state", "action", "action_is_pad")}
     for row in rows:
         episode = max(e for e, s in starts.items() if s <= row)
         t, length = row - starts[episode], len(lowdim[episode]["action"])
-        online[image_key("top")].append(torch.from_numpy(frames[episode][t]))
+        online[camera_key("top")].append(torch.from_numpy(frames[episode][t]))
         online["observation.state"].append(torch.tensor((lowdim[episode]["observation.state"][t] - state_mean) / state_std))
         window = [min(t + k, length - 1) for k in range(chunk)]
         online["action"].append(torch.tensor((lowdim[episode]["action"][window] - action_mean) / action_std))
@@ -124,7 +125,7 @@ def test_resnet18_is_finetuned_the_act_way():
     # Before any step the trunk computes what the frozen backbone (the cache's) computes.
     frozen = create_backbone("resnet18", weights="random", image_size=64, seed=0)
     with torch.no_grad():
-        torch.testing.assert_close(trunk(batch[image_key("top")])[0], frozen(batch[image_key("top")])[0])
+        torch.testing.assert_close(trunk(batch[camera_key("top")])[0], frozen(batch[camera_key("top")])[0])
 
     groups = model.parameter_groups()
     assert [g.get("lr") for g in groups] == [None, 1e-4]

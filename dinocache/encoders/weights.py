@@ -37,7 +37,7 @@ from dinocache.encoders.checkpoints import (
 )
 from dinocache.encoders.registry import DINOV3_ACCESS_PAGE, BackboneSpec
 from dinocache.errors import BackboneError
-from dinocache.hub import hf_home, hf_offline, hub_unreachable
+from dinocache.hub import hf_offline, hub_cache_dir, hub_unreachable
 
 Source = Literal["random", "file", "hf-cache"]
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -135,7 +135,7 @@ def find_local_weights(spec: BackboneSpec) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
 
         for filename in _HF_FILES:
-            cached = try_to_load_from_cache(spec.hf_hub_id, filename, cache_dir=_hf_cache_dir())
+            cached = try_to_load_from_cache(spec.hf_hub_id, filename, cache_dir=hub_cache_dir())
             if isinstance(cached, str):
                 return Path(cached)
     return None
@@ -164,7 +164,7 @@ def _hf_weights_file(spec: BackboneSpec) -> Path:
     repo = spec.hf_hub_id
     if not repo:
         raise weights_unavailable(spec, f"timm has no pretrained weights for {spec.timm_id}")
-    cache_dir = _hf_cache_dir()
+    cache_dir = hub_cache_dir()
     for filename in _HF_FILES:
         cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
         if isinstance(cached, str):
@@ -182,10 +182,3 @@ def _hf_weights_file(spec: BackboneSpec) -> Path:
         except Exception as err:  # network, auth, missing file: report, try the next name
             errors.append(f"{filename}: {type(err).__name__}")
     raise weights_unavailable(spec, f"downloading {repo} failed ({'; '.join(errors)})")
-
-
-def _hf_cache_dir() -> Path:
-    """The hub cache huggingface_hub would use, from the environment as it is now."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return hf_home() / "hub"

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dinocache.pipeline.readers.aloha import SIDECAR
-from dinocache.pipeline.readers.base import CAMERA_PREFIX, FORMATS
+from dinocache.keys import ACTION, CAMERA_PREFIX, OBS_ENV_STATE, OBS_STATE
+from dinocache.pipeline.readers.base import FORMATS
 from dinocache.pipeline.readers.lerobot_meta import (
     DEFAULT_CHUNKS_SIZE, INDEX_FEATURES, INFO_PATH, STATS_PATH, V21_DATA_PATH,
     V21_EPISODES_PATH, V21_EPISODES_STATS_PATH, V21_TASKS_PATH, V21_VIDEO_PATH,
@@ -78,10 +79,9 @@ class SyntheticEpisode:
 
     def lowdim(self) -> dict[str, np.ndarray]:
         """The arrays under the keys a reader exposes them by."""
-        out = {"observation.state": self.state, "observation.velocity": self.velocity,
-               "action": self.action}
+        out = {OBS_STATE: self.state, "observation.velocity": self.velocity, ACTION: self.action}
         if self.env_state is not None:
-            out["observation.environment_state"] = self.env_state
+            out[OBS_ENV_STATE] = self.env_state
         return out
 
 
@@ -339,15 +339,15 @@ def _features(spec: _Spec, version: str) -> dict[str, dict[str, Any]]:
         return list(given) if given else [_STATE_NAMES[i] if i < 3 else f"joint_{i}" for i in range(n)]
 
     features: dict[str, dict[str, Any]] = {
-        "observation.state": {"dtype": "float32", "shape": [spec.state_dim],
+        OBS_STATE: {"dtype": "float32", "shape": [spec.state_dim],
                               "names": names(spec.state_names, spec.state_dim)},
         "observation.velocity": {"dtype": "float32", "shape": [spec.state_dim],
                                  "names": names(spec.state_names, spec.state_dim)},
     }
     if spec.with_env_state:
-        features["observation.environment_state"] = {"dtype": "float32", "shape": [2],
+        features[OBS_ENV_STATE] = {"dtype": "float32", "shape": [2],
                                                      "names": ["goal_x", "goal_y"]}
-    features["action"] = {"dtype": "float32", "shape": [spec.action_dim],
+    features[ACTION] = {"dtype": "float32", "shape": [spec.action_dim],
                           "names": names(spec.action_names, spec.action_dim)}
     height, width = spec.image_size
     for cam in spec.cameras:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dinocache.keys import OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.metadata import read_policy_metadata
 from dinocache.policy.runtime import PolicyRuntime, load_policy
 
@@ -95,9 +96,9 @@ def random_observation(metadata: dict[str, Any], seed: int = 0) -> dict[str, np.
     rng = np.random.default_rng(seed)
     observation = {camera: rng.integers(0, 256, (*metadata["image_size"][camera], 3), dtype=np.uint8)
                    for camera in metadata["cameras"]}
-    observation["observation.state"] = rng.normal(size=metadata["state_dim"]).astype(np.float32)
+    observation[OBS_STATE] = rng.normal(size=metadata["state_dim"]).astype(np.float32)
     if metadata.get("env_state_dim"):
-        observation["observation.environment_state"] = rng.normal(size=metadata["env_state_dim"]).astype(np.float32)
+        observation[OBS_ENV_STATE] = rng.normal(size=metadata["env_state_dim"]).astype(np.float32)
     return observation
 
 

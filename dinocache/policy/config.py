@@ -17,14 +17,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-# Batch keys shared by the head, the training loop and the live policy. Camera tensors are keyed
-# per camera name (see :meth:`ACTInputs.feature_key` / :meth:`ACTInputs.cls_key`).
-OBS_STATE = "observation.state"
-OBS_ENV_STATE = "observation.environment_state"
-ACTION = "action"
-ACTION_IS_PAD = "action_is_pad"
-FEATURES_PREFIX = "features."
-CLS_PREFIX = "cls."
+# Batch keys shared by the head, the training loop and the live policy (defined in dinocache.keys).
+# Camera tensors are keyed per camera name (see :meth:`ACTInputs.feature_key` / :meth:`ACTInputs.cls_key`).
+from dinocache.keys import ACTION, ACTION_IS_PAD, CLS_PREFIX, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE  # noqa: F401
 
 FEEDFORWARD_ACTIVATIONS = ("relu", "gelu", "glu")
 

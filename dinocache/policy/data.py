@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from dinocache.errors import DinocacheError, StoreError
+from dinocache.keys import short_name
 from dinocache.pipeline.readers.prefetch import Prefetcher
 from dinocache.pipeline.store import FeatureStore
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE, ACTInputs
@@ -51,7 +52,7 @@ from dinocache.policy.normalize import Normalizer
 __all__ = [
     "CachedFeatures", "Block", "SampleOrder", "BatchStream", "DeviceBatches", "ResidentBatches", "HostBatches",
     "EpisodeSplit",
-    "open_training_store", "split_episodes", "episode_rows", "action_windows", "head_camera_name",
+    "open_training_store", "split_episodes", "episode_rows", "action_windows",
     "parse_memory_budget", "available_memory", "available_device_memory", "DEFAULT_MEMORY_SHARE",
 ]
 
@@ -158,15 +159,6 @@ def episode_rows(episodes: Sequence[tuple[int, int, int, str]], chosen: Sequence
     wanted = set(int(e) for e in chosen)
     parts = [np.arange(start, start + length) for index, start, length, _ in episodes if index in wanted]
     return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
-
-
-def head_camera_name(store_camera: str) -> str:
-    """The head's name for a store camera: its short name, ``top`` for ``observation.images.top``.
-
-    Batch keys are ``features.<name>``, so the head's names cannot contain dots; the readers accept
-    the same short names everywhere (``--cameras top``).
-    """
-    return store_camera.rsplit(".", 1)[-1]
 
 
 def action_windows(rows: Tensor, episode_end: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -390,7 +382,7 @@ class CachedFeatures:
             ends[start:start + length] = start + length
         self.episode_end = torch.from_numpy(ends)
 
-        self.camera_keys = {head_camera_name(cam): cam for cam in store.cameras}
+        self.camera_keys = {short_name(cam): cam for cam in store.cameras}
         try:
             self.inputs = ACTInputs(
                 cameras=[(name, store.grid_shape(cam)[2], *store.grid_shape(cam)[:2])

@@ -36,18 +36,12 @@ from torch import Tensor, nn
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.encoders.preprocess import ImageSize
 from dinocache.errors import BackboneError
+from dinocache.keys import CAMERA_PREFIX, camera_key
 from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.policy.fused import camera_features
 
-__all__ = ["IMAGES_PREFIX", "image_key", "FinetunedConvNet", "OnlineACT", "build_online_act"]
-
-IMAGES_PREFIX = "observation.images."
-
-
-def image_key(camera: str) -> str:
-    """Batch key of a camera's uint8 frames, ``observation.images.<camera>`` (LeRobot's name)."""
-    return IMAGES_PREFIX + camera
+__all__ = ["FinetunedConvNet", "OnlineACT", "build_online_act"]
 
 
 class FinetunedConvNet(nn.Module):
@@ -100,11 +94,11 @@ class OnlineACT(nn.Module):
         """Every camera's grid (and CLS, with ``use_cls_token``) under the head's batch keys, as in the
         fused live policy (:func:`~dinocache.policy.fused.camera_features`)."""
         names = self.head.inputs.camera_names
-        return camera_features(self.encoder, [batch[image_key(name)] for name in names], names,
+        return camera_features(self.encoder, [batch[camera_key(name)] for name in names], names,
                                self.head.config.use_cls_token)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        lowdim = {key: value for key, value in batch.items() if not key.startswith(IMAGES_PREFIX)}
+        lowdim = {key: value for key, value in batch.items() if not key.startswith(CAMERA_PREFIX)}
         return self.head.compute_loss({**lowdim, **self.features(batch)})
 
     compute_loss = forward

@@ -33,7 +33,8 @@ from torch import Tensor
 from dinocache.errors import DatasetError, DinocacheError
 from dinocache.pipeline.extract import frames_at_rows
 from dinocache.pipeline.store import IDENTITY_KEYS, FeatureStore, verification_rows
-from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.keys import ACTION, CLS_PREFIX, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE
+from dinocache.policy.config import ACTInputs
 from dinocache.policy.fused import FusedPolicy
 
 __all__ = ["ParityError", "ParityReport", "VerificationFrames", "feature_error", "open_run_store",
@@ -165,7 +166,7 @@ def _with_noise(batch: dict[str, Tensor], relative: float) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(0)
     noisy = dict(batch)
     for key, value in batch.items():
-        if key.startswith(("features.", "cls.")):
+        if key.startswith((FEATURES_PREFIX, CLS_PREFIX)):
             rms = value.pow(2).mean(dim=1, keepdim=True).sqrt()  # channels are dim 1 for grids and CLS
             noise = torch.randn(value.shape, generator=generator).to(value.device)
             noisy[key] = value + relative * rms * noise

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dinocache.errors import DinocacheError
+from dinocache.keys import short_name
 from dinocache.policy.action_selection import make_action_selector
 from dinocache.policy.compiled import compiled_mismatch, load_compiled
 from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
@@ -111,7 +112,7 @@ class PolicyRuntime:
 
     # -- validation ---------------------------------------------------------------------------------
     def _lookup(self, observation: Mapping[str, Any], key: str) -> Any:
-        short = key.rsplit(".", 1)[-1]
+        short = short_name(key)
         for name in (key, short):
             if name in observation:
                 return observation[name]

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
-from dinocache.pipeline.readers.base import CAMERA_PREFIX
+from dinocache.keys import CAMERA_PREFIX, OBS_STATE
 from dinocache.pipeline.synthetic import encode_video
 from dinocache.sim.env import (
     EPISODE_STEPS, FPS, JOINT_NAMES, MAX_REWARD, REWARD_STAGES, SimEnv, eval_seeds, make_joint_env)
@@ -173,7 +173,7 @@ def rollout(policy: Policy, env: SimEnv, seed: int, max_steps: int = EPISODE_STE
         if frames is not None:
             frames.append(images[video_camera])
         observation = {CAMERA_PREFIX + cam: image for cam, image in images.items()}
-        observation["observation.state"] = step.observation["qpos"].astype(np.float32)
+        observation[OBS_STATE] = step.observation["qpos"].astype(np.float32)
         action = np.asarray(policy.select_action(observation), dtype=np.float64).reshape(-1)
         step = env.step(action)
         best = max(best, int(step.reward))

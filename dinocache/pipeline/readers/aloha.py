@@ -30,8 +30,9 @@ import h5py
 import numpy as np
 
 from dinocache.errors import DatasetError
+from dinocache.keys import ACTION, CAMERA_PREFIX, OBS_STATE
 from dinocache.pipeline.readers.base import (
-    CAMERA_PREFIX, CameraInfo, DatasetSource, EpisodeBook, LowDimInfo, first_nonfinite,
+    CameraInfo, DatasetSource, EpisodeBook, LowDimInfo, first_nonfinite,
     lowdim_digest, problem)
 from dinocache.pipeline.readers.images import (
     ImageDecodeError, decode_jpeg_opencv_order, decode_many)
@@ -42,10 +43,10 @@ EPISODE_FILE = re.compile(r"^episode_(\d+)\.hdf5$")
 IMAGES_GROUP = "/observations/images"
 #: HDF5 dataset -> exposed low-dimensional key, in the order they are listed.
 LOWDIM_DATASETS: dict[str, str] = {
-    "/observations/qpos": "observation.state",
+    "/observations/qpos": OBS_STATE,
     "/observations/qvel": "observation.velocity",
     "/observations/effort": "observation.effort",
-    "/action": "action",
+    "/action": ACTION,
 }
 REQUIRED_DATASETS = ("/observations/qpos", "/action")
 

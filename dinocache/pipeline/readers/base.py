@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from dinocache.errors import DatasetError
+from dinocache.keys import short_name
 
 #: The formats :func:`open_dataset` knows, in the spelling ``--format`` takes.
 FORMATS: tuple[str, ...] = ("lerobot-v2.1", "lerobot-v3.0", "aloha-hdf5")
-
-#: Prefix under which cameras are exposed, whatever the format stores them as.
-CAMERA_PREFIX = "observation.images."
 
 
 @dataclass(frozen=True)
@@ -217,7 +215,7 @@ class DatasetSource(ABC):
             if name in self.cameras:
                 key = name
             else:
-                matches = [k for k in self.cameras if k.rsplit(".", 1)[-1] == name]
+                matches = [k for k in self.cameras if short_name(k) == name]
                 if len(matches) != 1:
                     existing = ", ".join(self.cameras) or "(none)"
                     what = "is ambiguous" if matches else "does not exist"

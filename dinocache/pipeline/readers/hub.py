@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from dinocache.errors import DatasetError
-from dinocache.hub import hf_home, hf_offline, hub_unreachable
+from dinocache.hub import hf_home, hf_offline, hub_cache_dir, hub_unreachable
 
 __all__ = ["resolve_dataset", "lerobot_home", "looks_like_repo_id"]
 
@@ -72,7 +72,7 @@ def _from_hub(repo_id: str, revision: str | None, local_files_only: bool = False
 
     try:
         folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=local_files_only,
-                                   local_dir=local_dir)
+                                   local_dir=local_dir, cache_dir=hub_cache_dir())
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, FileNotFoundError):
         return None
     return Path(folder)
