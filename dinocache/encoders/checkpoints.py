@@ -38,12 +38,9 @@ StateDict = dict[str, torch.Tensor]
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def checkpoint_file(path: Path) -> Path:

@@ -41,7 +41,6 @@ from dinocache.errors import StoreError
 
 FORMAT_NAME = "dinocache-features"
 FORMAT_VERSION = 1
-FEATURE_DTYPES = ("float16", "float32")
 
 #: Raw frames a store keeps (per camera) so that stage three can check an exported policy against
 #: the cached features when the source dataset is no longer around.

@@ -307,8 +307,5 @@ def lowdim_digest(arrays: Sequence[np.ndarray]) -> str:
 
 
 def _sha256_file(file: Path) -> str:
-    h = hashlib.sha256()
     with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
