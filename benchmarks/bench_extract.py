@@ -39,7 +39,8 @@ from bench_decode import LEROBOT_VIDEO, SIZE
 
 from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.pipeline.extract import (
-    PRECISIONS, ExtractConfig, build_backbone, decode_in_order, parse_episodes, prepare, run_units, store_bytes)
+    PRECISIONS, ExtractConfig, build_backbone, decode_in_order, open_source, parse_episodes, prepare, run_units,
+    store_bytes)
 from dinocache.pipeline.readers import open_dataset
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -73,7 +74,9 @@ def pipeline_run(cfg: ExtractConfig, backbone: torch.nn.Module, work: Path) -> d
     """Stage one into a fresh store: its creation and its run timed apart; the run's own summary."""
     out = work / f"f{time.monotonic_ns()}.zarr"
     t0 = time.perf_counter()
-    source, store, summary = prepare(dataclasses.replace(cfg, out=out), backbone)
+    cfg = dataclasses.replace(cfg, out=out)
+    source = open_source(cfg)
+    store, summary = prepare(cfg, backbone, source)
     created = time.perf_counter() - t0
     part = run_units(store, source, backbone, list(range(store.num_units)), cfg.batch_size, cfg.resolved_device(),
                      cfg.dtype, cfg.resolved_decode_workers())

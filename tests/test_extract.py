@@ -111,6 +111,17 @@ def zero_tail_of_mdat(file: Path, fraction: float) -> None:
     file.write_bytes(bytes(data))
 
 
+def test_a_wrong_dataset_path_is_said_before_any_weights_are_looked_for(tmp_path: Path, monkeypatch):
+    """The cheap checks come first: with the default --weights auto and no network, a mistyped path
+    is named at once (not after a weights lookup, nor as a weights problem)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.delenv("DINOCACHE_WEIGHTS", raising=False)
+    result = cli("extract", str(tmp_path / "nope"), "--out", str(tmp_path / "f.zarr"))
+    assert result.exit_code == 2 and "nope: no such file or directory" in result.output, result.output
+    assert "weights" not in result.output and not (tmp_path / "f.zarr").exists()
+
+
 def _kill_midway(args: list[str], store: Path, at_least: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "dinocache.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)

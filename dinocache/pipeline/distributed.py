@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dinocache.pipeline.extract import ExtractConfig, ExtractSummary, build_backbone, prepare, run_units, store_bytes
+from dinocache.pipeline.extract import (
+    ExtractConfig, ExtractSummary, build_backbone, open_source, prepare, run_units, store_bytes)
 from dinocache.pipeline.readers import open_dataset
 from dinocache.pipeline.store import FeatureStore
 
@@ -60,8 +61,9 @@ def extract_with_dask(cfg: ExtractConfig, scheduler: str | None = None, n_worker
 
     t_begin = time.perf_counter()
     cfg = dataclasses.replace(cfg, precision=cfg.resolved_precision())
+    source = open_source(cfg)
     planner = build_backbone(dataclasses.replace(cfg, device="cpu"))
-    _, store, summary = prepare(cfg, planner)
+    store, summary = prepare(cfg, planner, source)
     del planner
     done = store.done_units()
     pending = [u for u in range(store.num_units) if not done[u]]

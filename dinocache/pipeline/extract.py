@@ -557,8 +557,9 @@ def build_backbone(cfg: ExtractConfig) -> FrozenBackbone:
     return backbone
 
 
-def prepare(cfg: ExtractConfig, backbone: FrozenBackbone) -> tuple[DatasetSource, FeatureStore, ExtractSummary]:
-    """Open the dataset, plan the layout, and create (or reopen) the store. Safe to run concurrently."""
+def open_source(cfg: ExtractConfig) -> DatasetSource:
+    """The cheap checks, before any backbone is built or weights looked for: the options, then the
+    dataset (a mistyped path is said at once, not after a weights lookup)."""
     if cfg.dtype not in ("float16", "float32"):
         raise DinocacheError(f"--dtype {cfg.dtype!r}: choose float16 or float32")
     if cfg.unit_frames % cfg.chunk_frames:
@@ -566,7 +567,11 @@ def prepare(cfg: ExtractConfig, backbone: FrozenBackbone) -> tuple[DatasetSource
     if cfg.overwrite and cfg.shard is not None:
         raise DinocacheError("--overwrite with --shard would let one shard delete another's work; "
                              "delete the store (or run once without --shard) first")
-    source = open_dataset(cfg.dataset, format=cfg.format, skip_bad_episodes=cfg.skip_bad_episodes)
+    return open_dataset(cfg.dataset, format=cfg.format, skip_bad_episodes=cfg.skip_bad_episodes)
+
+
+def prepare(cfg: ExtractConfig, backbone: FrozenBackbone, source: DatasetSource) -> tuple[FeatureStore, ExtractSummary]:
+    """Plan the layout of ``source``'s features and create (or reopen) the store. Safe to run concurrently."""
     cameras = list(source.select_cameras(cfg.cameras) if cfg.cameras else source.cameras)
     if not cameras:
         raise DinocacheError(f"{cfg.dataset}: the dataset has no camera to extract features from")
@@ -575,14 +580,15 @@ def prepare(cfg: ExtractConfig, backbone: FrozenBackbone) -> tuple[DatasetSource
     layout = plan_layout(source, episodes, cameras, backbone, cfg)
     store = create_or_open(cfg.out, layout, overwrite=cfg.overwrite)
     summary = ExtractSummary(store=store.path, episodes=len(episodes), skipped_episodes=list(source.skipped))
-    return source, store, summary
+    return store, summary
 
 
 def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> ExtractSummary:
     """Fill this process's share of the store (all of it unless ``cfg.shard``); skip units already done."""
     t_begin = time.perf_counter()
+    source = open_source(cfg)
     backbone = backbone or build_backbone(cfg)
-    source, store, summary = prepare(cfg, backbone)
+    store, summary = prepare(cfg, backbone, source)
     mine = shard_units(store.num_units, cfg.shard)
     done = store.done_units()
     pending = [u for u in mine if not done[u]]

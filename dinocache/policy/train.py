@@ -532,7 +532,7 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
     device, run_dir = procs.device, Path(cfg.out)
     store = open_training_store(cfg.store)
     config, options, resuming = _open_run(cfg, store, procs)
-    batch_size, seed, split = options["batch_size"], options["seed"], options["split"]
+    seed, split = options["seed"], options["split"]
 
     # Data: normalised low-dim arrays, features in RAM or streamed, the split and the baseline.
     random.seed(seed)
@@ -610,7 +610,7 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
     to the end would export actions that are NaN. The norm is taken after DDP's all-reduce, so every
     process stops at the same step.
     """
-    device, run_dir, config = procs.device, Path(cfg.out), spec.config
+    device, run_dir = procs.device, Path(cfg.out)
     batch_size, seed, split = options["batch_size"], options["seed"], options["split"]
     # One process on CUDA: the step and the validation are CUDA graphs. Not under DDP, whose gradient
     # all-reduce hooks would have to be captured too; nor with --compile, which brings its own graphs.
