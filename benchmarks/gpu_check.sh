@@ -120,7 +120,8 @@ step "pytest: the CUDA cases" 300 "python3 -m pytest -q -x -ra -p no:cacheprovid
 # The GPU rows of the benchmarks, last: a slow one may only cost its own row.
 [ "$BENCHMARKS" = 1 ] && step "bench_extract.py --device cuda" 120 \
     "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
-[ "$BENCHMARKS" = 1 ] && step "bench_policy.py --device cuda" 240 "python3 benchmarks/bench_policy.py --device cuda --steps 100"
+[ "$BENCHMARKS" = 1 ] && step "bench_policy.py --device cuda" 240 \
+    "python3 benchmarks/bench_policy.py --device cuda --steps 100 --json '$OUT/bench_policy_cuda.json'"
 [ "$BENCHMARKS" = 1 ] && step "bench_train_step.py --device cuda" 120 \
     "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
 [ "$BENCHMARKS" = 1 ] && step "compare_backbones.py --device cuda" 300 \
