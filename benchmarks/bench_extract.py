@@ -39,8 +39,8 @@ from bench_decode import LEROBOT_VIDEO, SIZE
 
 from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.pipeline.extract import (
-    PRECISIONS, ExtractConfig, build_backbone, decode_in_order, open_source, parse_episodes, prepare, run_units,
-    store_bytes)
+    PRECISIONS, ExtractConfig, build_backbone, decode_in_order, open_source, parse_episodes, prepare, run_units)
+from dinocache.pipeline.store import store_bytes
 from dinocache.pipeline.readers import open_dataset
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"

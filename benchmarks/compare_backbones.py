@@ -228,7 +228,8 @@ class DecodedSamples:
 
 def child_extract(task: dict[str, Any]) -> dict[str, Any]:
     """The real `extract` into a real store: one-off cost and size."""
-    from dinocache.pipeline.extract import ExtractConfig, extract, store_bytes
+    from dinocache.pipeline.extract import ExtractConfig, extract
+    from dinocache.pipeline.store import store_bytes
 
     cfg = ExtractConfig(dataset=Path(task["dataset"]), out=Path(task["store"]), backbone=task["backbone"],
                         weights="random", image_size=str(task["image_size"]), batch_size=task["extract_batch"],

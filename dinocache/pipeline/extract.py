@@ -31,7 +31,7 @@ from dinocache.errors import DinocacheError, StoreError
 from dinocache.pipeline.readers import open_dataset
 from dinocache.pipeline.readers.base import DatasetSource, EpisodeInfo
 from dinocache.pipeline.readers.prefetch import ordered_streams
-from dinocache.pipeline.store import Compression, FeatureStore, StoreLayout, create_or_open
+from dinocache.pipeline.store import Compression, FeatureStore, StoreLayout, create_or_open, store_bytes
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -605,7 +605,3 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
     summary.seconds = time.perf_counter() - t_begin
     return summary
 
-
-def store_bytes(path: Path) -> int:
-    """Bytes on disk under a store."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

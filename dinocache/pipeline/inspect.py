@@ -9,8 +9,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError, StoreError
-from dinocache.pipeline.extract import store_bytes
-from dinocache.pipeline.store import FeatureStore
+from dinocache.pipeline.extract import frames_at_rows
+from dinocache.pipeline.store import FeatureStore, store_bytes
 
 
 def describe(store: FeatureStore, problems: list[str] | None = None) -> str:
@@ -107,13 +107,8 @@ def _camera_frames(store: FeatureStore, camera: str, indices: np.ndarray) -> lis
         source = open_dataset(store.provenance["source_path"], format=store.provenance["source"]["format"])
     except (DinocacheError, OSError, KeyError):
         return [None] * len(indices)
-    episodes = store.read("episode_index", indices)
-    frames = store.read("frame_index", indices)
-    out = []
-    for episode, frame in zip(episodes, frames):
-        images = source.read_frames(int(episode), camera)
-        out.append(images[int(frame)])
-    return out
+    table = [(index, start, length) for index, start, length, _ in store.episodes()]
+    return list(frames_at_rows(source, table, [camera], indices)[camera])
 
 
 def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str | None = None) -> Path:

@@ -421,3 +421,8 @@ def _walk_arrays(group: zarr.Group) -> Iterable[tuple[str, zarr.Array]]:
     for gname, sub in group.groups():
         for name, array in _walk_arrays(sub):
             yield f"{gname}/{name}", array
+
+
+def store_bytes(path: str | Path) -> int:
+    """Bytes on disk under a store (what `inspect`, the extraction summary and the benchmarks report)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
