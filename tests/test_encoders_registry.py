@@ -16,7 +16,8 @@ import timm
 import torch
 
 from dinocache.encoders.backbone import build_timm_model, create_backbone
-from dinocache.encoders.registry import backbone_table, get_backbone_spec, list_backbones
+from dinocache.cli.extract import backbone_table
+from dinocache.encoders.registry import get_backbone_spec, list_backbones
 from dinocache.errors import BackboneError
 
 EXPECTED_NAMES = {

@@ -19,9 +19,56 @@ def backbones(image_size: str) -> None:
       dinocache backbones --image-size 448
       dinocache backbones --image-size 224x320
     """
-    from dinocache.encoders.registry import backbone_table
-
     click.echo(backbone_table(image_size))
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _fmt_stats(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:.3f}" for v in values)
+
+
+def backbone_table(image_size: str | int | tuple[int, int]) -> str:
+    """The table ``dinocache backbones`` prints: one row per registered backbone.
+
+    The grid and bytes-per-frame columns are for ``image_size`` (N or HxW). Bytes per frame per
+    camera is what a float16 feature store holds: the patch grid (h*w*C*2) plus the CLS token (C*2).
+    A backbone whose patch size does not divide the size gets '-' in those columns instead of an
+    error, so one table serves patch-14 and patch-16 models alike.
+    """
+    from dinocache.encoders.preprocess import parse_image_size
+    from dinocache.encoders.registry import list_backbones
+
+    height, width = parse_image_size(image_size)
+    header = ("name", "timm id", "patch", "dim", "params", "mean / std", "default",
+              f"grid@{height}x{width}", "bytes/frame")
+    rows = [header]
+    for spec in list_backbones():
+        if height % spec.patch_size == 0 and width % spec.patch_size == 0:
+            h, w = height // spec.patch_size, width // spec.patch_size
+            grid = f"{h}x{w}"
+            nbytes = f"{h * w * spec.embed_dim * 2 + spec.embed_dim * 2:,}"
+        else:
+            grid = nbytes = "-"
+        rows.append((
+            spec.name, spec.timm_id, str(spec.patch_size), str(spec.embed_dim),
+            _fmt_params(spec.num_params), f"{_fmt_stats(spec.mean)} / {_fmt_stats(spec.std)}",
+            str(spec.default_image_size), grid, nbytes,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    numeric = {2, 3, 4, 6, 8}
+    lines = [
+        "  ".join(cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
+                  for i, cell in enumerate(row)).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("Any other timm model: --backbone timm:<model-name>. "
+                 "Sizes must be multiples of the patch size (convnets: of the total stride 32).")
+    return "\n".join(lines)
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:

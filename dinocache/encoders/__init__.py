@@ -17,7 +17,6 @@ from typing import Any
 
 _EXPORTS = {
     "BackboneSpec": "registry",
-    "backbone_table": "registry",
     "get_backbone_spec": "registry",
     "list_backbones": "registry",
     "ImagePreprocessor": "preprocess",
