@@ -66,3 +66,20 @@ def test_local_paths_are_never_taken_for_hub_ids(tmp_path):
     assert not looks_like_repo_id("a/b/c") and not looks_like_repo_id("../x")
     with pytest.raises(DatasetError, match="no such file or directory"):
         open_dataset(tmp_path / "nope")
+
+
+def test_a_pinned_revision_is_not_taken_from_lerobots_unpinned_copy(hub_env, tmp_path, monkeypatch):
+    """`extract --revision`: LeRobot's folder holds whatever revision it fetched, so a pinned one is
+    looked for in the Hub cache only, and offline the line says which revision is missing."""
+    from click.testing import CliRunner
+
+    from dinocache.cli import main
+
+    made = make(tmp_path, name="made", num_episodes=1, episode_length=6)
+    shutil.copytree(made, hub_env / "lerobot" / "tiny_demo")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["extract", "lerobot/tiny_demo", "--revision", "v2.1", "--weights", "random",
+                                       "--out", str(tmp_path / "f.zarr")])
+    assert result.exit_code == 2, result.output
+    assert "lerobot/tiny_demo at revision v2.1: not a local folder, not in the Hugging Face cache" in result.output
+    assert "--revision v2.1" in result.output and not (tmp_path / "f.zarr").exists()

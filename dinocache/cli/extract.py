@@ -100,6 +100,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Videos decoded at once (default: one per available core).")
 @click.option("--episodes", default=None, help="START:STOP (episode indices) or a comma list.")
 @click.option("--format", "fmt", default=None, help="Dataset format when detection is not wanted: lerobot-v2.1, lerobot-v3.0, aloha-hdf5.")
+@click.option("--revision", default=None, help="For a Hub dataset id: the branch, tag or commit to use (fetched if not cached).")
 @click.option("--skip-bad-episodes", is_flag=True, help="Skip malformed episodes (listed at the end) instead of stopping.")
 @click.option("--compression", default="none", show_default=True, help="none, zstd, or bitround:N (N mantissa bits kept, then zstd).")
 @click.option("--chunk-frames", default=16, show_default=True, help="Frames per chunk (the unit of a training read).")
@@ -110,7 +111,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--overwrite", is_flag=True, help="Replace a store that was built differently.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
-def extract(dataset: Path, out: Path, fmt: str | None, shard: str | None, dask_scheduler: str | None,
+def extract(dataset: Path, out: Path, fmt: str | None, revision: str | None, shard: str | None, dask_scheduler: str | None,
             dask_workers: int | None, compile_: bool, no_progress: bool, cameras: str | None, **options) -> None:
     """Run a frozen backbone once over every frame of DATASET and write a feature store (stage one).
 
@@ -125,6 +126,9 @@ def extract(dataset: Path, out: Path, fmt: str | None, shard: str | None, dask_s
       dinocache extract data/g1 --out g1.zarr --dask-workers 4 --device cuda
     """
     from dinocache.pipeline.extract import ExtractConfig, extract as run_extract
+    from dinocache.pipeline.readers.hub import resolve_dataset
+
+    dataset = resolve_dataset(dataset, revision)  # a Hub id becomes its local folder, once, for every worker
 
     cfg = ExtractConfig(dataset=dataset, out=out, format=fmt, shard=_parse_shard(shard), compile=compile_,
                         progress=not no_progress, cameras=cameras.split(",") if cameras else None, **options)

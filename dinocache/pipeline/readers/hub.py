@@ -46,21 +46,22 @@ def resolve_dataset(name: str | os.PathLike, revision: str | None = None) -> Pat
     repo_id = str(name)
     local = lerobot_home() / repo_id
     if (local / "meta" / "info.json").is_file() and revision is None:
-        return local
+        return local  # LeRobot's own copy (of whatever revision it fetched: a pinned one goes to the Hub cache)
     cached = _from_hub(repo_id, revision, local_files_only=True)
     if cached is not None:
         return cached
     offline = "HF_HUB_OFFLINE is set" if hf_offline() else hub_unreachable()
-    looked = f"{local} and the Hugging Face cache"
+    at = f" at revision {revision}" if revision else ""
+    looked = f"{local} and the Hugging Face cache" if revision is None else "the Hugging Face cache"
     if offline:
-        raise DatasetError(f"{repo_id}: not a local folder, not in {looked}, and {offline}; get it with "
-                           f"`huggingface-cli download --repo-type dataset {repo_id} --local-dir {local}` "
+        raise DatasetError(f"{repo_id}{at}: not a local folder, not in {looked}, and {offline}; get it with "
+                           f"`huggingface-cli download --repo-type dataset {repo_id}"
+                           f"{' --revision ' + revision if revision else ''} --local-dir {local}` "
                            "where the Hub can be reached, or pass the dataset's folder")
-    downloaded = _from_hub(repo_id, revision, local_dir=local)
+    downloaded = _from_hub(repo_id, revision, local_dir=None if revision else local)
     if downloaded is None:
-        raise DatasetError(f"{repo_id}: not a local folder, not in {looked}, and the Hub has no such dataset "
-                           f"{'at revision ' + revision + ' ' if revision else ''}(or it needs a login: "
-                           "`huggingface-cli login`)")
+        raise DatasetError(f"{repo_id}{at}: not a local folder, not in {looked}, and the Hub has no such dataset "
+                           "(or it needs a login: `huggingface-cli login`)")
     return downloaded
 
 
