@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import tempfile
@@ -189,8 +190,6 @@ def main() -> None:
     if args.child is not None:
         child_main(args.child)
         return
-
-    import os
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dinocache-bench-step-"))
     work.mkdir(parents=True, exist_ok=True)
