@@ -34,8 +34,8 @@ from pathlib import Path
 
 from _machine import cpu_model
 
-from dinocache.pipeline.readers import DatasetSource, iter_episode_batches, open_dataset
-from dinocache.pipeline.synthetic import write_synthetic_dataset
+from dinocache.datasets import DatasetSource, iter_episode_batches, open_dataset
+from dinocache.datasets.synthetic import write_synthetic_dataset
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "g1_pick_bottle_3ep"
 SIZE = (480, 640)

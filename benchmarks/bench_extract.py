@@ -41,7 +41,7 @@ from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.pipeline.extract import (
     PRECISIONS, ExtractConfig, build_backbone, decode_in_order, open_source, parse_episodes, prepare, run_units)
 from dinocache.pipeline.store import store_bytes
-from dinocache.pipeline.readers import open_dataset
+from dinocache.datasets import open_dataset
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -148,7 +148,7 @@ def main() -> None:
     try:
         dataset, name = args.dataset, str(args.dataset)
         if dataset is None:
-            from dinocache.pipeline.synthetic import write_synthetic_dataset
+            from dinocache.datasets.synthetic import write_synthetic_dataset
 
             dataset = write_synthetic_dataset(work / "data", format="lerobot-v2.1", num_episodes=4,
                                               episode_length=args.frames // 4, image_size=SIZE, seed=0, **LEROBOT_VIDEO)

@@ -137,7 +137,7 @@ def measure(task: dict[str, Any]) -> dict[str, Any]:
 def make_store(work: Path, args: argparse.Namespace) -> Path:
     """A store extracted here: generated LeRobot v2.1 video, ``--backbone`` at ``--image-size``, random weights."""
     from dinocache.pipeline.extract import ExtractConfig, extract
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
 
     dataset = write_synthetic_dataset(work / "data", format="lerobot-v2.1", num_episodes=args.episodes,
                                       episode_length=args.episode_length, image_size=(96, 128), cameras=("top",),

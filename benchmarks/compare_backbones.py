@@ -166,7 +166,7 @@ class DecodedSamples:
     def __init__(self, dataset: Path, chunk_size: int, seed: int, decode_workers: int) -> None:
         import torch
 
-        from dinocache.pipeline.readers import open_dataset
+        from dinocache.datasets import open_dataset
         from dinocache.pipeline.store import lowdim_stats
         from dinocache.policy.config import ACTION, OBS_STATE
         from dinocache.keys import short_name
@@ -531,7 +531,7 @@ def main() -> None:
         child_main(args.child)
         return
 
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
 
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     resnet_sizes = [CAMERA_SIZE if s.strip() == "native" else int(s) for s in args.resnet_sizes.split(",")]

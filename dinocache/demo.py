@@ -2,7 +2,7 @@
 
 A new user should see extract -> train -> export -> live actions work in one command, in minutes on
 a laptop CPU, before pointing the tool at their own data. The sample is a LeRobot v2.1 dataset with
-real H.264 video written by the project's own generator (:mod:`dinocache.pipeline.synthetic`, recipe
+real H.264 video written by the project's own generator (:mod:`dinocache.datasets.synthetic`, recipe
 :data:`SAMPLE_RECIPE`): a disc moves over a background and the actions are where it will be a few
 frames later, so a head trained on image features has something real to learn.
 
@@ -50,7 +50,7 @@ def sample_dataset() -> Path:
 
 def write_sample(out: Path) -> Path:
     """Write the sample dataset afresh (how ``dinocache/data/sample`` was made)."""
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(out, **SAMPLE_RECIPE)
 
@@ -164,7 +164,7 @@ def _drive(policy_path: Path, dataset: Path, run_dir: Path, cfg: DemoConfig) -> 
     from tqdm.auto import tqdm
 
     from dinocache import load_policy
-    from dinocache.pipeline.readers import open_dataset
+    from dinocache.datasets import open_dataset
 
     run = json.loads((run_dir / "run.json").read_text())
     stats = run["normalization"][ACTION]

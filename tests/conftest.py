@@ -25,7 +25,7 @@ def real_dataset() -> Path:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """Two cameras, three episodes of uneven length, real H.264 video: LeRobot v2.1 layout."""
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "small", format="lerobot-v2.1",
                                    num_episodes=3, episode_length=14, image_size=(48, 64),

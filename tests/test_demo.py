@@ -13,7 +13,7 @@ import pytest
 
 from dinocache.demo import SAMPLE_RECIPE, resolve_weights, sample_dataset, write_sample
 from dinocache.encoders.weights import WEIGHTS_ENV
-from dinocache.pipeline.readers import open_dataset
+from dinocache.datasets import open_dataset
 
 from _devices import DEVICES
 

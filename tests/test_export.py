@@ -27,7 +27,7 @@ from dinocache.cli import main
 from dinocache.errors import BackboneError, DatasetError, DinocacheError
 from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.store import FeatureStore
-from dinocache.pipeline.synthetic import write_synthetic_dataset
+from dinocache.datasets.synthetic import write_synthetic_dataset
 from dinocache.policy.bench import bench_policy
 from dinocache.policy.export import export_policy
 from dinocache.policy.fused import FusedPolicy, build_fused_policy

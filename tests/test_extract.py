@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from dinocache.cli import main
 from dinocache.encoders.backbone import create_backbone
 from dinocache.pipeline.extract import ExtractConfig, extract
-from dinocache.pipeline.readers import open_dataset
+from dinocache.datasets import open_dataset
 from dinocache.pipeline.store import FeatureStore
 
 from _devices import DEVICES
@@ -137,7 +137,7 @@ def _kill_midway(args: list[str], store: Path, at_least: int) -> None:
 
 @pytest.fixture(scope="module")
 def long_dataset(tmp_path_factory) -> Path:
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("long") / "long", format="lerobot-v2.1", num_episodes=4,
                                    episode_length=60, image_size=(48, 64), cameras=("top",), seed=3)
@@ -182,7 +182,7 @@ def test_a_decode_error_in_one_worker_stops_the_run_keeping_what_was_written(tmp
     frames: the store's 8 verification frames, decoded when it is created, miss episode 3.)"""
     from _datasets import v21_video
 
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
 
     dataset = write_synthetic_dataset(tmp_path / "data", format="lerobot-v2.1", num_episodes=10, episode_length=16,
                                       image_size=(48, 64), cameras=("top",), seed=5)

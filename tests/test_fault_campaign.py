@@ -26,7 +26,7 @@ from dinocache.cli import main
 from dinocache.encoders.backbone import create_backbone
 from dinocache.errors import BackboneError, DatasetError
 from dinocache.pipeline.extract import extract
-from dinocache.pipeline.readers import open_dataset
+from dinocache.datasets import open_dataset
 from dinocache.policy.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -11,8 +11,8 @@ import pytest
 from _datasets import make
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers import open_dataset
-from dinocache.pipeline.readers.hub import looks_like_repo_id, resolve_dataset
+from dinocache.datasets import open_dataset
+from dinocache.datasets.hub import looks_like_repo_id, resolve_dataset
 
 
 @pytest.fixture

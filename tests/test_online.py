@@ -40,8 +40,8 @@ def random_batch(batch_size: int, size: tuple[int, int], cameras=("top",), state
 def test_training_on_the_cache_equals_running_the_backbone_online(tmp_path: Path):
     """Same batch, same seed: the loss from cached features equals the loss from decoded frames + backbone."""
     from dinocache.pipeline.extract import ExtractConfig, extract
-    from dinocache.pipeline.readers import open_dataset
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets import open_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
     from dinocache.policy.data import CachedFeatures, open_training_store
     from dinocache.policy.train import resolve_act_config
 

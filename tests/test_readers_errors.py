@@ -13,7 +13,7 @@ from _datasets import (
     make, reencode, truncate, v21_data, v21_video, v30_data, v30_video, zero_middle_of_mdat)
 
 from dinocache.errors import DatasetError, DinocacheError
-from dinocache.pipeline.readers import open_dataset
+from dinocache.datasets import open_dataset
 
 
 def read_everything(source) -> None:
@@ -129,7 +129,7 @@ def test_v30_video_shorter_than_its_episode_windows(tmp_path):
     root = make(tmp_path, "lerobot-v3.0", episodes_per_file=2)
     video = v30_video(root, 0)
     video.unlink()
-    from dinocache.pipeline.synthetic import encode_video, synthetic_episode
+    from dinocache.datasets.synthetic import encode_video, synthetic_episode
     encode_video(video, synthetic_episode(0, 18).frames["top"], 30)  # file-000 needs 24
     with pytest.raises(DatasetError) as excinfo:
         open_dataset(root)

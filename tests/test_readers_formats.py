@@ -11,10 +11,10 @@ from _datasets import (
     V30_EPISODES, edit_parquet, error_text, make, v21_data, v21_video, v30_data, v30_video)
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers import (
+from dinocache.datasets import (
     CameraInfo, EpisodeInfo, detect_format, iter_episode_batches, open_dataset)
-from dinocache.pipeline.readers.lerobot_meta import normalize_names
-from dinocache.pipeline.synthetic import synthetic_episode
+from dinocache.datasets.lerobot_meta import normalize_names
+from dinocache.datasets.synthetic import synthetic_episode
 
 LENGTHS = [12, 17, 9]
 CAMERAS = ("top", "wrist")

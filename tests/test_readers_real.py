@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from _datasets import real_dataset
 
-from dinocache.pipeline.readers import CameraInfo, open_dataset
+from dinocache.datasets import CameraInfo, open_dataset
 
 
 @pytest.fixture(scope="module")

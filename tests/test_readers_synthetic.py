@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinocache.pipeline.synthetic import (
+from dinocache.datasets.synthetic import (
     _PALETTE, ACTION_LEAD_FRAMES, synthetic_episode, write_synthetic_dataset)
 
 

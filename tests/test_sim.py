@@ -20,7 +20,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from dinocache.cli import main  # noqa: E402
 from dinocache.errors import DinocacheError  # noqa: E402
-from dinocache.pipeline.readers import open_dataset  # noqa: E402
+from dinocache.datasets import open_dataset  # noqa: E402
 from dinocache.sim.demos import DEMOS_RECORD, generate_demos, recorded_demo_seeds  # noqa: E402
 from dinocache.sim.env import EPISODE_STEPS, JOINT_NAMES, cube_pose, demo_seeds, eval_seeds  # noqa: E402
 from dinocache.sim.evaluate import RESULTS_FILE, evaluate, run_episodes, wilson_interval  # noqa: E402

@@ -126,7 +126,7 @@ def extract(dataset: Path, out: Path, fmt: str | None, revision: str | None, sha
       dinocache extract data/g1 --out g1.zarr --dask-workers 4 --device cuda
     """
     from dinocache.pipeline.extract import ExtractConfig, extract as run_extract
-    from dinocache.pipeline.readers.hub import resolve_dataset
+    from dinocache.datasets.hub import resolve_dataset
 
     dataset = resolve_dataset(dataset, revision)  # a Hub id becomes its local folder, once, for every worker
 
@@ -191,7 +191,7 @@ def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str
       dinocache make-sample sample_data
       dinocache make-sample sample_v3 --format lerobot-v3.0 --episodes 10 --cameras top,wrist
     """
-    from dinocache.pipeline.synthetic import write_synthetic_dataset
+    from dinocache.datasets.synthetic import write_synthetic_dataset
 
     try:
         height, width = (int(v) for v in image_size.lower().split("x"))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dinocache.pipeline.extract import (
     ExtractConfig, ExtractSummary, build_backbone, open_source, prepare, run_units)
-from dinocache.pipeline.readers import open_dataset
+from dinocache.datasets import open_dataset
 from dinocache.pipeline.store import FeatureStore, store_bytes
 
 #: Per worker process: what it built once and reuses for every task (backbone, dataset source).

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.errors import DinocacheError, StoreError
-from dinocache.pipeline.readers import open_dataset
-from dinocache.pipeline.readers.base import DatasetSource, EpisodeInfo
-from dinocache.pipeline.readers.prefetch import ordered_streams
+from dinocache.datasets import open_dataset
+from dinocache.datasets.base import DatasetSource, EpisodeInfo
+from dinocache.datasets.prefetch import ordered_streams
 from dinocache.pipeline.store import Compression, FeatureStore, StoreLayout, create_or_open, store_bytes
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -101,7 +101,7 @@ def pca_rgb(grids: np.ndarray) -> np.ndarray:
 
 def _camera_frames(store: FeatureStore, camera: str, indices: np.ndarray) -> list[np.ndarray | None]:
     """The source images of the given store frames, or None where the dataset is no longer there."""
-    from dinocache.pipeline.readers import open_dataset
+    from dinocache.datasets import open_dataset
 
     try:
         source = open_dataset(store.provenance["source_path"], format=store.provenance["source"]["format"])

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.keys import short_name
-from dinocache.pipeline.readers.prefetch import Prefetcher
+from dinocache.datasets.prefetch import Prefetcher
 from dinocache.pipeline.store import FeatureStore
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE, ACTInputs
 from dinocache.policy.normalize import Normalizer
@@ -763,7 +763,7 @@ def _copy(out: Batch, batch: Batch, non_blocking: bool = False) -> Batch:
 
 class BatchStream(Prefetcher[Batch]):
     """Batches produced by a background thread, ``prefetch`` ahead of the consumer (the package's one
-    threaded producer, :class:`~dinocache.pipeline.readers.prefetch.Prefetcher`).
+    threaded producer, :class:`~dinocache.datasets.prefetch.Prefetcher`).
 
     The thread only gathers and reads; it draws no random numbers, so running ahead does not change
     any result. An exception in it is re-raised by the next :meth:`__next__`.

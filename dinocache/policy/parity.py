@@ -117,7 +117,7 @@ def verification_frames(store: FeatureStore, dataset: str | os.PathLike | None =
     """Raw frames for the check: from ``dataset`` (default: the store's recorded source path) when it
     is there, else from the frames the store keeps. A ``dataset`` given explicitly must be the one the
     store was extracted from (same fingerprint)."""
-    from dinocache.pipeline.readers import open_dataset
+    from dinocache.datasets import open_dataset
 
     recorded = store.provenance.get("source_path")
     path = Path(dataset) if dataset is not None else Path(recorded) if recorded else None

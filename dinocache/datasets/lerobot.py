@@ -17,13 +17,13 @@ import numpy as np
 import pyarrow as pa
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers.base import (
+from dinocache.datasets.base import (
     DatasetSource, EpisodeBook, first_nonfinite, lowdim_digest, problem)
-from dinocache.pipeline.readers.images import ImageDecodeError, decode_many, decode_rgb
-from dinocache.pipeline.readers.lerobot_meta import SUPPORTED_VERSIONS, parse_info
-from dinocache.pipeline.readers.parquet import (
+from dinocache.datasets.images import ImageDecodeError, decode_many, decode_rgb
+from dinocache.datasets.lerobot_meta import SUPPORTED_VERSIONS, parse_info
+from dinocache.datasets.parquet import (
     ParquetReadError, column_to_numpy, iter_episode_column, open_parquet, read_episode_rows)
-from dinocache.pipeline.readers.video import (
+from dinocache.datasets.video import (
     EpisodeClip, VideoProbe, VideoReadError, iter_clip, probe_video)
 
 #: Per-frame bookkeeping columns read with the low-dimensional features.

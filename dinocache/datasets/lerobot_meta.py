@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers.base import CameraInfo, LowDimInfo, problem
+from dinocache.datasets.base import CameraInfo, LowDimInfo, problem
 
 SUPPORTED_VERSIONS: dict[str, str] = {"v2.1": "lerobot-v2.1", "v3.0": "lerobot-v3.0"}
 

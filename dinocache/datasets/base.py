@@ -1,7 +1,7 @@
 """The reader contract: what every dataset format looks like to the rest of dinocache.
 
 Stage 1 (`dinocache extract`) never touches a file format directly. It opens a dataset with
-:func:`dinocache.pipeline.readers.open_dataset` and gets a :class:`DatasetSource` that lists
+:func:`dinocache.datasets.open_dataset` and gets a :class:`DatasetSource` that lists
 episodes, cameras and low-dimensional features under LeRobot-style keys (``observation.state``,
 ``action``, ``observation.images.<cam>``) whatever the format on disk, reads low-dimensional
 arrays per episode and streams uint8 RGB frames per episode and camera in batches.

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers.base import EpisodeBook, problem
-from dinocache.pipeline.readers.lerobot import LeRobotSource
-from dinocache.pipeline.readers.lerobot_meta import V21_EPISODES_PATH, load_jsonl
-from dinocache.pipeline.readers.parquet import ParquetReadError
+from dinocache.datasets.base import EpisodeBook, problem
+from dinocache.datasets.lerobot import LeRobotSource
+from dinocache.datasets.lerobot_meta import V21_EPISODES_PATH, load_jsonl
+from dinocache.datasets.parquet import ParquetReadError
 
 
 class LeRobotV21Source(LeRobotSource):

@@ -31,10 +31,10 @@ import numpy as np
 
 from dinocache.errors import DatasetError
 from dinocache.keys import ACTION, CAMERA_PREFIX, OBS_STATE
-from dinocache.pipeline.readers.base import (
+from dinocache.datasets.base import (
     CameraInfo, DatasetSource, EpisodeBook, LowDimInfo, first_nonfinite,
     lowdim_digest, problem)
-from dinocache.pipeline.readers.images import (
+from dinocache.datasets.images import (
     ImageDecodeError, decode_jpeg_opencv_order, decode_many)
 
 ALOHA_FPS = 50.0

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers.base import EpisodeBook, problem
-from dinocache.pipeline.readers.lerobot import LeRobotSource
-from dinocache.pipeline.readers.lerobot_meta import V30_EPISODES_DIR
-from dinocache.pipeline.readers.parquet import ParquetReadError
+from dinocache.datasets.base import EpisodeBook, problem
+from dinocache.datasets.lerobot import LeRobotSource
+from dinocache.datasets.lerobot_meta import V30_EPISODES_DIR
+from dinocache.datasets.parquet import ParquetReadError
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from dinocache.pipeline.readers.base import DatasetSource
+from dinocache.datasets.base import DatasetSource
 
 T = TypeVar("T")
 _DONE = object()

@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dinocache.pipeline.readers.aloha import SIDECAR
+from dinocache.datasets.aloha import SIDECAR
 from dinocache.keys import ACTION, CAMERA_PREFIX, OBS_ENV_STATE, OBS_STATE
-from dinocache.pipeline.readers.base import FORMATS
-from dinocache.pipeline.readers.lerobot_meta import (
+from dinocache.datasets.base import FORMATS
+from dinocache.datasets.lerobot_meta import (
     DEFAULT_CHUNKS_SIZE, INDEX_FEATURES, INFO_PATH, STATS_PATH, V21_DATA_PATH,
     V21_EPISODES_PATH, V21_EPISODES_STATS_PATH, V21_TASKS_PATH, V21_VIDEO_PATH,
     V30_DATA_PATH, V30_EPISODES_PATH, V30_TASKS_PATH, V30_VIDEO_PATH)

@@ -24,7 +24,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers.base import problem
+from dinocache.datasets.base import problem
 
 
 class VideoReadError(Exception):

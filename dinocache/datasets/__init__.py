@@ -16,15 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from dinocache.errors import DatasetError
-from dinocache.pipeline.readers.aloha import AlohaHdf5Source, episode_files
-from dinocache.pipeline.readers.hub import resolve_dataset
-from dinocache.pipeline.readers.base import (
+from dinocache.datasets.aloha import AlohaHdf5Source, episode_files
+from dinocache.datasets.hub import resolve_dataset
+from dinocache.datasets.base import (
     FORMATS, CameraInfo, DatasetSource, EpisodeInfo, LowDimInfo)
-from dinocache.pipeline.readers.lerobot_meta import (
+from dinocache.datasets.lerobot_meta import (
     INFO_PATH, SUPPORTED_VERSIONS, check_version, codebase_version)
-from dinocache.pipeline.readers.lerobot_v21 import LeRobotV21Source
-from dinocache.pipeline.readers.lerobot_v30 import LeRobotV30Source
-from dinocache.pipeline.readers.prefetch import iter_episode_batches
+from dinocache.datasets.lerobot_v21 import LeRobotV21Source
+from dinocache.datasets.lerobot_v30 import LeRobotV30Source
+from dinocache.datasets.prefetch import iter_episode_batches
 
 __all__ = [
     "FORMATS", "AlohaHdf5Source", "CameraInfo", "DatasetSource", "EpisodeInfo",
@@ -61,7 +61,7 @@ def open_dataset(path: str | Path, format: str | None = None, skip_bad_episodes:
 
     Args:
         path: the dataset folder, or a Hugging Face Hub dataset id (``lerobot/pusht``), found in
-            ``$HF_LEROBOT_HOME`` or the Hub cache or downloaded (:func:`~dinocache.pipeline.readers.hub.resolve_dataset`).
+            ``$HF_LEROBOT_HOME`` or the Hub cache or downloaded (:func:`~dinocache.datasets.hub.resolve_dataset`).
         format: one of :data:`FORMATS`, or None to detect it. A format that contradicts the
             files (``lerobot-v3.0`` for a v2.1 folder) is an error, not a guess.
         skip_bad_episodes: drop malformed episodes into ``source.skipped`` (with the reason)
