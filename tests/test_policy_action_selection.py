@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,49 @@ def test_make_action_selector_follows_the_config():
     ensembler = make_action_selector(ACTConfig(chunk_size=10, n_action_steps=1, temporal_ensemble_coeff=0.01))
     assert isinstance(ensembler, TemporalEnsembler)
     assert (ensembler.coeff, ensembler.chunk_size) == (0.01, 10)
+
+
+def row_wise_predict(images: list[torch.Tensor], state: torch.Tensor, env: torch.Tensor | None) -> torch.Tensor:
+    """A stand-in model whose chunk row b depends on observation b only: (B, 5, 2)."""
+    steps = torch.arange(5, dtype=torch.float32).view(1, -1, 1)
+    frame = images[0].float().mean(dim=(1, 2, 3)).view(-1, 1, 1)
+    return (state[:, None, :1] * 10 + frame + steps).expand(-1, -1, 2).clone()
+
+
+@pytest.mark.parametrize("selection", [dict(n_action_steps=3), dict(temporal_ensemble_coeff=0.1)])
+def test_select_actions_keeps_each_environment_apart(selection):
+    """Batched environments that start, stop and reset at different steps get the actions each would
+    get alone: one model call per step, one queue / ensemble per environment."""
+    from dinocache.policy.runtime import PolicyRuntime
+
+    camera = "observation.images.top"
+    metadata = {"cameras": [camera], "image_size": {camera: (4, 6)}, "state_dim": 2,
+                "act_config": {"chunk_size": 5, "n_action_steps": 1}}
+
+    def runtime() -> PolicyRuntime:
+        return PolicyRuntime(row_wise_predict, metadata, torch.device("cpu"), **selection)
+
+    generator = torch.Generator().manual_seed(0)
+    # episode -> (environment, first step, length): env 1 runs two episodes, env 2 stops early
+    episodes = {"a": (0, 0, 9), "b": (1, 0, 4), "c": (1, 4, 5), "d": (2, 0, 2)}
+    observations = {name: [{camera: torch.randint(0, 255, (4, 6, 3), generator=generator, dtype=torch.uint8),
+                            "observation.state": torch.randn(2, generator=generator)} for _ in range(length)]
+                    for name, (_, _, length) in episodes.items()}
+    alone = {}
+    for name, steps in observations.items():
+        policy = runtime()
+        alone[name] = [policy.select_action(observation) for observation in steps]
+
+    batched, together = runtime(), {name: [] for name in episodes}
+    for t in range(9):
+        live = [(name, env, t - start) for name, (env, start, length) in episodes.items() if start <= t < start + length]
+        for name, env, k in live:
+            if k == 0:
+                batched.reset(env)
+        queries = batched.queries
+        actions = batched.select_actions([observations[name][k] for name, _, k in live], [env for _, env, _ in live])
+        assert actions.shape == (len(live), 2) and batched.queries - queries <= 1
+        for (name, _, _), action in zip(live, actions):
+            together[name].append(action)
+    for name in episodes:
+        np.testing.assert_array_equal(np.stack(together[name]), np.stack(alone[name]))

@@ -44,6 +44,12 @@ class ActionSelector(Protocol):
 
     def reset(self) -> None: ...
 
+    @property
+    def needs_chunk(self) -> bool:
+        """Whether the next :meth:`select` will call the model: a batched caller asks every row first
+        and runs the model once, on the rows that need it."""
+        ...
+
     def select(self, predict_chunk: ChunkPredictor) -> Tensor: ...
 
 
@@ -66,6 +72,10 @@ class ActionQueue:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def needs_chunk(self) -> bool:
+        return not self._queue
 
     def push(self, actions: Tensor) -> None:
         """Queue the first ``n_action_steps`` actions of a ``(B, chunk, A)`` chunk."""
@@ -148,6 +158,10 @@ class TemporalEnsembler:
         # so indexing the weights with count stays in range).
         self._average, self._count = average[:, 1:], count[1:]
         return average[:, 0]
+
+    @property
+    def needs_chunk(self) -> bool:
+        return True
 
     def select(self, predict_chunk: ChunkPredictor) -> Tensor:
         """Query the model (every step) and return the ensembled action."""

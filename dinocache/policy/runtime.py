@@ -9,6 +9,11 @@ the action for this control step; ACT's chunking is handled inside by the same
 ``n_action_steps`` actions (the model runs only when it is empty), or temporal ensembling (the model
 runs every step and overlapping chunks are blended with weights ``exp(-coeff * i)``, oldest first).
 
+:meth:`~PolicyRuntime.select_actions` drives several environments at once (a vectorised simulator):
+each environment keeps its own queue or ensemble, keyed by an id, and the model runs once per step
+on the rows whose environment needs a new chunk, so an environment that resets or stops never
+disturbs the others.
+
 Observations are checked every step, queued or not, so a wiring mistake fails at the first step
 with one message naming the key and the expected shape, not later inside the backbone.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +32,14 @@ from torch import Tensor
 
 from dinocache.errors import DinocacheError
 from dinocache.keys import short_name
-from dinocache.policy.action_selection import make_action_selector
+from dinocache.policy.action_selection import ActionSelector, make_action_selector
 from dinocache.policy.compiled import compiled_mismatch, load_compiled
 from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
 from dinocache.policy.metadata import policy_kind, policy_metadata, read_policy_metadata
 
 __all__ = ["PolicyRuntime", "ObservationError", "CompiledPolicyFallback", "load_policy", "AS_TRAINED"]
 
-#: A chunk predictor: camera images (uint8 ``(1, H, W, 3)``), state ``(1, D)``, env state or None -> ``(1, chunk, A)``.
+#: A chunk predictor: camera images (uint8 ``(B, H, W, 3)``), state ``(B, D)``, env state or None -> ``(B, chunk, A)``.
 Predict = Callable[[list[Any], Any, Any], Tensor]
 
 
@@ -73,7 +78,8 @@ class PolicyRuntime:
         config = _selection_config(metadata, n_action_steps, temporal_ensemble_coeff)
         self.metadata = {**metadata, "n_action_steps": config.n_action_steps,
                          "temporal_ensemble_coeff": config.temporal_ensemble_coeff}
-        self._selector = make_action_selector(config)
+        self._config = config
+        self._selectors: dict[int, ActionSelector] = {}
         self._images = {camera: (*metadata["image_size"][camera], 3) for camera in metadata["cameras"]}
         self._vectors = {OBS_STATE: metadata["state_dim"]}
         if metadata.get("env_state_dim"):
@@ -81,9 +87,13 @@ class PolicyRuntime:
         self.queries = 0
         self.queried = False
 
-    def reset(self) -> None:
-        """Forget queued / ensembled actions: call at the start of every episode."""
-        self._selector.reset()
+    def reset(self, env: int | None = None) -> None:
+        """Forget queued / ensembled actions: call at the start of every episode (of environment ``env``
+        only, for :meth:`select_actions`; of every environment by default)."""
+        if env is None:
+            self._selectors.clear()
+        else:
+            self._selectors.pop(env, None)
 
     def with_action_selection(self, n_action_steps: int | None = None,
                               temporal_ensemble_coeff: Any = AS_TRAINED) -> PolicyRuntime:
@@ -99,16 +109,41 @@ class PolicyRuntime:
         1), and ``observation.state`` (or ``state``) to the raw state vector; plus
         ``observation.environment_state`` when the policy has one. Other keys are ignored.
         """
-        images = [self._image(camera, self._lookup(observation, camera)) for camera in self._images]
-        vectors = [self._vector(key, self._lookup(observation, key)) for key in self._vectors]
-        self.queried = False
+        return self.select_actions([observation])[0]
 
-        def predict() -> Tensor:
+    def select_actions(self, observations: Sequence[Mapping[str, Any]],
+                       envs: Sequence[int] | None = None) -> np.ndarray:
+        """One action per environment, ``(len(observations), action_dim)`` float32, from one model call.
+
+        ``observations[i]`` is what :meth:`select_action` takes, for environment ``envs[i]`` (default
+        0, 1, ...): its id, under which its action queue or temporal ensemble is kept between calls.
+        The model runs once, batched, on the rows whose environment needs a new chunk (all of them
+        with ensembling); :meth:`reset` ``(env)`` starts that environment's next episode.
+        """
+        envs = list(range(len(observations))) if envs is None else list(envs)
+        if len(envs) != len(observations) or len(set(envs)) != len(envs):
+            raise ValueError(f"select_actions: {len(observations)} observations for environments {envs}")
+        rows = [self._inputs(observation) for observation in observations]
+        for env in envs:
+            if env not in self._selectors:
+                self._selectors[env] = make_action_selector(self._config)
+        selectors = [self._selectors[env] for env in envs]
+        needy = [i for i, selector in enumerate(selectors) if selector.needs_chunk]
+        chunks: dict[int, Tensor] = {}
+        self.queried = bool(needy)
+        if needy:
             self.queries += 1
-            self.queried = True
-            return self._predict(images, vectors[0], vectors[1] if len(vectors) > 1 else None)
+            images, vectors = zip(*(rows[i] for i in needy))
+            state, *env = [torch.cat(column) for column in zip(*vectors)]  # (n, D) [and (n, E)]
+            predicted = self._predict([_stack(camera) for camera in zip(*images)], state, env[0] if env else None)
+            chunks = dict(zip(needy, predicted.split(1)))
+        actions = [selector.select(lambda i=i: chunks[i])[0] for i, selector in enumerate(selectors)]
+        return torch.stack(actions).float().cpu().numpy()
 
-        return self._selector.select(predict)[0].float().cpu().numpy()
+    def _inputs(self, observation: Mapping[str, Any]) -> tuple[list[Any], list[Tensor]]:
+        """One observation, checked: its camera frames ``(H, W, 3)`` and its vectors ``(1, D)``."""
+        images = [self._image(camera, self._lookup(observation, camera)) for camera in self._images]
+        return images, [self._vector(key, self._lookup(observation, key)) for key in self._vectors]
 
     # -- validation ---------------------------------------------------------------------------------
     def _lookup(self, observation: Mapping[str, Any], key: str) -> Any:
@@ -162,6 +197,13 @@ class PolicyRuntime:
         return tensor.reshape(1, dim).float()
 
 
+def _stack(frames: Sequence[Any]) -> Tensor:
+    """One camera's ``(H, W, 3)`` frames (numpy or torch) as a ``(B, H, W, 3)`` batch (a view for one)."""
+    if len(frames) == 1:
+        return torch.as_tensor(frames[0]).unsqueeze(0)
+    return torch.stack([torch.as_tensor(frame) for frame in frames])
+
+
 def _selection_config(metadata: Mapping[str, Any], n_action_steps: int | None, coeff: Any) -> ACTConfig:
     """The trained ACT config with the requested action selection; ensembling implies one step per query."""
     changes: dict[str, Any] = {}
@@ -186,7 +228,7 @@ def _torch_predict(module: Callable[..., Tensor], device: torch.device, cuda_gra
     call = _CudaGraphCall(module, device) if cuda_graph else module
 
     def predict(images: list[Any], state: Tensor, env: Tensor | None) -> Tensor:
-        batch = [torch.as_tensor(image).to(device, non_blocking=True).unsqueeze(0) for image in images]
+        batch = [torch.as_tensor(image).to(device, non_blocking=True) for image in images]
         inputs = (batch, state.to(device)) + (() if env is None else (env.to(device),))
         with torch.no_grad():
             return call(*inputs)
@@ -197,51 +239,48 @@ class _CudaGraphCall:
     """``module`` replayed as one CUDA graph: a batch-1 query is a few hundred small kernels, each
     shorter than its launch, so launching them one by one costs more than running them.
 
-    The graph is captured on the first call, from static input buffers on the device; every later
-    call copies its inputs into those buffers and replays it. Shapes are static (one observation per
-    control step), so one capture serves the whole run; a call with other shapes is refused rather
-    than silently re-captured. The action queue and temporal ensembling stay outside the graph.
+    A graph is captured on the first call with given input shapes, from static input buffers on the
+    device; every later call of those shapes copies its inputs into those buffers and replays it. A
+    robot loop has one shape (one observation per control step), so one capture serves the whole run;
+    a vectorised simulator adds one per batch size it queries (at most its number of environments).
+    The action queue and temporal ensembling stay outside the graph.
     """
 
     WARMUP = 3  # eager runs on a side stream before capture (cuBLAS handles, autotuning, allocator)
 
     def __init__(self, module: Callable[..., Tensor], device: torch.device) -> None:
         self.module, self.device = module, device
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_inputs: list[Tensor] = []
-        self.static_output: Tensor | None = None
-        self.structure: Any = None
+        #: input shapes -> (graph, its static inputs, its static output)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
 
     def __call__(self, images: list[Tensor], state: Tensor, env: Tensor | None = None) -> Tensor:
         flat = [*images, state] + ([] if env is None else [env])
-        shapes = [tuple(t.shape) for t in flat]
-        if self.graph is None:
-            self._capture(flat, len(images), env is not None)
-            self.structure = shapes
-        elif shapes != self.structure:
-            raise ObservationError(f"the CUDA graph was captured for inputs of shapes {self.structure}, got {shapes}; "
-                                   "load the policy with cuda_graph=False for varying shapes")
-        for static, value in zip(self.static_inputs, flat):
+        shapes = tuple(tuple(t.shape) for t in flat)
+        if shapes not in self.graphs:
+            self.graphs[shapes] = self._capture(flat, len(images), env is not None)
+        graph, static_inputs, static_output = self.graphs[shapes]
+        for static, value in zip(static_inputs, flat):
             static.copy_(value, non_blocking=True)
-        self.graph.replay()
-        return self.static_output.clone()  # the next replay overwrites the graph's output buffer
+        graph.replay()
+        return static_output.clone()  # the next replay overwrites the graph's output buffer
 
-    def _run(self, num_images: int, has_env: bool) -> Tensor:
-        inputs = self.static_inputs
+    def _run(self, inputs: list[Tensor], num_images: int, has_env: bool) -> Tensor:
         args = (inputs[:num_images], inputs[num_images]) + ((inputs[num_images + 1],) if has_env else ())
         return self.module(*args)
 
-    def _capture(self, flat: list[Tensor], num_images: int, has_env: bool) -> None:
-        self.static_inputs = [value.detach().clone() for value in flat]
+    def _capture(self, flat: list[Tensor], num_images: int,
+                 has_env: bool) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]:
+        static_inputs = [value.detach().clone() for value in flat]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(self.WARMUP):
-                self._run(num_images, has_env)
+                self._run(static_inputs, num_images, has_env)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.static_output = self._run(num_images, has_env)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            static_output = self._run(static_inputs, num_images, has_env)
+        return graph, static_inputs, static_output
 
 
 def _onnx_predict(path: Path, metadata: Mapping[str, Any], device: torch.device) -> Predict:
@@ -257,7 +296,7 @@ def _onnx_predict(path: Path, metadata: Mapping[str, Any], device: torch.device)
     names = metadata["export"]["onnx"]["input_names"]
 
     def predict(images: list[Any], state: Tensor, env: Tensor | None) -> Tensor:
-        arrays = [_numpy(image)[None] for image in images] + [_numpy(state)] + ([] if env is None else [_numpy(env)])
+        arrays = [_numpy(image) for image in images] + [_numpy(state)] + ([] if env is None else [_numpy(env)])
         return torch.from_numpy(session.run(None, dict(zip(names, arrays)))[0])
     return predict
 
