@@ -7,11 +7,13 @@ renamed key from silently splitting them.
 
 from __future__ import annotations
 
-__all__ = ["OBS_STATE", "OBS_ENV_STATE", "ACTION", "ACTION_IS_PAD", "CAMERA_PREFIX", "FEATURES_PREFIX", "CLS_PREFIX",
-           "camera_key", "short_name"]
+__all__ = ["OBS_STATE", "OBS_VELOCITY", "OBS_ENV_STATE", "ACTION", "ACTION_IS_PAD", "CAMERA_PREFIX", "FEATURES_PREFIX",
+           "CLS_PREFIX", "camera_key", "short_name"]
 
 #: Robot state, as recorded (LeRobot's key).
 OBS_STATE = "observation.state"
+#: Joint velocities, where a dataset records them (ALOHA's qvel).
+OBS_VELOCITY = "observation.velocity"
 #: State of the environment (object poses in simulation), where a dataset has one.
 OBS_ENV_STATE = "observation.environment_state"
 #: The demonstrated action.

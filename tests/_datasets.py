@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dinocache.errors import DatasetError
-from dinocache.datasets.synthetic import encode_video, synthetic_episode, write_synthetic_dataset
+from dinocache.datasets.encode import encode_video
+from dinocache.datasets.synthetic import synthetic_episode, write_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_DATASET = SHARED / "datasets" / "g1_pick_bottle_3ep"

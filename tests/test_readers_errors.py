@@ -129,7 +129,8 @@ def test_v30_video_shorter_than_its_episode_windows(tmp_path):
     root = make(tmp_path, "lerobot-v3.0", episodes_per_file=2)
     video = v30_video(root, 0)
     video.unlink()
-    from dinocache.datasets.synthetic import encode_video, synthetic_episode
+    from dinocache.datasets.encode import encode_video
+    from dinocache.datasets.synthetic import synthetic_episode
     encode_video(video, synthetic_episode(0, 18).frames["top"], 30)  # file-000 needs 24
     with pytest.raises(DatasetError) as excinfo:
         open_dataset(root)

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from dinocache.errors import DatasetError
-from dinocache.keys import ACTION, CAMERA_PREFIX, OBS_STATE
+from dinocache.keys import ACTION, CAMERA_PREFIX, OBS_STATE, OBS_VELOCITY
 from dinocache.datasets.base import (
     CameraInfo, DatasetSource, EpisodeBook, LowDimInfo, first_nonfinite,
     lowdim_digest, problem)
@@ -44,7 +44,7 @@ IMAGES_GROUP = "/observations/images"
 #: HDF5 dataset -> exposed low-dimensional key, in the order they are listed.
 LOWDIM_DATASETS: dict[str, str] = {
     "/observations/qpos": OBS_STATE,
-    "/observations/qvel": "observation.velocity",
+    "/observations/qvel": OBS_VELOCITY,
     "/observations/effort": "observation.effort",
     "/action": ACTION,
 }

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
-from dinocache.datasets.synthetic import SyntheticEpisode, write_episodes
+from dinocache.datasets.writer import Episode as SyntheticEpisode, write_episodes
 from dinocache.sim.env import FPS, JOINT_NAMES, demo_seeds
 from dinocache.sim.expert import ScriptedExpert
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
 from dinocache.keys import CAMERA_PREFIX, OBS_STATE
-from dinocache.datasets.synthetic import encode_video
+from dinocache.datasets.encode import encode_video
 from dinocache.sim.env import (
     EPISODE_STEPS, FPS, JOINT_NAMES, MAX_REWARD, REWARD_STAGES, SimEnv, eval_seeds, make_joint_env)
 

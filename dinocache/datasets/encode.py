@@ -1,0 +1,86 @@
+"""Frames to file bytes: mp4 video, PNG, and JPEG the way ALOHA's recorder writes it.
+
+The counterpart of the readers' decoders (:mod:`~dinocache.datasets.video`,
+:mod:`~dinocache.datasets.images`), used by the dataset writer and by the simulator's rollout
+videos. The defaults are high quality so that decoded frames stay within a few grey levels of the
+rendered ones, which is what lets the tests compare formats frame by frame.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+__all__ = ["DEFAULT_GOP", "VIDEO_CODECS", "encode_video", "jpeg_bgr", "png"]
+
+#: codec -> (encoders to try in order, pixel format, crf) used unless overridden.
+VIDEO_CODECS: dict[str, tuple[tuple[str, ...], str, int]] = {
+    "h264": (("libx264", "h264"), "yuv444p", 10),
+    "hevc": (("libx265", "hevc"), "yuv444p", 10),
+    "av1": (("libsvtav1", "libaom-av1", "av1"), "yuv420p", 20),
+}
+#: Keyframe interval: short, so that the tests' seeks land near a keyframe as in real datasets.
+DEFAULT_GOP = 12
+
+
+def encode_video(path: Path, frames: Iterable[np.ndarray], fps: float, codec: str = "h264", *,
+                 crf: int | None = None, pix_fmt: str | None = None,
+                 gop: int | None = None) -> None:
+    """Encode RGB uint8 frames to an mp4 whose frame ``i`` is presented at ``i / fps`` seconds."""
+    if codec not in VIDEO_CODECS:
+        raise ValueError(f"codec must be one of {sorted(VIDEO_CODECS)}, got {codec!r}")
+    encoders, default_pix_fmt, default_crf = VIDEO_CODECS[codec]
+    encoder = _available_encoder(encoders)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rate = Fraction(fps).limit_denominator(100_000)
+    options = {"crf": str(default_crf if crf is None else crf),
+               "g": str(DEFAULT_GOP if gop is None else gop)}
+    if encoder == "libx265":
+        options["x265-params"] = "log-level=error"
+    elif encoder == "libsvtav1":
+        options["preset"] = "10"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(encoder, rate=rate, options=options)
+        stream.pix_fmt = pix_fmt or default_pix_fmt
+        stream.codec_context.time_base = 1 / rate
+        started = False
+        for i, array in enumerate(frames):
+            if not started:
+                stream.height, stream.width = array.shape[:2]
+                started = True
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def _available_encoder(names: Sequence[str]) -> str:
+    """The first encoder this PyAV build has (FFmpeg builds differ in which they include)."""
+    for name in names:
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except (av.codec.codec.UnknownCodecError, ValueError):
+            continue
+    raise RuntimeError(f"PyAV has none of the encoders {', '.join(names)}")
+
+
+def png(frame: np.ndarray) -> bytes:
+    """PNG bytes of an RGB frame (LeRobot's ``image`` storage)."""
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bgr(frame: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes as ALOHA's ``cv2.imencode`` writes them: the RGB array is taken to be BGR."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame[..., ::-1])).save(
+        buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
