@@ -97,6 +97,22 @@ def test_demo_dataset_reads_back(demos: Path, tmp_path: Path):
     np.testing.assert_allclose(aloha.read_lowdim(0)["action"], source.read_lowdim(0)["action"], atol=1e-6)
 
 
+def test_demos_with_one_and_two_workers_are_the_same_dataset(tmp_path: Path):
+    """Each episode depends on its seed only, and the parent writes them in seed order: two worker
+    processes give the one-process dataset byte for byte. ALOHA HDF5 stores the raw frames, so this
+    compares every pixel; LeRobot's H.264 files are not byte-reproducible even in one process (the
+    threaded x264 encoder), and the dataset fixture above already goes through two workers."""
+    made = {workers: generate_demos(tmp_path / str(workers), episodes=3, seed=5, image_size=CAMERA,
+                                    format="aloha-hdf5", workers=workers, progress=False) for workers in (1, 2)}
+    assert (made[1].workers, made[2].workers) == (1, 2)
+    assert made[1].seeds == made[2].seeds == [5, 6, 7] and made[1].failed == made[2].failed
+    files = {workers: sorted(p.relative_to(summary.out) for p in summary.out.rglob("*")
+                             if p.is_file() and p.name != DEMOS_RECORD) for workers, summary in made.items()}
+    assert files[1] == files[2] and len(files[1]) >= 3
+    for name in files[1]:
+        assert (made[1].out / name).read_bytes() == (made[2].out / name).read_bytes(), name
+
+
 def test_eval_counts_a_success_and_writes_video(tmp_path: Path):
     seeds = eval_seeds(0, 1)
     results = run_episodes(ExpertReplay(seeds), seeds, out=tmp_path, videos=1, progress=False)

@@ -35,22 +35,26 @@ def sim() -> None:
 @click.option("--seed", default=0, show_default=True, help="Episode i resets the cube with seed SEED + i.")
 @click.option("--cameras", default="top", show_default=True, help="Comma-separated scene cameras to record.")
 @click.option("--image-size", default="240x320", show_default=True, help="HxW of the recorded frames.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes making episodes [default: one per available core]; the dataset is the same for any number.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str, image_size: str,
-          no_progress: bool) -> None:
+          workers: int | None, no_progress: bool) -> None:
     """Write scripted demonstrations (successful episodes only) as a dataset for `dinocache extract`.
 
     \b
     Examples:
       dinocache sim demos --episodes 50 --out data/transfer_cube
       dinocache sim demos --episodes 50 --format aloha-hdf5 --out data/transfer_cube_hdf5
+      dinocache sim demos --episodes 50 --workers 16 --out data/transfer_cube
     """
     require_sim()
     from dinocache.encoders.preprocess import parse_image_size
     from dinocache.sim.demos import generate_demos
 
     summary = generate_demos(out, task=task, episodes=episodes, seed=seed, cameras=cameras.split(","),
-                             image_size=parse_image_size(image_size), format=fmt, progress=not no_progress)
+                             image_size=parse_image_size(image_size), format=fmt, workers=workers,
+                             progress=not no_progress)
     click.echo(summary.format())
 
 

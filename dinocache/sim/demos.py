@@ -2,9 +2,11 @@
 
 Episodes are made one at a time by :class:`~dinocache.sim.expert.ScriptedExpert` and streamed into the
 project's own dataset writers (:func:`dinocache.pipeline.synthetic.write_episodes`: LeRobot v2.1 with
-H.264 video, or ALOHA/ACT HDF5), so only one episode's frames are ever in memory. An episode whose
-replay does not reach the task's maximum reward is dropped and counted; the kept ones are numbered
-0, 1, ... contiguously. ``sim_demos.json`` beside the data records the reset seed of every kept and
+H.264 video, or ALOHA/ACT HDF5). With ``workers`` > 1 the episodes are made in that many spawned
+processes (:func:`dinocache.sim.parallel.ordered_map`) and written here in seed order as they
+arrive, at most two per worker waiting; every episode depends on its seed only, so the dataset is the
+same whatever the number of workers. An episode whose replay does not reach the task's maximum reward
+is dropped and counted; the kept ones are numbered 0, 1, ... contiguously. ``sim_demos.json`` beside the data records the reset seed of every kept and
 failed episode, so that evaluation can prove its seeds are disjoint from them.
 """
 
@@ -21,8 +23,9 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
 from dinocache.datasets.writer import Episode as SyntheticEpisode, write_episodes
-from dinocache.sim.env import FPS, JOINT_NAMES, demo_seeds
-from dinocache.sim.expert import ScriptedExpert
+from dinocache.sim.env import FPS, JOINT_NAMES, demo_seeds, make_joint_env
+from dinocache.sim.expert import Rollout, ScriptedExpert
+from dinocache.sim.parallel import default_workers, ordered_map
 
 #: The language instruction recorded as every episode's task.
 TASK_TEXT = {"transfer_cube": "pick up the red cube with the right arm and hand it over to the left arm"}
@@ -44,6 +47,7 @@ class DemoSummary:
     failed: list[dict[str, int]] = field(default_factory=list)
     seconds: float = 0.0
     cameras: dict[str, list[int]] = field(default_factory=dict)
+    workers: int = 1
 
     @property
     def kept(self) -> int:
@@ -63,7 +67,8 @@ class DemoSummary:
         rate = 100 * self.kept / max(self.attempted, 1)
         lines = [f"wrote {self.dataset_format} dataset -> {self.out}",
                  f"kept {self.kept}/{self.attempted} scripted episodes ({rate:.0f}% successful) in "
-                 f"{self.seconds:.0f} s ({self.seconds / max(self.attempted, 1):.1f} s per episode)"]
+                 f"{self.seconds:.0f} s ({self.seconds / max(self.attempted, 1):.1f} s per episode, "
+                 f"{self.workers} worker{'s' if self.workers > 1 else ''})"]
         if self.failed:
             lines.append(f"{len(self.failed)} failed and were left out (seed: best reward): " +
                          ", ".join(f"{f['seed']}: {f['max_reward']}" for f in self.failed))
@@ -74,8 +79,12 @@ class DemoSummary:
 
 def generate_demos(out: Path | str, *, task: str = "transfer_cube", episodes: int = 50, seed: int = 0,
                    cameras: Sequence[str] = ("top",), image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                   format: str = "lerobot-v2.1", progress: bool = True) -> DemoSummary:
-    """Make ``episodes`` scripted demonstrations (reset seeds ``seed``, ``seed + 1``, ...) and write the successful ones."""
+                   format: str = "lerobot-v2.1", workers: int | None = None, progress: bool = True) -> DemoSummary:
+    """Make ``episodes`` scripted demonstrations (reset seeds ``seed``, ``seed + 1``, ...) and write the successful ones.
+
+    ``workers``: processes making episodes (default: one per available core, at most ``episodes``;
+    1: all in this process).
+    """
     out = Path(out)
     if format not in DEMO_FORMATS:
         raise DinocacheError(f"--format must be one of {', '.join(DEMO_FORMATS)}, got {format!r}")
@@ -86,14 +95,18 @@ def generate_demos(out: Path | str, *, task: str = "transfer_cube", episodes: in
     if out.exists() and any(out.iterdir()):
         raise DinocacheError(f"{out} exists and is not empty; choose another --out")
     size = (int(image_size[0]), int(image_size[1]))
+    views = {cam: size for cam in cameras}
     try:
-        expert = ScriptedExpert({cam: size for cam in cameras}, task)
+        make_joint_env(views, task)  # here, so that a wrong camera is one line and not a worker's traceback
     except ValueError as err:
         raise DinocacheError(str(err)) from None
+    workers = default_workers(episodes) if workers is None else max(1, min(workers, episodes))
     summary = DemoSummary(out=out, dataset_format=format, task=task, attempted=episodes,
-                          cameras={cam: list(size) for cam in cameras})
+                          cameras={cam: list(size) for cam in cameras}, workers=workers)
+    seeds = demo_seeds(seed, episodes)
     started = time.perf_counter()
-    write_episodes(out, _successful(expert, summary, demo_seeds(seed, episodes), progress), format=format,
+    rollouts = ordered_map(ScriptedExpert, (views, task), "demonstrate", seeds, workers)
+    write_episodes(out, _successful(rollouts, summary, progress), format=format,
                    fps=FPS, image_size=size, cameras=tuple(cameras), state_dim=len(JOINT_NAMES),
                    action_dim=len(JOINT_NAMES), state_names=JOINT_NAMES, action_names=JOINT_NAMES,
                    robot_type="aloha", aloha_task=TASK_TEXT[task])
@@ -102,12 +115,11 @@ def generate_demos(out: Path | str, *, task: str = "transfer_cube", episodes: in
     return summary
 
 
-def _successful(expert: ScriptedExpert, summary: DemoSummary, seeds: list[int],
-                progress: bool) -> Iterator[SyntheticEpisode]:
-    """Demonstrate every seed; yield the successful episodes, numbered contiguously, and record the rest."""
-    bar = tqdm(seeds, desc="scripted demos", unit="ep", disable=not progress, dynamic_ncols=True)
-    for seed in bar:
-        rollout = expert.demonstrate(seed)
+def _successful(rollouts: Iterator[Rollout], summary: DemoSummary, progress: bool) -> Iterator[SyntheticEpisode]:
+    """The rollouts in seed order: yield the successful episodes, numbered contiguously, and record the rest."""
+    bar = tqdm(rollouts, total=summary.attempted, desc="scripted demos", unit="ep", disable=not progress, dynamic_ncols=True)
+    for rollout in bar:
+        seed = rollout.seed
         if rollout.success:
             summary.seeds.append(seed)
             yield SyntheticEpisode(index=summary.kept - 1, task=TASK_TEXT[summary.task], frames=rollout.frames,
@@ -117,7 +129,7 @@ def _successful(expert: ScriptedExpert, summary: DemoSummary, seeds: list[int],
             summary.failed.append({"seed": seed, "max_reward": rollout.max_reward})
         bar.set_postfix(kept=summary.kept, failed=len(summary.failed))
     if not summary.seeds:
-        raise DinocacheError(f"all {len(seeds)} scripted episodes failed; no dataset written")
+        raise DinocacheError(f"all {summary.attempted} scripted episodes failed; no dataset written")
 
 
 def recorded_demo_seeds(dataset: Path | str) -> list[int] | None:

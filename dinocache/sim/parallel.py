@@ -1,0 +1,73 @@
+"""Worker processes for the simulator: MuJoCo stepping and software rendering are CPU-bound and hold the GIL.
+
+Workers are *spawned*, never forked: a fork would copy the parent's threads (torch, pyarrow) in
+whatever state they are, and an EGL / OSMesa context is not safe to share with a child. Each spawned
+worker imports :mod:`dinocache.sim` again, so it renders headless with the parent's ``MUJOCO_GL``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, TypeVar
+
+import dinocache.sim  # noqa: F401  (sets MUJOCO_GL, inherited by the workers through the environment)
+
+T = TypeVar("T")
+
+#: The object each worker process builds once (an expert, environments) and then calls per item.
+_WORKER_STATE: Any = None
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(jobs: int) -> int:
+    """One worker per available core, never more than there are jobs."""
+    return max(1, min(available_cores(), jobs))
+
+
+def spawn_context() -> multiprocessing.context.SpawnContext:
+    return multiprocessing.get_context("spawn")
+
+
+def _build(factory: Callable[..., Any], args: tuple) -> None:
+    global _WORKER_STATE
+    _WORKER_STATE = factory(*args)
+
+
+def _call(method: str, item: Any) -> Any:
+    return getattr(_WORKER_STATE, method)(item)
+
+
+def ordered_map(factory: Callable[..., Any], args: tuple, method: str, items: Iterable[Any], workers: int,
+                ahead: int = 2) -> Iterator[Any]:
+    """``factory(*args).method(item)`` for every item, in item order, computed by ``workers`` processes.
+
+    Each worker builds its object once. At most ``ahead * workers`` items are in flight, so however
+    many items there are, only that many results (an episode's frames each) wait in memory for the
+    consumer, which gets them in order as soon as the earliest one is done. ``workers <= 1`` runs in
+    this process, with no pool at all.
+    """
+    if workers <= 1:
+        built = factory(*args)
+        yield from map(getattr(built, method), items)
+        return
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(workers, mp_context=spawn_context(), initializer=_build,
+                             initargs=(factory, args)) as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(_call, method, item))
+                if len(pending) >= ahead * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the consumer stopped early or failed: do not compute what nobody will read
+            for future in pending:
+                future.cancel()
