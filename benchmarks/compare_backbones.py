@@ -3,12 +3,14 @@
 One run, one generated dataset, one ACT head (LeRobot's defaults), one batch size. For each backbone:
 
 * **online**: what training costs without a cache, the way LeRobot trains an ACT: every step
-  decodes its frames from the videos (random frames, each decoded by its timestamp: open, seek to
-  the keyframe, decode forward), runs the backbone, then the head's forward, backward and AdamW
-  step (:mod:`dinocache.policy.online`). DINO backbones run frozen (no grad); ``resnet18`` is ACT's
-  own backbone fine-tuned as ACT does (FrozenBatchNorm2d, ``optimizer_lr_backbone``). Decoding runs
-  ahead in a background thread (``BatchStream``, 4 batches ahead) with the frames of a batch decoded
-  by a thread pool (PyAV releases the GIL), so it overlaps the step: the fair baseline. The frozen
+  takes decoded frames, runs the backbone, then the head's forward, backward and AdamW step
+  (:mod:`dinocache.policy.online`). DINO backbones run frozen (no grad); ``resnet18`` is ACT's
+  own backbone fine-tuned as ACT does (FrozenBatchNorm2d, ``optimizer_lr_backbone``). Frames come
+  from the library's one online data path (:class:`dinocache.policy.frames.DecodedFrames`, what
+  ``dinocache train --online`` and ``dinocache finetune`` use): decoded ahead in a background
+  thread (4 batches ahead), the episodes of a batch by a thread pool (PyAV releases the GIL), each
+  decoded episode kept while it fits a quarter of the free RAM (this benchmark's dataset does), so
+  decoding overlaps the step and is mostly paid once: the strongest online baseline. The frozen
   backbone runs in bfloat16 on CUDA, the head under the same autocast, and the step is taken as
   ``train()`` takes it (fused AdamW, foreach clipping, nothing read back until the timing ends).
 * **cached**: the real ``extract`` into a real store (timed: frames/s, bytes per 1000 frames), then
@@ -44,8 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,98 +128,6 @@ class RecordClock:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def decode_frame(clip: Any, index: int) -> np.ndarray:
-    """Frame ``index`` of an episode clip by its timestamp, as LeRobot decodes a sample's frame.
-
-    Open the video, seek to the keyframe at or before the timestamp, decode forward to the frame.
-    Demuxers seek on decode timestamps, so if the first frame decoded is already past the target,
-    seek again from further back.
-    """
-    import av
-    from av.video.reformatter import VideoReformatter
-
-    target = float(clip.timestamps[index])
-    tolerance = 0.5 / clip.fps
-    with av.open(str(clip.path)) as container:
-        stream = container.streams.video[0]
-        for margin in (0.0, 1.0, math.inf):
-            start = max(target - margin, 0.0)
-            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
-            for frame in container.decode(stream):
-                if frame.time < target - tolerance:
-                    continue
-                if frame.time <= target + tolerance:
-                    return VideoReformatter().reformat(frame, format="rgb24").to_ndarray()
-                break
-    raise RuntimeError(f"{clip.path}: no frame at {target:.4f} s")
-
-
-class DecodedSamples:
-    """Online training batches: random rows, frames decoded per sample, state and action chunks normalised.
-
-    Low-dimensional data are normalised with the same statistics and :class:`Normalizer` the store
-    uses, and chunked with the same ``action_windows``; only the frames differ: decoded here for
-    every sample instead of read as features.
-    """
-
-    def __init__(self, dataset: Path, chunk_size: int, seed: int, decode_workers: int) -> None:
-        import torch
-
-        from dinocache.datasets import open_dataset
-        from dinocache.pipeline.store import lowdim_stats
-        from dinocache.policy.config import ACTION, OBS_STATE
-        from dinocache.keys import short_name
-        from dinocache.policy.normalize import Normalizer
-
-        source = open_dataset(dataset)
-        episodes = source.episodes
-        arrays = {ep.index: source.read_lowdim(ep.index) for ep in episodes}
-        raw = {key: np.concatenate([arrays[ep.index][key] for ep in episodes]).reshape(source.num_frames, -1)
-               for key in (OBS_STATE, ACTION)}
-        self.normalizer = Normalizer({key: lowdim_stats(values) for key, values in raw.items()})
-        self.lowdim = {key: self.normalizer.normalize(key, torch.from_numpy(v).float()) for key, v in raw.items()}
-        self.episode_end = torch.from_numpy(np.concatenate([np.full(ep.length, ep.start + ep.length) for ep in episodes]))
-        self.sample = [(ep.index, t) for ep in episodes for t in range(ep.length)]  # row -> (episode, frame)
-        self.cameras = {short_name(key): key for key in source.cameras}
-        # Where each episode lies in its video (path, timestamps): the reader's own bookkeeping.
-        self.clips = {(ep.index, key): source._clip(ep.index, key) for ep in episodes for key in source.cameras}
-        self.chunk_size, self.seed = chunk_size, seed
-        self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
-
-    @property
-    def state_dim(self) -> int:
-        return self.lowdim["observation.state"].shape[1]
-
-    @property
-    def action_dim(self) -> int:
-        return self.lowdim["action"].shape[1]
-
-    def batch(self, rows: np.ndarray) -> dict[str, Any]:
-        import torch
-
-        from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_STATE
-        from dinocache.policy.data import action_windows
-        from dinocache.keys import camera_key
-
-        batch: dict[str, Any] = {}
-        for name, key in self.cameras.items():
-            frames = self.pool.map(lambda r: decode_frame(self.clips[self.sample[r][0], key], self.sample[r][1]), rows)
-            batch[camera_key(name)] = torch.from_numpy(np.stack(list(frames)))
-        index = torch.from_numpy(rows)
-        batch[OBS_STATE] = self.lowdim[OBS_STATE][index]
-        windows, batch[ACTION_IS_PAD] = action_windows(index, self.episode_end, self.chunk_size)
-        batch[ACTION] = self.lowdim[ACTION][windows]
-        return batch
-
-    def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
-        """Endless shuffled epochs (as LeRobot's DataLoader with ``shuffle=True``)."""
-        rng = np.random.default_rng(self.seed)
-        while True:
-            order = rng.permutation(len(self.sample))
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.batch(order[start:start + batch_size])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,7 +229,7 @@ def child_online(task: dict[str, Any]) -> dict[str, Any]:
     from torch import nn
 
     from dinocache.policy.config import ACTConfig
-    from dinocache.policy.data import BatchStream
+    from dinocache.policy.frames import DecodedFrames
     from dinocache.policy.online import build_online_act
 
     device = task["device"]
@@ -329,21 +238,23 @@ def child_online(task: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     config = ACTConfig()
-    data = DecodedSamples(Path(task["dataset"]), config.chunk_size, seed=0, decode_workers=task["decode_workers"])
+    data = DecodedFrames.from_dataset(Path(task["dataset"]), config.chunk_size, device=device,
+                                      decode_threads=task["decode_workers"])
     finetune = task["backbone"] == RESNET
-    model = build_online_act(config, task["backbone"], list(data.cameras), data.state_dim, data.action_dim,
+    model = build_online_act(config, task["backbone"], list(data.camera_keys), data.state_dim, data.action_dim,
                              finetune=finetune, weights="random", image_size=task["image_size"], seed=0,
                              device=device, amp_dtype=torch.bfloat16 if cuda else None)
     optimizer = model.optimizer()
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cuda)  # as train.py
-    stream = BatchStream(data.batches(task["batch_size"]), prefetch=4)
+    order = data.sample_order(np.arange(len(data.episode_end)), seed=0)
+    stream = data.train_batches(order, task["batch_size"], prefetch=4)
     model.train()
 
     def step() -> float:
         """One step as train.py takes it (fused AdamW, foreach clipping, nothing read back); returns the data wait."""
         t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+        batch = next(stream)  # decoded ahead, copied into the step's buffers on the device
         waited = time.perf_counter() - t0
         with autocast:
             loss, _ = model(batch)
