@@ -91,6 +91,8 @@ step "export pt2 float32 --device $DEVICE" 240 \
     "$DC export '$WORK/run8' --out '$WORK/policy32.pt2' --device $DEVICE --no-progress"
 step "export pt2 bfloat16 --device $DEVICE" 240 \
     "$DC export '$WORK/run8' --out '$WORK/policy16.pt2' --device $DEVICE --dtype bfloat16 --no-progress"
+step "export onnx float16 --device $DEVICE (checked in onnxruntime)" 240 \
+    "$DC export '$WORK/run8' --out '$WORK/policy16.onnx' --device $DEVICE --dtype float16 --no-progress"
 step "bench-policy float32 ($DEVICE)" 90 "$DC bench-policy '$WORK/policy32.pt2' --device $DEVICE --steps 100"
 step "bench-policy bfloat16 ($DEVICE)" 90 "$DC bench-policy '$WORK/policy16.pt2' --device $DEVICE --steps 100"
 step "select_action, numpy frames ($DEVICE)" 90 "python3 -c '

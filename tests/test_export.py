@@ -212,7 +212,44 @@ def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, device, tmp_path)
     action = load_policy(result.path, device=device).select_action(obs[0])
     np.testing.assert_allclose(action, expected[0, 0].numpy(), rtol=1e-4, atol=1e-4)
 
-    with pytest.raises(DinocacheError, match="float32 only"):
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_onnx_stores_half_weights_and_acts_as_the_autocast_policy(trained, device, tmp_path):
+    import onnx
+    import onnxruntime
+
+    result = export_policy(trained.run, tmp_path / "half.onnx", format="onnx", dtype="float16", device=device,
+                           progress=False)
+    meta = read_policy_metadata(result.path)
+    assert meta["dtype"] == "float16" and meta["export"]["onnx"]["precision"].startswith("float16 weights")
+    assert 0 < result.trace_max_abs_diff <= meta["export"]["trace_tolerance"] == meta["parity"]["tolerance"]
+    graph = onnx.load(str(result.path)).graph
+    weight_types = {init.data_type for init in graph.initializer if len(init.dims) == 2 and min(init.dims) >= 16}
+    assert weight_types == {onnx.TensorProto.FLOAT16}  # the matrices are stored in half, not cast at run time
+    assert [i.type.tensor_type.elem_type for i in graph.input][2:] == [onnx.TensorProto.FLOAT] * 2  # raw state
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+    obs = observations(trained, 3)
+    feed = {TOP: np.stack([o[TOP] for o in obs]), WRIST: np.stack([o[WRIST] for o in obs]),
+            STATE: np.stack([o[STATE] for o in obs]), ENV: np.stack([o[ENV] for o in obs])}
+    (actions,) = onnxruntime.InferenceSession(str(result.path)).run(None, feed)
+    half = build_fused_policy(trained.run, dtype="float16", device=device)
+    with torch.no_grad():
+        expected = half([torch.from_numpy(feed[TOP]).to(device), torch.from_numpy(feed[WRIST]).to(device)],
+                        torch.from_numpy(feed[STATE]).to(device), torch.from_numpy(feed[ENV]).to(device))
+        normalised = [half.normalizer.normalize("action", a) for a in (torch.from_numpy(actions).to(device), expected)]
+    assert (normalised[0] - normalised[1]).abs().max().item() <= meta["export"]["trace_tolerance"]
+
+
+def test_bfloat16_onnx_is_refused_where_onnxruntime_cannot_check_it(trained, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu runs bfloat16 graphs: the refusal is for the CPU provider")
+    with pytest.raises(DinocacheError, match=r"cannot run the bfloat16 graph .*Could not find an implementation.*"
+                                             r"use --dtype float16"):
         export_policy(trained.run, tmp_path / "half.onnx", format="onnx", dtype="bfloat16", progress=False)
 
 

@@ -17,7 +17,8 @@ from dinocache.policy.formats import COMPUTE_DTYPES, FORMATS
               help="pt2 (torch.export program) or onnx [default: from --out's suffix, else pt2].")
 @click.option("--checkpoint", default="last", show_default=True, help="last, best, or a training step.")
 @click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="float32", show_default=True,
-              help="Compute precision (autocast) of backbone and head; half precision is meant for CUDA.")
+              help="Compute precision of backbone and head: autocast in a .pt2, weights cast in ONNX; half precision "
+                   "is meant for CUDA.")
 @click.option("--device", default="cpu", show_default=True, help="Device to trace and check on: cpu, cuda, cuda:1 ...")
 @click.option("--weights", default=None, type=click.Path(path_type=Path),
               help="Backbone weights file [default: the recorded one, else the Hugging Face cache]; checked "

@@ -66,11 +66,16 @@ class FrozenBackbone(nn.Module):
         return self.spec.embed_dim
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the model's weights are stored in (float32 unless cast, see ``FusedPolicy.with_weights_in``)."""
+        return next(self.model.parameters()).dtype
+
         """uint8 ``(B,H,W,3)`` / ``(B,3,H,W)`` / single image -> grid ``(B,C,h,w)``, CLS ``(B,C)``."""
         with torch.no_grad():
             x = self.preprocess(images)
-            if self.amp_dtype is None:
-                grid, cls = self._encode(x)
+            if self.amp_dtype is None:  # in the weights' own dtype: float32, or half where cast for ONNX
+                grid, cls = self._encode(x.to(self.weights_dtype))
             else:
                 with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype):
                     grid, cls = self._encode(x)

@@ -45,6 +45,9 @@ __all__ = ["ExportResult", "export_policy", "FORMATS", "TRACE_TOLERANCE", "onnx_
 #: Largest allowed difference (normalised action units) between the traced program and the eager
 #: policy at float32: tracing changes no arithmetic, so only kernel-level noise is allowed.
 TRACE_TOLERANCE = 1e-4
+#: ONNX opset by compute dtype where the exporter's default will not do: bfloat16 Conv, LayerNormalization
+#: and friends exist from opset 22 on.
+_ONNX_OPSETS = {torch.bfloat16: 22}
 #: Example batch size for tracing; the batch axis is exported dynamic (1 and up work).
 _EXAMPLE_BATCH = 2
 
@@ -184,21 +187,24 @@ def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dic
     flat = (*images, state) + ((env,) if env is not None else ())
     batch = _batch_dim()
     shapes = (tuple({0: batch} for _ in flat),)  # forward(*inputs) has one argument: the tuple
+    graph = policy if policy.compute_dtype == torch.float32 else policy.with_weights_in(policy.compute_dtype)
     try:
         with _quiet_onnx(), torch.no_grad():
-            program = torch.onnx.export(_FlatInputs(policy), flat, dynamo=True, input_names=names,
-                                        output_names=[ACTION], dynamic_shapes=shapes, optimize=True, verbose=False)
+            program = torch.onnx.export(_FlatInputs(graph), flat, dynamo=True, input_names=names,
+                                        output_names=[ACTION], dynamic_shapes=shapes, optimize=True, verbose=False,
+                                        opset_version=_ONNX_OPSETS.get(policy.compute_dtype))
     except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user needs the gist
         cause = err.__cause__ or err
         raise DinocacheError(f"the ONNX exporter failed ({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); "
                              "--format pt2 does not depend on it") from err
     metadata["export"]["onnx"] = {"opset": int(program.model.opset_imports.get("", 0)), "input_names": names,
                                   "output_names": [ACTION], "inputs": _onnx_inputs(policy, names, flat),
-                                  "preprocessing_inside": policy.backbone.preprocess.config.describe()}
+                                  "preprocessing_inside": policy.backbone.preprocess.config.describe(),
+                                  "precision": _onnx_precision(policy.compute_dtype)}
     program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(metadata)
     with _quiet_onnx():
         program.save(tmp)
-    diff = _normalised_diff(policy, torch.from_numpy(_run_onnxruntime(tmp, names, flat)), eager)
+    diff = _normalised_diff(policy, torch.from_numpy(_run_onnxruntime(tmp, names, flat, policy.compute_dtype)), eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the ONNX file in onnxruntime")
     program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(metadata)  # now with the measured difference
@@ -218,7 +224,16 @@ def _onnx_inputs(policy: FusedPolicy, names: list[str], flat: tuple) -> list[dic
              "meaning": meanings[name]} for name, value in zip(names, flat)]
 
 
-def _run_onnxruntime(path: Path, names: list[str], inputs: tuple) -> np.ndarray:
+def _onnx_precision(dtype: torch.dtype) -> str:
+    """What the graph computes in, for whoever builds an engine from it."""
+    if dtype == torch.float32:
+        return "float32 throughout"
+    name = str(dtype).removeprefix("torch.")
+    return (f"{name} weights and compute in backbone and head; preprocessing, state normalisation, inputs and "
+            "output float32")
+
+
+def _run_onnxruntime(path: Path, names: list[str], inputs: tuple, dtype: torch.dtype) -> np.ndarray:
     import onnxruntime
 
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -271,7 +286,8 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         out: the file to write (``.pt2`` / ``.onnx``).
         format: ``pt2`` (a ``torch.export`` program) or ``onnx``.
         checkpoint: ``last``, ``best`` or a step.
-        dtype: compute precision (autocast) of backbone and head: float32, float16 or bfloat16.
+        dtype: compute precision of backbone and head: float32, float16 or bfloat16 (autocast in a
+            ``.pt2``; weights cast in ONNX, see :meth:`FusedPolicy.with_weights_in`).
         device: where to trace and check (cpu, cuda, cuda:1 ...); the program is specialised to it.
         weights: backbone weights file (default: as recorded, see :func:`~dinocache.policy.provenance.default_weights`).
         dataset: the source dataset to take check frames from (default: the recorded path, else the
@@ -291,10 +307,6 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         raise DinocacheError(f"--format {format!r}: choose {' or '.join(FORMATS)}")
     out = _policy_path(Path(out), format)
     compute_dtype = parse_dtype(dtype)
-    if format == "onnx" and compute_dtype != torch.float32:
-        raise DinocacheError(f"--format onnx --dtype {dtype}: ONNX export is float32 only (onnxruntime rejects the "
-                             "graphs torch's exporter makes of half-precision autocast regions); export float32 and let "
-                             "the ONNX runtime pick its precision, or use --format pt2")
     target = _check_device(device)
     if compile is None:
         compile = format == "pt2" and target.type == "cuda"

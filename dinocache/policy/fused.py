@@ -11,6 +11,7 @@ exports whole with ``torch.export`` and to ONNX.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from itertools import chain
@@ -98,10 +99,30 @@ class FusedPolicy(nn.Module):
             if env_state is None:
                 raise ValueError(f"this policy also takes {OBS_ENV_STATE} ({self.inputs.env_state_dim} values)")
             batch[OBS_ENV_STATE] = self.normalizer.normalize(OBS_ENV_STATE, env_state.float())
-        amp = self.compute_dtype != torch.float32
+        head_dtype = next(self.head.parameters()).dtype
+        if head_dtype != torch.float32:  # weights cast by with_weights_in: the inputs follow them
+            batch = {key: value.to(head_dtype) for key, value in batch.items()}
+        amp = self.compute_dtype != head_dtype  # autocast only over float32 weights
         with torch.no_grad(), torch.autocast(state.device.type, dtype=self.compute_dtype, enabled=amp):
             actions, _ = self.head(batch)
         return self.normalizer.unnormalize(ACTION, actions.float())
+
+    def with_weights_in(self, dtype: torch.dtype) -> FusedPolicy:
+        """A copy whose backbone and head weights are stored in ``dtype`` and compute in it without
+        autocast; preprocessing and the normaliser stay float32, as do inputs and output.
+
+        This is the form ONNX wants: torch's exporter writes autocast's mixed-precision regions as graphs
+        onnxruntime refuses (a LayerNormalization bound to float16 and float32 at once), and TensorRT
+        builds its engine in the types it finds in the graph. Its arithmetic differs from autocast's
+        only in rounding (normalisation layers and softmax in half too), which the export's trace check
+        bounds with the half-precision tolerance.
+        """
+        cast = copy.deepcopy(self)
+        cast.backbone.model.to(dtype)
+        cast.backbone.amp_dtype = None
+        cast.head.to(dtype)
+        cast.compute_dtype = dtype
+        return cast
 
 
 def camera_features(encoder: Callable[[Tensor], tuple[Tensor, Tensor]], images: list[Tensor],
