@@ -65,12 +65,12 @@ class FrozenBackbone(nn.Module):
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     @property
     def weights_dtype(self) -> torch.dtype:
         """The dtype the model's weights are stored in (float32 unless cast, see ``FusedPolicy.with_weights_in``)."""
         return next(self.model.parameters()).dtype
 
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``(B,H,W,3)`` / ``(B,3,H,W)`` / single image -> grid ``(B,C,h,w)``, CLS ``(B,C)``."""
         with torch.no_grad():
             x = self.preprocess(images)
