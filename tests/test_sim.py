@@ -42,23 +42,37 @@ def demos(tmp_path_factory) -> Path:
 
 
 class ExpertReplay:
-    """A policy that replays the scripted expert's plan for known seeds: what success looks like to eval."""
+    """A policy that replays the scripted expert's plan for known seeds: what success looks like to eval.
 
-    def __init__(self, seeds: list[int]) -> None:
+    Episodes start in seed order, so the k-th :meth:`reset` is seed k's; each environment keeps its own
+    episode and step, as a real policy's action queue. Episodes in ``fumble`` keep the right gripper
+    open: the cube is touched at most, and the episode runs to the end.
+    """
+
+    def __init__(self, seeds: list[int], fumble: tuple[int, ...] = ()) -> None:
         self.plans = [plan_joint_actions(seed) for seed in seeds]
+        for k in fumble:
+            self.plans[k][:, 13] = 1.0
         self.metadata = {"cameras": ["observation.images.top"], "image_size": {"observation.images.top": list(CAMERA)},
                          "state_dim": 14, "action_dim": 14, "fps": 50}
-        self.episode, self.t = -1, 0
+        self.started = 0
+        self.playing: dict[int, list[int]] = {}  # env -> [episode, step]
+        self.batches: list[int] = []
 
-    def reset(self) -> None:
-        self.episode, self.t = self.episode + 1, 0
+    def reset(self, env: int | None = None) -> None:
+        self.playing[env] = [self.started, 0]
+        self.started += 1
 
-    def select_action(self, observation: dict) -> np.ndarray:
-        assert observation["observation.images.top"].shape == (*CAMERA, 3)
-        assert observation["observation.state"].shape == (14,)
-        action = self.plans[self.episode][self.t]
-        self.t += 1
-        return action
+    def select_actions(self, observations: list[dict], envs: list[int]) -> np.ndarray:
+        self.batches.append(len(envs))
+        actions = []
+        for observation, env in zip(observations, envs):
+            assert observation["observation.images.top"].shape == (*CAMERA, 3)
+            assert observation["observation.state"].shape == (14,)
+            episode, step = self.playing[env]
+            actions.append(self.plans[episode][step])
+            self.playing[env][1] += 1
+        return np.stack(actions)
 
 
 def test_seed_schemes_are_disjoint_and_place_the_cube_explicitly():
@@ -113,11 +127,20 @@ def test_demos_with_one_and_two_workers_are_the_same_dataset(tmp_path: Path):
         assert (made[1].out / name).read_bytes() == (made[2].out / name).read_bytes(), name
 
 
-def test_eval_counts_a_success_and_writes_video(tmp_path: Path):
-    seeds = eval_seeds(0, 1)
-    results = run_episodes(ExpertReplay(seeds), seeds, out=tmp_path, videos=1, progress=False)
-    assert results[0].success and results[0].steps < EPISODE_STEPS  # stops at the first full reward
-    _check_video(Path(results[0].video), results[0].steps)
+def test_batched_eval_gives_the_serial_outcomes_and_writes_video(tmp_path: Path):
+    """Two environments in two worker processes, queried together: episode 0 succeeds and ends early,
+    its environment takes episode 2 while episode 1 (a fumble) runs on to the step limit; every
+    episode ends as it does when the episodes run one after the other in this process."""
+    seeds = eval_seeds(0, 3)
+    serial = run_episodes(ExpertReplay(seeds, fumble=(1,)), seeds, progress=False)
+    policy = ExpertReplay(seeds, fumble=(1,))
+    batched = run_episodes(policy, seeds, num_envs=2, workers=2, out=tmp_path, videos=1, progress=False)
+    assert [(r.seed, r.max_reward, r.steps) for r in batched] == [(r.seed, r.max_reward, r.steps) for r in serial]
+    assert serial[0].success and serial[0].steps < EPISODE_STEPS  # stops at the first full reward
+    assert not serial[1].success and serial[1].steps == EPISODE_STEPS and serial[2].success
+    assert max(policy.batches) == 2 and sum(policy.batches) == sum(r.steps for r in serial)  # one query a step
+    assert batched[0].video and not batched[1].video
+    _check_video(Path(batched[0].video), batched[0].steps)
 
 
 @pytest.mark.slow
@@ -139,16 +162,16 @@ def test_demos_extract_train_export_eval(demos: Path, tmp_path: Path, device: st
                            progress=False).path
 
     out = tmp_path / "eval"
-    result = CliRunner().invoke(main, ["sim", "eval", str(policy), "--episodes", "1", "--max-steps", "20",
+    result = CliRunner().invoke(main, ["sim", "eval", str(policy), "--episodes", "2", "--max-steps", "20",
                                        "--out", str(out), "--videos", "1", "--demos", str(demos), "--device", device,
-                                       "--no-progress"])
+                                       "--num-envs", "2", "--workers", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "success" in result.output and "95% CI" in result.output
     record = json.loads((out / RESULTS_FILE).read_text())
-    assert record["episodes"] == 1 and record["successes"] in (0, 1)
+    assert record["episodes"] == 2 and record["successes"] in (0, 1, 2) and record["num_envs"] == 2
     assert record["per_episode"][0]["success"] in (False, True) and record["per_episode"][0]["steps"] <= 20
     assert set(record["stages"]) == {"touched", "lifted", "transfer_attempted", "transferred"}
-    assert record["eval_seeds"] == eval_seeds(0, 1) and record["demo_seeds_checked_disjoint"] is True
+    assert record["eval_seeds"] == eval_seeds(0, 2) and record["demo_seeds_checked_disjoint"] is True
     assert 0 <= record["ci95"][0] <= record["success_rate"] <= record["ci95"][1] <= 1
     _check_video(Path(record["videos"][0]), record["per_episode"][0]["steps"])
 

@@ -70,21 +70,29 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cpu).")
 @click.option("--demos", "demos_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="The training demonstrations: check that no evaluation seed was used there.")
+@click.option("--num-envs", type=click.IntRange(min=1), default=None,
+              help="Episodes run at a time, the policy queried once per step for all [default: one per available core].")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes stepping and rendering the environments [default: one per available core, at most "
+                   "--num-envs; 0: all in this process].")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 def eval_command(policy: Path, task: str, episodes: int, seed: int, out: Path | None, videos: int, max_steps: int,
-                 device: str | None, demos_path: Path | None, no_progress: bool) -> None:
+                 device: str | None, demos_path: Path | None, num_envs: int | None, workers: int | None,
+                 no_progress: bool) -> None:
     """Run an exported policy closed loop on held-out cube positions; report the success rate.
 
     \b
     Examples:
       dinocache sim eval policy.pt2 --episodes 50 --seed 0
       dinocache sim eval policy.pt2 --demos data/transfer_cube --out eval/
+      dinocache sim eval policy.pt2 --num-envs 16 --workers 16 --device cuda
+      dinocache sim eval policy.pt2 --num-envs 1 --workers 0     # one episode at a time, in this process
     """
     require_sim()
     from dinocache.sim.evaluate import RESULTS_FILE, evaluate
 
     out = out or policy.with_name(f"{policy.stem}_eval")
     result = evaluate(policy, task=task, episodes=episodes, seed=seed, max_steps=max_steps, out=out, videos=videos,
-                      device=device, demos=demos_path, progress=not no_progress)
+                      device=device, demos=demos_path, num_envs=num_envs, workers=workers, progress=not no_progress)
     click.echo(result.format())
     click.echo(f"results     {out / RESULTS_FILE}")

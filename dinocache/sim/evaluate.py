@@ -7,8 +7,16 @@ queue as it was configured when trained. Nothing from training is reused here: t
 evaluation seeds that no demonstration uses (:func:`dinocache.sim.env.eval_seeds`).
 
 An episode succeeds when the task's reward reaches its maximum (the left gripper holds the cube off the
-table, ACT's and gym-aloha's definition); it then ends early, otherwise after ``max_steps``. The
-success rate comes with a Wilson score 95 % interval, which stays inside [0, 1] and is honest at 0/50
+table, ACT's and gym-aloha's definition); it then ends early, otherwise after ``max_steps``.
+
+Episodes run ``num_envs`` at a time in a :class:`~dinocache.sim.vector.EnvPool` (environments in
+worker processes, since stepping and rendering are CPU-bound): each control step the policy is
+queried once for every running environment (:meth:`PolicyRuntime.select_actions`, which keeps the
+action queue or temporal ensemble per environment), and an environment whose episode ends takes the
+next seed while the others carry on. An episode's outcome depends only on its seed and the actions it
+gets, so it is the one-at-a-time evaluation's as long as the model answers a row the same in a batch
+as alone (exactly so for row-wise programs; a real network on a CPU may differ in the last bits, as
+its kernels block a batch differently). The success rate comes with a Wilson score 95 % interval, which stays inside [0, 1] and is honest at 0/50
 or 50/50 where the normal approximation collapses to a zero-width interval.
 """
 
@@ -29,8 +37,9 @@ from tqdm.auto import tqdm
 from dinocache.errors import DinocacheError
 from dinocache.keys import CAMERA_PREFIX, OBS_STATE
 from dinocache.datasets.encode import encode_video
-from dinocache.sim.env import (
-    EPISODE_STEPS, FPS, JOINT_NAMES, MAX_REWARD, REWARD_STAGES, SimEnv, eval_seeds, make_joint_env)
+from dinocache.sim.env import EPISODE_STEPS, FPS, JOINT_NAMES, MAX_REWARD, REWARD_STAGES, eval_seeds
+from dinocache.sim.parallel import default_workers
+from dinocache.sim.vector import EnvPool, Transition
 
 RESULTS_FILE = "results.json"
 VIDEO_DIR = "videos"
@@ -42,9 +51,9 @@ class Policy(Protocol):
 
     metadata: Mapping[str, Any]
 
-    def reset(self) -> None: ...
+    def reset(self, env: int | None = None) -> None: ...
 
-    def select_action(self, observation: Mapping[str, np.ndarray]) -> np.ndarray: ...
+    def select_actions(self, observations: Sequence[Mapping[str, np.ndarray]], envs: Sequence[int]) -> np.ndarray: ...
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
@@ -85,6 +94,8 @@ class EvalResult:
     seconds: float = 0.0
     policy_metadata: dict[str, Any] = field(default_factory=dict)
     demo_seeds_checked: bool = False
+    num_envs: int = 1
+    workers: int = 0
 
     @property
     def successes(self) -> int:
@@ -113,6 +124,7 @@ class EvalResult:
                            "`sim demos --seed S` uses S + i",
             "demo_seeds_checked_disjoint": self.demo_seeds_checked,
             "max_steps": self.max_steps, "fps": FPS, "seconds": self.seconds,
+            "num_envs": self.num_envs, "workers": self.workers,
             "steps_per_s": steps / self.seconds if self.seconds else None,
             "policy_metadata": self.policy_metadata,
             "per_episode": [{**asdict(e), "success": e.success} for e in self.episodes],
@@ -161,49 +173,88 @@ def check_policy(metadata: Mapping[str, Any]) -> None:
         raise DinocacheError(f"the policy was trained on {fps} fps data; the simulator runs at {FPS} Hz")
 
 
-def rollout(policy: Policy, env: SimEnv, seed: int, max_steps: int = EPISODE_STEPS,
-            frames: list[np.ndarray] | None = None, video_camera: str | None = None) -> EpisodeResult:
-    """Run one closed-loop episode; append the frames of ``video_camera`` to ``frames`` if given."""
-    started = time.perf_counter()
-    step = env.reset(seed)
-    policy.reset()
-    best, steps = 0, 0
-    for steps in range(1, max_steps + 1):
-        images = step.observation["images"]
-        if frames is not None:
-            frames.append(images[video_camera])
-        observation = {CAMERA_PREFIX + cam: image for cam, image in images.items()}
-        observation[OBS_STATE] = step.observation["qpos"].astype(np.float32)
-        action = np.asarray(policy.select_action(observation), dtype=np.float64).reshape(-1)
-        step = env.step(action)
-        best = max(best, int(step.reward))
-        if best >= MAX_REWARD:
-            break
-    return EpisodeResult(seed=seed, max_reward=best, steps=steps, seconds=time.perf_counter() - started)
+@dataclass
+class _Running:
+    """The episode an environment is running: which one, since when, how far it got, its video frames."""
+
+    index: int
+    seed: int
+    started: float
+    frames: list[np.ndarray] | None
+    best: int = 0
+    steps: int = 0
+
+
+def _observation(shown: Transition) -> dict[str, np.ndarray]:
+    """What the policy gets from an environment: every camera frame and the joint positions."""
+    observation = {CAMERA_PREFIX + cam: image for cam, image in shown.images.items()}
+    observation[OBS_STATE] = shown.qpos.astype(np.float32)
+    return observation
 
 
 def run_episodes(policy: Policy, seeds: Sequence[int], *, task: str = "transfer_cube",
-                 max_steps: int = EPISODE_STEPS, out: Path | None = None, videos: int = 3,
-                 progress: bool = True) -> list[EpisodeResult]:
-    """Roll ``policy`` out once per seed; mp4s of the first ``videos`` rollouts go to ``out/videos``."""
+                 max_steps: int = EPISODE_STEPS, out: Path | None = None, videos: int = 3, num_envs: int = 1,
+                 workers: int = 0, progress: bool = True) -> list[EpisodeResult]:
+    """Roll ``policy`` out once per seed, ``num_envs`` episodes at a time in ``workers`` processes.
+
+    Results come back in seed order; mp4s of the first ``videos`` rollouts go to ``out/videos``.
+    ``num_envs=1, workers=0`` is the plain loop: one episode after the other in this process.
+    """
     check_policy(policy.metadata)
     sizes = camera_sizes(policy.metadata)
+    video_camera = next(iter(sizes))
+    queue = iter(enumerate(seeds))
+    results: dict[int, EpisodeResult] = {}  # by episode index, as the episodes end
+    running: dict[int, _Running] = {}
+    shown: dict[int, Transition] = {}
+
+    def start(slots: Sequence[int]) -> None:
+        """Give each free slot the next seed, if any is left; reset its environment and its policy state."""
+        seeds_by_slot = {}
+        for slot, (index, seed) in zip(slots, queue):
+            keep_frames = out is not None and index < videos
+            running[slot] = _Running(index, seed, time.perf_counter(), [] if keep_frames else None)
+            seeds_by_slot[slot] = seed
+            policy.reset(slot)
+        shown.update(pool.reset(seeds_by_slot))
+
     try:
-        env = make_joint_env(sizes, task)
+        pool = EnvPool(sizes, task, max(1, min(num_envs, len(seeds))), workers)
     except ValueError as err:
         raise DinocacheError(f"policy cameras: {err}") from None
-    video_camera = next(iter(sizes))
-    results: list[EpisodeResult] = []
-    bar = tqdm(seeds, desc="closed-loop eval", unit="ep", disable=not progress, dynamic_ncols=True)
-    for k, seed in enumerate(bar):
-        frames: list[np.ndarray] | None = [] if out is not None and k < videos else None
-        result = rollout(policy, env, seed, max_steps, frames, video_camera)
-        if frames:
-            result.video = str(_write_video(Path(out) / VIDEO_DIR / f"rollout_{k:03d}_seed_{seed}.mp4", frames))
-        results.append(result)
-        wins = sum(r.success for r in results)
-        bar.set_postfix(success=f"{wins}/{len(results)} ({100 * wins / len(results):.0f}%)")
-    return results
+    bar = tqdm(total=len(seeds), desc="closed-loop eval", unit="ep", disable=not progress, dynamic_ncols=True)
+    with pool, bar:
+        start(range(pool.num_envs))
+        while running:
+            slots = sorted(running)
+            actions = policy.select_actions([_observation(shown[slot]) for slot in slots], slots)
+            for slot in slots:
+                if running[slot].frames is not None:
+                    running[slot].frames.append(shown[slot].images[video_camera])
+            shown.update(pool.step(dict(zip(slots, actions))))
+            ended = []
+            for slot in slots:
+                episode = running[slot]
+                episode.steps += 1
+                episode.best = max(episode.best, int(shown[slot].reward))
+                if episode.best >= MAX_REWARD or episode.steps >= max_steps:
+                    ended.append(slot)
+                    results[episode.index] = _finish(running.pop(slot), out)
+            if ended:
+                wins = sum(r.success for r in results.values())
+                bar.update(len(ended))
+                bar.set_postfix(success=f"{wins}/{len(results)} ({100 * wins / len(results):.0f}%)")
+                start(ended)
+    return [results[index] for index in range(len(seeds))]
+
+
+def _finish(episode: _Running, out: Path | None) -> EpisodeResult:
+    result = EpisodeResult(seed=episode.seed, max_reward=episode.best, steps=episode.steps,
+                           seconds=time.perf_counter() - episode.started)
+    if episode.frames:
+        name = f"rollout_{episode.index:03d}_seed_{episode.seed}.mp4"
+        result.video = str(_write_video(Path(out) / VIDEO_DIR / name, episode.frames))
+    return result
 
 
 def _write_video(path: Path, frames: list[np.ndarray]) -> Path:
@@ -216,11 +267,15 @@ def _write_video(path: Path, frames: list[np.ndarray]) -> Path:
 
 def evaluate(policy_path: Path | str, *, task: str = "transfer_cube", episodes: int = 50, seed: int = 0,
              max_steps: int = EPISODE_STEPS, out: Path | str | None = None, videos: int = 3,
-             device: str | None = None, demos: Path | str | None = None, progress: bool = True) -> EvalResult:
+             device: str | None = None, demos: Path | str | None = None, num_envs: int | None = None,
+             workers: int | None = None, progress: bool = True) -> EvalResult:
     """Load an exported policy and evaluate it on ``episodes`` held-out reset seeds; write ``out/results.json``.
 
     ``demos``: the demonstration dataset the policy was trained on; when given, its recorded seeds are
-    checked to be disjoint from the evaluation seeds.
+    checked to be disjoint from the evaluation seeds. ``num_envs``: episodes run at a time (default:
+    one per available core, at most ``episodes``); ``workers``: processes stepping them (default: one
+    per available core, at most ``num_envs``; 0 with ``num_envs=1``: one episode at a time, in this
+    process).
     """
     from dinocache import load_policy
     from dinocache.sim.demos import DEMOS_RECORD, recorded_demo_seeds
@@ -237,12 +292,17 @@ def evaluate(policy_path: Path | str, *, task: str = "transfer_cube", episodes: 
         if overlap:
             raise DinocacheError(f"evaluation seeds {overlap[:5]} were used for demonstrations in {demos}")
         checked = True
+    num_envs = default_workers(episodes) if num_envs is None else max(1, min(num_envs, episodes))
+    if workers is None:
+        workers = 0 if num_envs == 1 else default_workers(num_envs)
     policy = load_policy(policy_path, device=device or "cpu")
     result = EvalResult(policy=str(policy_path), task=task, seed=seed, max_steps=max_steps,
-                        policy_metadata=_jsonable(dict(policy.metadata)), demo_seeds_checked=checked)
+                        policy_metadata=_jsonable(dict(policy.metadata)), demo_seeds_checked=checked,
+                        num_envs=num_envs, workers=min(workers, num_envs))
     started = time.perf_counter()
     result.episodes = run_episodes(policy, seeds, task=task, max_steps=max_steps,
-                                   out=Path(out) if out is not None else None, videos=videos, progress=progress)
+                                   out=Path(out) if out is not None else None, videos=videos, num_envs=num_envs,
+                                   workers=workers, progress=progress)
     result.seconds = time.perf_counter() - started
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

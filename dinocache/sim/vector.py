@@ -1,0 +1,147 @@
+"""Many joint-scene environments stepped together: the vectorised simulator behind ``sim eval --num-envs``.
+
+An :class:`EnvPool` holds ``num_envs`` environments, numbered 0 .. num_envs - 1 (their *slots*),
+spread over ``workers`` spawned processes (slot ``i`` lives in worker ``i % workers``; ``workers=0``
+keeps them all in this process). Every call names the slots it concerns, so the caller resets one
+environment while the others keep going, and stops stepping those that are done. A call sends each
+worker its share first and then collects the answers, so the workers step and render at the same
+time while the parent, say, runs the policy.
+
+An environment's episode depends only on its reset seed and the actions it is sent, whichever slot
+or process it runs in: MuJoCo and the software renderer are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from dinocache.sim.env import Cameras, make_joint_env
+from dinocache.sim.parallel import spawn_context
+
+
+@dataclass
+class Transition:
+    """What one environment shows after a reset or a step: its camera frames, joint positions, reward."""
+
+    images: dict[str, np.ndarray]
+    qpos: np.ndarray
+    reward: float
+
+
+class EnvGroup:
+    """The environments of some slots, in one process."""
+
+    def __init__(self, cameras: Cameras, task: str, slots: Iterable[int]) -> None:
+        self.envs = {slot: make_joint_env(cameras, task) for slot in slots}
+
+    def reset(self, seeds: Mapping[int, int]) -> dict[int, Transition]:
+        return {slot: _transition(self.envs[slot].reset(seed)) for slot, seed in seeds.items()}
+
+    def step(self, actions: Mapping[int, np.ndarray]) -> dict[int, Transition]:
+        return {slot: _transition(self.envs[slot].step(action)) for slot, action in actions.items()}
+
+
+def _transition(step: Any) -> Transition:
+    return Transition(images=step.observation["images"], qpos=step.observation["qpos"],
+                      reward=float(step.reward or 0.0))  # dm_control's first TimeStep has no reward
+
+
+def _serve(conn: Connection, cameras: Cameras, task: str, slots: list[int]) -> None:
+    """A worker: build its environments, then answer ``(command, by_slot)`` until told to close.
+
+    Any exception goes back to the parent as the answer (it re-raises it), so a bad camera name or
+    a crash in MuJoCo is one error there, not a hung pipe.
+    """
+    try:
+        group = EnvGroup(cameras, task, slots)
+        conn.send(None)
+        while (message := conn.recv()) is not None:
+            command, by_slot = message
+            conn.send(getattr(group, command)(by_slot))
+    except Exception as err:  # noqa: BLE001 - handed to the parent, which raises it
+        conn.send(err)
+    finally:
+        conn.close()
+
+
+class EnvPool:
+    """``num_envs`` joint-scene environments in ``workers`` processes (0: in this one); use as a context manager."""
+
+    def __init__(self, cameras: Cameras, task: str, num_envs: int, workers: int) -> None:
+        if num_envs < 1 or workers < 0:
+            raise ValueError(f"an environment pool needs num_envs >= 1 and workers >= 0, got {num_envs}, {workers}")
+        self.num_envs, self.workers = num_envs, min(workers, num_envs)
+        self._local = EnvGroup(cameras, task, range(num_envs)) if self.workers == 0 else None
+        self._conns: list[Connection] = []
+        self._procs = []
+        context = spawn_context()
+        for worker in range(self.workers):
+            parent, child = context.Pipe()
+            proc = context.Process(target=_serve, args=(child, dict(cameras), task,
+                                                        list(range(worker, num_envs, self.workers))),
+                                   daemon=True, name=f"dinocache-sim-{worker}")
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        try:
+            for conn in self._conns:  # every worker has built its environments, or this raises why not
+                self._answer(conn)
+        except BaseException:
+            self.close()
+            raise
+
+    def reset(self, seeds: Mapping[int, int]) -> dict[int, Transition]:
+        """Reset the environments of the given slots with their seeds (``{slot: seed}``)."""
+        return self._call("reset", seeds)
+
+    def step(self, actions: Mapping[int, np.ndarray]) -> dict[int, Transition]:
+        """Step the environments of the given slots (``{slot: action}``); the others stay where they are."""
+        return self._call("step", {slot: np.asarray(action, dtype=np.float64) for slot, action in actions.items()})
+
+    def _call(self, command: str, by_slot: Mapping[int, Any]) -> dict[int, Transition]:
+        if self._local is not None:
+            return getattr(self._local, command)(by_slot)
+        shares: dict[int, dict[int, Any]] = {}
+        for slot, value in by_slot.items():
+            shares.setdefault(slot % self.workers, {})[slot] = value
+        for worker, share in shares.items():
+            self._conns[worker].send((command, share))
+        answers: dict[int, Transition] = {}
+        for worker in shares:
+            answers.update(self._answer(self._conns[worker]))
+        return answers
+
+    @staticmethod
+    def _answer(conn: Connection) -> Any:
+        try:
+            answer = conn.recv()
+        except EOFError:
+            raise RuntimeError("a simulator worker process died (see its output above)") from None
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def close(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass  # already gone
+            conn.close()
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+        self._conns, self._procs = [], []
+
+    def __enter__(self) -> EnvPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
