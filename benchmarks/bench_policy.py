@@ -37,7 +37,7 @@ import torch
 from _child import exit_if_failed, run_child
 from _machine import describe_machine
 from dinocache.encoders.backbone import create_backbone
-from dinocache.pipeline.extract import backbone_provenance
+from dinocache.pipeline.store import SourceRecord, StoreRecord
 from dinocache.policy.act import ACTHead
 from dinocache.policy.bench import latencies_ms, random_observation
 from dinocache.policy.checkpoint import PolicySpec, capture_rng, load_head, save_checkpoint
@@ -54,11 +54,11 @@ def make_run(folder: Path, backbone_name: str, image_size: int) -> Path:
     """A run folder with one checkpoint: a default ACT head (fresh init) on random-weight backbone provenance."""
     backbone = create_backbone(backbone_name, weights="random", image_size=image_size)
     h, w = backbone.grid_size
-    provenance = {**backbone_provenance(backbone), "precision": "fp32", "dtype": "float16", "cameras": [CAMERA],
-                  "camera_sizes": {CAMERA: [HEIGHT, WIDTH]}, "fps": 50.0,
-                  "source": {"format": "synthetic", "fingerprint": "benchmark"},
-                  "lowdim_names": {OBS_STATE: [f"joint_{i}" for i in range(DIM)],
-                                   ACTION: [f"joint_{i}" for i in range(DIM)]}}
+    record = StoreRecord(num_frames=0, cameras=(CAMERA,), backbone=backbone.record(), precision="fp32",
+                         camera_sizes={CAMERA: (HEIGHT, WIDTH)}, fps=50.0,
+                         source=SourceRecord(format="synthetic", fingerprint="benchmark"),
+                         lowdim_names={OBS_STATE: [f"joint_{i}" for i in range(DIM)],
+                                       ACTION: [f"joint_{i}" for i in range(DIM)]})
     config = ACTConfig()
     inputs = ACTInputs(cameras=[("top", backbone.embed_dim, h, w)], state_dim=DIM, action_dim=DIM)
     rng = np.random.default_rng(0)
@@ -66,7 +66,7 @@ def make_run(folder: Path, backbone_name: str, image_size: int) -> Path:
              for key in (OBS_STATE, ACTION)}
     torch.manual_seed(0)
     head = ACTHead(config, inputs)
-    spec = PolicySpec(config, inputs, stats, "(none: benchmark)", provenance, {"top": CAMERA})
+    spec = PolicySpec(config, inputs, stats, "(none: benchmark)", record, {"top": CAMERA})
     save_checkpoint(folder, 0, head, Normalizer(stats), spec, torch.optim.AdamW(head.parameters()),
                     [capture_rng()], sampler={}, extra={})
     return folder

@@ -211,7 +211,7 @@ def main() -> None:
 
     opened = FeatureStore(store)
     camera = opened.cameras[0]
-    store_info = {"path": str(store), "backbone": opened.provenance.get("backbone", {}).get("name"),
+    store_info = {"path": str(store), "backbone": opened.record.backbone.name,
                   "frames": opened.num_frames, "cameras": len(opened.cameras), "grid": list(opened.grid_shape(camera))}
     info = describe_machine(args.device, args.threads)
     command = "python benchmarks/bench_train_step.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -39,11 +39,11 @@ def test_random_weights_are_seeded_and_recorded(vits14_reg):
     state = torch.random.get_rng_state()
     other = create_backbone("dinov2_vits14_reg", weights="random", seed=4, image_size=(56, 70))
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
-    info = vits14_reg.weights_info
+    info = vits14_reg.weights.to_dict()
     assert info == {"source": "random", "path": None, "sha256": None, "seed": 3,
                     "tensor_sha256": info["tensor_sha256"]}
-    assert again.weights_info == info
-    assert other.weights_info["tensor_sha256"] != info["tensor_sha256"]
+    assert again.weights.to_dict() == info
+    assert other.weights.to_dict()["tensor_sha256"] != info["tensor_sha256"]
     assert all(torch.equal(a, b) for a, b in zip(vits14_reg(FRAMES), again(FRAMES)))
     assert not torch.equal(vits14_reg(FRAMES)[0], other(FRAMES)[0])
 
@@ -59,19 +59,19 @@ def test_frozen_whatever_the_caller_does(vits14_reg):
 
 def test_amp_returns_float32_close_to_full_precision(vits14_reg):
     amp = FrozenBackbone(vits14_reg.spec, vits14_reg.model, vits14_reg.preprocess,
-                         vits14_reg.weights_info, amp_dtype=torch.bfloat16)
+                         vits14_reg.weights, amp_dtype=torch.bfloat16)
     full, _ = vits14_reg(FRAMES)
     half, cls = amp(FRAMES)
     assert half.dtype == cls.dtype == torch.float32
     assert not torch.equal(half, full)  # it did run in bfloat16
     assert (half - full).norm() / full.norm() < 0.05
-    assert amp.provenance()["amp_dtype"] == "bfloat16"
+    assert amp.record().to_dict()["amp_dtype"] == "bfloat16"
     with pytest.raises(BackboneError, match="amp_dtype"):
         create_backbone("resnet18", weights="random", amp_dtype=torch.float64)
 
 
 def test_provenance_is_json_and_complete(vits14_reg):
-    record = json.loads(json.dumps(vits14_reg.provenance()))
+    record = json.loads(json.dumps(vits14_reg.record().to_dict()))
     assert record["name"] == "dinov2_vits14_reg"
     assert record["timm_id"] == "vit_small_patch14_reg4_dinov2.lvd142m"
     assert (record["family"], record["patch_size"], record["embed_dim"]) == ("dinov2", 14, 384)

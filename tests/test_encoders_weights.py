@@ -156,9 +156,9 @@ def test_dinov2_with_registers_official_checkpoint(tmp_path):
     published = "does not match the published sha256 of dinov2_vits14_reg4_pretrain.pth"
     with pytest.warns(UserWarning, match=published):
         loaded = create_backbone("dinov2_vits14_reg", weights=path, image_size=(42, 56))
-    assert loaded.weights_info["source"] == "file"
-    assert loaded.weights_info["sha256"] == file_sha256(path)
-    assert loaded.weights_info["tensor_sha256"] == tensor_sha256(model)
+    assert loaded.weights.to_dict()["source"] == "file"
+    assert loaded.weights.to_dict()["sha256"] == file_sha256(path)
+    assert loaded.weights.to_dict()["tensor_sha256"] == tensor_sha256(model)
     # upstream resizes the table of register models as timm does (antialiased, size-based)
     model.set_input_size(img_size=(42, 56))
     for ours, theirs in zip(loaded(FRAMES), _reference_features(model, loaded, FRAMES)):
@@ -169,7 +169,7 @@ def test_dinov2_official_checkpoint_and_official_pos_interpolation(dinov2_s14):
     with pytest.warns(UserWarning, match="expected b938bf1bc15cd2ec"):
         loaded = create_backbone("dinov2_vits14", weights=dinov2_s14["official"], image_size=(56, 70))
     model = copy.deepcopy(dinov2_s14["model"])
-    assert loaded.weights_info["tensor_sha256"] == tensor_sha256(model)
+    assert loaded.weights.to_dict()["tensor_sha256"] == tensor_sha256(model)
     # the 37x37 table is resized to 4x5 the way upstream DINOv2 (no registers) does it, not timm's way
     expected = _upstream_dinov2_interpolation(model.pos_embed.detach(), 56, 70, 0.1, False)
     torch.testing.assert_close(loaded.model.pos_embed.detach(), expected, rtol=0, atol=1e-6)
@@ -214,12 +214,12 @@ def test_timm_folder_and_torchvision_classifier(tmp_path):
     loaded = create_backbone("resnet18", weights=tmp_path / "resnet18.pth", image_size=(64, 96))
     folder = _save_timm_folder(model, tmp_path / "timm")
     from_folder = create_backbone("resnet18", weights=folder, image_size=(64, 96))
-    assert loaded.weights_info["tensor_sha256"] == from_folder.weights_info["tensor_sha256"]
-    assert loaded.weights_info["tensor_sha256"] == tensor_sha256(model)
+    assert loaded.weights.to_dict()["tensor_sha256"] == from_folder.weights.to_dict()["tensor_sha256"]
+    assert loaded.weights.to_dict()["tensor_sha256"] == tensor_sha256(model)
     grid, cls = loaded(FRAMES)
     assert grid.shape == (2, 512, 2, 3) and cls.shape == (2, 512)
     torch.testing.assert_close(cls, grid.mean(dim=(2, 3)))  # no final norm: CLS is the pooled map
-    assert from_folder.weights_info["path"] == str(folder / "model.safetensors")
+    assert from_folder.weights.to_dict()["path"] == str(folder / "model.safetensors")
 
 
 # -- refusals ----------------------------------------------------------------------------------------
@@ -313,9 +313,9 @@ def test_auto_uses_the_hf_cache_offline(empty_offline_hf, dinov2_s14):
     (repo / "refs" / "main").write_text("0123456789abcdef")
     (snapshot / "model.safetensors").write_bytes((dinov2_s14["timm"] / "model.safetensors").read_bytes())
     backbone = create_backbone("dinov2_vits14", weights="auto", image_size=28)
-    assert backbone.weights_info["source"] == "hf-cache"
-    assert backbone.weights_info["path"] == str(snapshot / "model.safetensors")
-    assert backbone.weights_info["sha256"] == file_sha256(snapshot / "model.safetensors")
+    assert backbone.weights.to_dict()["source"] == "hf-cache"
+    assert backbone.weights.to_dict()["path"] == str(snapshot / "model.safetensors")
+    assert backbone.weights.to_dict()["sha256"] == file_sha256(snapshot / "model.safetensors")
 
 
 # -- DINOv2 position-table interpolation ----------------------------------------------------------
@@ -387,4 +387,4 @@ def test_find_local_weights_looks_in_dinocache_weights_then_the_hf_cache(empty_o
     assert find_local_weights(spec) == timm_folders / "dinov2_vits14" / "model.safetensors"
     assert find_local_weights(get_backbone_spec("dinov2_vitb14")) is None  # not there for another model
     backbone = create_backbone("dinov2_vits14", weights=find_local_weights(spec), image_size=28)
-    assert backbone.weights_info["tensor_sha256"] == tensor_sha256(dinov2_s14["model"])
+    assert backbone.weights.to_dict()["tensor_sha256"] == tensor_sha256(dinov2_s14["model"])

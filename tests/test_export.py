@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 from dinocache.cli import main
+from dinocache.encoders.record import WeightsRecord
 from dinocache.errors import BackboneError, DatasetError, DinocacheError
 from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.store import FeatureStore
@@ -111,7 +112,7 @@ def test_export_writes_a_checked_self_describing_pt2(trained, pt2):
     assert "parity ok" in pt2.output and "policy" in pt2.output
     assert not leftovers(pt2.path.parent)
     meta = read_policy_metadata(pt2.path)  # from the zip entry: no weights loaded
-    prov = trained.store.provenance
+    prov = trained.store.record.to_dict()
     assert meta["format"] == "dinocache-policy" and meta["dtype"] == "float32"
     assert meta["cameras"] == [TOP, WRIST] and meta["camera_names"] == ["top", "wrist"]
     assert meta["image_size"] == {TOP: [48, 64], WRIST: [48, 64]}
@@ -335,7 +336,7 @@ def test_wrong_weights_are_refused_by_hash_and_fail_the_parity_check(trained, tm
         export_policy(trained.run, out, weights=other, progress=False)
     message = str(info.value)
     hashes = re.findall(r"\b[0-9a-f]{64}\b", message)
-    assert len(set(hashes)) == 2 and trained.store.provenance["weights"]["tensor_sha256"] in hashes, message
+    assert len(set(hashes)) == 2 and trained.store.record.to_dict()["weights"]["tensor_sha256"] in hashes, message
     assert str(other) in message and "\n" not in message
 
     with pytest.raises(ParityError, match=r"parity FAILED.*nothing was written") as info:
@@ -350,11 +351,13 @@ def test_wrong_weights_are_refused_by_hash_and_fail_the_parity_check(trained, tm
 
 def test_check_weights_names_both_file_hashes():
     recorded = {"source": "file", "sha256": "a" * 64, "seed": None, "tensor_sha256": "b" * 64}
-    check_weights({**recorded, "path": "/w/same.pth"}, recorded, "/w/same.pth", "/old/w.pth")  # equal: accepted
+    old = WeightsRecord.from_dict({**recorded, "path": "/old/w.pth"})
+    check_weights(WeightsRecord.from_dict({**recorded, "path": "/w/same.pth"}), old, "/w/same.pth")  # equal: accepted
     with pytest.raises(BackboneError, match=rf"/w/x.pth.*sha256 {'c' * 64}.*/old/w.pth, sha256 {'a' * 64}.*--weights PATH"):
-        check_weights({**recorded, "path": "/w/x.pth", "sha256": "c" * 64}, recorded, "/w/x.pth", "/old/w.pth")
+        check_weights(WeightsRecord.from_dict({**recorded, "path": "/w/x.pth", "sha256": "c" * 64}), old, "/w/x.pth")
     with pytest.raises(BackboneError, match=rf"tensor_sha256 {'d' * 64}.*tensor_sha256 {'b' * 64}"):
-        check_weights({**recorded, "path": "/w/x.pth", "tensor_sha256": "d" * 64}, recorded, "/w/x.pth")
+        check_weights(WeightsRecord.from_dict({**recorded, "path": "/w/x.pth", "tensor_sha256": "d" * 64}),
+                      WeightsRecord.from_dict(recorded), "/w/x.pth")
 
 
 def test_without_the_dataset_the_check_uses_the_frames_the_store_keeps(trained, eager, tmp_path):

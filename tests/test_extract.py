@@ -80,8 +80,8 @@ def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, tmp_path: 
     source = open_dataset(small_dataset)
     np.testing.assert_array_equal(store.read("action"), np.concatenate([source.read_lowdim(e.index)["action"]
                                                                         for e in source.episodes]))
-    assert store.provenance["weights"]["source"] == "random"
-    assert store.provenance["source"]["fingerprint"] == source.fingerprint()
+    assert store.record.to_dict()["weights"]["source"] == "random"
+    assert store.record.to_dict()["source"]["fingerprint"] == source.fingerprint()
     # idempotent: a second run does nothing and changes no byte
     before = store_files(tmp_path / "f.zarr")
     again = extract(cfg)
@@ -97,7 +97,7 @@ def test_bfloat16_extraction_on_the_device_matches_float32(small_dataset: Path, 
     summary = extract(config(small_dataset, tmp_path / "f.zarr", device=device, precision="bf16"))
     assert summary.frames == 42
     store = FeatureStore(tmp_path / "f.zarr")
-    assert store.done_units().all() and store.provenance["precision"] == "bf16"
+    assert store.done_units().all() and store.record.to_dict()["precision"] == "bf16"
     assert_features_match_direct_forward(tmp_path / "f.zarr", small_dataset, bf16=True)
 
 

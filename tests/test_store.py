@@ -79,7 +79,7 @@ def test_different_identity_is_refused_with_both_values(tmp_path: Path):
         create_or_open(tmp_path / "f.zarr", other)
     assert "dinov2_vits14" in str(err.value) and "dinov3_vits16" in str(err.value) and "--overwrite" in str(err.value)
     store = create_or_open(tmp_path / "f.zarr", other, overwrite=True)
-    assert store.provenance["backbone"]["name"] == "dinov3_vits16"
+    assert store.record.to_dict()["backbone"]["name"] == "dinov3_vits16"
 
 
 def test_not_a_store_and_future_version_are_refused(tmp_path: Path):

@@ -66,7 +66,7 @@ def test_head_learns_far_better_than_the_mean_action(learnable: Path, tmp_path: 
     record = json.loads((run / "run.json").read_text())
     store = open_training_store(learnable)
     assert record["store"]["path"] == str(learnable.resolve())
-    assert record["store"]["provenance"] == json.loads(json.dumps(store.provenance))
+    assert record["store"]["provenance"] == json.loads(json.dumps(store.record.to_dict()))
     assert record["act_config"]["dim_model"] == 32 and record["act_config"]["use_cls_token"] is True
     assert record["act_inputs"]["cameras"] == [["top", 16, 2, 2], ["wrist", 16, 1, 3]]
     np.testing.assert_allclose(record["normalization"]["action"]["mean"], store.stats("action")["mean"])

@@ -2,8 +2,9 @@
 
 Modules: ``registry`` (backbone specs as data, ``dinocache backbones``), ``preprocess`` (the one
 uint8 -> normalised tensor path, shared by extraction and the exported policy), ``backbone``
-(:class:`FrozenBackbone`, :func:`create_backbone`), ``weights`` / ``checkpoints`` (offline-first
-weights resolution and strict loading of official or timm checkpoints), ``arch`` (recognising a
+(:class:`FrozenBackbone`, :func:`create_backbone`), ``record`` (:class:`BackboneRecord`, what a
+backbone records about itself, torch-free), ``weights`` / ``checkpoints`` (offline-first weights
+resolution and strict loading of official or timm checkpoints), ``arch`` (recognising a
 checkpoint's architecture), ``pos_embed`` (upstream-exact position table resizing) and ``build``
 (timm model creation without wasted initialisation).
 
@@ -23,7 +24,8 @@ _EXPORTS = {
     "PreprocessConfig": "preprocess",
     "FrozenBackbone": "backbone",
     "create_backbone": "backbone",
-    "WeightsInfo": "weights",
+    "BackboneRecord": "record",
+    "WeightsRecord": "record",
     "tensor_sha256": "weights",
 }
 

@@ -28,8 +28,9 @@ from dinocache.encoders.build import Init, create_timm_model
 from dinocache.encoders.checkpoints import load_into
 from dinocache.encoders.pos_embed import resample_pos_embed
 from dinocache.encoders.preprocess import ImagePreprocessor, ImageSize, PreprocessConfig
+from dinocache.encoders.record import BackboneRecord, WeightsRecord
 from dinocache.encoders.registry import BackboneSpec, get_backbone_spec
-from dinocache.encoders.weights import WeightsInfo, fetch_weights, weights_info
+from dinocache.encoders.weights import fetch_weights, weights_record
 from dinocache.errors import BackboneError
 
 AMP_DTYPES = (None, torch.float16, torch.bfloat16)
@@ -39,13 +40,13 @@ class FrozenBackbone(nn.Module):
     """Preprocessing + frozen timm model; ``forward(uint8 images) -> (grid, cls)`` in float32."""
 
     def __init__(self, spec: BackboneSpec, model: nn.Module, preprocess: ImagePreprocessor,
-                 weights_info: WeightsInfo, amp_dtype: torch.dtype | None = None) -> None:
+                 weights: WeightsRecord, amp_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_amp_dtype(amp_dtype)
         self.spec = spec
         self.preprocess = preprocess
         self.model = model.requires_grad_(False)
-        self.weights_info = weights_info
+        self.weights = weights
         self.amp_dtype = amp_dtype
         self._has_cls = getattr(model, "cls_token", None) is not None
         head_norm = getattr(getattr(model, "head", None), "norm", None)
@@ -95,23 +96,23 @@ class FrozenBackbone(nn.Module):
             features, pooled = norm(features), norm(pooled)
         return features, pooled.flatten(1)
 
-    def provenance(self) -> dict[str, Any]:
-        """JSON-able record of exactly what produced the features (stored next to them)."""
-        return {
-            "name": self.spec.name,
-            "timm_id": self.spec.timm_id,
-            "family": self.spec.family,
-            "kind": self.spec.kind,
-            "patch_size": self.spec.patch_size,
-            "embed_dim": self.spec.embed_dim,
-            "num_prefix_tokens": self.spec.num_prefix_tokens,
-            "grid_size": list(self.grid_size),
-            "weights": dict(self.weights_info),
-            "preprocess": self.preprocess.config.to_dict(),
-            "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
-            "timm_version": timm.__version__,
-            "torch_version": torch.__version__,
-        }
+    def record(self) -> BackboneRecord:
+        """Exactly what produces the features (stored next to them; stage three rebuilds from it)."""
+        return BackboneRecord(
+            name=self.spec.name,
+            timm_id=self.spec.timm_id,
+            family=self.spec.family,
+            kind=self.spec.kind,
+            patch_size=self.spec.patch_size,
+            embed_dim=self.spec.embed_dim,
+            num_prefix_tokens=self.spec.num_prefix_tokens,
+            grid_size=self.grid_size,
+            weights=self.weights,
+            preprocess=self.preprocess.config.to_dict(),
+            amp_dtype=str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None,
+            timm_version=timm.__version__,
+            torch_version=torch.__version__,
+        )
 
 
 def create_backbone(
@@ -141,7 +142,7 @@ def create_backbone(
     model = build_timm_model(spec, seed, init)
     if fetched.state_dict is not None:
         load_into(model, fetched.state_dict, spec, fetched.path)
-    info = weights_info(fetched, seed, None if meta else model)
+    info = weights_record(fetched, seed, None if meta else model)
     _set_image_size(model, spec, config.image_size)
     backbone = FrozenBackbone(spec, model, ImagePreprocessor(config), info, amp_dtype)
     return backbone.to(device)

@@ -11,9 +11,9 @@
 * ``'random'``: seeded random initialisation, for dry runs and tests. It is recorded with its seed
   so stage three can rebuild the very same backbone.
 
-Whatever the source, ``weights_info`` records it together with ``tensor_sha256``, a hash of the
-loaded tensors themselves, so later stages can verify they run the weights the cache was built
-with -- even random ones, which have no file to hash.
+Whatever the source, :func:`weights_record` records it (a :class:`WeightsRecord`) together with
+``tensor_sha256``, a hash of the loaded tensors themselves, so later stages can verify they run the
+weights the cache was built with -- even random ones, which have no file to hash.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from dinocache.encoders.checkpoints import (
     read_state_dict,
     warn_if_not_published,
 )
+from dinocache.encoders.record import WeightsRecord
 from dinocache.encoders.registry import DINOV3_ACCESS_PAGE, BackboneSpec
 from dinocache.errors import BackboneError
 from dinocache.hub import hf_offline, hub_cache_dir, hub_unreachable
@@ -43,16 +44,6 @@ Source = Literal["random", "file", "hf-cache"]
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 #: A file, or a folder of official / timm checkpoints, that ``find_local_weights`` looks in first.
 WEIGHTS_ENV = "DINOCACHE_WEIGHTS"
-
-
-class WeightsInfo(TypedDict):
-    """JSON-able record of the weights a backbone runs with."""
-
-    source: Source
-    path: str | None
-    sha256: str | None
-    seed: int | None
-    tensor_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -85,9 +76,9 @@ def fetch_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> Fetche
     return FetchedWeights(source, path, sha256, state_dict)
 
 
-def weights_info(weights: FetchedWeights, seed: int, model: nn.Module | None) -> WeightsInfo:
-    """The JSON record of ``weights`` as loaded into ``model`` (None on the meta device: no data)."""
-    return WeightsInfo(
+def weights_record(weights: FetchedWeights, seed: int, model: nn.Module | None) -> WeightsRecord:
+    """The record of ``weights`` as loaded into ``model`` (None on the meta device: no data)."""
+    return WeightsRecord(
         source=weights.source,
         path=str(weights.path) if weights.path else None,
         sha256=weights.sha256,

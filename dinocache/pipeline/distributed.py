@@ -48,8 +48,8 @@ def _extract_task(cfg: ExtractConfig, units: Sequence[int]) -> ExtractSummary:
         _WORKER_CACHE[source_key] = open_dataset(cfg.dataset, format=cfg.format, skip_bad_episodes=cfg.skip_bad_episodes)
     source = _WORKER_CACHE[source_key]
     store = FeatureStore(cfg.out, mode="r+")
-    weights = {k: v for k, v in backbone.provenance()["weights"].items() if k != "path"}
-    store.check_identity({"weights": weights}, hint="the worker built different backbone weights than the client")
+    store.check_identity({"weights": backbone.weights.identity()},
+                         hint="the worker built different backbone weights than the client")
     done = store.done_units()
     todo = [u for u in units if not done[u]]
     return run_units(store, source, backbone, todo, cfg.batch_size, cfg.device, cfg.dtype, cfg.resolved_decode_workers())

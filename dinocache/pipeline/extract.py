@@ -31,7 +31,17 @@ from dinocache.errors import DinocacheError, StoreError
 from dinocache.datasets import open_dataset
 from dinocache.datasets.base import DatasetSource, EpisodeInfo
 from dinocache.datasets.prefetch import ordered_streams
-from dinocache.pipeline.store import Compression, FeatureStore, StoreLayout, create_or_open, store_bytes
+from dinocache.pipeline.store import (
+    DEFAULT_CHUNK_FRAMES,
+    DEFAULT_DTYPE,
+    DEFAULT_UNIT_FRAMES,
+    Compression,
+    FeatureStore,
+    StoreLayout,
+    backbone_attributes,
+    create_or_open,
+    store_bytes,
+)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,15 +58,15 @@ class ExtractConfig:
     cameras: Sequence[str] | None = None
     image_size: str | None = None
     center_crop: bool = False
-    dtype: str = "float16"
+    dtype: str = DEFAULT_DTYPE
     precision: str = "auto"
     batch_size: int = 32
     device: str | None = None
     episodes: str | None = None
     format: str | None = None
     skip_bad_episodes: bool = False
-    chunk_frames: int = 16
-    unit_frames: int = 256
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    unit_frames: int = DEFAULT_UNIT_FRAMES
     compression: str = "none"
     overwrite: bool = False
     compile: bool = False
@@ -170,16 +180,6 @@ def parse_episodes(text: str | None, available: Sequence[int], skipped: Mapping[
     return chosen
 
 
-def backbone_provenance(backbone: FrozenBackbone) -> dict[str, Any]:
-    """What a store records about its backbone: ``backbone``, ``weights`` (hashes, seed; no path),
-    ``weights_path`` (informative) and ``preprocess``; stage three rebuilds the backbone from it."""
-    prov = backbone.provenance()
-    weights = dict(prov.pop("weights"))
-    weights_path = weights.pop("path", None)
-    preprocess = prov.pop("preprocess")
-    return {"backbone": prov, "weights": weights, "weights_path": weights_path, "preprocess": preprocess}
-
-
 def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras: Sequence[str],
                 backbone: FrozenBackbone, cfg: ExtractConfig) -> StoreLayout:
     """Read every low-dimensional array (cheap) and decide the store's shapes and provenance."""
@@ -205,7 +205,7 @@ def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras:
         timestamp=np.concatenate(timestamp),
         episodes=table,
         provenance={
-            **backbone_provenance(backbone),
+            **backbone_attributes(backbone.record()),
             "precision": cfg.resolved_precision(),
             "source": {"format": source.format, "fingerprint": source.fingerprint()},
             "source_path": str(Path(source.path).resolve()),

@@ -20,7 +20,7 @@ def describe(store: FeatureStore, problems: list[str] | None = None) -> str:
     written once, so a store whose markers are all set but whose frames read as NaN is reported
     incomplete, not complete.
     """
-    p = store.provenance
+    record, p = store.record, store.record.to_dict()
     done = store.done_units()
     if not done.all():
         completeness = f"{int(done.sum())}/{len(done)} units  (INCOMPLETE: re-run extract)"
@@ -28,17 +28,16 @@ def describe(store: FeatureStore, problems: list[str] | None = None) -> str:
         completeness = f"incomplete: all {len(done)} units are marked done, but verify finds damage (below)"
     else:
         completeness = f"{len(done)}/{len(done)} units" + ("  (not verified: --quick)" if problems is None else "")
-    weights = p.get("weights", {})
-    wdesc = (f"random (seed {weights.get('seed')})" if weights.get("source") == "random"
-             else f"{weights.get('source')} sha256 {str(weights.get('sha256'))[:16]}...")
+    weights, backbone = record.backbone.weights, record.backbone
+    wdesc = (f"random (seed {weights.seed})" if weights.is_random else f"{weights.source} sha256 {str(weights.sha256)[:16]}...")
     lines = [
-        f"store       {store.path}  (format {p['format']} v{p['format_version']}, dinocache {p['dinocache_version']})",
-        f"backbone    {p['backbone'].get('name')}  [{p['backbone'].get('timm_id')}]  weights: {wdesc}",
+        f"store       {store.path}  (format {p['format']} v{record.format_version}, dinocache {record.dinocache_version})",
+        f"backbone    {backbone.name}  [{backbone.timm_id}]  weights: {wdesc}",
         f"preprocess  {json.dumps(p['preprocess'], sort_keys=True)}",
-        f"source      {p['source']['format']} at {p.get('source_path')}  (fingerprint {p['source']['fingerprint'][:16]}...)",
-        f"frames      {store.num_frames} in {len(store.episodes())} episodes at {p.get('fps')} fps",
-        f"storage     {p['dtype']}, chunks of {p['chunk_frames']} frames, units (shards) of {p['unit_frames']}, "
-        f"compression {p['compression']}, {store_bytes(store.path) / 2**20:.1f} MiB on disk",
+        f"source      {record.source.format} at {record.source_path}  (fingerprint {str(record.source.fingerprint)[:16]}...)",
+        f"frames      {store.num_frames} in {len(store.episodes())} episodes at {record.fps} fps",
+        f"storage     {record.dtype}, chunks of {record.chunk_frames} frames, units (shards) of {record.unit_frames}, "
+        f"compression {record.compression}, {store_bytes(store.path) / 2**20:.1f} MiB on disk",
         f"complete    {completeness}",
     ]
     for camera in store.cameras:
@@ -103,9 +102,11 @@ def _camera_frames(store: FeatureStore, camera: str, indices: np.ndarray) -> lis
     """The source images of the given store frames, or None where the dataset is no longer there."""
     from dinocache.datasets import open_dataset
 
+    if store.record.source_path is None:
+        return [None] * len(indices)
     try:
-        source = open_dataset(store.provenance["source_path"], format=store.provenance["source"]["format"])
-    except (DinocacheError, OSError, KeyError):
+        source = open_dataset(store.record.source_path, format=store.record.source.format)
+    except (DinocacheError, OSError):
         return [None] * len(indices)
     table = [(index, start, length) for index, start, length, _ in store.episodes()]
     return list(frames_at_rows(source, table, [camera], indices)[camera])
@@ -127,7 +128,7 @@ def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str
     images = _camera_frames(store, camera, indices)
     # The grid is drawn at the camera's aspect ratio, not the backbone input's: a 96x128 camera resized
     # to a square 112x112 input gives a square grid, but each patch covers a wider-than-tall region.
-    height, width = (store.provenance.get("camera_sizes") or {}).get(camera) or grids.shape[1:3]
+    height, width = store.record.camera_size(camera) or grids.shape[1:3]
     aspect = (height / width) / (grids.shape[1] / grids.shape[2])
     fig, axes = plt.subplots(2, len(indices), figsize=(3 * len(indices), 6 * height / width + 0.8), squeeze=False)
     for col, (index, image, colours) in enumerate(zip(indices, images, rgb)):
@@ -139,12 +140,11 @@ def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str
         axes[1, col].imshow(colours, interpolation="nearest", aspect=aspect)
         for ax in axes[:, col]:
             ax.axis("off")
-    name = store.provenance["backbone"].get("name")
-    weights = store.provenance.get("weights") or {}
-    if weights.get("source") == "random":
-        about = f"RANDOM weights (seed {weights.get('seed')}): the colours show the architecture, not learned features"
+    name, weights = store.record.backbone.name, store.record.backbone.weights
+    if weights.is_random:
+        about = f"RANDOM weights (seed {weights.seed}): the colours show the architecture, not learned features"
     else:
-        about = f"weights: {weights.get('source')} {Path(str(weights.get('path') or '')).name}".rstrip()
+        about = f"weights: {weights.source} {Path(str(weights.path or '')).name}".rstrip()
     fig.suptitle(f"{camera}: first three principal components of the {name} patch features\n{about}", fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

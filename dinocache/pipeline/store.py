@@ -28,7 +28,7 @@ import os
 import shutil
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +37,146 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from dinocache import __version__
-from dinocache.errors import StoreError
+from dinocache.encoders.record import BackboneRecord
+from dinocache.errors import DinocacheError, StoreError
 
 FORMAT_NAME = "dinocache-features"
 FORMAT_VERSION = 1
+
+#: Defaults of a store's settings, also what a record that predates a setting reads as.
+DEFAULT_DTYPE = "float16"
+DEFAULT_CHUNK_FRAMES = 16
+DEFAULT_UNIT_FRAMES = 256
+DEFAULT_PRECISION = "fp32"
 
 #: Raw frames a store keeps (per camera) so that stage three can check an exported policy against
 #: the cached features when the source dataset is no longer around.
 VERIFICATION_FRAMES = 8
 
-#: Provenance keys that define what a store *is*: a second extraction into the same store must agree
-#: on all of them (or pass ``--overwrite``), and later stages check the ones they depend on.
+#: Attributes that define what a store *is*: a second extraction into the same store must agree on
+#: all of them (or pass ``--overwrite``), and later stages check the ones they depend on.
 IDENTITY_KEYS = (
     "backbone", "weights", "preprocess", "dtype", "cameras", "source", "episodes_selected",
     "chunk_frames", "unit_frames", "compression", "precision",
 )
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The dataset a store was extracted from: its reader format and content fingerprint."""
+
+    format: str | None = None
+    fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SourceRecord:
+        data = data or {}
+        return cls(format=data.get("format"), fingerprint=data.get("fingerprint"))
+
+
+def backbone_attributes(record: BackboneRecord) -> dict[str, Any]:
+    """How a store records its backbone: ``backbone`` (the model), ``weights`` (hashes and seed, no
+    path), ``weights_path`` (informative, not compared) and ``preprocess``."""
+    backbone = record.to_dict()
+    del backbone["weights"], backbone["preprocess"]
+    return {"backbone": backbone, "weights": record.weights.identity(), "weights_path": record.weights.path,
+            "preprocess": dict(record.preprocess)}
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """A store's root attributes (``zarr.json`` -> ``attributes.dinocache``), typed.
+
+    :meth:`to_dict` writes the layout of ``docs/cache-format.md`` (the backbone record split into the
+    ``backbone``, ``weights``, ``weights_path`` and ``preprocess`` attributes), key for key in the
+    order dinocache has always written it, so stores stay byte-identical. :meth:`from_dict` reads
+    any store of :data:`FORMAT_VERSION`, older ones included: a setting a store predates reads as its
+    default (or None), attributes this code does not know are kept. Another format or format
+    version is refused.
+    """
+
+    num_frames: int
+    cameras: tuple[str, ...]
+    backbone: BackboneRecord
+    dtype: str = DEFAULT_DTYPE
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    unit_frames: int = DEFAULT_UNIT_FRAMES
+    compression: str = "none"
+    precision: str = DEFAULT_PRECISION
+    source: SourceRecord = SourceRecord()
+    source_path: str | None = None
+    episodes_selected: tuple[int, ...] | None = None
+    fps: float | None = None
+    camera_sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # camera -> native (H, W)
+    lowdim_names: Mapping[str, list[str] | None] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    dinocache_version: str = __version__
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cameras", tuple(self.cameras))
+        if self.episodes_selected is not None:
+            object.__setattr__(self, "episodes_selected", tuple(int(i) for i in self.episodes_selected))
+        object.__setattr__(self, "camera_sizes", {c: (int(h), int(w)) for c, (h, w) in self.camera_sizes.items()})
+
+    def camera_size(self, camera: str) -> tuple[int, int] | None:
+        """The native (H, W) of ``camera`` in the source dataset, when recorded."""
+        return self.camera_sizes.get(camera)
+
+    def identity(self) -> dict[str, Any]:
+        """The attributes that must match for a store to be this one (see :data:`IDENTITY_KEYS`)."""
+        data = self.to_dict()
+        return {key: data[key] for key in IDENTITY_KEYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        backbone = backbone_attributes(self.backbone)
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "dinocache_version": self.dinocache_version,
+            "num_frames": self.num_frames,
+            "dtype": self.dtype,
+            "chunk_frames": self.chunk_frames,
+            "unit_frames": self.unit_frames,
+            "compression": self.compression,
+            "cameras": list(self.cameras),
+            **backbone,
+            "precision": self.precision,
+            "source": self.source.to_dict(),
+            "source_path": self.source_path,
+            "episodes_selected": list(self.episodes_selected) if self.episodes_selected is not None else None,
+            "fps": self.fps,
+            "camera_sizes": {camera: list(size) for camera, size in self.camera_sizes.items()},
+            "lowdim_names": dict(self.lowdim_names),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoreRecord:
+        """Read the attributes of a store (or a copy of them, as a run folder keeps)."""
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT_NAME:
+            raise StoreError(f"a Zarr group, but not a dinocache feature store (no {FORMAT_NAME!r} attributes)")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"feature-store format version {data.get('format_version')} is not understood by "
+                             f"dinocache {__version__} (it reads version {FORMAT_VERSION})")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        split = {"format", "weights", "weights_path", "preprocess"}
+        try:
+            known = {k: v for k, v in data.items() if k in names and v is not None}
+            backbone = data.get("backbone")
+            known["backbone"] = BackboneRecord.from_dict({
+                **(backbone if isinstance(backbone, Mapping) else {"name": backbone}),
+                "weights": {**(data.get("weights") or {}), "path": data.get("weights_path")},
+                "preprocess": data.get("preprocess") or {},
+            })
+            known["source"] = SourceRecord.from_dict(data.get("source"))
+            extra = {k: v for k, v in data.items() if k not in names and k not in split}
+            return cls(**known, extra=extra)
+        except (DinocacheError, TypeError, ValueError) as err:
+            raise StoreError(f"unreadable feature-store attributes ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -108,10 +233,10 @@ class StoreLayout:
     frame_index: np.ndarray
     timestamp: np.ndarray
     episodes: Sequence[tuple[int, int, int, str]]  # (index, start, length, task)
-    provenance: Mapping[str, Any]
-    dtype: str = "float16"
-    chunk_frames: int = 16
-    unit_frames: int = 256
+    provenance: Mapping[str, Any]  # the rest of the store's attributes (see StoreRecord): backbone, source...
+    dtype: str = DEFAULT_DTYPE
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    unit_frames: int = DEFAULT_UNIT_FRAMES
     compression: Compression = Compression()
     #: Reads the raw uint8 frames ``(K, H, W, 3)`` of the given store rows, per camera; called only by
     #: the process that creates the store (see :func:`verification_rows`).
@@ -120,6 +245,15 @@ class StoreLayout:
     @property
     def num_units(self) -> int:
         return -(-self.num_frames // self.unit_frames)
+
+    def record(self) -> StoreRecord:
+        """The attributes a store of this layout carries."""
+        return StoreRecord.from_dict({
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dinocache_version": __version__,
+            "num_frames": self.num_frames, "dtype": self.dtype, "chunk_frames": self.chunk_frames,
+            "unit_frames": self.unit_frames, "compression": str(self.compression), "cameras": list(self.grids),
+            **self.provenance,
+        })
 
 
 def verification_rows(num_frames: int, count: int = VERIFICATION_FRAMES) -> np.ndarray:
@@ -184,20 +318,7 @@ def _build(root: zarr.Group, layout: StoreLayout) -> None:
             root.create_array(f"verification/{camera}", data=np.ascontiguousarray(frames[camera], dtype=np.uint8),
                               compressors=[ZstdCodec(level=3), Crc32cCodec()])
 
-    root.attrs.put({
-        "dinocache": {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "dinocache_version": __version__,
-            "num_frames": n,
-            "dtype": layout.dtype,
-            "chunk_frames": layout.chunk_frames,
-            "unit_frames": layout.unit_frames,
-            "compression": str(layout.compression),
-            "cameras": list(layout.grids),
-            **layout.provenance,
-        }
-    })
+    root.attrs.put({"dinocache": layout.record().to_dict()})
 
 
 def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool = False) -> FeatureStore:
@@ -227,10 +348,8 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
         except OSError:  # another process created it first
             shutil.rmtree(tmp, ignore_errors=True)
     store = FeatureStore(path, mode="r+")
-    wanted = {key: _jsonable(dict(layout.provenance, dtype=layout.dtype, chunk_frames=layout.chunk_frames,
-                                  unit_frames=layout.unit_frames, compression=str(layout.compression),
-                                  cameras=list(layout.grids)).get(key)) for key in IDENTITY_KEYS}
-    store.check_identity(wanted, hint="pass --overwrite to replace it, or choose another --out")
+    store.check_identity(_jsonable(layout.record().identity()),
+                         hint="pass --overwrite to replace it, or choose another --out")
     return store
 
 
@@ -254,28 +373,23 @@ class FeatureStore:
             self.root = zarr.open_group(self.path, mode=mode, zarr_format=3)
         except Exception as err:  # noqa: BLE001 - zarr raises many types for unreadable metadata
             raise StoreError(f"{self.path}: cannot open as a Zarr v3 group: {err}") from err
-        meta = self.root.attrs.get("dinocache")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise StoreError(f"{self.path}: a Zarr group, but not a dinocache feature store (no 'dinocache' attributes)")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{self.path}: feature-store format version {meta.get('format_version')} is not understood by "
-                f"dinocache {__version__} (it reads version {FORMAT_VERSION})"
-            )
-        self.provenance: dict[str, Any] = meta
+        try:
+            self.record = StoreRecord.from_dict(self.root.attrs.get("dinocache"))
+        except StoreError as err:
+            raise StoreError(f"{self.path}: {err}") from None
 
     # -- description -------------------------------------------------------------------------------
     @property
     def num_frames(self) -> int:
-        return int(self.provenance["num_frames"])
+        return self.record.num_frames
 
     @property
     def cameras(self) -> list[str]:
-        return list(self.provenance["cameras"])
+        return list(self.record.cameras)
 
     @property
     def unit_frames(self) -> int:
-        return int(self.provenance["unit_frames"])
+        return self.record.unit_frames
 
     @property
     def num_units(self) -> int:
@@ -308,10 +422,12 @@ class FeatureStore:
     def check_identity(self, wanted: Mapping[str, Any], hint: str = "") -> None:
         """Refuse, naming every differing key with both values, when the store is not what is wanted.
 
-        Nested provenance (``backbone``, ``weights``, ``preprocess``...) is compared field by field,
-        so the refusal names ``backbone.name`` and its two values rather than two whole dictionaries.
+        ``wanted`` holds identity attributes (:meth:`StoreRecord.identity`, or some of them). Nested
+        ones (``backbone``, ``weights``, ``preprocess``...) are compared field by field, so the refusal
+        names ``backbone.name`` and its two values rather than two whole dictionaries.
         """
-        diffs = [diff for key, value in wanted.items() for diff in _differences(key, self.provenance.get(key), value)]
+        have = self.record.identity()
+        diffs = [diff for key, value in wanted.items() for diff in _differences(key, have.get(key), value)]
         if diffs:
             raise StoreError(f"{self.path} was built differently ({'; '.join(diffs)})" + (f"; {hint}" if hint else ""))
 

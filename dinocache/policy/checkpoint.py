@@ -42,6 +42,7 @@ from torch import nn
 
 from dinocache import __version__
 from dinocache.errors import DinocacheError
+from dinocache.pipeline.store import StoreRecord
 from dinocache.policy.act import ACTHead
 from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.policy.normalize import Normalizer
@@ -71,7 +72,7 @@ class PolicySpec:
     inputs: ACTInputs
     stats: dict[str, dict[str, list[float]]]  # key -> {mean, std, min, max}, as stored (before the std floor)
     store_path: str
-    store_provenance: dict[str, Any]
+    store_record: StoreRecord
     camera_keys: dict[str, str]  # head camera name -> store camera (dataset key), in store order
     preset: str | None = None
 
@@ -81,7 +82,7 @@ class PolicySpec:
             "act_config": self.config.to_dict(),
             "act_inputs": self.inputs.to_dict(),
             "normalization": self.stats,
-            "store": {"path": self.store_path, "provenance": self.store_provenance},
+            "store": {"path": self.store_path, "provenance": self.store_record.to_dict()},
             "camera_keys": self.camera_keys,
             "preset": self.preset,
         }
@@ -93,7 +94,7 @@ class PolicySpec:
             inputs=ACTInputs.from_dict(data["act_inputs"]),
             stats={k: {n: list(v) for n, v in s.items()} for k, s in data["normalization"].items()},
             store_path=data["store"]["path"],
-            store_provenance=dict(data["store"]["provenance"]),
+            store_record=StoreRecord.from_dict(data["store"]["provenance"]),
             camera_keys=dict(data["camera_keys"]),
             preset=data.get("preset"),
         )

@@ -368,7 +368,7 @@ class CachedFeatures:
         self.chunk_size = chunk_size
         self.use_cls_token = use_cls_token
         self.device = torch.device(device)
-        self.chunk_frames = int(store.provenance.get("chunk_frames", 16))
+        self.chunk_frames = store.record.chunk_frames
 
         self.has_env_state = OBS_ENV_STATE in store.lowdim_keys
         keys = [OBS_STATE, ACTION] + ([OBS_ENV_STATE] if self.has_env_state else [])
@@ -395,7 +395,7 @@ class CachedFeatures:
                 raise ValueError(f"cameras {store.cameras} do not have distinct short names")
         except ValueError as err:
             raise StoreError(f"{store.path}: cannot feed this store to the ACT head: {err}") from None
-        self.feature_dtype = torch.float16 if store.provenance.get("dtype", "float16") == "float16" else torch.float32
+        self.feature_dtype = getattr(torch, store.record.dtype)
         self.memory_budget = parse_memory_budget(None) if memory_budget is None else int(memory_budget)
         self.in_memory = self.feature_bytes <= self.memory_budget
         if window_frames is None:

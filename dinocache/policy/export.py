@@ -327,7 +327,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         policy = build_fused_policy(run, checkpoint, weights=weights, device=target, dtype=compute_dtype,
                                     check_weights=check_weights)
         metadata = policy_metadata(policy.spec, policy.checkpoint_path, policy.step, compute_dtype)
-        metadata["backbone_weights"] = dict(policy.backbone.weights_info)
+        metadata["backbone_weights"] = policy.backbone.weights.to_dict()
         metadata["export"] = {"format": format, "device": str(target), "batch": "dynamic",
                               "weights_checked": check_weights, "compiled": None}
         stage(1)

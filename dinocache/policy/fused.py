@@ -171,7 +171,7 @@ def build_fused_policy(run_or_checkpoint: str | os.PathLike, checkpoint: str | i
     head, normalizer, spec = load_head(path, device=device)
     _drop_training_only(head)
     amp = None if compute_dtype == torch.float32 else compute_dtype
-    backbone = rebuild_backbone(spec.store_provenance, weights=weights, device=device, amp_dtype=amp,
+    backbone = rebuild_backbone(spec.store_record.backbone, weights=weights, device=device, amp_dtype=amp,
                                 check=check_weights)
     policy = FusedPolicy(backbone, head, normalizer, spec, compute_dtype).to(device)
     policy.checkpoint_path = Path(path)

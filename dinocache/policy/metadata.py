@@ -46,10 +46,9 @@ def policy_metadata(spec: PolicySpec, checkpoint: str | os.PathLike, step: int, 
     """
     import timm  # only for its version; a robot process loading a .pt2 need not import it
 
-    prov = spec.store_provenance
+    store = spec.store_record
     cameras = [spec.camera_keys[name] for name in spec.inputs.camera_names]
-    sizes = prov.get("camera_sizes") or {}
-    names = prov.get("lowdim_names") or {}
+    names = store.lowdim_names
     config = spec.config
     return {
         "format": POLICY_FORMAT,
@@ -58,14 +57,14 @@ def policy_metadata(spec: PolicySpec, checkpoint: str | os.PathLike, step: int, 
         "cameras": cameras,
         "camera_names": spec.inputs.camera_names,
         # native size of each camera: what the policy takes (its own preprocessing resizes)
-        "image_size": {cam: list(sizes.get(cam, prov["preprocess"]["image_size"])) for cam in cameras},
+        "image_size": {cam: list(store.camera_size(cam) or store.backbone.image_size) for cam in cameras},
         "state_dim": spec.inputs.state_dim,
         "action_dim": spec.inputs.action_dim,
         "env_state_dim": spec.inputs.env_state_dim,
         "state_names": names.get(OBS_STATE),
         "action_names": names.get(ACTION),
         "env_state_names": names.get(OBS_ENV_STATE),
-        "fps": prov.get("fps"),
+        "fps": store.fps,
         "chunk_size": config.chunk_size,
         "n_action_steps": config.n_action_steps,
         "temporal_ensemble_coeff": config.temporal_ensemble_coeff,
@@ -74,7 +73,7 @@ def policy_metadata(spec: PolicySpec, checkpoint: str | os.PathLike, step: int, 
         "act_config": config.to_dict(),
         "act_inputs": spec.inputs.to_dict(),
         "store_path": spec.store_path,
-        "provenance": prov,
+        "provenance": store.to_dict(),
         "normalization": spec.stats,
         "versions": {"dinocache": __version__, "torch": torch.__version__, "timm": timm.__version__},
         "parity": None,

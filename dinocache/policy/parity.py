@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dinocache.errors import DatasetError, DinocacheError
 from dinocache.pipeline.extract import frames_at_rows
-from dinocache.pipeline.store import IDENTITY_KEYS, FeatureStore, verification_rows
+from dinocache.pipeline.store import FeatureStore, verification_rows
 from dinocache.keys import ACTION, CLS_PREFIX, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.config import ACTInputs
 from dinocache.policy.fused import FusedPolicy
@@ -107,9 +107,7 @@ def open_run_store(policy: FusedPolicy, store: str | os.PathLike | None = None) 
         raise DinocacheError(f"the feature store the head was trained on, {path}, is not there: the export check "
                              "needs its cached features; pass --store PATH (or --skip-verify to export unverified)")
     opened = FeatureStore(path)
-    recorded = policy.spec.store_provenance
-    opened.check_identity({key: recorded.get(key) for key in IDENTITY_KEYS},
-                          hint="it is not the store the head was trained on")
+    opened.check_identity(policy.spec.store_record.identity(), hint="it is not the store the head was trained on")
     return opened
 
 
@@ -119,12 +117,12 @@ def verification_frames(store: FeatureStore, dataset: str | os.PathLike | None =
     store was extracted from (same fingerprint)."""
     from dinocache.datasets import open_dataset
 
-    recorded = store.provenance.get("source_path")
+    recorded = store.record.source_path
     path = Path(dataset) if dataset is not None else Path(recorded) if recorded else None
     why = f"the source dataset {path} is not there" if path is not None else "no source dataset is recorded"
     if path is not None and path.exists():
-        source = open_dataset(path, format=store.provenance["source"]["format"], skip_bad_episodes=True)
-        expected = store.provenance["source"]["fingerprint"]
+        source = open_dataset(path, format=store.record.source.format, skip_bad_episodes=True)
+        expected = store.record.source.fingerprint
         found = source.fingerprint()
         if found == expected:
             rows = verification_rows(store.num_frames)
@@ -187,8 +185,7 @@ def check_parity(policy: FusedPolicy, store: FeatureStore, frames: VerificationF
     diff = (policy.normalizer.normalize(ACTION, fused) - reference).abs().max().item()
     diff_raw = (fused - policy.normalizer.unnormalize(ACTION, reference)).abs().max().item()
 
-    error = feature_error(store.provenance.get("dtype", "float16"), store.provenance.get("precision", "fp32"),
-                          policy.compute_dtype)
+    error = feature_error(store.record.dtype, store.record.precision, policy.compute_dtype)
     sensitivity = (policy.head(_with_noise(batch, error))[0].float() - reference).abs().max().item()
     if policy.compute_dtype != torch.float32:  # the head itself also computes in half precision
         with torch.autocast(device.type, dtype=policy.compute_dtype):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError, TrainingError
-from dinocache.pipeline.store import IDENTITY_KEYS, FeatureStore
+from dinocache.pipeline.store import FeatureStore, StoreRecord
 from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.checkpoint import (
     BEST, CHECKPOINTS, LAST, METRICS_FILE, MODEL_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir,
@@ -92,11 +92,6 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def store_backbone_name(store: FeatureStore) -> str:
-    backbone = store.provenance.get("backbone")
-    return str(backbone.get("name") if isinstance(backbone, dict) else backbone)
-
-
 def resolve_act_config(preset: str | None, overrides: dict[str, Any], store: FeatureStore) -> ACTConfig:
     """LeRobot's defaults, then the preset's overrides (after checking the store's backbone), then ``overrides``.
 
@@ -106,7 +101,7 @@ def resolve_act_config(preset: str | None, overrides: dict[str, Any], store: Fea
     config = ACTConfig()
     if preset is not None:
         chosen = get_preset(preset)
-        check_preset_backbone(chosen, store_backbone_name(store))
+        check_preset_backbone(chosen, store.record.backbone.name)
         config = apply_preset(chosen, config)
     overrides = dict(overrides)
     if "chunk_size" in overrides and "n_action_steps" not in overrides:
@@ -134,7 +129,7 @@ def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, store: FeatureStor
     if conflicts:
         raise DinocacheError(f"{cfg.out}: cannot resume with changed settings: {'; '.join(conflicts)}. "
                              f"Drop them, or start a new run with another --out")
-    store.check_identity({key: recorded["store"]["provenance"].get(key) for key in IDENTITY_KEYS},
+    store.check_identity(StoreRecord.from_dict(recorded["store"]["provenance"]).identity(),
                          hint=f"the run {cfg.out} was trained on another feature store")
 
 
@@ -548,7 +543,7 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
         val_rows = val_rows[np.linspace(0, len(val_rows) - 1, options["val_frames"]).round().astype(np.int64)]
     baseline = mean_action_l1(data, train_rows, val_rows) if len(val_rows) else None
     spec = PolicySpec(config, data.inputs, {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()},
-                      str(store.path.resolve()), store.provenance, data.camera_keys, options["preset"])
+                      str(store.path.resolve()), store.record, data.camera_keys, options["preset"])
 
     # Model and optimiser, fresh or from the last checkpoint (weights, moments, RNG, sampler position).
     head = ACTHead(config, data.inputs).to(device)
