@@ -31,6 +31,7 @@ from dinocache.errors import DinocacheError, StoreError
 from dinocache.datasets import open_dataset
 from dinocache.datasets.base import DatasetSource, EpisodeInfo
 from dinocache.datasets.prefetch import ordered_streams
+from dinocache.datasets.rows import frames_at_rows
 from dinocache.pipeline.store import (
     DEFAULT_CHUNK_FRAMES,
     DEFAULT_DTYPE,
@@ -220,36 +221,6 @@ def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras:
         compression=Compression.parse(cfg.compression),
         verification_frames=functools.partial(frames_at_rows, source, [(i, s, n) for i, s, n, _ in table], cameras),
     )
-
-
-def frames_at_rows(source: DatasetSource, episodes: Sequence[tuple[int, int, int]], cameras: Sequence[str],
-                   rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The raw uint8 frames of store ``rows`` (``(index, start, length)`` per stored episode), per camera.
-
-    Each episode holding a wanted row is decoded once per camera, from its start up to its last
-    wanted frame: the frames are the very ones extraction feeds the backbone.
-    """
-    wanted: dict[int, list[tuple[int, int]]] = {}  # episode -> [(position in rows, frame in episode)]
-    for position, row in enumerate(int(r) for r in rows):
-        index, start, _ = next(ep for ep in episodes if ep[1] <= row < ep[1] + ep[2])
-        wanted.setdefault(index, []).append((position, row - start))
-    out = {}
-    for camera in cameras:
-        info = source.cameras[camera]
-        frames = np.empty((len(rows), info.height, info.width, 3), dtype=np.uint8)
-        for index, targets in wanted.items():
-            last, seen = max(frame for _, frame in targets), 0
-            batches = source.iter_frames(index, camera, batch_size=16)
-            for batch in batches:
-                for position, frame in targets:
-                    if seen <= frame < seen + len(batch):
-                        frames[position] = batch[frame - seen]
-                seen += len(batch)
-                if seen > last:  # stop decoding (a generator's close() releases the video now)
-                    getattr(batches, "close", lambda: None)()
-                    break
-        out[camera] = frames
-    return out
 
 
 def shard_units(num_units: int, shard: tuple[int, int] | None) -> range:

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError, StoreError
-from dinocache.pipeline.extract import frames_at_rows
+from dinocache.datasets.rows import frames_at_rows
 from dinocache.pipeline.store import FeatureStore, store_bytes
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dinocache.errors import DatasetError, DinocacheError
-from dinocache.pipeline.extract import frames_at_rows
+from dinocache.datasets.rows import frames_at_rows
 from dinocache.pipeline.store import FeatureStore, verification_rows
 from dinocache.keys import ACTION, CLS_PREFIX, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.config import ACTInputs
