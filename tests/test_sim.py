@@ -25,6 +25,7 @@ from dinocache.sim.demos import DEMOS_RECORD, generate_demos, recorded_demo_seed
 from dinocache.sim.env import EPISODE_STEPS, JOINT_NAMES, cube_pose, demo_seeds, eval_seeds  # noqa: E402
 from dinocache.sim.evaluate import RESULTS_FILE, evaluate, run_episodes, wilson_interval  # noqa: E402
 from dinocache.sim.expert import ScriptedExpert, plan_joint_actions  # noqa: E402
+from dinocache.sim.replay import PlanReplay  # noqa: E402
 from _devices import DEVICES  # noqa: E402
 
 CAMERA = (84, 112)  # HxW: small, and 112 is a multiple of the ViT patch (14) after the extractor resizes
@@ -41,38 +42,21 @@ def demos(tmp_path_factory) -> Path:
     return out
 
 
-class ExpertReplay:
-    """A policy that replays the scripted expert's plan for known seeds: what success looks like to eval.
-
-    Episodes start in seed order, so the k-th :meth:`reset` is seed k's; each environment keeps its own
-    episode and step, as a real policy's action queue. Episodes in ``fumble`` keep the right gripper
-    open: the cube is touched at most, and the episode runs to the end.
-    """
+class CheckedReplay(PlanReplay):
+    """The expert's plans for ``seeds`` as a policy, checking what eval hands it; episodes in ``fumble``
+    keep the right gripper open: the cube is touched at most, and the episode runs to the end."""
 
     def __init__(self, seeds: list[int], fumble: tuple[int, ...] = ()) -> None:
-        self.plans = [plan_joint_actions(seed) for seed in seeds]
+        plans = [plan_joint_actions(seed) for seed in seeds]
         for k in fumble:
-            self.plans[k][:, 13] = 1.0
-        self.metadata = {"cameras": ["observation.images.top"], "image_size": {"observation.images.top": list(CAMERA)},
-                         "state_dim": 14, "action_dim": 14, "fps": 50}
-        self.started = 0
-        self.playing: dict[int, list[int]] = {}  # env -> [episode, step]
-        self.batches: list[int] = []
-
-    def reset(self, env: int | None = None) -> None:
-        self.playing[env] = [self.started, 0]
-        self.started += 1
+            plans[k][:, 13] = 1.0
+        super().__init__(plans, {"top": CAMERA})
 
     def select_actions(self, observations: list[dict], envs: list[int]) -> np.ndarray:
-        self.batches.append(len(envs))
-        actions = []
-        for observation, env in zip(observations, envs):
+        for observation in observations:
             assert observation["observation.images.top"].shape == (*CAMERA, 3)
             assert observation["observation.state"].shape == (14,)
-            episode, step = self.playing[env]
-            actions.append(self.plans[episode][step])
-            self.playing[env][1] += 1
-        return np.stack(actions)
+        return super().select_actions(observations, envs)
 
 
 def test_seed_schemes_are_disjoint_and_place_the_cube_explicitly():
@@ -132,8 +116,8 @@ def test_batched_eval_gives_the_serial_outcomes_and_writes_video(tmp_path: Path)
     its environment takes episode 2 while episode 1 (a fumble) runs on to the step limit; every
     episode ends as it does when the episodes run one after the other in this process."""
     seeds = eval_seeds(0, 3)
-    serial = run_episodes(ExpertReplay(seeds, fumble=(1,)), seeds, progress=False)
-    policy = ExpertReplay(seeds, fumble=(1,))
+    serial = run_episodes(CheckedReplay(seeds, fumble=(1,)), seeds, progress=False)
+    policy = CheckedReplay(seeds, fumble=(1,))
     batched = run_episodes(policy, seeds, num_envs=2, workers=2, out=tmp_path, videos=1, progress=False)
     assert [(r.seed, r.max_reward, r.steps) for r in batched] == [(r.seed, r.max_reward, r.steps) for r in serial]
     assert serial[0].success and serial[0].steps < EPISODE_STEPS  # stops at the first full reward

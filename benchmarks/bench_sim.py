@@ -1,0 +1,163 @@
+"""Simulator throughput: scripted demonstrations and closed-loop evaluation, one process against N workers.
+
+Side by side in one run, at the default image size (one 240x320 camera, LeRobot v2.1 with H.264):
+
+* **demos**: ``generate_demos(workers=1)`` (``sim demos`` as it was: one episode after the other in
+  this process) against ``workers=N`` (spawned workers make the episodes, this process encodes and
+  writes them in seed order); the two datasets' episode tables must be identical;
+* **eval**: ``run_episodes(num_envs=1, workers=0)`` against ``num_envs=N, workers=N`` (environments
+  stepped and rendered in N processes, the policy queried once per step for all of them); the
+  per-episode outcomes (seed, best reward, steps) must be identical.
+
+The policy is :class:`~dinocache.sim.replay.PlanReplay` (the expert's joint plans, computed before
+the clock starts, every episode a success after ~300 steps), so the evaluation rows time the
+simulator alone: stepping, rendering and moving frames between processes. ``--policy`` evaluates an
+exported ``.pt2`` instead (``evaluate()``, its backbone on this process's device).
+
+Wall time is what a user waits; the load average before and after each phase says how much of the
+machine other jobs had.
+
+    python benchmarks/bench_sim.py --workers 2 --episodes 8 --json docs/results/bench_sim_cpu.json --record docs/benchmarks.md
+    python benchmarks/bench_sim.py --workers 16 --episodes 32 --eval-episodes 32    # a 16-core host
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _machine import describe_machine
+from closed_loop import record_section
+
+BEGIN, END = "<!-- bench-sim:begin -->", "<!-- bench-sim:end -->"
+
+
+def timed(label: str, run) -> tuple[Any, dict[str, float]]:
+    """Run ``run()``; its result and wall seconds, with the 1-minute load average before and after."""
+    load = os.getloadavg()[0]
+    began = time.perf_counter()
+    result = run()
+    seconds = time.perf_counter() - began
+    print(f"{label}: {seconds:.1f} s (load {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+    return result, {"seconds": seconds, "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+
+
+def bench_demos(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from dinocache.sim.demos import generate_demos
+
+    rows, tables = {}, {}
+    for workers in (1, args.workers):
+        out = work / f"demos_{workers}"
+        summary, rows[workers] = timed(f"demos, {workers} worker(s)", lambda: generate_demos(
+            out, episodes=args.episodes, seed=args.seed, image_size=args.size, workers=workers, progress=False))
+        rows[workers]["kept"] = summary.kept
+        tables[workers] = sorted(p.read_bytes() for p in out.rglob("*.parquet"))
+    return {"episodes": args.episodes, "serial": rows[1], "parallel": rows[args.workers],
+            "speedup": rows[1]["seconds"] / rows[args.workers]["seconds"],
+            "episode_tables_identical": tables[1] == tables[args.workers]}
+
+
+def bench_eval(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from dinocache.sim.env import eval_seeds
+    from dinocache.sim.evaluate import evaluate, run_episodes
+    from dinocache.sim.expert import plan_joint_actions
+    from dinocache.sim.replay import PlanReplay
+
+    seeds = eval_seeds(args.seed, args.eval_episodes)
+    plans = [] if args.policy else [plan_joint_actions(seed) for seed in seeds]
+    rows, outcomes = {}, {}
+    for num_envs, workers in ((1, 0), (args.workers, args.workers)):
+        if args.policy:
+            def run():
+                return evaluate(args.policy, episodes=args.eval_episodes, seed=args.seed, out=work / f"eval_{workers}",
+                                videos=0, device=args.device, num_envs=num_envs, workers=workers,
+                                progress=False).episodes
+        else:
+            def run():
+                return run_episodes(PlanReplay(plans, {"top": args.size}), seeds, num_envs=num_envs, workers=workers,
+                                    progress=False)
+        episodes, rows[workers] = timed(f"eval, {num_envs} env(s) in {workers} worker(s)", run)
+        rows[workers].update(num_envs=num_envs, workers=workers, steps=sum(e.steps for e in episodes),
+                             successes=sum(e.success for e in episodes))
+        rows[workers]["steps_per_s"] = rows[workers]["steps"] / rows[workers]["seconds"]
+        outcomes[workers] = [(e.seed, e.max_reward, e.steps) for e in episodes]
+    return {"episodes": args.eval_episodes, "policy": args.policy or "PlanReplay (the expert's joint plans)",
+            "serial": rows[0], "parallel": rows[args.workers],
+            "speedup": rows[0]["seconds"] / rows[args.workers]["seconds"],
+            "outcomes_identical": outcomes[0] == outcomes[args.workers]}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, d, e = report["machine"], report["demos"], report["eval"]
+    n = report["workers"]
+
+    def row(what: str, part: dict[str, Any], check: str) -> str:
+        s, p = part["serial"], part["parallel"]
+        return (f"| {what} | {part['episodes']} | {s['seconds']:.1f} s | {p['seconds']:.1f} s | **{part['speedup']:.2f}x** "
+                f"| {s['load_before']:.1f} / {p['load_before']:.1f} | {check} |")
+
+    return "\n".join([
+        BEGIN, "## Simulator: parallel demonstrations and vectorised evaluation (`benchmarks/bench_sim.py`)", "",
+        f"* Date: {report['date']}. Machine: {m['cpu']}, {m['cpu_count']} cores, no GPU; {report['note']}",
+        f"* Command: `{report['command']}`.",
+        f"* One {report['image_size']} camera (the default), 400-step episodes. Demos: LeRobot v2.1 with H.264, "
+        f"encoded by the parent. Eval policy: {e['policy']}, so the eval rows time the simulator alone.", "",
+        f"| what | episodes | serial (today) | {n} workers | speedup | load at start (serial / {n} workers) | same result |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        row("`sim demos`", d, "episode tables byte-identical" if d["episode_tables_identical"] else "**tables differ**"),
+        row(f"`sim eval` ({n} envs)", e, "per-episode seed, reward, steps identical" if e["outcomes_identical"]
+            else "**outcomes differ**"),
+        "", END, ""])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--episodes", type=int, default=8, help="Demonstrations made by each of the two runs.")
+    parser.add_argument("--eval-episodes", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", default="240x320", help="HxW of the one (top) camera.")
+    parser.add_argument("--policy", type=Path, default=None, help="An exported .pt2 to evaluate instead of PlanReplay.")
+    parser.add_argument("--device", default="cpu", help="Where --policy runs.")
+    parser.add_argument("--parts", default="demos,eval")
+    parser.add_argument("--note", default="", help="A word on the machine's state (e.g. shared with other jobs).")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--record", default=None, help="Markdown file to put the section in (between markers).")
+    args = parser.parse_args(argv)
+
+    from dinocache.encoders.preprocess import parse_image_size
+
+    args.size = parse_image_size(args.image_size)
+    work = Path(tempfile.mkdtemp(prefix="bench_sim_"))
+    report: dict[str, Any] = {
+        "benchmark": "bench_sim", "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python benchmarks/bench_sim.py", *sys.argv[1:]]), "machine": describe_machine(args.device),
+        "workers": args.workers, "image_size": args.image_size, "note": args.note}
+    try:
+        parts = args.parts.split(",")
+        if "demos" in parts:
+            report["demos"] = bench_demos(args, work)
+        if "eval" in parts:
+            report["eval"] = bench_eval(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["mujoco_gl"] = os.environ.get("MUJOCO_GL")  # as dinocache.sim set it (egl) unless given
+    print(json.dumps({k: report[k] for k in ("demos", "eval") if k in report}, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.record and {"demos", "eval"} <= report.keys():
+        record_section(Path(args.record), markdown(report), BEGIN, END)
+        print(f"recorded in {args.record}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
