@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dinocache.datasets.aloha import SIDECAR
+from dinocache.datasets.aloha import IMAGES_GROUP, LOWDIM_DATASETS, SIDECAR
 from dinocache.datasets.encode import jpeg_bgr
 from dinocache.datasets.episode import Episode, WriteSpec
 
@@ -26,16 +26,16 @@ def write_aloha(out: Path, episodes: Iterable[Episode], spec: WriteSpec) -> None
     for ep in episodes:
         with h5py.File(out / f"episode_{ep.index}.hdf5", "w") as root:
             root.attrs["sim"] = True
-            obs = root.create_group("observations")
-            images = obs.create_group("images")
+            images = root.create_group(IMAGES_GROUP)
             if spec.aloha_compressed:
                 _write_jpeg_images(root, images, ep, spec)
             else:
                 for cam in spec.cameras:
                     images.create_dataset(cam, data=ep.frames[cam], chunks=(1, *ep.frames[cam].shape[1:]))
-            obs.create_dataset("qpos", data=ep.state)
-            obs.create_dataset("qvel", data=ep.velocity)
-            root.create_dataset("action", data=ep.action)
+            lowdim = ep.lowdim()
+            for name, key in LOWDIM_DATASETS.items():  # the reader's paths: qpos, qvel, action
+                if key in lowdim:
+                    root.create_dataset(name, data=lowdim[key])
     sidecar = {"fps": spec.fps} if spec.aloha_task is None else {"fps": spec.fps, "task": spec.aloha_task}
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
 
