@@ -1,4 +1,11 @@
-"""Dataset readers: open a demonstration dataset in any supported format as a :class:`DatasetSource`.
+"""Demonstration datasets, read and written: the layer below extraction, training and the simulator.
+
+Reading: :func:`open_dataset` opens a dataset in any supported format as a :class:`DatasetSource`
+(``base``; per format ``lerobot_v21`` / ``lerobot_v30`` / ``aloha``, decoding in ``video`` /
+``images`` / ``parquet``; ``hub`` finds a Hub id's folder); ``prefetch`` decodes streams in background threads and re-cuts batches;
+``rows`` decodes the frames of feature-store rows. Writing: ``writer.write_episodes`` writes
+``episode.Episode`` streams in every format (``encode`` makes the mp4 / PNG / JPEG bytes), and
+``synthetic`` is the sample scene written through it. Nothing here imports torch.
 
 >>> source = open_dataset("data/g1_pick_bottle")          # format detected from the files
 >>> source.format, source.fps, list(source.cameras)
