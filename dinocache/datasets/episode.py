@@ -59,7 +59,7 @@ class WriteSpec:
     gop: int | None = None
     #: LeRobot: ``video`` (mp4 files) or ``image`` (PNG bytes in parquet).
     image_storage: str = "video"
-    #: LeRobot v3.0: episodes packed per parquet / mp4 file.
+    #: LeRobot v3.0: episodes packed per parquet / mp4 file (default: all in one).
     episodes_per_file: int | None = None
     #: Per-dimension labels recorded in ``info.json`` (``observation.velocity`` takes the state's).
     state_names: tuple[str, ...] | None = None
