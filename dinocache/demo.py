@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dinocache.encoders.registry import get_backbone_spec
+from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.errors import DinocacheError
 from dinocache.keys import ACTION, OBS_STATE
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dinocache.encoders.preprocess import ImagePreprocessor, PreprocessConfig, parse_image_size
-from dinocache.encoders.registry import get_backbone_spec
+from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.errors import BackboneError
 
 

@@ -17,7 +17,8 @@ import torch
 
 from dinocache.encoders.backbone import build_timm_model, create_backbone
 from dinocache.cli.extract import backbone_table
-from dinocache.encoders.registry import get_backbone_spec, list_backbones
+from dinocache.encoders.lookup import get_backbone_spec
+from dinocache.encoders.registry import list_backbones
 from dinocache.errors import BackboneError
 
 EXPECTED_NAMES = {

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from dinocache.encoders.backbone import create_backbone
 from dinocache.encoders.checkpoints import file_sha256, load_into
 from dinocache.encoders.pos_embed import resample_pos_embed
-from dinocache.encoders.registry import get_backbone_spec
+from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.encoders.weights import WEIGHTS_ENV, find_local_weights, tensor_sha256
 from dinocache.errors import BackboneError
 

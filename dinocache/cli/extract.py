@@ -38,7 +38,7 @@ def backbone_table(image_size: str | int | tuple[int, int]) -> str:
     A backbone whose patch size does not divide the size gets '-' in those columns instead of an
     error, so one table serves patch-14 and patch-16 models alike.
     """
-    from dinocache.encoders.preprocess import parse_image_size
+    from dinocache.encoders.image_size import parse_image_size
     from dinocache.encoders.registry import list_backbones
 
     height, width = parse_image_size(image_size)

@@ -18,7 +18,7 @@ from typing import Any
 
 _EXPORTS = {
     "BackboneSpec": "registry",
-    "get_backbone_spec": "registry",
+    "get_backbone_spec": "lookup",
     "list_backbones": "registry",
     "ImagePreprocessor": "preprocess",
     "PreprocessConfig": "preprocess",

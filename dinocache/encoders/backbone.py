@@ -26,10 +26,12 @@ from torch import nn
 
 from dinocache.encoders.build import Init, create_timm_model
 from dinocache.encoders.checkpoints import load_into
+from dinocache.encoders.image_size import ImageSize
+from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.encoders.pos_embed import resample_pos_embed
-from dinocache.encoders.preprocess import ImagePreprocessor, ImageSize, PreprocessConfig
+from dinocache.encoders.preprocess import ImagePreprocessor, PreprocessConfig
 from dinocache.encoders.record import BackboneRecord, WeightsRecord
-from dinocache.encoders.registry import BackboneSpec, get_backbone_spec
+from dinocache.encoders.registry import BackboneSpec
 from dinocache.encoders.weights import fetch_weights, weights_record
 from dinocache.errors import BackboneError
 

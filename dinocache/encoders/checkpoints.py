@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import sys
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dinocache.encoders.arch import lookalikes, spec_signature, state_dict_signature
+from dinocache.encoders.arch import count_blocks, mlp_kind
 from dinocache.encoders.registry import BackboneSpec, list_backbones
 from dinocache.errors import BackboneError
 
@@ -122,6 +124,71 @@ def warn_if_not_published(path: Path, sha256: str) -> None:
             f"a truncated or altered download? Re-download it from {spec.checkpoint_url}",
             stacklevel=3,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Which architecture a state dict belongs to: a checkpoint of the wrong model is refused naming both
+# models ("looks like dinov2_vitb14 but dinov2_vits14 was asked for"), before a model is built and
+# long before torch reports a size mismatch on some ``blocks.7.mlp.fc1.weight``. The signature reads
+# the same facts from the official facebookresearch layout and from timm's.
+# --------------------------------------------------------------------------------------------------
+
+_REGISTER_KEYS = ("register_tokens", "reg_token", "storage_tokens")
+_CONVNET_WIDTH_KEYS = ("head.norm.weight", "norm.weight", "norm_pre.weight")
+
+
+@dataclass(frozen=True)
+class ArchSignature:
+    """The facts that tell registered architectures apart (patch size and tokens for ViTs only)."""
+
+    kind: str
+    embed_dim: int
+    depth: int
+    patch_size: int | None = None
+    num_prefix_tokens: int = 0
+    mlp: str = "mlp"
+
+    def describe(self) -> str:
+        if self.kind != "vit":
+            return f"convnet, embed dim {self.embed_dim}, {self.depth} blocks"
+        registers = self.num_prefix_tokens - 1
+        parts = [f"embed dim {self.embed_dim}", f"{self.depth} blocks", f"patch {self.patch_size}"]
+        if registers > 0:
+            parts.append(f"{registers} registers")
+        if self.mlp == "swiglu":
+            parts.append("SwiGLU")
+        return ", ".join(parts)
+
+
+def spec_signature(spec: BackboneSpec) -> ArchSignature:
+    if spec.kind == "vit":
+        return ArchSignature("vit", spec.embed_dim, spec.depth, spec.patch_size,
+                             spec.num_prefix_tokens, spec.mlp)
+    return ArchSignature("convnet", spec.embed_dim, spec.depth)
+
+
+def state_dict_signature(state_dict: Mapping[str, object]) -> ArchSignature | None:
+    """Signature of a state dict in official or timm layout; None when it is not recognisable."""
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+    depth = count_blocks(shapes)
+    patch = shapes.get("patch_embed.proj.weight")
+    if patch is not None and len(patch) == 4:
+        prefix = int("cls_token" in shapes)
+        prefix += sum(shapes[k][1] for k in _REGISTER_KEYS if k in shapes and len(shapes[k]) == 3)
+        return ArchSignature("vit", patch[0], depth, patch[-1], prefix, mlp_kind(shapes))
+    for key in _CONVNET_WIDTH_KEYS:
+        if key in shapes and depth:
+            return ArchSignature("convnet", shapes[key][0], depth)
+    last_stage = sorted((k for k in shapes if re.match(r"^layer4\.\d+\.conv\d\.weight$", k)),
+                        key=lambda k: [int(t) for t in re.findall(r"\d+", k)])
+    if last_stage and depth:
+        return ArchSignature("convnet", shapes[last_stage[-1]][0], depth)
+    return None
+
+
+def lookalikes(signature: ArchSignature) -> list[str]:
+    """Registered backbone names with exactly this architecture."""
+    return [s.name for s in list_backbones() if spec_signature(s) == signature]
 
 
 def check_architecture(state_dict: StateDict, spec: BackboneSpec, path: Path) -> None:

@@ -7,8 +7,9 @@ consumes. It is plain data (no torch) so that reading a store or a run folder st
 
 ``from_dict`` is tolerant in one direction only: fields a record written by an older dinocache lacks
 read as None (and are then not compared); fields this code does not know are kept and written back,
-so a record survives a round trip through a run folder unchanged. New optional fields (such as
-:class:`FinetunedWeights`) are written only when set, so older records stay byte-identical.
+so a record survives a round trip through a run folder unchanged. An optional field added later
+(fine-tuned weights, say: their file's sha256 and the base weights' hashes they started from) is
+to be written only when set, so that older records read and write back byte-identical.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from dinocache.encoders.preprocess import PreprocessConfig
 
 __all__ = ["WeightsRecord", "BackboneRecord"]
+
 
 def _split(cls: type, data: Mapping[str, Any], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``data`` as (known fields of ``cls``, the rest); refuses a record that is not a mapping."""

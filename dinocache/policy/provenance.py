@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
+from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.encoders.preprocess import PreprocessConfig
 from dinocache.encoders.record import BackboneRecord, WeightsRecord
-from dinocache.encoders.registry import get_backbone_spec
 from dinocache.encoders.weights import find_local_weights
 from dinocache.errors import BackboneError
 
