@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -482,12 +482,9 @@ class FeatureStore:
     def cls(self, camera: str, selection: Any = slice(None)) -> np.ndarray:
         return self.read(f"cameras/{camera}/cls", selection)
 
-    def array_names(self) -> Iterable[str]:
-        """Every array in the store, as a path relative to the root."""
-        for name, _ in self.root.arrays():
-            yield name
-        for gname, group in self.root.groups():
-            yield from (f"{gname}/{name}" for name, _ in _walk_arrays(group))
+    def array_names(self) -> list[str]:
+        """Every array in the store, as a path relative to the root, sorted."""
+        return sorted(name for name, member in self.root.members(max_depth=None) if isinstance(member, zarr.Array))
 
 
 def _damage(name: str, array: zarr.Array, selection: Any) -> str:
@@ -529,14 +526,6 @@ def _short(value: Any, limit: int = 80) -> str:
     """``repr`` cut to ``limit`` characters: a list of 10 000 episode indices must not fill the screen."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit - 3]}..."
-
-
-def _walk_arrays(group: zarr.Group) -> Iterable[tuple[str, zarr.Array]]:
-    for name, array in group.arrays():
-        yield name, array
-    for gname, sub in group.groups():
-        for name, array in _walk_arrays(sub):
-            yield f"{gname}/{name}", array
 
 
 def store_bytes(path: str | Path) -> int:
