@@ -15,7 +15,9 @@ simulator alone: stepping, rendering and moving frames between processes. ``--po
 exported ``.pt2`` instead (``evaluate()``, its backbone on this process's device).
 
 Wall time is what a user waits; the load average before and after each phase says how much of the
-machine other jobs had.
+machine other jobs had. CPU seconds (this process, its threads and its ended workers) barely depend
+on that load: the parallel run's extra CPU is what the workers cost (start-up, moving frames), and
+serial CPU / (parallel CPU / N) bounds the speedup an otherwise idle machine would show.
 
     python benchmarks/bench_sim.py --workers 2 --episodes 8 --json docs/results/bench_sim_cpu.json --record docs/benchmarks.md
     python benchmarks/bench_sim.py --workers 16 --episodes 32 --eval-episodes 32    # a 16-core host
@@ -26,7 +28,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing.forkserver
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -40,14 +44,26 @@ from closed_loop import record_section
 BEGIN, END = "<!-- bench-sim:begin -->", "<!-- bench-sim:end -->"
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process, of its children that have ended, and of the fork server that starts the
+    simulator's workers, with its ended children (the workers: their time is the server's to collect)."""
+    own = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    server = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if server is None:
+        return own
+    fields = Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()
+    return own + sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
 def timed(label: str, run) -> tuple[Any, dict[str, float]]:
-    """Run ``run()``; its result and wall seconds, with the 1-minute load average before and after."""
-    load = os.getloadavg()[0]
+    """Run ``run()``; its result, wall and CPU seconds, and the 1-minute load average before and after."""
+    load, cpu = os.getloadavg()[0], cpu_seconds()
     began = time.perf_counter()
     result = run()
-    seconds = time.perf_counter() - began
-    print(f"{label}: {seconds:.1f} s (load {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
-    return result, {"seconds": seconds, "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+    seconds, cpu = time.perf_counter() - began, cpu_seconds() - cpu
+    print(f"{label}: {seconds:.1f} s, {cpu:.1f} CPU-s (load {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+    return result, {"seconds": seconds, "cpu_seconds": cpu, "load_before": round(load, 2),
+                    "load_after": round(os.getloadavg()[0], 2)}
 
 
 def bench_demos(args: argparse.Namespace, work: Path) -> dict[str, Any]:

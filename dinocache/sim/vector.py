@@ -1,7 +1,7 @@
 """Many joint-scene environments stepped together: the vectorised simulator behind ``sim eval --num-envs``.
 
 An :class:`EnvPool` holds ``num_envs`` environments, numbered 0 .. num_envs - 1 (their *slots*),
-spread over ``workers`` spawned processes (slot ``i`` lives in worker ``i % workers``; ``workers=0``
+spread over ``workers`` worker processes (slot ``i`` lives in worker ``i % workers``; ``workers=0``
 keeps them all in this process). Every call names the slots it concerns, so the caller resets one
 environment while the others keep going, and stops stepping those that are done. A call sends each
 worker its share first and then collects the answers, so the workers step and render at the same
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dinocache.sim.env import Cameras, make_joint_env
-from dinocache.sim.parallel import spawn_context
+from dinocache.sim.parallel import worker_context
 
 
 @dataclass
@@ -79,7 +79,7 @@ class EnvPool:
         self._local = EnvGroup(cameras, task, range(num_envs)) if self.workers == 0 else None
         self._conns: list[Connection] = []
         self._procs = []
-        context = spawn_context()
+        context = worker_context()
         for worker in range(self.workers):
             parent, child = context.Pipe()
             proc = context.Process(target=_serve, args=(child, dict(cameras), task,
