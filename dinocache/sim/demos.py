@@ -1,13 +1,13 @@
 """``dinocache sim demos``: scripted transfer-cube demonstrations written as a dataset dinocache reads.
 
-Episodes are made one at a time by :class:`~dinocache.sim.expert.ScriptedExpert` and streamed into the
-project's own dataset writers (:func:`dinocache.pipeline.synthetic.write_episodes`: LeRobot v2.1 with
-H.264 video, or ALOHA/ACT HDF5). With ``workers`` > 1 the episodes are made in that many spawned
-processes (:func:`dinocache.sim.parallel.ordered_map`) and written here in seed order as they
-arrive, at most two per worker waiting; every episode depends on its seed only, so the dataset is the
-same whatever the number of workers. An episode whose replay does not reach the task's maximum reward
-is dropped and counted; the kept ones are numbered 0, 1, ... contiguously. ``sim_demos.json`` beside the data records the reset seed of every kept and
-failed episode, so that evaluation can prove its seeds are disjoint from them.
+Episodes are made by :class:`~dinocache.sim.expert.ScriptedExpert` and streamed into the project's
+own dataset writer (:func:`dinocache.datasets.writer.write_episodes`: LeRobot v2.1 with H.264 video,
+or ALOHA/ACT HDF5). With ``workers`` > 1 they are made in that many worker processes
+(:func:`dinocache.sim.parallel.ordered_map`) and written here in seed order as they arrive, at most
+two per worker waiting; every episode depends on its seed only, so the dataset is the same whatever
+the number of workers. An episode whose replay does not reach the task's maximum reward is dropped
+and counted; the kept ones are numbered 0, 1, ... contiguously. ``sim_demos.json`` beside the data
+records the reset seed of every kept and failed episode, so that evaluation can prove its seeds are disjoint from them.
 """
 
 from __future__ import annotations
