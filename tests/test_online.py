@@ -14,7 +14,7 @@ from dinocache.errors import BackboneError
 from dinocache.policy.act import ACTHead
 from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.keys import camera_key
-from dinocache.policy.online import FinetunedConvNet, OnlineACT, build_online_act
+from dinocache.policy.online import OnlineACT, TrainableBackbone, build_online_act
 
 TINY = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=2, n_decoder_layers=1,
             n_vae_encoder_layers=1, latent_dim=8, chunk_size=5, n_action_steps=5, dropout=0.0, optimizer_lr=1e-3,
@@ -115,7 +115,7 @@ def test_resnet18_is_finetuned_the_act_way():
     model = build_online_act(config, "resnet18", ["top", "wrist"], state_dim=3, action_dim=2, finetune=True,
                              weights="random", image_size=64, seed=0)
     trunk = model.encoder
-    assert isinstance(trunk, FinetunedConvNet) and model.trains_backbone
+    assert isinstance(trunk, TrainableBackbone) and model.trains_backbone
     assert model.head.inputs.cameras == [("top", 512, 2, 2), ("wrist", 512, 2, 2)]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules()) == 20
@@ -172,10 +172,53 @@ def test_a_few_steps_reduce_the_loss(backbone: str, finetune: bool, size: int):
 
 
 def test_refusals():
-    with pytest.raises(BackboneError, match="run ViTs frozen"):
-        FinetunedConvNet(create_backbone("dinov2_vits14", weights="random", image_size=28))
+    with pytest.raises(BackboneError, match="choose 1 to 8"):
+        TrainableBackbone(create_backbone("resnet18", weights="random", image_size=32), unfreeze_last=9)
     config = ACTConfig(**TINY)
     model = build_online_act(config, "dinov2_vits14", ["top"], 3, 2, weights="random", image_size=28)
     wrong = ACTInputs(cameras=[("top", 384, 3, 3)], state_dim=3, action_dim=2)
     with pytest.raises(ValueError, match=r"expects grids \(384, 3, 3\), dinov2_vits14 gives \(384, 2, 2\)"):
         OnlineACT(ACTHead(config, wrong), model.encoder)
+
+
+def test_act_resnet18_trains_online_exports_and_serves_select_action(tmp_path: Path):
+    """`dinocache train --online --backbone resnet18 DATASET`: ACT's own recipe, exportable like any run."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from dinocache.cli import main
+    from dinocache.datasets.synthetic import write_synthetic_dataset
+    from dinocache.policy.export import export_policy
+    from dinocache.policy.runtime import load_policy
+
+    dataset = write_synthetic_dataset(tmp_path / "data", num_episodes=2, episode_length=8, image_size=(48, 64),
+                                      cameras=("top",), seed=0)
+    run = tmp_path / "run"
+    head = ["--dim-model", "32", "--n-heads", "4", "--dim-feedforward", "64", "--n-encoder-layers", "1",
+            "--n-decoder-layers", "1", "--n-vae-encoder-layers", "1", "--latent-dim", "8", "--chunk-size", "4"]
+    args = ["train", "--online", "--backbone", "resnet18", "--weights", "random", "--image-size", "32", str(dataset),
+            "--out", str(run), "--batch-size", "4", "--val-episodes", "none", "--save-every", "2", "--log-every", "1",
+            "--no-progress", *head]
+    result = CliRunner().invoke(main, [*args, "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    resumed = CliRunner().invoke(main, [*args, "--steps", "3", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+
+    record = json.loads((run / "run.json").read_text())
+    assert record["store"]["path"] is None and record["store"]["provenance"]["backbone"]["name"] == "resnet18"
+    assert record["backbone_training"]["unfreeze_last"] is None
+    assert record["act_inputs"]["cameras"] == [["top", 512, 1, 1]]
+    tuned = load_file(run / "checkpoints" / "last" / "backbone.safetensors")
+    base = create_backbone("resnet18", weights="random", image_size=32).model.state_dict()
+    assert not torch.equal(tuned["conv1.weight"], base["conv1.weight"])
+    assert torch.equal(tuned["bn1.running_mean"], base["bn1.running_mean"]), "FrozenBatchNorm: statistics fixed"
+
+    exported = export_policy(run, tmp_path / "act.pt2", progress=False)
+    assert exported.parity.passed and exported.metadata["backbone_weights"]["source"] == "finetuned"
+    policy = load_policy(tmp_path / "act.pt2")
+    policy.reset()
+    action = policy.select_action({"observation.images.top": np.zeros((48, 64, 3), np.uint8),
+                                   "observation.state": np.zeros(4, np.float32)})
+    assert action.shape == (4,) and np.isfinite(action).all()

@@ -26,6 +26,7 @@ COMMANDS = {
     "backbones": "dinocache.cli.extract:backbones",
     "make-sample": "dinocache.cli.extract:make_sample",
     "train": "dinocache.cli.train:train",
+    "finetune": "dinocache.cli.finetune:finetune",
     "export": "dinocache.cli.export:export",
     "bench-policy": "dinocache.cli.export:bench_policy",
     "demo": "dinocache.cli.demo:demo",

@@ -41,6 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dinocache import __version__
+from dinocache.encoders.checkpoints import file_sha256
+from dinocache.encoders.weights import tensor_sha256
 from dinocache.errors import DinocacheError
 from dinocache.pipeline.store import StoreRecord
 from dinocache.policy.act import ACTHead
@@ -49,7 +51,8 @@ from dinocache.policy.normalize import Normalizer
 
 __all__ = [
     "PolicySpec", "save_checkpoint", "load_head", "load_training_state", "resolve_checkpoint", "checkpoint_step",
-    "checkpoint_dir", "capture_rng", "restore_rng", "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "LAST", "BEST",
+    "checkpoint_dir", "capture_rng", "restore_rng", "load_backbone", "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "LAST",
+    "BEST", "BACKBONE_FILE",
 ]
 
 RUN_FILE = "run.json"
@@ -62,19 +65,29 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+#: A trained backbone's tensors (``dinocache train --online``, ``dinocache finetune``), beside the head's.
+BACKBONE_FILE = "backbone.safetensors"
 
 
 @dataclass
 class PolicySpec:
-    """What a trained head is: its hyperparameters, its inputs, its normalisation, its features' origin."""
+    """What a trained head is: its hyperparameters, its inputs, its normalisation, its features' origin.
+
+    ``backbone_training`` is None for a head trained on cached features (the backbone in front of it
+    is the store's, frozen); for a run that trained its backbone (online or fine-tuned) it says how
+    (:class:`~dinocache.policy.trainable.BackboneTraining`), and each checkpoint holds the trained
+    tensors (:data:`BACKBONE_FILE`). An online run has no store: ``store_path`` is None and
+    ``store_record`` describes the frames it was fed (dataset, backbone, preprocessing) instead.
+    """
 
     config: ACTConfig
     inputs: ACTInputs
     stats: dict[str, dict[str, list[float]]]  # key -> {mean, std, min, max}, as stored (before the std floor)
-    store_path: str
+    store_path: str | None
     store_record: StoreRecord
     camera_keys: dict[str, str]  # head camera name -> store camera (dataset key), in store order
     preset: str | None = None
+    backbone_training: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +98,7 @@ class PolicySpec:
             "store": {"path": self.store_path, "provenance": self.store_record.to_dict()},
             "camera_keys": self.camera_keys,
             "preset": self.preset,
+            **({"backbone_training": self.backbone_training} if self.backbone_training is not None else {}),
         }
 
     @classmethod
@@ -97,6 +111,7 @@ class PolicySpec:
             store_record=StoreRecord.from_dict(data["store"]["provenance"]),
             camera_keys=dict(data["camera_keys"]),
             preset=data.get("preset"),
+            backbone_training=data.get("backbone_training"),
         )
 
     def build(self) -> tuple[ACTHead, Normalizer]:
@@ -177,8 +192,12 @@ def _point(link: Path, target: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Normalizer, spec: PolicySpec,
                     optimizer: torch.optim.Optimizer, rng: list[dict[str, Any]], sampler: Mapping[str, Any],
-                    extra: Mapping[str, Any], best: bool = False) -> Path:
+                    extra: Mapping[str, Any], best: bool = False, backbone: nn.Module | None = None) -> Path:
     """Write ``checkpoints/<step>`` and point ``last`` (and ``best`` when asked) at it.
+
+    A trained ``backbone`` (a :class:`~dinocache.policy.trainable.TrainableBackbone`) is saved whole
+    as :data:`BACKBONE_FILE`; ``config.json`` records its sha256 and tensor hash beside the hashes of
+    the base weights it started from (``backbone_weights``), so that export can prove what it fuses.
 
     ``rng`` has one :func:`capture_rng` entry per rank, so every rank resumes its own dropout and
     latent-noise stream. The checkpoint is assembled in a hidden folder and renamed into place: a run
@@ -193,7 +212,8 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
     weights.update({f"normalizer.{k}": v for k, v in normalizer.state_dict().items()})
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / MODEL_FILE,
               metadata={"format": "dinocache-act", "step": str(step)})
-    write_json(tmp / CONFIG_FILE, {**spec.to_dict(), "step": step})
+    trained = _save_backbone(tmp, backbone) if backbone is not None else {}
+    write_json(tmp / CONFIG_FILE, {**spec.to_dict(), "step": step, **trained})
 
     tensors: dict[str, torch.Tensor] = {}
     state_meta: dict[str, Any] = {}
@@ -226,6 +246,14 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
     if best:
         _point(checkpoint_dir(run_dir, BEST), final)
     return final
+
+
+def _save_backbone(folder: Path, backbone: nn.Module) -> dict[str, Any]:
+    """Write the trained backbone's tensors; return its record for ``config.json``."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()},
+              folder / BACKBONE_FILE, metadata={"format": "dinocache-backbone", "name": backbone.spec.name})
+    return {"backbone_weights": {"source": "finetuned", "file": BACKBONE_FILE, "sha256": file_sha256(folder / BACKBONE_FILE),
+                                 "tensor_sha256": tensor_sha256(backbone.model), "base": backbone.weights.identity()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,14 +304,41 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(json.loads((_resolve(path) / CONFIG_FILE).read_text())["step"])
 
 
-def load_training_state(path: str | os.PathLike, head: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load weights into ``head`` and state into ``optimizer``; return the rest (step, rng per rank, sampler...).
+def load_backbone(path: str | os.PathLike, backbone: nn.Module) -> dict[str, Any]:
+    """Load a checkpoint's trained backbone tensors into ``backbone`` (built as it was trained); return
+    their record. The file's sha256 and the loaded tensors' hash must be the recorded ones, and the
+    record's base weights those ``backbone`` was built from: otherwise it is refused showing both."""
+    path = _resolve(path)
+    record = json.loads((path / CONFIG_FILE).read_text()).get("backbone_weights")
+    if record is None:
+        raise DinocacheError(f"{path}: the run did not train its backbone (no {BACKBONE_FILE})")
+    found = file_sha256(path / BACKBONE_FILE)
+    if found != record["sha256"]:
+        raise DinocacheError(f"{path / BACKBONE_FILE} has sha256 {found}, the checkpoint recorded {record['sha256']}: "
+                             "the file is not the one training saved")
+    base = backbone.weights.identity()
+    if base != record["base"]:
+        raise DinocacheError(f"{path}: the backbone was trained from base weights {record['base']}, not {base}")
+    backbone.model.load_state_dict(load_file(path / BACKBONE_FILE))
+    loaded = tensor_sha256(backbone.model)
+    if loaded != record["tensor_sha256"]:
+        raise DinocacheError(f"{path / BACKBONE_FILE} loads tensors with tensor_sha256 {loaded}, the checkpoint "
+                             f"recorded {record['tensor_sha256']}")
+    return record
+
+
+def load_training_state(path: str | os.PathLike, head: nn.Module, optimizer: torch.optim.Optimizer,
+                        backbone: nn.Module | None = None) -> dict[str, Any]:
+    """Load weights into ``head`` (and a trained ``backbone``) and state into ``optimizer``; return the
+    rest (step, rng per rank, sampler...).
 
     The returned ``rng`` is a list with one :func:`restore_rng`-ready entry per rank that saved it.
     """
     path = _resolve(path)
     weights = load_file(path / MODEL_FILE)
     head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
+    if backbone is not None:
+        load_backbone(path, backbone)
     tensors = load_file(path / STATE_TENSORS)
     meta = json.loads((path / STATE_JSON).read_text())
 

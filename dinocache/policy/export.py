@@ -38,7 +38,7 @@ from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.formats import FORMATS
 from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
 from dinocache.policy.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
-from dinocache.policy.parity import ParityError, ParityReport, check_parity, open_run_store, verification_frames
+from dinocache.policy.parity import ParityError, ParityReport, check_run
 
 __all__ = ["ExportResult", "export_policy", "FORMATS", "TRACE_TOLERANCE", "onnx_input_names"]
 
@@ -333,17 +333,13 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         stage(1)
         report, frames, state, env = None, None, None, None
         if verify:
-            feature_store = open_run_store(policy, store)
-            checked = verification_frames(feature_store, dataset)
-            report = check_parity(policy, feature_store, checked)
+            report, checked, state, env = check_run(policy, store, dataset)
             if not report.passed:
-                raise ParityError(f"{report.format()}: the fused policy does not act as the head does on the cached "
-                                  "features (other backbone weights or preprocessing?); nothing was written")
+                reference = "the head does on the cached features" if policy.spec.backbone_training is None else \
+                    "the trained backbone and head do, run eagerly"
+                raise ParityError(f"{report.format()}: the fused policy does not act as {reference} (other backbone "
+                                  "weights or preprocessing?); nothing was written")
             frames = checked.images
-            rows = checked.rows[:_EXAMPLE_BATCH]
-            state = torch.from_numpy(np.asarray(feature_store.read(OBS_STATE)[rows], np.float32))
-            env = (torch.from_numpy(np.asarray(feature_store.read(OBS_ENV_STATE)[rows], np.float32))
-                   if policy.has_env_state else None)
         metadata["parity"] = report.to_dict() if report else {"verified": False}
         if progress and report is not None:
             tqdm.write(f"dinocache: {report.format()}")

@@ -131,13 +131,13 @@ class DecodedFrames:
                    device: str | torch.device = "cpu", **options: int) -> DecodedFrames:
         """The store's rows, normalisation and cameras; frames from ``dataset`` (default: the recorded
         source), which must be the dataset the store was extracted from (same fingerprint)."""
-        recorded = store.provenance.get("source_path")
+        recorded = store.record.source_path
         path = Path(dataset) if dataset is not None else Path(recorded) if recorded else None
         if path is None or not path.exists():
             raise DatasetError(f"the frames come from the dataset {store.path} was extracted from, "
                                f"{path or '(not recorded)'}, which is not there; pass --dataset PATH")
-        source = open_dataset(path, format=store.provenance["source"]["format"], skip_bad_episodes=True)
-        expected, found = store.provenance["source"]["fingerprint"], source.fingerprint()
+        source = open_dataset(path, format=store.record.source.format, skip_bad_episodes=True)
+        expected, found = store.record.source.fingerprint, source.fingerprint()
         if found != expected:
             raise DatasetError(f"{path} is not the dataset {store.path} was extracted from "
                                f"(fingerprint {found}, the store has {expected})")

@@ -28,6 +28,7 @@ from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
 from dinocache.policy.formats import COMPUTE_DTYPES
 from dinocache.policy.normalize import Normalizer
 from dinocache.policy.provenance import rebuild_backbone
+from dinocache.policy.trainable import load_trained_backbone
 
 __all__ = ["FusedPolicy", "build_fused_policy", "camera_features", "parse_dtype", "DTYPES"]
 
@@ -164,15 +165,22 @@ def build_fused_policy(run_or_checkpoint: str | os.PathLike, checkpoint: str | i
     The backbone is rebuilt from the provenance the run recorded for its feature store, with
     ``weights`` (default: the recorded file if it still exists, else the Hugging Face cache, or the
     recorded seed for random weights); weights whose sha256 / tensor hash differ from the recorded
-    ones are refused unless ``check_weights`` is False (meant for tests of the parity check).
+    ones are refused unless ``check_weights`` is False (meant for tests of the parity check). A run
+    that trained its backbone (online, or ``dinocache finetune``) gets its trained backbone: the base
+    weights rebuilt and checked as above, then the checkpoint's trained tensors, their own sha256
+    checked (:func:`~dinocache.policy.trainable.load_trained_backbone`).
     """
     compute_dtype = parse_dtype(dtype)
     path = resolve_checkpoint(run_or_checkpoint, checkpoint)
     head, normalizer, spec = load_head(path, device=device)
     _drop_training_only(head)
     amp = None if compute_dtype == torch.float32 else compute_dtype
-    backbone = rebuild_backbone(spec.store_record.backbone, weights=weights, device=device, amp_dtype=amp,
-                                check=check_weights)
+    if spec.backbone_training is None:
+        backbone = rebuild_backbone(spec.store_record.backbone, weights=weights, device=device, amp_dtype=amp,
+                                    check=check_weights)
+    else:
+        trained = load_trained_backbone(path, spec, weights=weights, device=device, check=check_weights)
+        backbone = trained.frozen(amp_dtype=amp)
     policy = FusedPolicy(backbone, head, normalizer, spec, compute_dtype).to(device)
     policy.checkpoint_path = Path(path)
     policy.step = checkpoint_step(path)

@@ -12,11 +12,13 @@ Two encoders:
 * :class:`~dinocache.encoders.FrozenBackbone` (DINOv2/v3 or any registered backbone), run without
   grad in eval mode on every step: how LeRobot trains an ACT whose vision backbone is a frozen DINO.
   Its grids are exactly the cached ones, so the loss is the cached loss.
-* :class:`FinetunedConvNet`: ACT's own backbone, torchvision's ImageNet ResNet18 (timm
-  ``resnet18.tv_in1k``) up to ``layer4``, every BatchNorm replaced by torchvision's
-  ``FrozenBatchNorm2d`` and trained at its own learning rate ``optimizer_lr_backbone``: LeRobot's
+* :class:`~dinocache.policy.trainable.TrainableBackbone`: the same backbone, trained at its own learning rate
+  ``optimizer_lr_backbone``. For ACT's own backbone, torchvision's ImageNet ResNet18 (timm
+  ``resnet18.tv_in1k``) up to ``layer4``, every BatchNorm becomes ``FrozenBatchNorm2d``: LeRobot's
   ACT recipe, where every convolution trains (the original ACT code also froze ``conv1`` and
-  ``layer1``).
+  ``layer1``). For a DINO ViT it is ``dinocache finetune``'s backbone, with partial unfreezing,
+  gradient checkpointing and layer-wise learning-rate decay for the memory and the stability a big
+  one needs.
 
 Either way a camera's grid ``(B, C, h, w)`` enters the head exactly like a cached grid (its 1x1
 input projection maps the ``C`` channels, 512 for ResNet18). Frames arrive as uint8 ``(B, H, W, 3)``
@@ -30,42 +32,17 @@ import os
 from collections.abc import Sequence
 
 import torch
-from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.encoders.preprocess import ImageSize
-from dinocache.errors import BackboneError
 from dinocache.keys import CAMERA_PREFIX, camera_key
 from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.policy.fused import camera_features
+from dinocache.policy.trainable import TrainableBackbone
 
-__all__ = ["FinetunedConvNet", "OnlineACT", "build_online_act"]
-
-
-class FinetunedConvNet(nn.Module):
-    """A convnet trunk that trains, as ACT trains its ResNet18: uint8 frames in, ``(grid, pooled)`` out.
-
-    Built from a :class:`FrozenBackbone` so that the weights and the preprocessing come from the one
-    place that loads and checks them; its BatchNorm layers become ``FrozenBatchNorm2d`` (statistics and
-    affine parameters fixed, as in ACT/DETR) and every other parameter requires grad again.
-    """
-
-    def __init__(self, backbone: FrozenBackbone) -> None:
-        super().__init__()
-        if backbone.spec.kind != "convnet":
-            raise BackboneError(f"{backbone.spec.name} is a {backbone.spec.kind}: fine-tuning online is ACT's "
-                                f"recipe for its ResNet; run ViTs frozen")
-        self.spec = backbone.spec
-        self.preprocess = backbone.preprocess
-        self.model = freeze_batch_norm_2d(backbone.model).requires_grad_(True)
-        self.grid_size = backbone.grid_size
-        self.embed_dim = backbone.embed_dim
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.model.forward_features(self.preprocess(images))
-        return features, features.mean(dim=(2, 3))
+__all__ = ["OnlineACT", "build_online_act"]
 
 
 class OnlineACT(nn.Module):
@@ -76,7 +53,7 @@ class OnlineACT(nn.Module):
     camera instead of ``features.<camera>`` / ``cls.<camera>``. Being ``forward``, DDP can wrap it.
     """
 
-    def __init__(self, head: ACTHead, encoder: FrozenBackbone | FinetunedConvNet) -> None:
+    def __init__(self, head: ACTHead, encoder: FrozenBackbone) -> None:
         super().__init__()
         grid = (encoder.embed_dim, *encoder.grid_size)
         for name, *shape in head.inputs.cameras:
@@ -103,32 +80,44 @@ class OnlineACT(nn.Module):
 
     compute_loss = forward
 
-    def parameter_groups(self) -> list[dict]:
-        """LeRobot ACT's optimiser groups: the head at ``optimizer_lr``, the backbone at ``optimizer_lr_backbone``."""
+    def parameter_groups(self, layer_decay: float | None = None) -> list[dict]:
+        """LeRobot ACT's optimiser groups: the head at ``optimizer_lr``, the backbone at ``optimizer_lr_backbone``.
+
+        With ``layer_decay`` D (a :class:`TrainableBackbone`), a backbone parameter at depth ``l`` of
+        ``L`` trains at ``optimizer_lr_backbone * D ** (L - l)`` (BEiT's layer-wise decay): the last
+        block at the full rate, earlier ones, whose general features the head relies on, ever slower.
+        """
         groups: list[dict] = [{"params": [p for p in self.head.parameters() if p.requires_grad]}]
-        backbone = [p for p in self.encoder.parameters() if p.requires_grad]
-        if backbone:
-            groups.append({"params": backbone, "lr": self.head.config.optimizer_lr_backbone})
+        lr = self.head.config.optimizer_lr_backbone
+        trained = [(name, p) for name, p in self.encoder.model.named_parameters() if p.requires_grad]
+        if not trained:
+            return groups
+        if layer_decay is None:
+            return [*groups, {"params": [p for _, p in trained], "lr": lr}]
+        layers, depth = self.encoder.layers(), self.encoder.depth
+        for layer in sorted({layers[name] for name, _ in trained}):
+            groups.append({"params": [p for name, p in trained if layers[name] == layer],
+                           "lr": lr * layer_decay ** (depth - layer)})
         return groups
 
-    def optimizer(self) -> torch.optim.AdamW:
+    def optimizer(self, layer_decay: float | None = None) -> torch.optim.AdamW:
         """The cached training's AdamW (fused, :func:`~dinocache.policy.act.act_optimizer`) over
         :meth:`parameter_groups`: the baseline gets the same optimiser kernels as the cache."""
-        return act_optimizer(self.parameter_groups(), self.head.config)
+        return act_optimizer(self.parameter_groups(layer_decay), self.head.config)
 
 
 def build_online_act(config: ACTConfig, backbone: str, cameras: Sequence[str], state_dim: int, action_dim: int,
                      env_state_dim: int | None = None, *, finetune: bool = False,
                      weights: str | os.PathLike[str] = "auto", image_size: ImageSize | None = None, seed: int = 0,
                      device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None) -> OnlineACT:
-    """A fresh head behind the registered ``backbone``: frozen, or fine-tuned the ACT way (``finetune``).
+    """A fresh head behind the registered ``backbone``: frozen, or trained (``finetune``, a :class:`TrainableBackbone`).
 
     ``amp_dtype`` is the frozen backbone's autocast precision (as extraction's ``--precision``); a
     fine-tuned trunk follows the caller's autocast, as the head does.
     """
     frozen = create_backbone(backbone, weights=weights, image_size=image_size, seed=seed, device=device,
                              amp_dtype=None if finetune else amp_dtype)
-    encoder = FinetunedConvNet(frozen) if finetune else frozen
+    encoder = TrainableBackbone(frozen) if finetune else frozen
     inputs = ACTInputs(cameras=[(name, encoder.embed_dim, *encoder.grid_size) for name in cameras],
                        state_dim=state_dim, action_dim=action_dim, env_state_dim=env_state_dim)
     return OnlineACT(ACTHead(config, inputs), encoder).to(device)

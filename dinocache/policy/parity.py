@@ -35,10 +35,13 @@ from dinocache.datasets.rows import frames_at_rows
 from dinocache.pipeline.store import FeatureStore, verification_rows
 from dinocache.keys import ACTION, CLS_PREFIX, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.config import ACTInputs
-from dinocache.policy.fused import FusedPolicy
+from dinocache.encoders.backbone import FrozenBackbone
+from dinocache.policy.frames import DecodedFrames
+from dinocache.policy.fused import FusedPolicy, camera_features
 
 __all__ = ["ParityError", "ParityReport", "VerificationFrames", "feature_error", "open_run_store",
-           "verification_frames", "check_parity", "ROUNDING", "COMPUTE_FACTOR", "SAFETY"]
+           "verification_frames", "check_parity", "check_trained_parity", "check_run", "ROUNDING", "COMPUTE_FACTOR",
+           "SAFETY"]
 
 #: Relative error of one rounding to each dtype (its unit roundoff). For float32 it stands for the
 #: run-to-run noise of float32 kernels instead (batch size and thread count change summation orders).
@@ -175,26 +178,94 @@ def _with_noise(batch: dict[str, Tensor], relative: float) -> dict[str, Tensor]:
 def check_parity(policy: FusedPolicy, store: FeatureStore, frames: VerificationFrames) -> ParityReport:
     """Compare the fused policy on ``frames`` with the head on the same rows' cached features."""
     device = next(policy.parameters()).device
-    images = [torch.from_numpy(np.ascontiguousarray(f)).to(device) for f in frames.images]
     state = _lowdim(store, OBS_STATE, frames.rows, device)
     env = _lowdim(store, OBS_ENV_STATE, frames.rows, device) if policy.has_env_state else None
-    fused = policy(images, state, env)
+    error = feature_error(store.record.dtype, store.record.precision, policy.compute_dtype)
+    return _compare(policy, frames, state, env, _cached_batch(policy, store, frames.rows, device), error)
 
-    batch = _cached_batch(policy, store, frames.rows, device)
-    reference = policy.head(batch)[0].float()  # the head as trained: float32, on the cache
+
+@torch.no_grad()
+def check_trained_parity(policy: FusedPolicy, frames: VerificationFrames, state: Tensor,
+                         env: Tensor | None = None) -> ParityReport:
+    """Compare the fused policy on ``frames`` with the eager policy of a run that trained its backbone.
+
+    Its features are no longer the cached ones, so the reference is the trained policy run eagerly
+    as it was trained: its backbone in float32 (the trained tensors, loaded and hash-checked), then
+    the head, on the same frames and raw ``state`` / ``env``.
+    """
+    device = next(policy.parameters()).device
+    state = state.to(device)
+    env = env.to(device) if env is not None else None
+    backbone = policy.backbone
+    eager = FrozenBackbone(backbone.spec, backbone.model, backbone.preprocess, backbone.weights)  # float32
+    images = [torch.from_numpy(np.ascontiguousarray(f)).to(device) for f in frames.images]
+    batch = camera_features(eager, images, policy.inputs.camera_names, policy.spec.config.use_cls_token)
+    batch[OBS_STATE] = policy.normalizer.normalize(OBS_STATE, state)
+    if env is not None:
+        batch[OBS_ENV_STATE] = policy.normalizer.normalize(OBS_ENV_STATE, env)
+    return _compare(policy, frames, state, env, batch, feature_error("float32", "fp32", policy.compute_dtype))
+
+
+def _compare(policy: FusedPolicy, frames: VerificationFrames, state: Tensor, env: Tensor | None,
+             batch: dict[str, Tensor], error: float) -> ParityReport:
+    """The fused policy on ``frames`` against the head on ``batch`` (reference features and normalised
+    state), with the tolerance measured for a relative feature ``error`` (see the module docstring)."""
+    device = next(policy.parameters()).device
+    images = [torch.from_numpy(np.ascontiguousarray(f)).to(device) for f in frames.images]
+    fused = policy(images, state, env)
+    reference = policy.head(batch)[0].float()  # the head as trained: float32, on the reference features
     diff = (policy.normalizer.normalize(ACTION, fused) - reference).abs().max().item()
     diff_raw = (fused - policy.normalizer.unnormalize(ACTION, reference)).abs().max().item()
 
-    error = feature_error(store.record.dtype, store.record.precision, policy.compute_dtype)
     sensitivity = (policy.head(_with_noise(batch, error))[0].float() - reference).abs().max().item()
     if policy.compute_dtype != torch.float32:  # the head itself also computes in half precision
         with torch.autocast(device.type, dtype=policy.compute_dtype):
             sensitivity += (policy.head(batch)[0].float() - reference).abs().max().item()
     tolerance = max(SAFETY * sensitivity, MIN_TOLERANCE)
 
-    cached = batch[ACTInputs.feature_key(policy.inputs.camera_names[0])]
+    expected = batch[ACTInputs.feature_key(policy.inputs.camera_names[0])]
     recomputed = policy.backbone(images[0])[0].float()
-    rel = ((recomputed - cached).norm() / cached.norm().clamp_min(1e-12)).item()
+    rel = ((recomputed - expected).norm() / expected.norm().clamp_min(1e-12)).item()
     return ParityReport(frames=len(frames.rows), rows=[int(r) for r in frames.rows], origin=frames.origin,
                         max_abs_diff=diff, max_abs_diff_raw=diff_raw, tolerance=tolerance, sensitivity=sensitivity,
                         feature_error=error, feature_rel_diff=rel, passed=bool(diff <= tolerance))
+
+
+def check_run(policy: FusedPolicy, store: str | os.PathLike | None = None,
+              dataset: str | os.PathLike | None = None) -> tuple[ParityReport, VerificationFrames, Tensor, Tensor | None]:
+    """The export's check for any run: the report, the frames it used and their raw state (and env state).
+
+    A cached run is checked against its cache (:func:`check_parity`); a run that trained its
+    backbone against its eager policy (:func:`check_trained_parity`), on frames of its store (as for
+    a cached run) or, for an online run, which has none, of its dataset (``dataset``, else the
+    recorded path; same fingerprint).
+    """
+    if policy.spec.store_path is None:
+        frames, state, env = _dataset_frames(policy, dataset)
+        return check_trained_parity(policy, frames, state, env), frames, state, env
+    feature_store = open_run_store(policy, store)
+    frames = verification_frames(feature_store, dataset)
+    state = _lowdim(feature_store, OBS_STATE, frames.rows, torch.device("cpu"))
+    env = _lowdim(feature_store, OBS_ENV_STATE, frames.rows, torch.device("cpu")) if policy.has_env_state else None
+    if policy.spec.backbone_training is None:
+        return check_parity(policy, feature_store, frames), frames, state, env
+    return check_trained_parity(policy, frames, state, env), frames, state, env
+
+
+def _dataset_frames(policy: FusedPolicy,
+                    dataset: str | os.PathLike | None) -> tuple[VerificationFrames, Tensor, Tensor | None]:
+    """Frames and raw state of :func:`verification_rows` of an online run's dataset (checked to be it)."""
+    record = policy.spec.store_record
+    path = Path(dataset) if dataset is not None else Path(record.source_path or "")
+    if not path.exists():
+        raise DinocacheError(f"cannot check the exported policy: its dataset {path} is not there; pass --dataset PATH, "
+                             "or --skip-verify to export unverified")
+    data = DecodedFrames.from_dataset(path, chunk_size=1, cameras=policy.cameras, cache_bytes=0)
+    if data.source.fingerprint() != record.source.fingerprint:
+        raise DatasetError(f"{path} is not the dataset the run was trained on (fingerprint "
+                           f"{data.source.fingerprint()}, the run has {record.source.fingerprint})")
+    rows = verification_rows(len(data.episode_end))
+    images = data.frames(rows)
+    lowdim = {key: torch.from_numpy(values[rows]) for key, values in data.raw.items()}
+    return (VerificationFrames(rows, [images[camera] for camera in policy.cameras], f"dataset {path}"),
+            lowdim[OBS_STATE], lowdim.get(OBS_ENV_STATE) if policy.has_env_state else None)

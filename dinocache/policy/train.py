@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,12 @@ from dinocache.policy.data import (
     parse_memory_budget, split_episodes,
 )
 from dinocache.policy.presets import apply_preset, check_preset_backbone, get_preset
+from dinocache.policy.frames import DecodedFrames
 from dinocache.policy.tracking import Tracker, open_trackers
 from dinocache.policy.train_config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "TrainStep", "train", "resolve_act_config",
-           "mean_action_l1"]
+__all__ = ["TrainConfig", "TrainResult", "TrainStep", "RunKind", "RunSetup", "Processes", "train", "run_training",
+           "resolve_act_config", "mean_action_l1"]
 
 #: Data loading should stay below this share of the step time; above it the run says so once.
 DATA_FRACTION_TARGET = 0.05
@@ -92,8 +94,10 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_act_config(preset: str | None, overrides: dict[str, Any], store: FeatureStore) -> ACTConfig:
+def resolve_act_config(preset: str | None, overrides: dict[str, Any], store: FeatureStore | None) -> ACTConfig:
     """LeRobot's defaults, then the preset's overrides (after checking the store's backbone), then ``overrides``.
+
+    ``store`` is needed only with a ``preset`` (an online run has none, and no preset).
 
     Setting ``chunk_size`` alone also lowers ``n_action_steps`` to it (LeRobot would refuse the pair,
     though ``n_action_steps`` only matters when the policy runs).
@@ -112,8 +116,8 @@ def resolve_act_config(preset: str | None, overrides: dict[str, Any], store: Fea
         raise DinocacheError(f"ACT configuration: {err}") from None
 
 
-def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, store: FeatureStore, split: list[int]) -> None:
-    """Refuse to resume onto another store, or with a changed option that defines the run."""
+def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, split: list[int]) -> None:
+    """Refuse to resume with a changed option that defines the run."""
     conflicts = []
     for name in _RUN_OPTIONS:
         given, was = getattr(cfg, name), recorded["train"][name]
@@ -129,8 +133,6 @@ def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, store: FeatureStor
     if conflicts:
         raise DinocacheError(f"{cfg.out}: cannot resume with changed settings: {'; '.join(conflicts)}. "
                              f"Drop them, or start a new run with another --out")
-    store.check_identity(StoreRecord.from_dict(recorded["store"]["provenance"]).identity(),
-                         hint=f"the run {cfg.out} was trained on another feature store")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, store: FeatureStor
 
 
 @dataclass
-class _Processes:
+class Processes:
     """This process's place among the ``torchrun`` workers (one process alone without torchrun)."""
 
     rank: int
@@ -148,7 +150,7 @@ class _Processes:
     device: torch.device
 
     @classmethod
-    def setup(cls, device: str | None) -> _Processes:
+    def setup(cls, device: str | None) -> Processes:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -269,7 +271,7 @@ class TrainStep:
         device = inputs[ACTION].device
         self.model = _LossModule(head) if model is None else model  # DDP wraps the loss module
         self.optimizer, self.inputs = optimizer, inputs
-        self.params = [p for p in head.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.max_norm = head.config.grad_clip_norm
         self.autocast = _autocast(device)
         self.sums = torch.zeros(4, device=device)  # loss, l1, kld, grad_norm
@@ -345,9 +347,9 @@ class _Validation:
     device and read once, at the end. Under DDP each process takes every ``world_size``-th frame.
     """
 
-    def __init__(self, head: ACTHead, data: CachedFeatures, rows: np.ndarray, batch_size: int, procs: _Processes,
-                 graph: bool) -> None:
-        self.head, self.data, self.procs = head, data, procs
+    def __init__(self, model: nn.Module, data: CachedFeatures | DecodedFrames, rows: np.ndarray, batch_size: int,
+                 procs: Processes, graph: bool) -> None:
+        self.model, self.data, self.procs = model, data, procs
         self.rows = rows[procs.rank::procs.world_size]
         self.inputs = data.batch_buffers(max(1, min(batch_size, len(self.rows))), procs.device)
         self.sums = torch.zeros(2, device=procs.device)
@@ -357,15 +359,15 @@ class _Validation:
     @torch.no_grad()
     def _forward(self) -> None:
         with self.autocast:
-            _, info = self.head.compute_loss(self.inputs)
+            _, info = self.model(self.inputs)
         count = (~self.inputs[ACTION_IS_PAD]).sum() * self.inputs[ACTION].shape[-1]
         self.sums.add_(torch.stack([info["l1_loss"].float() * count, count.float()]))
 
     def __call__(self) -> float:
-        self.head.eval()
+        self.model.eval()
         for _ in self.data.validation_batches(self.rows, self.inputs):
             self._run()
-        self.head.train()
+        self.model.train()
         total, count = self.procs.sum(self.sums.tolist())
         self.sums.zero_()
         return total / max(count, 1.0)
@@ -386,7 +388,7 @@ class _Meter:
         self.began, self.steps, self.data_s = time.perf_counter(), 0, 0.0
 
     def record(self, step: int, sums: list[float], wall_s: float, val_l1: float | None, samples: int,
-               procs: _Processes) -> dict[str, Any]:
+               procs: Processes) -> dict[str, Any]:
         loss, l1, kld, grad_norm, steps, data_s, wall_s = procs.sum([*sums, self.steps, self.data_s, wall_s])
         n = max(steps, 1.0)
         return {
@@ -439,36 +441,98 @@ def plot_metrics(metrics_path: Path, out: Path, baseline: float | None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RunSetup:
+    """What a kind of run hands the loop: batches, the module that trains, its optimiser and its spec.
+
+    ``data`` is :class:`CachedFeatures` or :class:`~dinocache.policy.frames.DecodedFrames` (frames for
+    a backbone in the step); ``model(batch)`` returns the loss as :meth:`ACTHead.compute_loss` does,
+    ``model.head`` is the head, and ``model.encoder``, when it has parameters that train, the backbone
+    saved beside it in every checkpoint.
+    """
+
+    data: CachedFeatures | DecodedFrames
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    spec: PolicySpec
+
+
+@dataclass
+class RunKind:
+    """What differs between a cached run (:func:`train`), an online one and a fine-tuning one
+    (:mod:`dinocache.policy.finetune`); the loop, the split, resuming and checkpoints are shared.
+
+    ``episodes`` are ``(index, start row, length, task)`` of the rows sampled; ``config()`` is a new
+    run's head configuration; ``check_data(recorded)`` refuses to resume a run (its ``run.json``)
+    on other data; ``build(procs, config, recorded)`` makes the :class:`RunSetup` (``recorded`` is the
+    run's record when it continues one, else None); ``record`` is added to ``run.json``.
+    """
+
+    episodes: list[tuple[int, int, int, str]]
+    config: Callable[[], ACTConfig]
+    check_data: Callable[[dict[str, Any]], None]
+    build: Callable[[Processes, ACTConfig, dict[str, Any] | None], RunSetup]
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or, with ``cfg.resume``, continue training) an ACT head; return how it ended.
+    """Train (or, with ``cfg.resume``, continue training) an ACT head on the feature store ``cfg.store``.
 
     Launched by ``torchrun``, every process runs this; they share the work by DDP and only rank 0
     writes to the run folder.
     """
-    procs = _Processes.setup(cfg.device)
+    store = open_training_store(cfg.store)
+
+    def check_data(recorded: dict[str, Any]) -> None:
+        store.check_identity(StoreRecord.from_dict(recorded["store"]["provenance"]).identity(),
+                             hint=f"the run {cfg.out} was trained on another feature store")
+
+    def build(procs: Processes, config: ACTConfig, recorded: dict[str, Any] | None) -> RunSetup:
+        device = procs.device
+        data = CachedFeatures(store, config.chunk_size, config.use_cls_token,
+                              parse_memory_budget(cfg.memory_budget, procs.local_world_size), device=device,
+                              device_budget=parse_memory_budget(cfg.device_memory_budget,
+                                                                available=lambda: available_device_memory(device)),
+                              window_frames=cfg.window_frames, progress=cfg.progress and procs.main)
+        spec = PolicySpec(config, data.inputs, {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()},
+                          str(store.path.resolve()), store.record, data.camera_keys, cfg.preset if recorded is None
+                          else recorded["preset"])
+        model = _LossModule(ACTHead(config, data.inputs).to(device))
+        return RunSetup(data, model, act_optimizer(list(model.parameters()), config), spec)
+
+    return run_training(cfg, RunKind(store.episodes(), lambda: resolve_act_config(cfg.preset, cfg.act, store),
+                                     check_data, build))
+
+
+def run_training(cfg: TrainConfig, kind: RunKind) -> TrainResult:
+    """Run (or continue) a run of any kind: the part :func:`train`, ``train --online`` and ``finetune`` share."""
+    procs = Processes.setup(cfg.device)
     try:
-        return _train(cfg, procs)
+        return _train(cfg, procs, kind)
     finally:
         procs.teardown()
 
 
-def _open_run(cfg: TrainConfig, store: FeatureStore, procs: _Processes) -> tuple[ACTConfig, dict[str, Any], bool]:
+def _open_run(cfg: TrainConfig, kind: RunKind,
+              procs: Processes) -> tuple[ACTConfig, dict[str, Any], bool, dict[str, Any] | None]:
     """What the run is: a new one built from ``cfg``, or the recorded one that ``cfg.resume`` continues.
 
     Returns the head configuration, the options that define the run (``preset``, ``batch_size``,
-    ``seed``, ``val_frames``, ``split``), and whether a checkpoint is to be loaded: a recorded run
-    with no checkpoint yet (its process was killed before the first one) starts again from step 0
-    with its recorded options. Every process decides the same before rank 0 writes anything (hence
-    the barrier).
+    ``seed``, ``val_frames``, ``split``), whether a checkpoint is to be loaded, and the run's record
+    when it continues one: a recorded run with no checkpoint yet (its process was killed before the
+    first one) starts again from step 0 with its recorded options. Every process decides the same
+    before rank 0 writes anything (hence the barrier).
     """
     run_dir = Path(cfg.out)
-    split = split_episodes([index for index, *_ in store.episodes()], cfg.val_episodes)
+    split = split_episodes([index for index, *_ in kind.episodes], cfg.val_episodes)
     has_checkpoint = (checkpoint_dir(run_dir, LAST) / MODEL_FILE).is_file()
+    recorded = None
     if cfg.resume:
         if not (run_dir / RUN_FILE).is_file():
             raise TrainingError(f"{run_dir}: nothing to resume (no {RUN_FILE}); start the run without --resume")
         recorded = json.loads((run_dir / RUN_FILE).read_text())
-        _check_resume(recorded, cfg, store, split.val)
+        _check_resume(recorded, cfg, split.val)
+        kind.check_data(recorded)
         config = ACTConfig.from_dict(recorded["act_config"])
         options = {**recorded["train"], "preset": recorded["preset"], "split": EpisodeSplit(**recorded["split"])}
     else:
@@ -477,11 +541,11 @@ def _open_run(cfg: TrainConfig, store: FeatureStore, procs: _Processes) -> tuple
                    "start it again with its recorded options (it stopped before its first checkpoint)")
             raise TrainingError(f"{run_dir} already holds a training run; pass --resume to {how}, "
                                 f"or choose another --out")
-        config = resolve_act_config(cfg.preset, cfg.act, store)
+        config = kind.config()
         options = {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_frames": cfg.val_frames,
                    "preset": cfg.preset, "split": split}
     procs.barrier()
-    return config, options, cfg.resume and has_checkpoint
+    return config, options, cfg.resume and has_checkpoint, recorded
 
 
 def _claim_run(run_dir: Path, record: dict[str, Any]) -> None:
@@ -522,35 +586,28 @@ def _padding_warning(data: CachedFeatures, rows: np.ndarray, episodes: list[tupl
             f"padding, which the loss ignores; a chunk shorter than the episodes trains on more real actions")
 
 
-def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
+def _train(cfg: TrainConfig, procs: Processes, kind: RunKind) -> TrainResult:
     t_begin = time.perf_counter()
-    device, run_dir = procs.device, Path(cfg.out)
-    store = open_training_store(cfg.store)
-    config, options, resuming = _open_run(cfg, store, procs)
+    run_dir = Path(cfg.out)
+    config, options, resuming, recorded = _open_run(cfg, kind, procs)
     seed, split = options["seed"], options["split"]
 
-    # Data: normalised low-dim arrays, features in RAM or streamed, the split and the baseline.
+    # Data (normalised low-dim arrays; features in RAM or streamed, or frames), model and optimiser.
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    data = CachedFeatures(store, config.chunk_size, config.use_cls_token,
-                          parse_memory_budget(cfg.memory_budget, procs.local_world_size), device=device,
-                          device_budget=parse_memory_budget(cfg.device_memory_budget,
-                                                            available=lambda: available_device_memory(device)),
-                          window_frames=cfg.window_frames, progress=cfg.progress and procs.main)
-    train_rows, val_rows = (episode_rows(store.episodes(), part) for part in (split.train, split.val))
+    setup = kind.build(procs, config, recorded)
+    data, model, optimizer, spec = setup.data, setup.model, setup.optimizer, setup.spec
+    encoder = _trained_encoder(model)
+    train_rows, val_rows = (episode_rows(kind.episodes, part) for part in (split.train, split.val))
     if len(val_rows) > options["val_frames"]:  # a fixed, evenly spread subset keeps evaluation cheap
         val_rows = val_rows[np.linspace(0, len(val_rows) - 1, options["val_frames"]).round().astype(np.int64)]
     baseline = mean_action_l1(data, train_rows, val_rows) if len(val_rows) else None
-    spec = PolicySpec(config, data.inputs, {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()},
-                      str(store.path.resolve()), store.record, data.camera_keys, options["preset"])
 
-    # Model and optimiser, fresh or from the last checkpoint (weights, moments, RNG, sampler position).
-    head = ACTHead(config, data.inputs).to(device)
-    optimizer = act_optimizer(list(head.parameters()), config)
+    # Fresh, or from the last checkpoint (weights, moments, RNG, sampler position).
     step, best_val = 0, math.inf
     if resuming:
-        state = load_training_state(checkpoint_dir(run_dir, LAST), head, optimizer)
+        state = load_training_state(checkpoint_dir(run_dir, LAST), model.head, optimizer, backbone=encoder)
         _keep_fused(optimizer)
         step, best_val = state["step"], state.get("best_val_l1") or math.inf
         if len(state["rng"]) == procs.world_size:
@@ -570,14 +627,25 @@ def _train(cfg: TrainConfig, procs: _Processes) -> TrainResult:
         elif procs.main:
             _claim_run(run_dir, {**spec.to_dict(), "train": {k: options[k] for k in _RUN_OPTIONS},
                                  "split": dataclasses.asdict(split), "world_size": procs.world_size,
-                                 "baseline_val_l1": baseline})
+                                 "baseline_val_l1": baseline, **kind.record})
+    if procs.main and baseline is not None:
+        tqdm.write(f"dinocache: {len(split.train)} train / {len(split.val)} val episodes; validation L1 of "
+                   f"predicting the mean action: {baseline:.4f} (what the head has to beat)")
+    if procs.main and step == 0 and (warning := _padding_warning(data, train_rows, kind.episodes)):
+        tqdm.write(warning)
     try:
-        return _loop(cfg, procs, data, head, optimizer, spec, options, train_rows, val_rows, baseline, step, best_val,
+        return _loop(cfg, procs, data, model, optimizer, spec, options, train_rows, val_rows, baseline, step, best_val,
                      t_begin)
     except BaseException:
         if procs.main and not checkpoint_dir(run_dir, LAST).exists():
             _release_run(run_dir)
         raise
+
+
+def _trained_encoder(model: nn.Module) -> nn.Module | None:
+    """The backbone that trains with the head (saved beside it), or None when it is frozen or cached."""
+    encoder = getattr(model, "encoder", None)
+    return encoder if encoder is not None and any(p.requires_grad for p in encoder.parameters()) else None
 
 
 def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
@@ -592,10 +660,13 @@ def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
                 state["step"] = state["step"].to(param.device, torch.float32)
 
 
-def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHead, optimizer: torch.optim.Optimizer,
-          spec: PolicySpec, options: dict[str, Any], train_rows: np.ndarray, val_rows: np.ndarray,
-          baseline: float | None, step: int, best_val: float, t_begin: float) -> TrainResult:
+def _loop(cfg: TrainConfig, procs: Processes, data: CachedFeatures | DecodedFrames, model: nn.Module,
+          optimizer: torch.optim.Optimizer, spec: PolicySpec, options: dict[str, Any], train_rows: np.ndarray,
+          val_rows: np.ndarray, baseline: float | None, step: int, best_val: float, t_begin: float) -> TrainResult:
     """The training steps from ``step`` to ``cfg.steps``, with validation, logging and checkpoints.
+
+    ``model(batch)`` is the loss (:class:`RunSetup`); its head, and its backbone when that trains,
+    are what checkpoints save.
 
     The host only queues work: a batch (gathered on the device, or copied there ahead of time), then
     the step (:class:`TrainStep`). It reads the device once per record. A step whose gradient norm is
@@ -606,30 +677,28 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
     process stops at the same step.
     """
     device, run_dir = procs.device, Path(cfg.out)
-    batch_size, seed, split = options["batch_size"], options["seed"], options["split"]
+    batch_size, seed = options["batch_size"], options["seed"]
     # One process on CUDA: the step and the validation are CUDA graphs. Not under DDP, whose gradient
     # all-reduce hooks would have to be captured too; nor with --compile, which brings its own graphs.
-    graph = cfg.cuda_graph and device.type == "cuda" and procs.world_size == 1 and not cfg.compile
+    # Nor with a backbone in the step (its batches are frames decoded on the host).
+    graph = (cfg.cuda_graph and device.type == "cuda" and procs.world_size == 1 and not cfg.compile
+             and isinstance(data, CachedFeatures))
     if cfg.compile:
-        head.compile()
-    model: nn.Module = _LossModule(head)
+        model.head.compile()
+    parallel = model
     if procs.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_step = TrainStep(head, optimizer, data.batch_buffers(batch_size, device), graph=graph, model=model)
-    validate = _Validation(head, data, val_rows, max(4 * batch_size, 32), procs, graph) if len(val_rows) else None
+        parallel = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_step = TrainStep(model.head, optimizer, data.batch_buffers(batch_size, device), graph=graph, model=parallel)
+    validate = _Validation(model, data, val_rows, max(4 * batch_size, 32), procs, graph) if len(val_rows) else None
+    encoder = _trained_encoder(model)
 
-    if procs.main and baseline is not None:
-        tqdm.write(f"dinocache: {len(split.train)} train / {len(split.val)} val episodes; validation L1 of "
-                   f"predicting the mean action: {baseline:.4f} (what the head has to beat)")
-    if procs.main and step == 0 and (warning := _padding_warning(data, train_rows, data.store.episodes())):
-        tqdm.write(warning)
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and procs.main),
                desc=f"train {run_dir.name}", dynamic_ncols=True)
     trackers = open_trackers(cfg.log_to, run_dir, json.loads((run_dir / RUN_FILE).read_text())) if procs.main else []
     log = _Log(run_dir / METRICS_FILE, bar, data.in_memory, trackers) if procs.main else None
     order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
     batches = data.train_batches(order, batch_size, position=step * batch_size, out=train_step.inputs)
-    head.train()
+    model.train()
     meter = _Meter()
     best_only: Path | None = None  # a checkpoint written only because its validation was the best so far
     try:
@@ -662,10 +731,10 @@ def _loop(cfg: TrainConfig, procs: _Processes, data: CachedFeatures, head: ACTHe
             if save or is_best:
                 rng = procs.gather(capture_rng())
                 if procs.main:
-                    written = save_checkpoint(run_dir, step, head, data.normalizer, spec, optimizer, rng,
+                    written = save_checkpoint(run_dir, step, model.head, data.normalizer, spec, optimizer, rng,
                                               sampler=_sampler_state(data, seed, step * batch_size, procs.world_size),
                                               extra={"best_val_l1": None if math.isinf(best_val) else best_val},
-                                              best=is_best)
+                                              best=is_best, backbone=encoder)
                     if is_best and best_only is not None:
                         shutil.rmtree(best_only, ignore_errors=True)
                     if is_best:

@@ -1,0 +1,175 @@
+"""Training with the backbone in the step: ACT's own recipe online, and fine-tuning from a cached warm start.
+
+Two entry points, each a :class:`~dinocache.policy.train.RunKind` for the one training loop of
+:mod:`dinocache.policy.train` (same split, normalisation, metrics, checkpoints and exact resume as a
+cached run; only the batches, frames instead of features, and the module that trains differ):
+
+* :func:`train_online` (``dinocache train --online --backbone resnet18 DATASET``): a fresh ACT head
+  behind a backbone trained with it from the first step, on frames decoded from the dataset: ACT's
+  recipe (ResNet18, ``FrozenBatchNorm2d``, ``optimizer_lr_backbone``), the baseline a cached run is
+  compared with, trainable and exportable like every other run.
+* :func:`finetune` (``dinocache finetune RUN --out RUN2``): a cached run continued end to end. The
+  head starts from ``RUN``'s checkpoint, so it is already good and the backbone's features are not
+  wrecked by the gradients of a random head (linear probe, then fine-tune); the backbone starts from
+  the store's weights (checked against their recorded hashes) and trains at its own learning rate,
+  optionally only its last blocks, with gradient checkpointing and layer-wise learning-rate decay
+  (:class:`~dinocache.policy.trainable.BackboneTraining`).
+
+Every checkpoint holds the trained backbone beside the head (``backbone.safetensors``, with its own
+sha256 and the hashes of the base weights it started from); ``dinocache export`` fuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dinocache.datasets import open_dataset
+from dinocache.encoders.backbone import FrozenBackbone, create_backbone
+from dinocache.encoders.preprocess import ImageSize
+from dinocache.errors import DinocacheError, TrainingError
+from dinocache.pipeline.store import FORMAT_NAME, FORMAT_VERSION, StoreRecord, backbone_attributes
+from dinocache.policy.act import ACTHead
+from dinocache.policy.checkpoint import RUN_FILE, PolicySpec, load_head, resolve_checkpoint
+from dinocache.policy.config import ACTConfig, ACTInputs
+from dinocache.policy.data import open_training_store
+from dinocache.policy.frames import DecodedFrames
+from dinocache.policy.online import OnlineACT
+from dinocache.policy.provenance import rebuild_backbone
+from dinocache.policy.train import Processes, RunKind, RunSetup, TrainConfig, TrainResult, resolve_act_config, run_training
+from dinocache.policy.trainable import BackboneTraining
+
+__all__ = ["train_online", "finetune", "online_record"]
+
+
+def online_record(data: DecodedFrames, backbone: FrozenBackbone) -> StoreRecord:
+    """What an online run's frames are, in the shape of a feature store's record (there is no store):
+    the backbone in front of the head (model, base weights, preprocessing), the dataset (format,
+    fingerprint, path), cameras, native sizes, fps and low-dim names: what export rebuilds from."""
+    source = data.source
+    cameras = list(data.camera_keys.values())
+    return StoreRecord.from_dict({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "num_frames": len(data.episode_end),
+        "dtype": "float32", "cameras": cameras, **backbone_attributes(backbone.record()),
+        "source": {"format": source.format, "fingerprint": source.fingerprint()},
+        "source_path": str(Path(source.path).resolve()), "fps": float(source.fps),
+        "camera_sizes": {camera: list(data.sizes[camera]) for camera in cameras},
+        "lowdim_names": {key: info.names for key, info in source.lowdim.items()}, "online": True,
+    })
+
+
+def _trained_config(config: ACTConfig, training: BackboneTraining) -> ACTConfig:
+    return config if training.lr is None else dataclasses.replace(config, optimizer_lr_backbone=training.lr)
+
+
+def _recorded_training(recorded: dict[str, Any] | None, training: BackboneTraining) -> BackboneTraining:
+    """A continued run trains its backbone as recorded; options given again must agree."""
+    if recorded is None:
+        return training
+    was = BackboneTraining(**recorded["backbone_training"])
+    if training != BackboneTraining() and training != was:
+        raise TrainingError(f"cannot resume with other backbone options ({training.to_dict()}; the run has "
+                            f"{was.to_dict()}); drop them, or start a new run with another --out")
+    return was
+
+
+def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os.PathLike[str] = "auto",
+                 image_size: ImageSize | None = None, training: BackboneTraining = BackboneTraining()) -> TrainResult:
+    """Train a fresh ACT head with ``backbone`` trained in every step, on frames of the dataset ``cfg.store``.
+
+    ``cfg`` is :func:`~dinocache.policy.train.train`'s, ``cfg.store`` naming the dataset (a folder);
+    ``cfg.resume`` continues the run in ``cfg.out`` exactly, as for cached runs (the base weights are
+    then rebuilt from the run's record and checked against its hashes; ``weights`` names their file).
+    """
+    if cfg.preset is not None:
+        raise DinocacheError("--preset sets a cached DINO head's options; an online run takes ACT's defaults and the "
+                             "head options given")
+    source = open_dataset(cfg.store)
+    fingerprint = source.fingerprint()
+
+    def check_data(recorded: dict[str, Any]) -> None:
+        expected = recorded["store"]["provenance"]["source"]["fingerprint"]
+        if fingerprint != expected:
+            raise DinocacheError(f"{cfg.store} is not the dataset the run {cfg.out} was trained on (fingerprint "
+                                 f"{fingerprint}, the run has {expected})")
+
+    def build(procs: Processes, config: ACTConfig, recorded: dict[str, Any] | None) -> RunSetup:
+        device = procs.device
+        options = _recorded_training(recorded, training)
+        data = DecodedFrames.from_dataset(cfg.store, config.chunk_size, device=device)
+        if recorded is None:
+            base = create_backbone(backbone, weights=weights, image_size=image_size, seed=cfg.seed, device=device)
+        else:
+            base = rebuild_backbone(StoreRecord.from_dict(recorded["store"]["provenance"]).backbone,
+                                    weights=None if weights == "auto" else weights, device=device)
+        encoder = options.encoder(base)
+        inputs = ACTInputs(cameras=[(name, encoder.embed_dim, *encoder.grid_size) for name in data.camera_keys],
+                           state_dim=data.state_dim, action_dim=data.action_dim, env_state_dim=data.env_state_dim)
+        config = _trained_config(config, options)
+        stats = {key: {name: value.tolist() for name, value in s.items()} for key, s in data.stats.items()}
+        spec = PolicySpec(config, inputs, stats, None, online_record(data, base), data.camera_keys,
+                          backbone_training=options.to_dict())
+        model = OnlineACT(ACTHead(config, inputs), encoder).to(device)
+        return RunSetup(data, model, model.optimizer(options.layer_decay), spec)
+
+    episodes = [(ep.index, ep.start, ep.length, ep.task) for ep in source.episodes]
+    return run_training(cfg, RunKind(episodes, lambda: resolve_act_config(None, cfg.act, None), check_data, build))
+
+
+def finetune(run: str | os.PathLike, cfg: TrainConfig, training: BackboneTraining = BackboneTraining(),
+             checkpoint: str | int = "last", dataset: str | os.PathLike | None = None) -> TrainResult:
+    """Continue the cached run ``run`` end to end into ``cfg.out``: its head (checkpoint ``checkpoint``)
+    and the store's backbone, trained together on frames decoded from the store's source dataset
+    (``dataset`` overrides the recorded path; it must have the recorded fingerprint).
+
+    Same store (``cfg.store`` overrides the recorded path), normalisation, split, seed and preset as
+    ``run``; its batch size unless ``cfg`` gives one. ``cfg.steps`` counts fine-tuning steps;
+    ``cfg.resume`` continues ``cfg.out`` exactly.
+    """
+    source = resolve_checkpoint(run, checkpoint)
+    head_config = json.loads((source / "config.json").read_text())
+    spec = PolicySpec.from_dict(head_config)
+    if spec.backbone_training is not None:
+        raise DinocacheError(f"{run} already trained its backbone: `dinocache finetune` continues a cached run "
+                             f"(to train it on, --resume the run that made it)")
+    store = open_training_store(cfg.store or spec.store_path)
+    store.check_identity(spec.store_record.identity(), hint=f"it is not the store {run} was trained on")
+    if not cfg.resume:
+        cfg = _inherit(cfg, json.loads((Path(run) / RUN_FILE).read_text()) if (Path(run) / RUN_FILE).is_file()
+                       else None)
+
+    def check_data(recorded: dict[str, Any]) -> None:
+        store.check_identity(StoreRecord.from_dict(recorded["store"]["provenance"]).identity(),
+                             hint=f"the run {cfg.out} was trained on another feature store")
+
+    def build(procs: Processes, config: ACTConfig, recorded: dict[str, Any] | None) -> RunSetup:
+        device = procs.device
+        options = _recorded_training(recorded, training)
+        head, _, _ = load_head(source, device=device)
+        data = DecodedFrames.from_store(store, dataset, config.chunk_size, device=device)
+        encoder = options.encoder(rebuild_backbone(spec.store_record.backbone, device=device))
+        config = _trained_config(config, options)
+        head.config = config
+        tuned = PolicySpec(config, spec.inputs, spec.stats, str(store.path.resolve()), spec.store_record,
+                           spec.camera_keys, spec.preset, backbone_training=options.to_dict())
+        model = OnlineACT(head.train(), encoder).to(device)
+        return RunSetup(data, model, model.optimizer(options.layer_decay), tuned)
+
+    record = {"finetuned_from": {"run": str(Path(run).resolve()), "checkpoint": str(source.resolve()),
+                                 "step": head_config["step"]}}
+    return run_training(cfg, RunKind(store.episodes(), lambda: spec.config, check_data, build, record))
+
+
+def _inherit(cfg: TrainConfig, recorded: dict[str, Any] | None) -> TrainConfig:
+    """``cfg`` with the options that define the cached run it continues: its seed, split, validation
+    frames, preset, and its batch size unless ``cfg`` gives one."""
+    if recorded is None:  # a bare checkpoint folder: its own record has what matters
+        return cfg
+    val = recorded["split"]["val"]
+    batch_size = cfg.batch_size if cfg.is_given("batch_size") else recorded["train"]["batch_size"]
+    return dataclasses.replace(cfg, seed=recorded["train"]["seed"], val_frames=recorded["train"]["val_frames"],
+                               val_episodes=",".join(map(str, val)) if val else "none", preset=recorded["preset"],
+                               batch_size=batch_size)
