@@ -11,11 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 
-import timm
-import torch
-
 from dinocache.encoders.arch import count_blocks, mlp_kind
-from dinocache.encoders.build import create_timm_model
 from dinocache.encoders.registry import (
     DEFAULT_IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -39,6 +35,11 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 @functools.lru_cache(maxsize=64)
 def _timm_spec(model_name: str) -> BackboneSpec:
     """Derive a spec for an arbitrary timm model from its pretrained config and a meta-device build."""
+    import timm  # here, not at the top: looking up a registered name must not import torch
+    import torch
+
+    from dinocache.encoders.build import create_timm_model
+
     arch = model_name.split(".", 1)[0]
     if not model_name or not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
