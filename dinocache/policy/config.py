@@ -31,6 +31,11 @@ def _positive_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def _field(default: Any, help: str) -> Any:
+    """A dataclass field with its ``--help`` text, written where the field is declared."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     """Build dataclass ``cls`` from ``data``, refusing keys it does not know.
 
@@ -57,70 +62,52 @@ class ACTConfig:
     so the head only sees its cached patch grids), except ``optimizer_lr_backbone``, which only the
     online baseline of :mod:`dinocache.policy.online` uses when it fine-tunes ACT's ResNet18.
 
-    Args:
-        n_obs_steps: Observation steps given to the policy. Only 1 is supported (as in LeRobot).
-        chunk_size: Length of the predicted action chunk, in environment steps.
-        n_action_steps: Actions executed from each predicted chunk before the model is queried
-            again. At most ``chunk_size``; must be 1 with temporal ensembling.
-        dim_model: Hidden width of every transformer block. Must be divisible by ``n_heads`` and by
-            4 (the 2D sinusoidal embedding splits it into sin/cos halves for rows and columns).
-        n_heads: Attention heads per multi-head attention.
-        dim_feedforward: Width of the transformer feed-forward layers.
-        feedforward_activation: ``"relu"`` (ACT), ``"gelu"`` or ``"glu"``.
-        pre_norm: LayerNorm before (True) or after (False, ACT/DETR) each residual block.
-        n_encoder_layers: Layers of the transformer encoder over the observation tokens.
-        n_decoder_layers: Layers of the transformer decoder. All of them are used; see the note on
-            the original ACT code in ``docs/act.md``.
-        use_vae: Train with the CVAE objective (a second transformer encodes the target action
-            chunk into a style latent). At inference the latent is always zero.
-        latent_dim: Size of the CVAE latent.
-        n_vae_encoder_layers: Layers of the CVAE encoder.
-        dropout: Dropout in every transformer block.
-        kl_weight: Weight of the KL term: ``loss = l1 + kl_weight * kld``.
-        temporal_ensemble_coeff: ``None`` disables temporal ensembling; the ACT paper uses 0.01.
-            Requires ``n_action_steps == 1`` since the model must be queried at every step.
-        optimizer_lr: AdamW learning rate.
-        optimizer_lr_backbone: AdamW learning rate of a vision backbone trained online (ACT's
-            ResNet18 in dinocache.policy.online); unused when training on cached features.
-        optimizer_weight_decay: AdamW weight decay.
-        grad_clip_norm: Gradient-norm clip applied by the training loop (LeRobot's train default).
-        use_cls_token: Also feed each camera's cached CLS vector as one extra encoder token.
+    Each field's help is written in its declaration (``metadata["help"]``); ``dinocache train``
+    makes one option of every field from it.
     """
 
     # Input / output structure.
-    n_obs_steps: int = 1
-    chunk_size: int = 100
-    n_action_steps: int = 100
+    n_obs_steps: int = _field(1, "Observation steps given to the policy. Only 1 is supported (as in LeRobot).")
+    chunk_size: int = _field(100, "Length of the predicted action chunk, in environment steps.")
+    n_action_steps: int = _field(100, "Actions executed from each predicted chunk before the model is queried "
+                                      "again. At most chunk_size; must be 1 with temporal ensembling.")
 
     # Transformer.
-    dim_model: int = 512
-    n_heads: int = 8
-    dim_feedforward: int = 3200
-    feedforward_activation: str = "relu"
-    pre_norm: bool = False
-    n_encoder_layers: int = 4
+    dim_model: int = _field(512, "Hidden width of every transformer block. Must be divisible by n_heads and by 4 "
+                                 "(the 2D sinusoidal embedding splits it into sin/cos halves for rows and columns).")
+    n_heads: int = _field(8, "Attention heads per multi-head attention.")
+    dim_feedforward: int = _field(3200, "Width of the transformer feed-forward layers.")
+    feedforward_activation: str = _field("relu", '"relu" (ACT), "gelu" or "glu".')
+    pre_norm: bool = _field(False, "LayerNorm before (True) or after (False, ACT/DETR) each residual block.")
+    n_encoder_layers: int = _field(4, "Layers of the transformer encoder over the observation tokens.")
     # The original ACT repository configures 7 decoder layers but, through a bug, only ever uses
     # the output of the first one; LeRobot therefore defaults to 1. dinocache runs every layer.
-    n_decoder_layers: int = 1
+    n_decoder_layers: int = _field(1, "Layers of the transformer decoder. All of them are used; see the note on "
+                                      "the original ACT code in docs/act.md.")
 
     # CVAE.
-    use_vae: bool = True
-    latent_dim: int = 32
-    n_vae_encoder_layers: int = 4
+    use_vae: bool = _field(True, "Train with the CVAE objective (a second transformer encodes the target action "
+                                 "chunk into a style latent). At inference the latent is always zero.")
+    latent_dim: int = _field(32, "Size of the CVAE latent.")
+    n_vae_encoder_layers: int = _field(4, "Layers of the CVAE encoder.")
 
     # Inference. The ACT paper uses 0.01 when temporal ensembling is on.
-    temporal_ensemble_coeff: float | None = None
+    temporal_ensemble_coeff: float | None = _field(None, "None disables temporal ensembling; the ACT paper uses "
+                                                         "0.01. Requires n_action_steps == 1 since the model must be "
+                                                         "queried at every step.")
 
     # Training and loss.
-    dropout: float = 0.1
-    kl_weight: float = 10.0
-    optimizer_lr: float = 1e-5
-    optimizer_lr_backbone: float = 1e-5
-    optimizer_weight_decay: float = 1e-4
-    grad_clip_norm: float = 10.0
+    dropout: float = _field(0.1, "Dropout in every transformer block.")
+    kl_weight: float = _field(10.0, "Weight of the KL term: loss = l1 + kl_weight * kld.")
+    optimizer_lr: float = _field(1e-5, "AdamW learning rate.")
+    optimizer_lr_backbone: float = _field(1e-5, "AdamW learning rate of a vision backbone trained online (ACT's "
+                                                "ResNet18 in dinocache.policy.online); unused when training on "
+                                                "cached features.")
+    optimizer_weight_decay: float = _field(1e-4, "AdamW weight decay.")
+    grad_clip_norm: float = _field(10.0, "Gradient-norm clip applied by the training loop (LeRobot's train default).")
 
     # dinocache addition: the backbone's CLS vector as an extra token per camera.
-    use_cls_token: bool = False
+    use_cls_token: bool = _field(False, "Also feed each camera's cached CLS vector as one extra encoder token.")
 
     def __post_init__(self) -> None:
         self.validate()
