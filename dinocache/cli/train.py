@@ -7,7 +7,9 @@ Its options are the run's (``TrainConfig``) and, under their LeRobot names, ever
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -38,17 +40,31 @@ class _SectionedCommand(click.Command):
                 formatter.write_dl(records)
 
 
+def _field_help() -> dict[str, str]:
+    """Per-field help, taken from the ``Args:`` section of :class:`ACTConfig`'s docstring (one source of truth)."""
+    doc = inspect.getdoc(ACTConfig) or ""
+    helps: dict[str, str] = {}
+    current = None
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^ {4}(\w+): (.*)", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2)
+        elif current and line.startswith(" " * 8):
+            helps[current] += " " + line.strip()
+    return {name: text.replace("``", "") for name, text in helps.items()}
+
+
 def _act_options(command: click.Command) -> click.Command:
-    """One option per :class:`ACTConfig` field, LeRobot's name in kebab-case, its help the field's own;
-    unset means preset/default."""
-    hints, defaults = get_type_hints(ACTConfig), ACTConfig()
+    """One option per :class:`ACTConfig` field, LeRobot's name in kebab-case; unset means preset/default."""
+    helps, hints, defaults = _field_help(), get_type_hints(ACTConfig), ACTConfig()
     aliases = {"optimizer_lr": ["--lr"]}
     for f in reversed(dataclasses.fields(ACTConfig)):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if type(None) in get_args(kind):  # Optional[X] -> X
             kind = next(a for a in get_args(kind) if a is not type(None))
-        help_text = f"{f.metadata['help']} [default: {getattr(defaults, f.name)!r}, or the preset's]"
+        help_text = f"{helps.get(f.name, '')} [default: {getattr(defaults, f.name)!r}, or the preset's]"
         if kind is bool:
             decl = [f"{flag}/--no-{flag[2:]}", f.name]
             command = click.option(*decl, default=None, help=help_text)(command)
@@ -92,11 +108,13 @@ def _act_options(command: click.Command) -> click.Command:
                    "dinocache); repeat for both. metrics.jsonl and loss.png are always written.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 @click.option("--online", is_flag=True,
-              help="STORE is a dataset: train the head with --backbone in every step, on decoded frames (ACT's own "
+              help="STORE is a dataset (a folder or a Hub id): train the head with --backbone in every step, on decoded frames (ACT's own "
                    "recipe with resnet18: fine-tuned, FrozenBatchNorm, at --optimizer-lr-backbone). No cache.")
 @click.option("--backbone", default="resnet18", show_default=True, help="With --online: the registered backbone.")
 @click.option("--weights", default="auto", show_default=True, help="With --online: its weights (auto, PATH or random).")
-@click.option("--image-size", default=None, help="With --online: the backbone's input size [default: its own].")
+@click.option("--image-size", default=None,
+              help="With --online: the backbone's input size, N or HxW [default: a convnet's the camera's native size, "
+                   "as ACT trains ResNet18; a ViT's its registry size].")
 @backbone_options(lr=False)
 @_act_options
 def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: int, val_episodes: str,
@@ -129,9 +147,11 @@ def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: in
                       device_memory_budget=device_memory_budget, window_frames=window_frames, resume=resume,
                       progress=not no_progress, given=given, log_to=log_to)
     if online:
+        from dinocache.datasets.hub import resolve_dataset
         from dinocache.policy.finetune import train_online
 
         training = backbone_training(None, unfreeze_last, layer_decay, gradient_checkpointing)
+        cfg = dataclasses.replace(cfg, store=resolve_dataset(store))  # a Hub id becomes its local folder
         result = train_online(cfg, backbone, weights, image_size, training)
     else:
         result = run_training(cfg)

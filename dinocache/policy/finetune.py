@@ -30,6 +30,7 @@ from typing import Any
 from dinocache.datasets import open_dataset
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.encoders.preprocess import ImageSize
+from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.errors import DinocacheError, TrainingError
 from dinocache.pipeline.store import FORMAT_NAME, FORMAT_VERSION, StoreRecord, backbone_attributes
 from dinocache.policy.act import ACTHead
@@ -81,6 +82,8 @@ def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os
     """Train a fresh ACT head with ``backbone`` trained in every step, on frames of the dataset ``cfg.store``.
 
     ``cfg`` is :func:`~dinocache.policy.train.train`'s, ``cfg.store`` naming the dataset (a folder);
+    ``image_size`` defaults, for a convnet, to the (first) camera's native size, as ACT trains its
+    ResNet18 (480x640 on ALOHA), and for a ViT to its registry size;
     ``cfg.resume`` continues the run in ``cfg.out`` exactly, as for cached runs (the base weights are
     then rebuilt from the run's record and checked against its hashes; ``weights`` names their file).
     """
@@ -101,7 +104,9 @@ def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os
         options = _recorded_training(recorded, training)
         data = DecodedFrames.from_dataset(cfg.store, config.chunk_size, device=device)
         if recorded is None:
-            base = create_backbone(backbone, weights=weights, image_size=image_size, seed=cfg.seed, device=device)
+            native = next(iter(data.sizes.values())) if get_backbone_spec(backbone).kind == "convnet" else None
+            base = create_backbone(backbone, weights=weights, image_size=image_size or native, seed=cfg.seed,
+                                   device=device)
         else:
             base = rebuild_backbone(StoreRecord.from_dict(recorded["store"]["provenance"]).backbone,
                                     weights=None if weights == "auto" else weights, device=device)
