@@ -1,30 +1,31 @@
-"""Closed loop: does a policy trained on cached backbone features succeed at ALOHA transfer-cube in simulation?
+"""Closed loop: does a trained, exported policy succeed at ALOHA transfer-cube in simulation?
 
-One run: scripted demonstrations -> for each backbone: extract (cache) -> train the ACT head -> export
-the fused policy -> evaluate it closed loop on held-out cube positions. The success rates (Wilson 95 %
-intervals), reward stages, steps, times, device, weights and seeds go to ``<work>/closed_loop.json``
-and, as a section between markers, into ``docs/benchmarks.md`` (``--record``).
+One command: scripted demonstrations, then for every configuration (``--configs``) its phases, each
+one a ``dinocache`` command run with its own time budget (``--budget``), then a table. The rows:
 
-Every backbone is frozen and cached, ``resnet18`` included: it stands in for ACT's ResNet18 baseline
-until an online, fine-tuned ResNet18 ACT can be exported, and the table says so.
+* ``dino-cached``: the frozen DINO backbone, features cached: ``extract`` -> ``train`` -> ``export``
+  -> ``sim eval``;
+* ``resnet18-online``: ACT's own recipe, ResNet18 trained online with the head:
+  ``dinocache train --online --backbone resnet18 DATASET --out RUN`` -> ``export`` -> ``sim eval``;
+* ``dino-finetune``: the ``dino-cached`` run fine-tuned end to end from its cached warm start:
+  ``dinocache finetune RUN --out RUN2 --steps N`` -> ``export`` -> ``sim eval``;
+* ``resnet18-cached``: ResNet18 frozen and cached like the DINO row (the earlier stand-in for ACT's).
 
-Schedule: ``--steps N``; else the full LeRobot ACT schedule (100k steps, batch 8) on a GPU, and on a CPU
-as many steps as fit in ``--train-minutes`` per backbone (measured by a short probe run first).
+A configuration whose command this checkout does not have yet (``train --online``, ``finetune``) gets
+a "not available" row instead of a crash; a phase that fails or runs out of its budget ends its row
+there, with its log. Everything goes to ``<work>/closed_loop.json`` and, as a section between markers,
+into ``docs/benchmarks.md`` (``--record``); the first ``--videos`` rollouts of every row are mp4s.
+
+Schedule: LeRobot's ACT on ALOHA sim trains 100k steps at batch 8 (800k samples). ``--batch-size B``
+keeps the samples (800k / B steps) unless ``--steps`` is given; the table gives steps and samples.
+Fine-tuning runs ``--finetune-steps`` on top of the cached run's schedule.
 
 Weights: pretrained weights cannot be downloaded on the machines this was first run on, so the
 default is ``--weights random`` (seeded random initialisation) and every figure is labelled with it.
-With real weights:
 
-    python benchmarks/closed_loop.py --weights auto                # from the Hugging Face cache
-    python benchmarks/closed_loop.py --weights dinov2_vits14_reg=/ckpt/dinov2_vits14_reg.pth,resnet18=/ckpt/resnet18.pth
-
-Other examples:
-
-    # what docs/benchmarks.md records for a 2-core CPU: a narrower head, ViT-S at 112 px (an 8x8 grid,
-    # close to ResNet18's 7x7 at 224), about 22 min of training per backbone
-    python benchmarks/closed_loop.py --head small --image-size dinov2_vits14_reg=112x112,resnet18=224x224 --train-minutes 22
-    python benchmarks/closed_loop.py --demos /tmp/sim50/demos      # reuse demos already made
-    python benchmarks/closed_loop.py --smoke --work /tmp/cl_smoke --record none   # plumbing check, minutes
+    python benchmarks/closed_loop.py --device cuda --weights auto             # every row, the full schedule
+    python benchmarks/closed_loop.py --device cuda --batch-size 64 --configs dino-cached
+    python benchmarks/closed_loop.py --smoke --work /tmp/cl_smoke --record none   # plumbing check, minutes on a CPU
 """
 
 from __future__ import annotations
@@ -32,24 +33,37 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shutil
+import os
+import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from _machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BACKBONES = ("dinov2_vits14_reg", "resnet18")
-#: Head presets for backbones that have one (``dinocache train --preset``); others get LeRobot's ACT defaults.
-PRESET_FOR = {"dinov2_vits14_reg": "dinov2-reg", "dinov2_vits14": "dinov2", "dinov3_vits16": "dinov3-small"}
-FULL_SCHEDULE_STEPS = 100_000  # LeRobot's ACT on ALOHA sim
 BEGIN, END = "<!-- closed-loop:begin -->", "<!-- closed-loop:end -->"
-SMOKE = dict(demo_episodes=2, eval_episodes=2, steps=5, max_steps=40, camera_size="84x112", head="tiny")
+FULL_SCHEDULE = dict(steps=100_000, batch_size=8)  # LeRobot's ACT on ALOHA sim: 800k samples
+GOAL = 0.90  # the project's target success rate for the cached DINO policy
+#: What each row is, and the phases after the demonstrations that make it.
+CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "dino-cached": ("frozen DINO backbone, cached features", ("extract", "train", "export", "eval")),
+    "resnet18-online": ("ACT's ResNet18 trained online with the head", ("train", "export", "eval")),
+    "dino-finetune": ("DINO fine-tuned end to end from the cached run", ("finetune", "export", "eval")),
+    "resnet18-cached": ("frozen ResNet18, cached features", ("extract", "train", "export", "eval")),
+}
+DEFAULT_CONFIGS = "dino-cached,resnet18-online,dino-finetune"
+#: Time budget per phase, minutes (``--budget phase=minutes,...`` overrides).
+BUDGETS = dict(demos=10.0, extract=15.0, train=90.0, finetune=60.0, export=10.0, eval=20.0)
+SMOKE = dict(demo_episodes=2, eval_episodes=2, steps=5, finetune_steps=2, max_steps=40, camera_size="84x112",
+             head="tiny", image_size="56x56")
+PRESET_FOR = {"dinov2_vits14_reg": "dinov2-reg", "dinov2_vits14": "dinov2", "dinov3_vits16": "dinov3-small"}
 #: ``--head``: ACT overrides on top of LeRobot's defaults (and the backbone's preset). ``small`` keeps
-#: ACT's chunk of 100 and its layer structure but a narrower model, so a CPU hour buys thousands of
-#: steps instead of hundreds; ``default`` is LeRobot's ACT as is (the GPU schedule).
+#: ACT's chunk of 100 and its layer structure but a narrower model (CPU budgets); ``default`` is
+#: LeRobot's ACT as is (the GPU schedule); ``tiny`` is for smoke runs.
 HEADS: dict[str, dict[str, Any]] = {
     "default": {},
     "small": dict(dim_model=256, dim_feedforward=1024, n_encoder_layers=2, n_vae_encoder_layers=2,
@@ -59,92 +73,159 @@ HEADS: dict[str, dict[str, Any]] = {
 }
 
 
-def per_backbone(option: str, spec: str | None, backbones: list[str]) -> dict[str, str | None]:
-    """One value for every backbone, or ``name=value,name=value`` (e.g. weights files, image sizes)."""
-    if spec is None or "=" not in spec:
-        return {name: spec for name in backbones}
-    given = dict(part.split("=", 1) for part in spec.split(","))
-    missing = [name for name in backbones if name not in given]
-    if missing:
-        raise SystemExit(f"{option} gives no value for {', '.join(missing)}")
-    return given
+@dataclass
+class Phase:
+    """One ``dinocache`` command of a row: how it went and how long it took."""
+
+    name: str
+    status: str = "not run"  # ok, failed, timed out, not available, not run
+    seconds: float = 0.0
+    command: str = ""
+    log: str = ""
 
 
-def weights_label(weights: str, seed: int) -> str:
-    if weights == "random":
-        return f"random init (seed {seed}), not pretrained"
-    return "pretrained (Hugging Face cache)" if weights == "auto" else f"pretrained ({Path(weights).name})"
+@dataclass
+class Row:
+    config: str
+    backbone: str
+    description: str
+    phases: list[Phase] = field(default_factory=list)
+    note: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.phases) and all(p.status == "ok" for p in self.phases)
 
 
-def choose_steps(args: argparse.Namespace, store: Path, work: Path, act: dict[str, Any], preset: str | None,
-                 device: str) -> tuple[int, str]:
-    """Training steps and why: given, the full schedule on a GPU, or what fits the CPU time budget."""
-    from dinocache.policy.train import TrainConfig, train
-
-    if args.steps:
-        return args.steps, "--steps"
-    if device.startswith("cuda"):
-        return FULL_SCHEDULE_STEPS, "full LeRobot ACT schedule"
-    probe = train(TrainConfig(store=store, out=work / "probe", steps=args.probe_steps, batch_size=args.batch_size,
-                              preset=preset, act=act, val_episodes=None, save_every=args.probe_steps,
-                              log_every=args.probe_steps, device=device, progress=False))
-    shutil.rmtree(work / "probe")
-    rate = args.probe_steps / probe.seconds
-    steps = max(100, int(rate * args.train_minutes * 60) // 100 * 100)
-    return steps, f"{args.train_minutes:g} min CPU budget at {rate:.1f} steps/s (probe)"
+def dinocache(*args: Any) -> list[str]:
+    return [sys.executable, "-m", "dinocache.cli", *map(str, args)]
 
 
-def run_backbone(args: argparse.Namespace, backbone: str, weights: str, image_size: str | None, demos: Path,
-                 work: Path, device: str) -> dict[str, Any]:
-    from dinocache.encoders.preprocess import parse_image_size
-    from dinocache.encoders.registry import get_backbone_spec
-    from dinocache.pipeline.extract import ExtractConfig, extract
-    from dinocache.policy.export import export_policy
-    from dinocache.policy.train import TrainConfig, train
-    from dinocache.sim.evaluate import evaluate
+def available(config: str) -> str | None:
+    """Why this checkout cannot run ``config`` yet (its command or option is missing), else None."""
+    probe = {"resnet18-online": (("train", "--help"), "--online"), "dino-finetune": (("finetune", "--help"), None)}
+    if config not in probe:
+        return None
+    args, needle = probe[config]
+    shown = subprocess.run(dinocache(*args), capture_output=True, text=True)
+    if shown.returncode != 0 or (needle and needle not in shown.stdout):
+        return f"`dinocache {args[0]}{' ' + needle if needle else ''}` does not exist in this checkout yet"
+    return None
 
-    out = work / backbone
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"backbone": backbone, "weights": weights,
-                              "weights_label": weights_label(weights, args.weights_seed),
-                              "training": "frozen backbone, cached features"}
-    timer = time.perf_counter()
-    summary = extract(ExtractConfig(dataset=demos, out=out / "features.zarr", backbone=backbone, weights=weights,
-                                    seed=args.weights_seed, image_size=image_size, device=device,
-                                    progress=not args.no_progress))
-    result.update(extract_s=time.perf_counter() - timer, frames=summary.frames, extract_fps=summary.fps,
-                  image_size=image_size or "x".join(map(str, parse_image_size(get_backbone_spec(backbone).default_image_size))))
 
-    act = dict(HEADS[args.head])
-    if args.lr:
-        act["optimizer_lr"] = args.lr
-    preset = None if args.head == "tiny" else PRESET_FOR.get(backbone)
-    steps, why = choose_steps(args, out / "features.zarr", out, act, preset, device)
-    timer = time.perf_counter()
-    trained = train(TrainConfig(store=out / "features.zarr", out=out / "run", steps=steps, batch_size=args.batch_size,
-                                preset=preset, act=act, val_episodes="0.1", eval_every=max(steps // 10, 1),
-                                save_every=steps, log_every=max(steps // 100, 1), seed=args.train_seed,
-                                device=device, progress=not args.no_progress))
-    run_record = json.loads((out / "run" / "run.json").read_text())
-    result.update(train_s=time.perf_counter() - timer, steps=steps, steps_reason=why, batch_size=args.batch_size,
-                  head=args.head, preset=preset, act_config=run_record.get("act_config"), best_val_l1=trained.best_val_l1,
-                  baseline_val_l1=trained.baseline_val_l1)
+def run_phase(phase: Phase, argv: list[str], minutes: float, log: Path) -> None:
+    """Run one command with a time budget; its output goes to ``log``; the process group dies on timeout."""
+    phase.command = " ".join(argv[2:]).replace("dinocache.cli", "dinocache", 1)
+    phase.log = str(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  [{phase.name}] {phase.command}  (budget {minutes:g} min)", flush=True)
+    began = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            phase.status = "ok" if proc.wait(timeout=minutes * 60) == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            phase.status = "timed out"
+    phase.seconds = time.perf_counter() - began
+    if phase.status != "ok":
+        print(f"  [{phase.name}] {phase.status} after {phase.seconds:.0f} s; log: {log}", flush=True)
 
-    timer = time.perf_counter()
-    exported = export_policy(out / "run", out / "policy.pt2", format="pt2", device=device, dataset=demos,
-                             progress=not args.no_progress)
-    result["export_s"] = time.perf_counter() - timer
-    result["policy"] = str(exported.path)
 
-    evaluation = evaluate(exported.path, episodes=args.eval_episodes, seed=args.eval_seed, max_steps=args.max_steps,
-                          out=out / "eval", videos=args.videos, device=device, demos=demos,
-                          progress=not args.no_progress)
-    record = json.loads((out / "eval" / "results.json").read_text())
-    result.update(eval_s=evaluation.seconds, success_rate=record["success_rate"], successes=record["successes"],
-                  episodes=record["episodes"], ci95=record["ci95"], stages=record["stages"],
-                  eval_results=str(out / "eval" / "results.json"), videos=record["videos"])
-    print(f"[{backbone}] {evaluation.format()}", flush=True)
+def head_options(args: argparse.Namespace) -> list[str]:
+    act = dict(HEADS[args.head], **({"optimizer_lr": args.lr} if args.lr else {}))
+    return [item for key, value in act.items() for item in (f"--{key.replace('_', '-')}", value)]
+
+
+def phase_commands(args: argparse.Namespace, row: Row, demos: Path, work: Path) -> dict[str, list[str]]:
+    """The command of every phase of ``row`` (its folder: ``work/<config>``)."""
+    out, device = work / row.config, args.device
+    weights = ["--weights", args.weights, "--seed", args.weights_seed]
+    size = ["--image-size", args.image_size] if args.image_size else []
+    schedule = ["--steps", args.steps, "--batch-size", args.batch_size, "--seed", args.train_seed,
+                "--eval-every", max(args.steps // 10, 1), "--save-every", args.steps,
+                "--log-every", max(args.steps // 100, 1), "--device", device]
+    preset = PRESET_FOR.get(row.backbone) if args.head != "tiny" else None
+    policy = out / "policy.pt2"
+    commands = {
+        "extract": dinocache("extract", demos, "--backbone", row.backbone, "--out", out / "features.zarr",
+                             *weights, *size, "--device", device, "--no-progress"),
+        "train": dinocache("train", out / "features.zarr", "--out", out / "run", *schedule,
+                           *(["--preset", preset] if preset else []), *head_options(args), "--no-progress"),
+        "finetune": dinocache("finetune", work / "dino-cached" / "run", "--out", out / "run",
+                              "--steps", args.finetune_steps, "--device", device, "--no-progress"),
+        "export": dinocache("export", out / "run", "--out", policy, "--device", device, "--dataset", demos),
+        "eval": dinocache("sim", "eval", policy, "--episodes", args.eval_episodes, "--seed", args.eval_seed,
+                          "--max-steps", args.max_steps, "--out", out / "eval", "--videos", args.videos,
+                          "--demos", demos, "--device", device, "--no-progress",
+                          *(["--num-envs", args.num_envs] if args.num_envs else [])),
+    }
+    if row.config == "resnet18-online":
+        commands["train"] = dinocache("train", "--online", "--backbone", "resnet18", demos, "--out", out / "run",
+                                      *schedule, *weights[:2], *size, *head_options(args), "--no-progress")
+    return commands
+
+
+def run_row(args: argparse.Namespace, config: str, demos: Path, work: Path, done: dict[str, Row]) -> Row:
+    description, phases = CONFIGS[config]
+    backbone = "resnet18" if config.startswith("resnet18") else args.backbone
+    row = Row(config, backbone, description, [Phase(name) for name in phases])
+    print(f"[{config}] {description}", flush=True)
+    row.note = available(config) or ""
+    if not row.note and config == "dino-finetune" and not (done.get("dino-cached") and done["dino-cached"].ok):
+        row.note = "needs the dino-cached row's run (add dino-cached to --configs; it must succeed first)"
+    if row.note:
+        for phase in row.phases:
+            phase.status = "not available"
+        print(f"  not available: {row.note}", flush=True)
+        return row
+    commands = phase_commands(args, row, demos, work)
+    for phase in row.phases:
+        run_phase(phase, commands[phase.name], args.budget[phase.name], work / "logs" / f"{config}_{phase.name}.log")
+        if phase.status != "ok":
+            break
+    row.result = collect(work / config)
+    return row
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """What the phases left behind: steps and samples trained, best validation L1, the evaluation."""
+    result: dict[str, Any] = {}
+    metrics = out / "run" / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        last = records[-1] if records else {}
+        vals = [r["val_l1"] for r in records if r.get("val_l1") is not None]
+        result.update(steps=last.get("step"), samples=last.get("samples"), best_val_l1=min(vals) if vals else None)
+    record = out / "run" / "run.json"
+    if record.is_file():
+        run = json.loads(record.read_text())
+        result.update(baseline_val_l1=run.get("baseline_val_l1"), act_config=run.get("act_config"),
+                      batch_size=(run.get("train") or {}).get("batch_size"))
+    evaluation = out / "eval" / "results.json"
+    if evaluation.is_file():
+        e = json.loads(evaluation.read_text())
+        result.update({key: e[key] for key in ("episodes", "successes", "success_rate", "ci95", "stages", "eval_seeds",
+                                                "videos", "num_envs", "workers")})
+        result["gap_to_goal"] = GOAL - e["success_rate"]
     return result
+
+
+def make_demos(args: argparse.Namespace, work: Path) -> tuple[Path, Phase]:
+    phase = Phase("demos")
+    if args.demos is not None:
+        phase.status, phase.command = "ok", f"reused {args.demos}"
+        return args.demos, phase
+    demos = work / "demos"
+    run_phase(phase, dinocache("sim", "demos", "--episodes", args.demo_episodes, "--seed", args.demo_seed,
+                               "--image-size", args.camera_size, "--out", demos, "--no-progress",
+                               *(["--workers", args.workers] if args.workers else [])),
+              args.budget["demos"], work / "logs" / "demos.log")
+    if phase.status != "ok":
+        raise SystemExit(f"the demonstrations {phase.status}; see {phase.log}")
+    return demos, phase
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -152,38 +233,44 @@ def markdown(report: dict[str, Any]) -> str:
     m, d = report["machine"], report["demos"]
     device = m.get("gpu") or f"{m['cpu']}, {m['cpu_count']} cores, no GPU"
     lines = [BEGIN, "## Closed loop: ALOHA transfer-cube in simulation", "",
-             "Does a policy trained on cached frozen features actually succeed? Scripted demonstrations -> "
-             "`extract` -> `train` -> `export` -> `dinocache sim eval`, all measured by `benchmarks/closed_loop.py` "
+             "Does a trained, exported policy succeed? Scripted demonstrations -> each configuration's "
+             "`dinocache` commands -> `dinocache sim eval`, all run by `benchmarks/closed_loop.py` "
              "(see `docs/sim.md` for the task, the expert and the seed scheme).", "",
-             f"* Date: {report['date']}. Device: {device}; torch {m['torch']}.",
-             f"* Command: `{report['command']}`; total {report['total_s'] / 60:.0f} min.",
-             f"* Demonstrations: {d['kept']}/{d['attempted']} scripted episodes succeeded and were kept "
-             f"(demo seeds {d['seed']}..{d['seed'] + d['attempted'] - 1}), {d['cameras']} camera(s) at "
-             f"{d['camera_size']}, 400 steps at 50 Hz; made in {d['seconds'] / 60:.1f} min.",
+             f"* Date: {report['date']}. Device: {device}; torch {m['torch']}. Total {report['total_s'] / 60:.1f} min.",
+             f"* Command: `{report['command']}`.",
+             f"* Demonstrations: {d['kept']}/{d['attempted']} kept (seeds {d['seed']}..{d['seed'] + d['attempted'] - 1}), "
+             f"{d['camera_size']} top camera, 400 steps at 50 Hz, {d['seconds'] / 60:.1f} min.",
              f"* Evaluation: {report['eval_episodes']} episodes of at most {report['max_steps']} steps on cube seeds "
-             f"1000000+{report['eval_seed']}.. (disjoint from the demo seeds, checked); success = reward 4 (the left "
-             f"gripper holds the cube off the table); 95 % Wilson intervals. Train seed {report['train_seed']}.",
-             "", "| backbone | weights | training | extract | head | steps (batch) | best val L1 (mean action) | train time "
-             "| success (95% CI) | touched | lifted | transferred | eval time |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["results"]:
+             f"1000000+{report['eval_seed']}.. (disjoint from the demo seeds, checked); success = reward 4; 95 % Wilson "
+             f"intervals. Schedule: {report['schedule']}. Weights: {report['weights_label']}.", "",
+             "| configuration | backbone | steps (samples) | best val L1 (mean action) | success (95% CI) | to the 90% goal "
+             "| touched | lifted | transferred | time per phase |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in report["rows"]:
+        r = row["result"]
+        times = ", ".join(f"{p['name']} {p['seconds'] / 60:.1f} min" + ("" if p["status"] == "ok" else f" ({p['status']})")
+                          for p in row["phases"] if p["status"] != "not run")
+        if "success_rate" not in r:
+            failed = next((p for p in row["phases"] if p["status"] != "ok"), None)
+            why = (f"**not available**: {row['note']}" if row["note"] else
+                   f"**{failed['name']} {failed['status']}** (`{Path(failed['log']).name}`)" if failed else "no result")
+            lines.append(f"| {row['config']}: {row['description']} | `{row['backbone']}` | | | {why} | | | | | {times} |")
+            continue
         low, high = r["ci95"]
         s = r["stages"]
-        lines.append(f"| `{r['backbone']}` ({r['image_size']}) | {r['weights_label']} | {r['training']} "
-                     f"| {r['extract_s'] / 60:.1f} min "
-                     f"| {r['head']} (dim {r['act_config']['dim_model']}, chunk {r['act_config']['chunk_size']}) "
-                     f"| {r['steps']:,} ({r['batch_size']}) "
-                     f"| {r['best_val_l1']:.3f} ({r['baseline_val_l1']:.3f}) "
-                     f"| {r['train_s'] / 60:.1f} min | **{r['successes']}/{r['episodes']} = {100 * r['success_rate']:.0f}%** "
-                     f"({100 * low:.0f}-{100 * high:.0f}%) | {100 * s['touched']:.0f}% | {100 * s['lifted']:.0f}% | "
-                     f"{100 * s['transferred']:.0f}% | {r['eval_s'] / 60:.1f} min |")
-    lines += ["", "Steps: " + "; ".join(f"`{r['backbone']}` {r['steps_reason']}" for r in report["results"]) + ".",
-              "`resnet18` here is ACT's backbone *frozen and cached* like the DINO one, not ACT's fine-tuned "
-              "ResNet18: the online, fine-tuned baseline cannot be exported and evaluated yet."]
-    if any(r["weights"] == "random" for r in report["results"]):
-        lines.append("Backbones are **randomly initialised** (pretrained weights cannot be downloaded on this "
-                     "machine): these figures measure the pipeline, not what DINO features are worth. Run the same "
-                     "script with `--weights` to measure that.")
+        val = f"{r['best_val_l1']:.3f} ({r['baseline_val_l1']:.3f})" if r.get("best_val_l1") is not None and \
+            r.get("baseline_val_l1") is not None else "-"
+        lines.append(f"| {row['config']}: {row['description']} | `{row['backbone']}` | {r['steps']:,} ({r['samples']:,}) "
+                     f"| {val} | **{r['successes']}/{r['episodes']} = {100 * r['success_rate']:.0f}%** "
+                     f"({100 * low:.0f}-{100 * high:.0f}%) | {100 * r['gap_to_goal']:+.0f} points "
+                     f"| {100 * s['touched']:.0f}% | {100 * s['lifted']:.0f}% | {100 * s['transferred']:.0f}% | {times} |")
+    lines += ["", f"Rollout videos of the first {report['videos']} episodes of every row: `<work>/<config>/eval/videos/`; "
+              "per-episode results: `<work>/<config>/eval/results.json`; phase logs: `<work>/logs/`.",
+              "\"to the 90% goal\": percentage points the success rate is short of the project's goal for the "
+              "cached DINO policy (negative: above it)."]
+    if report["weights"] == "random":
+        lines.append("Backbones are **randomly initialised** (pretrained weights cannot be downloaded on this machine): "
+                     "these figures measure the pipeline, not what the backbones are worth.")
     lines += [END, ""]
     return "\n".join(lines)
 
@@ -200,72 +287,90 @@ def record_section(path: Path, section: str, begin: str = BEGIN, end: str = END)
     path.write_text(text)
 
 
+def parse_budgets(spec: str | None) -> dict[str, float]:
+    budgets = dict(BUDGETS)
+    for part in filter(None, (spec or "").split(",")):
+        name, minutes = part.split("=", 1)
+        if name not in budgets:
+            raise SystemExit(f"--budget: unknown phase {name!r}; phases: {', '.join(budgets)}")
+        budgets[name] = float(minutes)
+    return budgets
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/dinocache_closed_loop"), help="Scratch folder (must be new).")
-    parser.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES))
-    parser.add_argument("--weights", default="random", help="random, auto, a path, or name=path,name=path.")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dinocache_closed_loop"), help="Scratch folder.")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"Comma list of: {', '.join(CONFIGS)}.")
+    parser.add_argument("--backbone", default="dinov2_vits14_reg", help="The DINO backbone of the dino-* rows.")
+    parser.add_argument("--weights", default="random", help="random, auto (Hugging Face cache) or a checkpoint path.")
     parser.add_argument("--weights-seed", type=int, default=0, help="Seed of --weights random.")
     parser.add_argument("--demos", type=Path, default=None, help="Reuse a `dinocache sim demos` dataset.")
     parser.add_argument("--demo-episodes", type=int, default=50)
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--camera-size", default="240x320", help="HxW the demos are recorded (and the policy sees) at.")
-    parser.add_argument("--image-size", default=None,
-                        help="Backbone input HxW, or name=HxW,... per backbone (default: each backbone's, 224).")
-    parser.add_argument("--steps", type=int, default=None, help="Training steps (default: see the docstring).")
-    parser.add_argument("--train-minutes", type=float, default=30.0,
-                        help="CPU training budget per backbone (the two together: about an hour).")
-    parser.add_argument("--probe-steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", default=None, help="Backbone input HxW (default: each backbone's).")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Training steps (default: LeRobot's 800k samples at --batch-size: 100k steps of 8).")
+    parser.add_argument("--batch-size", type=int, default=FULL_SCHEDULE["batch_size"])
+    parser.add_argument("--finetune-steps", type=int, default=2000, help="dino-finetune: steps on top of the cached run.")
     parser.add_argument("--lr", type=float, default=None, help="Head learning rate (default: the head's).")
-    parser.add_argument("--head", choices=list(HEADS), default="default",
-                        help="default: LeRobot's ACT head; small: narrower, for CPU budgets; tiny: smoke runs.")
+    parser.add_argument("--head", choices=list(HEADS), default="default")
     parser.add_argument("--train-seed", type=int, default=1000)
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=400)
-    parser.add_argument("--videos", type=int, default=3)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--videos", type=int, default=3, help="Rollout mp4s of the first episodes of every row.")
+    parser.add_argument("--workers", type=int, default=None, help="sim demos workers (default: one per core).")
+    parser.add_argument("--num-envs", type=int, default=None, help="sim eval environments (default: one per core).")
+    parser.add_argument("--budget", default=None,
+                        help="Minutes per phase, e.g. train=30,eval=10 (defaults: "
+                             + ", ".join(f"{k} {v:g}" for k, v in BUDGETS.items()) + ").")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available).")
     parser.add_argument("--record", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown file, or 'none'.")
+    parser.add_argument("--json", type=Path, default=None, help="Also copy closed_loop.json here (docs/results/).")
     parser.add_argument("--smoke", action="store_true", help="Tiny everything: checks the plumbing in minutes.")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
-
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     import torch
 
-    from dinocache.encoders.preprocess import parse_image_size
-    from dinocache.sim.demos import DEMOS_RECORD, generate_demos
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    schedule = "given (--steps)" if args.steps else (
+        f"LeRobot's 800k samples (100k steps of 8) at batch {args.batch_size}")
+    args.steps = args.steps or FULL_SCHEDULE["steps"] * FULL_SCHEDULE["batch_size"] // args.batch_size
+    args.budget = parse_budgets(args.budget)
+    args.work.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbones = args.backbones.split(",")
-    weights = per_backbone("--weights", args.weights, backbones)
-    image_sizes = per_backbone("--image-size", args.image_size, backbones)
-    args.work.mkdir(parents=True, exist_ok=True)
-    demos = args.demos
-    if demos is None:
-        demos = args.work / "demos"
-        print(generate_demos(demos, episodes=args.demo_episodes, seed=args.demo_seed,
-                             image_size=parse_image_size(args.camera_size), progress=not args.no_progress).format(),
-              flush=True)
-    made = json.loads((demos / DEMOS_RECORD).read_text())
+    demos, demo_phase = make_demos(args, args.work)
+    made = json.loads((demos / "sim_demos.json").read_text())
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "command": " ".join(["python benchmarks/closed_loop.py", *sys.argv[1:]]),
-        "machine": describe_machine(device),
+        "machine": describe_machine(args.device), "device": args.device, "weights": args.weights,
+        "weights_label": ("random init (seed %d), not pretrained" % args.weights_seed if args.weights == "random"
+                          else f"pretrained ({args.weights})"),
+        "schedule": f"{args.steps:,} steps at batch {args.batch_size} ({schedule})",
         "demos": {"path": str(demos), "attempted": made["attempted"], "kept": made["kept"],
-                  "seed": min(made["seeds"] + [f["seed"] for f in made["failed"]]), "seconds": made["seconds"],
-                  "cameras": ",".join(made["cameras"]),
-                  "camera_size": "x".join(str(v) for v in next(iter(made["cameras"].values())))},
-        "eval_episodes": args.eval_episodes, "eval_seed": args.eval_seed, "max_steps": args.max_steps,
-        "train_seed": args.train_seed, "results": []}
-    for backbone in backbones:
-        report["results"].append(run_backbone(args, backbone, weights[backbone], image_sizes[backbone], demos, args.work, device))
+                  "seed": min(made["seeds"] + [f["seed"] for f in made["failed"]]), "seconds": demo_phase.seconds or made["seconds"],
+                  "camera_size": "x".join(str(v) for v in next(iter(made["cameras"].values()))),
+                  "workers": made.get("workers")},
+        "eval_episodes": args.eval_episodes, "eval_seed": args.eval_seed, "max_steps": args.max_steps, "videos": args.videos,
+        "train_seed": args.train_seed, "budgets_min": args.budget, "goal": GOAL, "rows": []}
+    done: dict[str, Row] = {}
+    for config in configs:
+        done[config] = run_row(args, config, demos, args.work, done)
+        report["rows"].append({**done[config].__dict__, "phases": [p.__dict__ for p in done[config].phases]})
         (args.work / "closed_loop.json").write_text(json.dumps(report, indent=2) + "\n")
     report["total_s"] = time.perf_counter() - started
-    (args.work / "closed_loop.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    (args.work / "closed_loop.json").write_text(text)
+    if args.json:
+        args.json.write_text(text)
     section = markdown(report)
     print(section)
     if args.record != "none":
