@@ -7,9 +7,7 @@ Its options are the run's (``TrainConfig``) and, under their LeRobot names, ever
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
-import re
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -40,31 +38,17 @@ class _SectionedCommand(click.Command):
                 formatter.write_dl(records)
 
 
-def _field_help() -> dict[str, str]:
-    """Per-field help, taken from the ``Args:`` section of :class:`ACTConfig`'s docstring (one source of truth)."""
-    doc = inspect.getdoc(ACTConfig) or ""
-    helps: dict[str, str] = {}
-    current = None
-    for line in doc.split("Args:", 1)[-1].splitlines():
-        match = re.match(r"^ {4}(\w+): (.*)", line)
-        if match:
-            current = match.group(1)
-            helps[current] = match.group(2)
-        elif current and line.startswith(" " * 8):
-            helps[current] += " " + line.strip()
-    return {name: text.replace("``", "") for name, text in helps.items()}
-
-
 def _act_options(command: click.Command) -> click.Command:
-    """One option per :class:`ACTConfig` field, LeRobot's name in kebab-case; unset means preset/default."""
-    helps, hints, defaults = _field_help(), get_type_hints(ACTConfig), ACTConfig()
+    """One option per :class:`ACTConfig` field, LeRobot's name in kebab-case, its help the field's own;
+    unset means preset/default."""
+    hints, defaults = get_type_hints(ACTConfig), ACTConfig()
     aliases = {"optimizer_lr": ["--lr"]}
     for f in reversed(dataclasses.fields(ACTConfig)):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if type(None) in get_args(kind):  # Optional[X] -> X
             kind = next(a for a in get_args(kind) if a is not type(None))
-        help_text = f"{helps.get(f.name, '')} [default: {getattr(defaults, f.name)!r}, or the preset's]"
+        help_text = f"{f.metadata['help']} [default: {getattr(defaults, f.name)!r}, or the preset's]"
         if kind is bool:
             decl = [f"{flag}/--no-{flag[2:]}", f.name]
             command = click.option(*decl, default=None, help=help_text)(command)
@@ -108,8 +92,9 @@ def _act_options(command: click.Command) -> click.Command:
                    "dinocache); repeat for both. metrics.jsonl and loss.png are always written.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 @click.option("--online", is_flag=True,
-              help="STORE is a dataset (a folder or a Hub id): train the head with --backbone in every step, on decoded frames (ACT's own "
-                   "recipe with resnet18: fine-tuned, FrozenBatchNorm, at --optimizer-lr-backbone). No cache.")
+              help="STORE is a dataset (a folder or a Hub id): train the head with --backbone in every step, on "
+                   "decoded frames (ACT's own recipe with resnet18: fine-tuned, FrozenBatchNorm, at "
+                   "--optimizer-lr-backbone). No cache.")
 @click.option("--backbone", default="resnet18", show_default=True, help="With --online: the registered backbone.")
 @click.option("--weights", default="auto", show_default=True, help="With --online: its weights (auto, PATH or random).")
 @click.option("--image-size", default=None,
