@@ -153,14 +153,14 @@ def finetune(run: str | os.PathLike, cfg: TrainConfig, training: BackboneTrainin
     def build(procs: Processes, config: ACTConfig, recorded: dict[str, Any] | None) -> RunSetup:
         device = procs.device
         options = _recorded_training(recorded, training)
-        head, _, _ = load_head(source, device=device)
         data = DecodedFrames.from_store(store, dataset, config.chunk_size, device=device)
         encoder = options.encoder(rebuild_backbone(spec.store_record.backbone, device=device))
         config = _trained_config(config, options)
-        head.config = config
         tuned = PolicySpec(config, spec.inputs, spec.stats, str(store.path.resolve()), spec.store_record,
                            spec.camera_keys, spec.preset, backbone_training=options.to_dict())
-        model = OnlineACT(head.train(), encoder).to(device)
+        head = ACTHead(config, spec.inputs)
+        head.load_state_dict(load_head(source)[0].state_dict())  # the cached run's head: the warm start
+        model = OnlineACT(head, encoder).to(device)
         return RunSetup(data, model, model.optimizer(options.layer_decay), tuned)
 
     record = {"finetuned_from": {"run": str(Path(run).resolve()), "checkpoint": str(source.resolve()),

@@ -63,7 +63,7 @@ class EpisodeFrames:
         self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dinocache-decode")
+        self.threads = threads
 
     def _episode(self, index: int, camera: str) -> np.ndarray:
         key = (index, camera)
@@ -84,12 +84,10 @@ class EpisodeFrames:
         """Camera key -> uint8 ``(len(rows), H, W, 3)``; the episodes needed are decoded in parallel."""
         position = np.searchsorted(self._starts, rows, side="right") - 1
         needed = [(self._index[p], camera) for p in np.unique(position) for camera in self.cameras]
-        decoded = dict(zip(needed, self._pool.map(lambda key: self._episode(*key), needed)))
+        with ThreadPoolExecutor(min(self.threads, len(needed)), thread_name_prefix="dinocache-decode") as pool:
+            decoded = dict(zip(needed, pool.map(lambda key: self._episode(*key), needed)))
         return {camera: np.stack([decoded[self._index[p], camera][row - self._starts[p]]
                                   for p, row in zip(position, rows)]) for camera in self.cameras}
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DecodedFrames:
@@ -222,6 +220,3 @@ class DecodedFrames:
                 if real < batch_size:
                     batch[ACTION_IS_PAD][real:] = True
                 yield batch
-
-    def close(self) -> None:
-        self.frames.close()
