@@ -50,13 +50,14 @@ class TrainableBackbone(FrozenBackbone):
                  gradient_checkpointing: bool = False) -> None:
         model = freeze_batch_norm_2d(backbone.model) if backbone.spec.kind == "convnet" else backbone.model
         super().__init__(backbone.spec, model, backbone.preprocess, backbone.weights)
-        self.depth = max(self.layers().values())
+        layers = self.layers()
+        self.depth = max(layers.values())
         if unfreeze_last is not None and not 0 < unfreeze_last <= self.depth:
             raise BackboneError(f"--unfreeze-last {unfreeze_last}: {self.spec.name} has {self.depth} blocks "
                                 f"after its stem; choose 1 to {self.depth}")
         first = 0 if unfreeze_last is None else self.depth - unfreeze_last + 1
         for name, param in self.model.named_parameters():
-            param.requires_grad_(self.layers()[name] >= first)
+            param.requires_grad_(layers[name] >= first)
         if gradient_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.train()
