@@ -144,7 +144,8 @@ def test_memory_options_freeze_blocks_decay_rates_and_checkpoint_activations():
     from dinocache.policy.config import ACTConfig, ACTInputs
     from dinocache.policy.online import OnlineACT
 
-    head = ACTHead(ACTConfig(**TINY, n_action_steps=4), ACTInputs(cameras=[("top", 384, 2, 2)], state_dim=2, action_dim=2))
+    inputs = ACTInputs(cameras=[("top", 384, 2, 2)], state_dim=2, action_dim=2)
+    head = ACTHead(ACTConfig(**TINY, n_action_steps=4), inputs)
     groups = OnlineACT(head, encoder).parameter_groups(layer_decay=0.5)
     assert [g.get("lr") for g in groups] == [None, 1e-3 * 0.5, 1e-3]
     images = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8)

@@ -52,16 +52,20 @@ def backbone_training(backbone_lr: float | None, unfreeze_last: int | None, laye
 
 @click.command("finetune", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder to create (or continue with --resume).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Run folder to create (or continue with --resume).")
 @click.option("--steps", default=2000, show_default=True, help="Fine-tuning steps (a total, also when resuming).")
-@click.option("--checkpoint", default="last", show_default=True, help="RUN's checkpoint to start from: last, best or a step.")
+@click.option("--checkpoint", default="last", show_default=True,
+              help="RUN's checkpoint to start from: last, best or a step.")
 @click.option("--batch-size", type=int, default=None, help="Samples per step and process [default: RUN's].")
 @click.option("--dataset", default=None, type=click.Path(path_type=Path),
               help="The dataset to decode frames from [default: the store's recorded source; same fingerprint].")
-@click.option("--store", default=None, type=click.Path(path_type=Path), help="RUN's feature store [default: the recorded path].")
+@click.option("--store", default=None, type=click.Path(path_type=Path),
+              help="RUN's feature store [default: the recorded path].")
 @backbone_options()
 @click.option("--eval-every", default=TrainConfig.eval_every, show_default=True, help="Steps between validations.")
-@click.option("--save-every", default=1000, show_default=True, help="Steps between checkpoints (one is always written at the end).")
+@click.option("--save-every", default=1000, show_default=True,
+              help="Steps between checkpoints (one is always written at the end).")
 @click.option("--log-every", default=TrainConfig.log_every, show_default=True, help="Steps between metrics records.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out from its last checkpoint, exactly.")
@@ -86,7 +90,8 @@ def finetune(run: Path, out: Path, steps: int, checkpoint: str, batch_size: int 
     from dinocache.policy.finetune import finetune as run_finetune
 
     ctx = click.get_current_context()
-    given = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
+    given = frozenset(name for name in ctx.params
+                      if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
     cfg = TrainConfig(store=store, out=out, steps=steps, batch_size=batch_size or TrainConfig.batch_size,
                       eval_every=eval_every, save_every=save_every, log_every=log_every, device=device, resume=resume,
                       progress=not no_progress, log_to=log_to, given=given)

@@ -252,7 +252,8 @@ def _save_backbone(folder: Path, backbone: nn.Module) -> dict[str, Any]:
     """Write the trained backbone's tensors; return its record for ``config.json``."""
     save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()},
               folder / BACKBONE_FILE, metadata={"format": "dinocache-backbone", "name": backbone.spec.name})
-    return {"backbone_weights": {"source": "finetuned", "file": BACKBONE_FILE, "sha256": file_sha256(folder / BACKBONE_FILE),
+    return {"backbone_weights": {"source": "finetuned", "file": BACKBONE_FILE,
+                                 "sha256": file_sha256(folder / BACKBONE_FILE),
                                  "tensor_sha256": tensor_sha256(backbone.model), "base": backbone.weights.identity()}}
 
 

@@ -40,7 +40,9 @@ from dinocache.policy.data import open_training_store
 from dinocache.policy.frames import DecodedFrames
 from dinocache.policy.online import OnlineACT
 from dinocache.policy.provenance import rebuild_backbone
-from dinocache.policy.train import Processes, RunKind, RunSetup, TrainConfig, TrainResult, resolve_act_config, run_training
+from dinocache.policy.train import (
+    Processes, RunKind, RunSetup, TrainConfig, TrainResult, resolve_act_config, run_training,
+)
 from dinocache.policy.trainable import BackboneTraining
 
 __all__ = ["train_online", "finetune", "online_record"]

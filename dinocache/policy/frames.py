@@ -113,7 +113,8 @@ class DecodedFrames:
         self.normalizer = Normalizer(stats)
         #: Low-dim arrays as recorded, ``(rows, dim)`` float32 (what a live policy is given), and normalised.
         self.raw = {key: np.asarray(values, np.float32).reshape(len(values), -1) for key, values in raw.items()}
-        self.lowdim = {key: self.normalizer.normalize(key, torch.from_numpy(values)) for key, values in self.raw.items()}
+        self.lowdim = {key: self.normalizer.normalize(key, torch.from_numpy(values))
+                       for key, values in self.raw.items()}
         num_frames = sum(length for _, _, length, _ in episodes)
         ends = np.zeros(num_frames, dtype=np.int64)
         for _, start, length, _ in episodes:

@@ -231,8 +231,8 @@ def _compare(policy: FusedPolicy, frames: VerificationFrames, state: Tensor, env
                         feature_error=error, feature_rel_diff=rel, passed=bool(diff <= tolerance))
 
 
-def check_run(policy: FusedPolicy, store: str | os.PathLike | None = None,
-              dataset: str | os.PathLike | None = None) -> tuple[ParityReport, VerificationFrames, Tensor, Tensor | None]:
+def check_run(policy: FusedPolicy, store: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None
+              ) -> tuple[ParityReport, VerificationFrames, Tensor, Tensor | None]:
     """The export's check for any run: the report, the frames it used and their raw state (and env state).
 
     A cached run is checked against its cache (:func:`check_parity`); a run that trained its

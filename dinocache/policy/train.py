@@ -494,9 +494,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                               device_budget=parse_memory_budget(cfg.device_memory_budget,
                                                                 available=lambda: available_device_memory(device)),
                               window_frames=cfg.window_frames, progress=cfg.progress and procs.main)
-        spec = PolicySpec(config, data.inputs, {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()},
-                          str(store.path.resolve()), store.record, data.camera_keys, cfg.preset if recorded is None
-                          else recorded["preset"])
+        stats = {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()}
+        spec = PolicySpec(config, data.inputs, stats, str(store.path.resolve()), store.record, data.camera_keys,
+                          cfg.preset if recorded is None else recorded["preset"])
         model = _LossModule(ACTHead(config, data.inputs).to(device))
         return RunSetup(data, model, act_optimizer(list(model.parameters()), config), spec)
 
@@ -687,7 +687,8 @@ def _loop(cfg: TrainConfig, procs: Processes, data: CachedFeatures | DecodedFram
         model.head.compile()
     parallel = model
     if procs.world_size > 1:
-        parallel = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        parallel = nn.parallel.DistributedDataParallel(model,
+                                                       device_ids=[device.index] if device.type == "cuda" else None)
     train_step = TrainStep(model.head, optimizer, data.batch_buffers(batch_size, device), graph=graph, model=parallel)
     validate = _Validation(model, data, val_rows, max(4 * batch_size, 32), procs, graph) if len(val_rows) else None
     encoder = _trained_encoder(model)
