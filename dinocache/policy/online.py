@@ -12,18 +12,19 @@ Two encoders:
 * :class:`~dinocache.encoders.FrozenBackbone` (DINOv2/v3 or any registered backbone), run without
   grad in eval mode on every step: how LeRobot trains an ACT whose vision backbone is a frozen DINO.
   Its grids are exactly the cached ones, so the loss is the cached loss.
-* :class:`~dinocache.policy.trainable.TrainableBackbone`: the same backbone, trained at its own learning rate
-  ``optimizer_lr_backbone``. For ACT's own backbone, torchvision's ImageNet ResNet18 (timm
-  ``resnet18.tv_in1k``) up to ``layer4``, every BatchNorm becomes ``FrozenBatchNorm2d``: LeRobot's
-  ACT recipe, where every convolution trains (the original ACT code also froze ``conv1`` and
-  ``layer1``). For a DINO ViT it is ``dinocache finetune``'s backbone, with partial unfreezing,
+* :class:`~dinocache.policy.trainable.TrainableBackbone`: the same backbone, trained at its own
+  learning rate ``optimizer_lr_backbone``. For ACT's own backbone, torchvision's ImageNet ResNet18
+  (timm ``resnet18.tv_in1k``) up to ``layer4``, every BatchNorm becomes ``FrozenBatchNorm2d``:
+  LeRobot's ACT recipe, where every convolution trains (the original ACT code also froze ``conv1``
+  and ``layer1``). For a DINO ViT it is ``dinocache finetune``'s backbone, with partial unfreezing,
   gradient checkpointing and layer-wise learning-rate decay for the memory and the stability a big
   one needs.
 
 Either way a camera's grid ``(B, C, h, w)`` enters the head exactly like a cached grid (its 1x1
 input projection maps the ``C`` channels, 512 for ResNet18). Frames arrive as uint8 ``(B, H, W, 3)``
 under ``observation.images.<camera>`` (the head's camera names); state and actions already
-normalised, as :class:`~dinocache.policy.data.CachedFeatures` provides them.
+normalised, as :class:`~dinocache.policy.frames.DecodedFrames` provides them (the training loop of
+``dinocache train --online`` and ``dinocache finetune``, :mod:`dinocache.policy.finetune`).
 """
 
 from __future__ import annotations
