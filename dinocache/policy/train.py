@@ -71,12 +71,12 @@ class TrainResult:
     metrics: dict[str, Any] | None
     best_val_l1: float | None
     baseline_val_l1: float | None
-    in_memory: bool
+    batches: str  # where batches came from: features in memory or streamed, or decoded frames
     seconds: float
 
     def format(self) -> str:
         lines = [f"run         {self.run_dir}", f"steps       {self.step} in {self.seconds:.1f} s "
-                 f"(features {'in memory' if self.in_memory else 'streamed'})"]
+                 f"({self.batches})"]
         if self.metrics:
             m = self.metrics
             lines.append(f"last        loss {m['loss']:.4f}  l1 {m['l1']:.4f}  {m['steps_per_s']:.1f} steps/s  "
@@ -696,7 +696,7 @@ def _loop(cfg: TrainConfig, procs: Processes, data: CachedFeatures | DecodedFram
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and procs.main),
                desc=f"train {run_dir.name}", dynamic_ncols=True)
     trackers = open_trackers(cfg.log_to, run_dir, json.loads((run_dir / RUN_FILE).read_text())) if procs.main else []
-    log = _Log(run_dir / METRICS_FILE, bar, data.in_memory, trackers) if procs.main else None
+    log = _Log(run_dir / METRICS_FILE, bar, _batches(data), trackers) if procs.main else None
     order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
     batches = data.train_batches(order, batch_size, position=step * batch_size, out=train_step.inputs)
     model.train()
@@ -749,7 +749,7 @@ def _loop(cfg: TrainConfig, procs: Processes, data: CachedFeatures | DecodedFram
     if procs.main and (run_dir / METRICS_FILE).is_file():
         plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE, baseline)
     return TrainResult(run_dir, step, log.last if log else None, None if math.isinf(best_val) else best_val,
-                       baseline, data.in_memory, time.perf_counter() - t_begin)
+                       baseline, _batches(data), time.perf_counter() - t_begin)
 
 
 def _diverged(run_dir: Path, step: int, loss: float, grad_norm: float) -> str:
@@ -768,8 +768,8 @@ class _Log:
     """Rank 0's output: ``metrics.jsonl``, the progress bar, the experiment trackers asked for, and one
     warning if data loading is slow."""
 
-    def __init__(self, path: Path, bar: tqdm, in_memory: bool, trackers: list[Tracker]) -> None:
-        self.path, self.bar, self.in_memory, self.trackers = path, bar, in_memory, trackers
+    def __init__(self, path: Path, bar: tqdm, batches: str, trackers: list[Tracker]) -> None:
+        self.path, self.bar, self.batches, self.trackers = path, bar, batches, trackers
         self.last: dict[str, Any] | None = None
         self.warned = False
 
@@ -787,10 +787,19 @@ class _Log:
         # The first record includes the warm-up (first batch, first streaming window): not judged.
         if self.last is not None and record["data_fraction"] > DATA_FRACTION_TARGET and not self.warned:
             self.warned = True
-            hint = "in memory" if self.in_memory else "streamed: raise --memory-budget to hold them in RAM"
+            hint = {"features streamed": "features streamed: raise --memory-budget to hold them in RAM",
+                    "frames decoded": "frames decoded: more CPU cores, or a dataset whose episodes fit the cache, "
+                                      "decode faster"}.get(self.batches, self.batches)
             tqdm.write(f"dinocache: data loading takes {100 * record['data_fraction']:.0f}% of the step time "
-                       f"(features {hint})")
+                       f"({hint})")
         self.last = record
+
+
+def _batches(data: CachedFeatures | DecodedFrames) -> str:
+    """Where a run's batches come from, as the summary and the data-loading warning say it."""
+    if isinstance(data, DecodedFrames):
+        return "frames decoded"
+    return "features in memory" if data.in_memory else "features streamed"
 
 
 def _sampler_state(data: CachedFeatures, seed: int, position: int, world_size: int) -> dict[str, Any]:
