@@ -252,6 +252,7 @@ def test_bfloat16_onnx_is_refused_where_onnxruntime_cannot_check_it(trained, tmp
     with pytest.raises(DinocacheError, match=r"cannot run the bfloat16 graph .*Could not find an implementation.*"
                                              r"use --dtype float16"):
         export_policy(trained.run, tmp_path / "half.onnx", format="onnx", dtype="bfloat16", progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary left
 
 
 def _with_metadata(src: Path, dst: Path, edit) -> Path:

@@ -242,7 +242,13 @@ def _run_onnxruntime(path: Path, names: list[str], inputs: tuple, dtype: torch.d
         session = onnxruntime.InferenceSession(str(path), providers=providers)
         return session.run(None, {name: value.cpu().numpy() for name, value in zip(names, inputs)})[0]
     except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types
-        raise DinocacheError(f"onnxruntime cannot run the exported graph ({str(err).splitlines()[0][:300]}); "
+        gist = str(err).splitlines()[0][:300]
+        if dtype == torch.bfloat16:  # onnxruntime's CPU provider has almost no bfloat16 kernels
+            raise DinocacheError(
+                f"onnxruntime {onnxruntime.__version__} here ({', '.join(providers)}) cannot run the bfloat16 graph "
+                f"({gist}), so it cannot be checked and nothing was written: export bfloat16 ONNX where onnxruntime "
+                "runs it (onnxruntime-gpu), or use --dtype float16, which onnxruntime runs everywhere") from err
+        raise DinocacheError(f"onnxruntime cannot run the exported graph ({gist}); "
                              "nothing was written; --format pt2 does not depend on it") from err
 
 
