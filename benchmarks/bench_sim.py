@@ -31,6 +31,7 @@ import json
 import multiprocessing.forkserver
 import os
 import resource
+import shlex
 import shutil
 import sys
 import tempfile
@@ -117,8 +118,9 @@ def markdown(report: dict[str, Any]) -> str:
 
     def row(what: str, part: dict[str, Any], check: str) -> str:
         s, p = part["serial"], part["parallel"]
-        return (f"| {what} | {part['episodes']} | {s['seconds']:.1f} s | {p['seconds']:.1f} s | **{part['speedup']:.2f}x** "
-                f"| {s['load_before']:.1f} / {p['load_before']:.1f} | {check} |")
+        return (f"| {what} | {part['episodes']} | {s['seconds']:.1f} s ({s['cpu_seconds']:.1f}) "
+                f"| {p['seconds']:.1f} s ({p['cpu_seconds']:.1f}) | **{part['speedup']:.2f}x** "
+                f"| {n * s['cpu_seconds'] / p['cpu_seconds']:.2f}x | {s['load_before']:.1f} / {p['load_before']:.1f} | {check} |")
 
     return "\n".join([
         BEGIN, "## Simulator: parallel demonstrations and vectorised evaluation (`benchmarks/bench_sim.py`)", "",
@@ -126,8 +128,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"* Command: `{report['command']}`.",
         f"* One {report['image_size']} camera (the default), 400-step episodes. Demos: LeRobot v2.1 with H.264, "
         f"encoded by the parent. Eval policy: {e['policy']}, so the eval rows time the simulator alone.", "",
-        f"| what | episodes | serial (today) | {n} workers | speedup | load at start (serial / {n} workers) | same result |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"| what | episodes | serial, today: wall (CPU-s) | {n} workers: wall (CPU-s) | speedup (wall) "
+        f"| idle-machine bound (serial CPU / ({n} workers' CPU / {n})) | load at start (serial / {n} workers) | same result |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
         row("`sim demos`", d, "episode tables byte-identical" if d["episode_tables_identical"] else "**tables differ**"),
         row(f"`sim eval` ({n} envs)", e, "per-episode seed, reward, steps identical" if e["outcomes_identical"]
             else "**outcomes differ**"),
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench_sim_"))
     report: dict[str, Any] = {
         "benchmark": "bench_sim", "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python benchmarks/bench_sim.py", *sys.argv[1:]]), "machine": describe_machine(args.device),
+        "command": shlex.join(["python", "benchmarks/bench_sim.py", *sys.argv[1:]]), "machine": describe_machine(args.device),
         "workers": args.workers, "image_size": args.image_size, "note": args.note}
     try:
         parts = args.parts.split(",")
