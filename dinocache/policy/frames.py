@@ -20,16 +20,14 @@ backbone's own preprocessing resizes them, as in the exported policy.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from dinocache.datasets import open_dataset
 from dinocache.datasets.base import DatasetSource
+from dinocache.datasets.rows import DECODE_THREADS, EpisodeFrames
 from dinocache.errors import DatasetError
 from dinocache.keys import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_STATE, camera_key, short_name
 from dinocache.pipeline.store import FeatureStore, lowdim_stats
@@ -38,56 +36,12 @@ from dinocache.policy.data import (
 )
 from dinocache.policy.normalize import Normalizer
 
-__all__ = ["DecodedFrames", "EpisodeFrames"]
+__all__ = ["DecodedFrames"]
 
 #: Share of MemAvailable the decoded-episode cache may take by default.
 DEFAULT_CACHE_SHARE = 0.25
-#: Threads decoding the episodes of a batch.
-DECODE_THREADS = 4
 
 Episodes = list[tuple[int, int, int, str]]  # (index, start row, length, task), as FeatureStore.episodes()
-
-
-class EpisodeFrames:
-    """uint8 frames of store rows, decoded from ``source`` whole episode by whole episode, LRU-cached.
-
-    ``episodes`` map rows to ``(episode index, frame in episode)``; ``cameras`` are dataset keys.
-    Thread-safe: the batch thread and its decode pool share it.
-    """
-
-    def __init__(self, source: DatasetSource, episodes: Episodes, cameras: Sequence[str], cache_bytes: int,
-                 threads: int = DECODE_THREADS) -> None:
-        self.source, self.cameras, self.cache_bytes = source, list(cameras), cache_bytes
-        self._starts = np.array([start for _, start, _, _ in episodes], dtype=np.int64)
-        self._index = [index for index, *_ in episodes]
-        self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
-        self._cached_bytes = 0
-        self._lock = threading.Lock()
-        self.threads = threads
-
-    def _episode(self, index: int, camera: str) -> np.ndarray:
-        key = (index, camera)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        frames = self.source.read_frames(index, camera)
-        with self._lock:
-            if frames.nbytes <= self.cache_bytes and key not in self._cache:
-                self._cache[key] = frames
-                self._cached_bytes += frames.nbytes
-                while self._cached_bytes > self.cache_bytes:
-                    self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
-        return frames
-
-    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Camera key -> uint8 ``(len(rows), H, W, 3)``; the episodes needed are decoded in parallel."""
-        position = np.searchsorted(self._starts, rows, side="right") - 1
-        needed = [(self._index[p], camera) for p in np.unique(position) for camera in self.cameras]
-        with ThreadPoolExecutor(min(self.threads, len(needed)), thread_name_prefix="dinocache-decode") as pool:
-            decoded = dict(zip(needed, pool.map(lambda key: self._episode(*key), needed)))
-        return {camera: np.stack([decoded[self._index[p], camera][row - self._starts[p]]
-                                  for p, row in zip(position, rows)]) for camera in self.cameras}
 
 
 class DecodedFrames:
