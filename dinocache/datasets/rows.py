@@ -28,7 +28,7 @@ DECODE_THREADS = 4
 Episodes = Sequence[tuple[Any, ...]]
 
 
-def episode_positions(episodes: Episodes, rows: np.ndarray) -> np.ndarray:
+def _episode_positions(episodes: Episodes, rows: np.ndarray) -> np.ndarray:
     """For each of ``rows``, the position in ``episodes`` of the episode holding it."""
     starts = np.array([start for _, start, *_ in episodes], dtype=np.int64)
     return np.searchsorted(starts, np.asarray(rows, dtype=np.int64), side="right") - 1
@@ -42,7 +42,7 @@ def frames_at_rows(source: DatasetSource, episodes: Episodes, cameras: Sequence[
     wanted frame: the frames are the very ones extraction feeds the backbone.
     """
     wanted: dict[int, list[tuple[int, int]]] = {}  # episode -> [(position in rows, frame in episode)]
-    for position, (at, row) in enumerate(zip(episode_positions(episodes, rows), rows)):
+    for position, (at, row) in enumerate(zip(_episode_positions(episodes, rows), rows)):
         index, start, *_ = episodes[at]
         wanted.setdefault(index, []).append((position, int(row) - start))
     out = {}
@@ -97,7 +97,7 @@ class EpisodeFrames:
 
     def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Camera key -> uint8 ``(len(rows), H, W, 3)``; the episodes needed are decoded in parallel."""
-        located = [self._episodes[p] for p in episode_positions(self._episodes, rows)]
+        located = [self._episodes[p] for p in _episode_positions(self._episodes, rows)]
         needed = sorted({(index, camera) for index, _ in located for camera in self.cameras})
         with ThreadPoolExecutor(min(self.threads, len(needed)), thread_name_prefix="dinocache-decode") as pool:
             decoded = dict(zip(needed, pool.map(lambda key: self._episode(*key), needed)))
