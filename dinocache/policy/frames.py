@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from dinocache.datasets import open_dataset
 from dinocache.datasets.base import DatasetSource
 from dinocache.datasets.rows import DECODE_THREADS, EpisodeFrames
