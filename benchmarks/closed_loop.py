@@ -143,7 +143,7 @@ def phase_commands(args: argparse.Namespace, row: Row, demos: Path, work: Path) 
     """The command of every phase of ``row`` (its folder: ``work/<config>``)."""
     out, device = work / row.config, args.device
     weights = ["--weights", args.weights, "--seed", args.weights_seed]
-    size = ["--image-size", args.image_size] if args.image_size else []
+    size = ["--image-size", args.image_size] if args.image_size and row.backbone == args.backbone else []
     schedule = ["--steps", args.steps, "--batch-size", args.batch_size, "--seed", args.train_seed,
                 "--eval-every", max(args.steps // 10, 1), "--save-every", args.steps,
                 "--log-every", max(args.steps // 100, 1), "--device", device]
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--demo-episodes", type=int, default=50)
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--camera-size", default="240x320", help="HxW the demos are recorded (and the policy sees) at.")
-    parser.add_argument("--image-size", default=None, help="Backbone input HxW (default: each backbone's).")
+    parser.add_argument("--image-size", default=None,
+                        help="Input HxW of the DINO rows' backbone (default: its own; ResNet18 rows take theirs, 224).")
     parser.add_argument("--steps", type=int, default=None,
                         help="Training steps (default: LeRobot's 800k samples at --batch-size: 100k steps of 8).")
     parser.add_argument("--batch-size", type=int, default=FULL_SCHEDULE["batch_size"])
