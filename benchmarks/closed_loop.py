@@ -59,7 +59,7 @@ DEFAULT_CONFIGS = "dino-cached,resnet18-online,dino-finetune"
 #: Time budget per phase, minutes (``--budget phase=minutes,...`` overrides).
 BUDGETS = dict(demos=10.0, extract=15.0, train=90.0, finetune=60.0, export=10.0, eval=20.0)
 SMOKE = dict(demo_episodes=2, eval_episodes=2, steps=5, finetune_steps=2, max_steps=40, camera_size="84x112",
-             head="tiny", image_size="56x56")
+             head="tiny", image_size="56x56", resnet_image_size="64x96")
 PRESET_FOR = {"dinov2_vits14_reg": "dinov2-reg", "dinov2_vits14": "dinov2", "dinov3_vits16": "dinov3-small"}
 #: ``--head``: ACT overrides on top of LeRobot's defaults (and the backbone's preset). ``small`` keeps
 #: ACT's chunk of 100 and its layer structure but a narrower model (CPU budgets); ``default`` is
@@ -143,7 +143,8 @@ def phase_commands(args: argparse.Namespace, row: Row, demos: Path, work: Path) 
     """The command of every phase of ``row`` (its folder: ``work/<config>``)."""
     out, device = work / row.config, args.device
     weights = ["--weights", args.weights, "--seed", args.weights_seed]
-    size = ["--image-size", args.image_size] if args.image_size and row.backbone == args.backbone else []
+    chosen = args.resnet_image_size if row.backbone == "resnet18" else args.image_size
+    size = ["--image-size", chosen] if chosen else []
     schedule = ["--steps", args.steps, "--batch-size", args.batch_size, "--seed", args.train_seed,
                 "--eval-every", max(args.steps // 10, 1), "--save-every", args.steps,
                 "--log-every", max(args.steps // 100, 1), "--device", device]
@@ -309,7 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--camera-size", default="240x320", help="HxW the demos are recorded (and the policy sees) at.")
     parser.add_argument("--image-size", default=None,
-                        help="Input HxW of the DINO rows' backbone (default: its own; ResNet18 rows take theirs, 224).")
+                        help="Input HxW of the DINO rows' backbone (default: its own).")
+    parser.add_argument("--resnet-image-size", default="224x320",
+                        help="Input HxW of the ResNet18 rows: a multiple of 32 (the 240x320 frames' nearest).")
     parser.add_argument("--steps", type=int, default=None,
                         help="Training steps (default: LeRobot's 800k samples at --batch-size: 100k steps of 8).")
     parser.add_argument("--batch-size", type=int, default=FULL_SCHEDULE["batch_size"])
