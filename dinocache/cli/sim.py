@@ -74,7 +74,7 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
               help="Episodes run at a time, the policy queried once per step for all [default: one per available core].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes stepping and rendering the environments [default: one per available core, at most "
-                   "--num-envs; 0: all in this process].")
+                   "--num-envs, none for one environment]; 0: all in this process.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 def eval_command(policy: Path, task: str, episodes: int, seed: int, out: Path | None, videos: int, max_steps: int,
                  device: str | None, demos_path: Path | None, num_envs: int | None, workers: int | None,
