@@ -207,6 +207,10 @@ def run_episodes(policy: Policy, seeds: Sequence[int], *, task: str = "transfer_
     results: dict[int, EpisodeResult] = {}  # by episode index, as the episodes end
     running: dict[int, _Running] = {}
     shown: dict[int, Transition] = {}
+    try:
+        pool = EnvPool(sizes, task, max(1, min(num_envs, len(seeds))), workers)
+    except ValueError as err:
+        raise DinocacheError(f"policy cameras: {err}") from None
 
     def start(slots: Sequence[int]) -> None:
         """Give each free slot the next seed, if any is left; reset its environment and its policy state."""
@@ -218,10 +222,6 @@ def run_episodes(policy: Policy, seeds: Sequence[int], *, task: str = "transfer_
             policy.reset(slot)
         shown.update(pool.reset(seeds_by_slot))
 
-    try:
-        pool = EnvPool(sizes, task, max(1, min(num_envs, len(seeds))), workers)
-    except ValueError as err:
-        raise DinocacheError(f"policy cameras: {err}") from None
     bar = tqdm(total=len(seeds), desc="closed-loop eval", unit="ep", disable=not progress, dynamic_ncols=True)
     with pool, bar:
         start(range(pool.num_envs))
