@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from dinocache.encoders.backbone import create_backbone
-from dinocache.encoders.checkpoints import file_sha256, load_into
+from dinocache.encoders.checkpoints import load_into
+from dinocache.hashing import file_sha256
 from dinocache.encoders.pos_embed import resample_pos_embed
 from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.encoders.weights import WEIGHTS_ENV, find_local_weights, tensor_sha256

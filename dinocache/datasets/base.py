@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dinocache.errors import DatasetError
+from dinocache.hashing import file_sha256
 from dinocache.keys import short_name
 
 #: The formats :func:`open_dataset` knows, in the spelling ``--format`` takes.
@@ -276,7 +277,7 @@ class DatasetSource(ABC):
 
         line("dinocache-dataset", 1, self.format, repr(float(self.fps)))
         for file in sorted(self._meta_files):
-            line("meta", self._rel(file), _sha256_file(file))
+            line("meta", self._rel(file), file_sha256(file))
         for file in sorted(self._lowdim_digests):
             line("data", self._rel(file), file.stat().st_size, self._lowdim_digests[file])
         for file in sorted(set(self._video_files)):
@@ -304,8 +305,3 @@ def lowdim_digest(arrays: Sequence[np.ndarray]) -> str:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
     return h.hexdigest()
-
-
-def _sha256_file(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -19,7 +19,6 @@ classifier layer the backbone does not have.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import sys
@@ -38,11 +37,6 @@ from dinocache.errors import BackboneError
 StateDict = dict[str, torch.Tensor]
 
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def checkpoint_file(path: Path) -> Path:

@@ -31,13 +31,13 @@ from dinocache.encoders.checkpoints import (
     StateDict,
     check_architecture,
     checkpoint_file,
-    file_sha256,
     read_state_dict,
     warn_if_not_published,
 )
 from dinocache.encoders.record import WeightsRecord
 from dinocache.encoders.registry import DINOV3_ACCESS_PAGE, BackboneSpec
 from dinocache.errors import BackboneError
+from dinocache.hashing import file_sha256
 from dinocache.hub import hf_offline, hub_cache_dir, hub_unreachable
 
 Source = Literal["random", "file", "hf-cache"]

@@ -41,9 +41,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dinocache import __version__
-from dinocache.encoders.checkpoints import file_sha256
 from dinocache.encoders.weights import tensor_sha256
 from dinocache.errors import DinocacheError
+from dinocache.hashing import file_sha256
 from dinocache.pipeline.store import StoreRecord
 from dinocache.policy.act import ACTHead
 from dinocache.policy.config import ACTConfig, ACTInputs
