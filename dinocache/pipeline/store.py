@@ -30,7 +30,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -38,7 +38,10 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from dinocache import __version__
 from dinocache.encoders.record import BackboneRecord
-from dinocache.errors import DinocacheError, StoreError
+from dinocache.errors import DatasetError, DinocacheError, StoreError
+
+if TYPE_CHECKING:
+    from dinocache.datasets.base import DatasetSource
 
 FORMAT_NAME = "dinocache-features"
 FORMAT_VERSION = 1
@@ -415,6 +418,28 @@ class FeatureStore:
         if "verification" not in self.root:
             return None
         return self.read("verification/rows"), {camera: self.read(f"verification/{camera}") for camera in self.cameras}
+
+    def open_source(self, dataset: str | os.PathLike | None = None) -> DatasetSource:
+        """The dataset this store was extracted from: ``dataset``, else the recorded source path.
+
+        Refused with a :class:`DatasetError` saying why when it is not there or is another dataset
+        (its fingerprint differs from the recorded one): frames of another dataset would pair the
+        store's rows with the wrong images.
+        """
+        from dinocache.datasets import open_dataset
+
+        recorded = self.record.source_path
+        path = Path(dataset) if dataset is not None else Path(recorded) if recorded else None
+        if path is None:
+            raise DatasetError(f"the store {self.path} records no source dataset")
+        if not path.exists():
+            raise DatasetError(f"the source dataset {path} is not there")
+        source = open_dataset(path, format=self.record.source.format, skip_bad_episodes=True)
+        expected, found = self.record.source.fingerprint, source.fingerprint()
+        if found != expected:
+            raise DatasetError(f"{path} is not the dataset the store was extracted from (fingerprint {found}, "
+                               f"the store {self.path} has {expected})")
+        return source
 
     def stats(self, key: str) -> dict[str, np.ndarray]:
         return {name: self.read(f"stats/{key}/{name}") for name in ("mean", "std", "min", "max")}

@@ -85,16 +85,11 @@ class DecodedFrames:
                    device: str | torch.device = "cpu", **options: int) -> DecodedFrames:
         """The store's rows, normalisation and cameras; frames from ``dataset`` (default: the recorded
         source), which must be the dataset the store was extracted from (same fingerprint)."""
-        recorded = store.record.source_path
-        path = Path(dataset) if dataset is not None else Path(recorded) if recorded else None
-        if path is None or not path.exists():
-            raise DatasetError(f"the frames come from the dataset {store.path} was extracted from, "
-                               f"{path or '(not recorded)'}, which is not there; pass --dataset PATH")
-        source = open_dataset(path, format=store.record.source.format, skip_bad_episodes=True)
-        expected, found = store.record.source.fingerprint, source.fingerprint()
-        if found != expected:
-            raise DatasetError(f"{path} is not the dataset {store.path} was extracted from "
-                               f"(fingerprint {found}, the store has {expected})")
+        try:
+            source = store.open_source(dataset)
+        except DatasetError as err:
+            raise DatasetError(f"the frames come from the dataset the store was extracted from: {err}; "
+                               "pass --dataset PATH") from None
         keys = [key for key in (OBS_STATE, ACTION, OBS_ENV_STATE) if key in store.lowdim_keys]
         raw = {key: store.read(key) for key in keys}
         return cls(source, store.episodes(), store.cameras, raw, {key: store.stats(key) for key in keys}, chunk_size,

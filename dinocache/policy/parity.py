@@ -118,23 +118,17 @@ def verification_frames(store: FeatureStore, dataset: str | os.PathLike | None =
     """Raw frames for the check: from ``dataset`` (default: the store's recorded source path) when it
     is there, else from the frames the store keeps. A ``dataset`` given explicitly must be the one the
     store was extracted from (same fingerprint)."""
-    from dinocache.datasets import open_dataset
-
-    recorded = store.record.source_path
-    path = Path(dataset) if dataset is not None else Path(recorded) if recorded else None
-    why = f"the source dataset {path} is not there" if path is not None else "no source dataset is recorded"
-    if path is not None and path.exists():
-        source = open_dataset(path, format=store.record.source.format, skip_bad_episodes=True)
-        expected = store.record.source.fingerprint
-        found = source.fingerprint()
-        if found == expected:
-            rows = verification_rows(store.num_frames)
-            episodes = [(index, start, length) for index, start, length, _ in store.episodes()]
-            frames = frames_at_rows(source, episodes, store.cameras, rows)
-            return VerificationFrames(rows, [frames[camera] for camera in store.cameras], f"dataset {path}")
-        why = f"{path} is not the dataset the store was extracted from (fingerprint {found}, store has {expected})"
-        if dataset is not None:
-            raise DatasetError(why)
+    try:
+        source = store.open_source(dataset)
+    except DatasetError as err:
+        if dataset is not None:  # asked for by name: no quiet fallback
+            raise
+        why = str(err)
+    else:
+        rows = verification_rows(store.num_frames)
+        episodes = [(index, start, length) for index, start, length, _ in store.episodes()]
+        frames = frames_at_rows(source, episodes, store.cameras, rows)
+        return VerificationFrames(rows, [frames[camera] for camera in store.cameras], f"dataset {source.path}")
     kept = store.verification_frames()
     if kept is None:
         raise DinocacheError(f"cannot check the exported policy: {why}, and the store {store.path} keeps no raw "
