@@ -3,8 +3,9 @@
 #
 # A GPU is rare for this project's sessions: this script is how every device path gets checked at once
 # when one is lent. On the real LeRobot dataset it runs extract (bf16 autocast), inspect, train (400 steps
-# at batch 8 and at 64), export (.pt2 in float32 and bfloat16, AOTInductor-compiled), bench-policy (CUDA
-# graph) and `load_policy(...,
+# at batch 8 and at 64), finetune (40 steps end to end from the batch-8 run, then its export), ACT's
+# online ResNet18 (40 steps), export (.pt2 in float32 and bfloat16, AOTInductor-compiled; ONNX in
+# float16), bench-policy (CUDA graph) and `load_policy(...,
 # device="cuda").select_action` on numpy frames, a 4-worker dask extraction compared array by array with
 # the single-process store, the test suite's CUDA cases, then the GPU rows of the benchmarks. Each step
 # has its own time limit, so one hang does not take the rest; every step's output (tracebacks included)
@@ -16,7 +17,7 @@
 # DATASET defaults to .gpu-data/g1_pick_bottle_3ep (what benchmarks/gpu_prepare.sh copies into the
 # checkout, since ../shared does not travel to a lent machine), else ../shared/datasets/g1_pick_bottle_3ep.
 # A dry run of the script itself on a CPU-only machine (small settings, no benchmarks):
-#   DEVICE=cpu BACKBONE=dinov2_vits14 IMAGE_SIZE=56 EPISODES=0:1 STEPS=20 BENCHMARKS=0 bash benchmarks/gpu_check.sh
+#   DEVICE=cpu BACKBONE=dinov2_vits14 IMAGE_SIZE=56 EPISODES=0:1 STEPS=5 BENCHMARKS=0 bash benchmarks/gpu_check.sh
 # Wheels in .whl/ (gpu_prepare.sh downloads them) are installed first when present. Results go to $OUT
 # (default /tmp/dinocache-gpu-check): gpu_check.log, summary.txt, and the benchmarks' JSON.
 set -uo pipefail
@@ -46,6 +47,7 @@ done
 DEVICE=${DEVICE:-cuda}
 BACKBONE=${BACKBONE:-dinov2_vitb14_reg}
 STEPS=${STEPS:-400}
+SHORT=$(( STEPS < 40 ? STEPS : 40 ))  # the end-to-end runs (backbone in the step): 40 steps, fewer in a dry run
 BENCHMARKS=${BENCHMARKS:-1}
 SIZE_ARG=${IMAGE_SIZE:+--image-size $IMAGE_SIZE}
 EPISODE_ARG=${EPISODES:+--episodes $EPISODES}
@@ -87,6 +89,12 @@ step "train $STEPS steps, batch 8" 150 \
     "$DC train '$STORE' --out '$WORK/run8' --steps $STEPS --batch-size 8 --device $DEVICE --no-progress && tail -n 2 '$WORK/run8/metrics.jsonl'"
 step "train $STEPS steps, batch 64" 150 \
     "$DC train '$STORE' --out '$WORK/run64' --steps $STEPS --batch-size 64 --device $DEVICE --no-progress && tail -n 2 '$WORK/run64/metrics.jsonl'"
+step "finetune $SHORT steps from run8 ($DEVICE)" 200 \
+    "$DC finetune '$WORK/run8' --out '$WORK/tuned' --steps $SHORT --gradient-checkpointing --device $DEVICE --no-progress && tail -n 2 '$WORK/tuned/metrics.jsonl'"
+step "export the fine-tuned run ($DEVICE)" 240 \
+    "$DC export '$WORK/tuned' --out '$WORK/tuned.pt2' --device $DEVICE --dtype bfloat16 --no-progress"
+step "train --online resnet18, $SHORT steps" 200 \
+    "$DC train --online --backbone resnet18 '$DATASET' --out '$WORK/resnet' --steps $SHORT --weights random --device $DEVICE --no-progress && tail -n 2 '$WORK/resnet/metrics.jsonl'"
 step "export pt2 float32 --device $DEVICE" 240 \
     "$DC export '$WORK/run8' --out '$WORK/policy32.pt2' --device $DEVICE --no-progress"
 step "export pt2 bfloat16 --device $DEVICE" 240 \
