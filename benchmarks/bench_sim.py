@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--record", default=None, help="Markdown file to put the section in (between markers).")
     args = parser.parse_args(argv)
 
-    from dinocache.encoders.preprocess import parse_image_size
+    from dinocache.encoders.image_size import parse_image_size
 
     args.size = parse_image_size(args.image_size)
     work = Path(tempfile.mkdtemp(prefix="bench_sim_"))

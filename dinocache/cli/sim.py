@@ -49,7 +49,7 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
       dinocache sim demos --episodes 50 --workers 16 --out data/transfer_cube
     """
     require_sim()
-    from dinocache.encoders.preprocess import parse_image_size
+    from dinocache.encoders.image_size import parse_image_size
     from dinocache.sim.demos import generate_demos
 
     summary = generate_demos(out, task=task, episodes=episodes, seed=seed, cameras=cameras.split(","),

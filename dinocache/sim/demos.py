@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
-from dinocache.datasets.writer import Episode as SyntheticEpisode, write_episodes
+from dinocache.datasets.writer import Episode, write_episodes
 from dinocache.sim.env import FPS, JOINT_NAMES, demo_seeds, make_joint_env
 from dinocache.sim.expert import Rollout, ScriptedExpert
 from dinocache.sim.parallel import default_workers, ordered_map
@@ -115,14 +115,14 @@ def generate_demos(out: Path | str, *, task: str = "transfer_cube", episodes: in
     return summary
 
 
-def _successful(rollouts: Iterator[Rollout], summary: DemoSummary, progress: bool) -> Iterator[SyntheticEpisode]:
+def _successful(rollouts: Iterator[Rollout], summary: DemoSummary, progress: bool) -> Iterator[Episode]:
     """The rollouts in seed order: yield the successful episodes, numbered contiguously, and record the rest."""
     bar = tqdm(rollouts, total=summary.attempted, desc="scripted demos", unit="ep", disable=not progress, dynamic_ncols=True)
     for rollout in bar:
         seed = rollout.seed
         if rollout.success:
             summary.seeds.append(seed)
-            yield SyntheticEpisode(index=summary.kept - 1, task=TASK_TEXT[summary.task], frames=rollout.frames,
+            yield Episode(index=summary.kept - 1, task=TASK_TEXT[summary.task], frames=rollout.frames,
                                    state=rollout.qpos, velocity=rollout.qvel, action=rollout.action,
                                    env_state=None)
         else:
