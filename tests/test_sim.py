@@ -26,6 +26,7 @@ from dinocache.sim.env import EPISODE_STEPS, JOINT_NAMES, cube_pose, demo_seeds,
 from dinocache.sim.evaluate import RESULTS_FILE, evaluate, run_episodes, wilson_interval  # noqa: E402
 from dinocache.sim.expert import ScriptedExpert, plan_joint_actions  # noqa: E402
 from dinocache.sim.replay import PlanReplay  # noqa: E402
+from dinocache.sim.vector import EnvPool  # noqa: E402
 from _devices import DEVICES  # noqa: E402
 
 CAMERA = (84, 112)  # HxW: small, and 112 is a multiple of the ViT patch (14) after the extractor resizes
@@ -125,6 +126,23 @@ def test_batched_eval_gives_the_serial_outcomes_and_writes_video(tmp_path: Path)
     assert max(policy.batches) == 2 and sum(policy.batches) == sum(r.steps for r in serial)  # one query a step
     assert batched[0].video and not batched[1].video
     _check_video(Path(batched[0].video), batched[0].steps)
+
+
+def test_worker_frames_arrive_through_shared_memory_intact():
+    """Frames rendered in worker processes come back through shared buffers: every pixel equals the
+    in-process render of the same seed and actions, and a frame already handed out stays as it was
+    when the next step renders over the buffer."""
+    seeds = {0: eval_seeds(0, 2)[0], 1: eval_seeds(0, 2)[1]}
+    plans = {slot: plan_joint_actions(seed)[:3] for slot, seed in seeds.items()}
+    shown = {}
+    for workers in (0, 2):
+        with EnvPool({"top": CAMERA}, "transfer_cube", num_envs=2, workers=workers) as pool:
+            steps = [pool.reset(seeds)] + [pool.step({slot: plan[k] for slot, plan in plans.items()}) for k in range(3)]
+        shown[workers] = [[t.images["top"] for _, t in sorted(step.items())] for step in steps]
+    for local, remote in zip(shown[0], shown[2]):
+        for a, b in zip(local, remote):
+            assert a.shape == (*CAMERA, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(shown[2][0][0], shown[2][0][1])  # two cube poses: two different pictures
 
 
 @pytest.mark.slow
