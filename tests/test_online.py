@@ -182,7 +182,8 @@ def test_refusals():
 
 
 def test_act_resnet18_trains_online_exports_and_serves_select_action(tmp_path: Path):
-    """`dinocache train --online --backbone resnet18 DATASET`: ACT's own recipe, exportable like any run."""
+    """`dinocache train --online --backbone resnet18 DATASET`: ACT's own recipe, resumable exactly and
+    exportable like any run."""
     import json
 
     from click.testing import CliRunner
@@ -205,6 +206,17 @@ def test_act_resnet18_trains_online_exports_and_serves_select_action(tmp_path: P
     assert result.exit_code == 0, result.output
     resumed = CliRunner().invoke(main, [*args, "--steps", "3", "--resume"])
     assert resumed.exit_code == 0, resumed.output
+    whole = tmp_path / "whole"  # the same three steps without the interruption: exactly the same run
+    args[args.index(str(run))] = str(whole)
+    assert CliRunner().invoke(main, [*args, "--steps", "3"]).exit_code == 0
+
+    def losses(folder: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(run)) == 3 and losses(run) == losses(whole)
+    for name in ("backbone.safetensors", "model.safetensors"):
+        a, b = (load_file(folder / "checkpoints" / "last" / name) for folder in (run, whole))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
     record = json.loads((run / "run.json").read_text())
     assert record["store"]["path"] is None and record["store"]["provenance"]["backbone"]["name"] == "resnet18"
