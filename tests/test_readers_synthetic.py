@@ -53,3 +53,23 @@ def test_writer_refuses_options_that_do_not_fit_the_format(tmp_path):
         write_synthetic_dataset(tmp_path / "b", aloha_compressed=True)
     with pytest.raises(ValueError):
         write_synthetic_dataset(tmp_path / "c", codec="vp9")
+
+
+@pytest.mark.parametrize("shape", [(7, 30, 40, 3), (400, 24, 32, 3), (101, 310, 20, 3)])
+def test_image_stats_are_lerobots_float_moments_over_the_sampled_frames(shape):
+    """The writer's per-channel image stats (from 256-bin histograms) equal the floating-point
+    min / max / mean / std over LeRobot's sample of frames, strided down above 300 px."""
+    from dinocache.datasets.lerobot_writer import _image_stats
+
+    frames = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
+    frames[..., 2] //= 3  # the channels differ
+    stats = _image_stats(frames)
+    length = len(frames)
+    picked = frames[np.round(np.linspace(0, length - 1, length if length < 100 else 100)).astype(int)]
+    if max(shape[1:3]) >= 300:
+        picked = picked[:, ::2, ::2]
+    pixels = picked.reshape(-1, 3) / 255.0
+    assert stats["count"] == [len(picked)]
+    for key, expected in (("min", pixels.min(0)), ("max", pixels.max(0)), ("mean", pixels.mean(0)), ("std", pixels.std(0))):
+        assert np.asarray(stats[key]).shape == (3, 1, 1)
+        np.testing.assert_allclose(np.asarray(stats[key]).ravel(), expected, rtol=0, atol=1e-12, err_msg=key)

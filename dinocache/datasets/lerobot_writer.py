@@ -119,7 +119,9 @@ def _image_stats(frames: np.ndarray) -> dict[str, Any]:
 
     Like LeRobot, about ``T ** 0.75`` frames (at least 100, or all when fewer) are sampled
     evenly and frames larger than 300 px are strided down to about 150 px; ``count`` is the
-    number of frames sampled.
+    number of frames sampled. The moments come from each channel's 256-bin histogram, exact
+    and about ten times faster than in floating point over every pixel (this runs once per
+    episode and camera in the process that writes the dataset).
     """
     length = len(frames)
     wanted = length if length < 100 else max(100, min(int(length ** 0.75), 10_000))
@@ -128,9 +130,14 @@ def _image_stats(frames: np.ndarray) -> dict[str, Any]:
     if max(height, width) >= 300:
         step = int(max(height, width) / 150)
         picked = picked[:, ::step, ::step]
-    pixels = picked.reshape(-1, 3).astype(np.float32) / 255.0
-    stats = {"min": pixels.min(0), "max": pixels.max(0), "mean": pixels.mean(0, dtype=np.float64),
-             "std": pixels.std(0, dtype=np.float64)}
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    counts = np.stack([np.bincount(picked[..., c].ravel(), minlength=256) for c in range(3)]).astype(np.float64)
+    total = counts.sum(1)
+    mean = counts @ levels / total
+    std = np.sqrt(np.maximum(counts @ levels ** 2 / total - mean ** 2, 0.0))
+    present = counts > 0
+    stats = {"min": levels[present.argmax(1)], "max": levels[255 - present[:, ::-1].argmax(1)], "mean": mean,
+             "std": std}
     return {**{k: np.asarray(v, np.float64).reshape(3, 1, 1).tolist() for k, v in stats.items()},
             "count": [len(picked)]}
 
