@@ -265,3 +265,26 @@ def test_normalize_names_flattens_the_spellings_datasets_use():
     assert normalize_names({"motors": ["a", "b"]}, (2,)) == ["a", "b"]
     assert normalize_names(["a"], (2,)) is None
     assert normalize_names(None, (2,)) is None
+
+
+def test_background_encoder_writes_each_video_and_raises_the_first_error(tmp_path):
+    """Videos encoded in threads while the writer goes on: each file holds its own frames, in order;
+    an encoder failure is raised when the block ends, not lost with its thread."""
+    import av
+
+    from dinocache.datasets.encode import BackgroundEncoder
+
+    clips = {k: synthetic_episode(k, 6, image_size=(32, 48), seed=3).frames["top"] for k in range(3)}
+    with BackgroundEncoder(threads=2) as videos:
+        for k, frames in clips.items():
+            videos.submit(tmp_path / f"clip_{k}.mp4", frames, 10.0)
+    for k, frames in clips.items():
+        with av.open(str(tmp_path / f"clip_{k}.mp4")) as container:
+            decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        assert decoded.shape == frames.shape
+        assert np.abs(decoded.astype(int) - frames).mean() < 3  # crf 10: within a few grey levels
+
+    with pytest.raises(ValueError, match="codec must be one of"):
+        with BackgroundEncoder(threads=2) as videos:
+            videos.submit(tmp_path / "bad.mp4", clips[0], 10.0, codec="mpeg1")
+    assert not (tmp_path / "bad.mp4").exists()

@@ -9,15 +9,20 @@ rendered ones, which is what lets the tests compare formats frame by frame.
 from __future__ import annotations
 
 import io
+import os
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import av
 import numpy as np
 from PIL import Image
 
-__all__ = ["DEFAULT_GOP", "VIDEO_CODECS", "encode_video", "jpeg_bgr", "png"]
+__all__ = ["DEFAULT_GOP", "VIDEO_CODECS", "BackgroundEncoder", "encode_video", "jpeg_bgr", "png"]
 
 #: codec -> (encoders to try in order, pixel format, crf) used unless overridden.
 VIDEO_CODECS: dict[str, tuple[tuple[str, ...], str, int]] = {
@@ -58,6 +63,43 @@ def encode_video(path: Path, frames: Iterable[np.ndarray], fps: float, codec: st
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+
+
+class BackgroundEncoder:
+    """Encode videos in a few threads while the caller goes on to the next episode; a context manager.
+
+    FFmpeg encodes with the GIL released, so a writer that receives episodes from worker processes
+    (``sim demos``) no longer encodes every one of them itself, one after the other: on a 16-core
+    host that made the writing process, not the simulator, the limit. Each video is encoded exactly
+    as :func:`encode_video` would, into its own file, so the dataset does not depend on the thread
+    count. At most ``2 * threads`` videos wait (holding their frames); the first error is raised at
+    the next :meth:`submit` or when the block ends, which waits for every video.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads is None:  # a quarter of the cores, 1 to 4: the encoders share them with the frames' producers
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = min(4, max(1, cores // 4))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dinocache-encode")
+        self._pending: deque[Future] = deque()
+        self._limit = 2 * threads
+
+    def submit(self, path: Path, frames: Iterable[np.ndarray], fps: float, codec: str = "h264", **options: Any) -> None:
+        """Encode ``frames`` to ``path`` in the background (arguments as :func:`encode_video`)."""
+        self._pending.append(self._pool.submit(encode_video, path, frames, fps, codec, **options))
+        while self._pending and (len(self._pending) > self._limit or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def __enter__(self) -> BackgroundEncoder:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            while kind is None and self._pending:
+                self._pending.popleft().result()
+        finally:  # on an error, nothing queued starts; what runs finishes before the error goes on
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _available_encoder(names: Sequence[str]) -> str:

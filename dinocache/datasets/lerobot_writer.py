@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dinocache.datasets.encode import VIDEO_CODECS, encode_video, png
+from dinocache.datasets.encode import VIDEO_CODECS, BackgroundEncoder, encode_video, png
 from dinocache.datasets.episode import Episode, WriteSpec
 from dinocache.datasets.lerobot_meta import (
     DEFAULT_CHUNKS_SIZE, INDEX_FEATURES, INFO_PATH, STATS_PATH, V21_DATA_PATH,
@@ -193,21 +193,22 @@ def write_lerobot_v21(out: Path, episodes: Iterable[Episode], spec: WriteSpec) -
     """One parquet per episode and one mp4 per episode and camera; metadata once all are written."""
     listing, stats_rows, tasks = [], [], {}
     total = 0
-    for ep in episodes:
-        task_index = tasks.setdefault(ep.task, len(tasks))
-        chunk = ep.index // DEFAULT_CHUNKS_SIZE
-        table = _frame_table(ep, spec, total, task_index)
-        _write_parquet(out / V21_DATA_PATH.format(episode_chunk=chunk, episode_index=ep.index),
-                       table)
-        for cam, key in zip(spec.cameras, spec.video_keys):
-            encode_video(out / V21_VIDEO_PATH.format(episode_chunk=chunk, video_key=key,
-                                                     episode_index=ep.index),
-                         ep.frames[cam], spec.fps, spec.codec, crf=spec.crf,
-                         pix_fmt=spec.pix_fmt, gop=spec.gop)
-        listing.append({"episode_index": ep.index, "tasks": [ep.task], "length": ep.length})
-        stats_rows.append({"episode_index": ep.index,
-                           "stats": _episode_stats(ep, table, spec)})
-        total += ep.length
+    with BackgroundEncoder() as videos:  # each episode's mp4s are encoded while the next one arrives
+        for ep in episodes:
+            task_index = tasks.setdefault(ep.task, len(tasks))
+            chunk = ep.index // DEFAULT_CHUNKS_SIZE
+            table = _frame_table(ep, spec, total, task_index)
+            _write_parquet(out / V21_DATA_PATH.format(episode_chunk=chunk, episode_index=ep.index),
+                           table)
+            for cam, key in zip(spec.cameras, spec.video_keys):
+                videos.submit(out / V21_VIDEO_PATH.format(episode_chunk=chunk, video_key=key,
+                                                          episode_index=ep.index),
+                              ep.frames[cam], spec.fps, spec.codec, crf=spec.crf,
+                              pix_fmt=spec.pix_fmt, gop=spec.gop)
+            listing.append({"episode_index": ep.index, "tasks": [ep.task], "length": ep.length})
+            stats_rows.append({"episode_index": ep.index,
+                               "stats": _episode_stats(ep, table, spec)})
+            total += ep.length
     _write_jsonl(out / V21_EPISODES_PATH, listing)
     _write_jsonl(out / V21_EPISODES_STATS_PATH, stats_rows)
     _write_jsonl(out / V21_TASKS_PATH, [{"task_index": i, "task": t} for t, i in tasks.items()])
