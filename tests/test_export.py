@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 from dinocache.cli import main
 from dinocache.encoders.record import WeightsRecord
@@ -340,7 +341,7 @@ def test_wrong_weights_are_refused_by_hash_and_fail_the_parity_check(trained, tm
     assert len(set(hashes)) == 2 and trained.store.record.to_dict()["weights"]["tensor_sha256"] in hashes, message
     assert str(other) in message and "\n" not in message
 
-    with pytest.raises(ParityError, match=r"parity FAILED.*nothing was written") as info:
+    with pytest.raises(ParityError, match=r"parity FAILED.*other backbone weights or preprocessing\?\); nothing was written"):
         export_policy(trained.run, out, weights=other, progress=False, check_weights=False)
     assert not out.exists() and not leftovers(tmp_path)
 
@@ -348,6 +349,22 @@ def test_wrong_weights_are_refused_by_hash_and_fail_the_parity_check(trained, tm
                                        "--no-progress"])
     assert result.exit_code == 2 and result.output.startswith("dinocache: error: ") and "tensor_sha256" in result.output
     assert not out.exists()
+
+
+def test_a_head_with_nan_weights_fails_the_parity_check_as_not_finite(trained, tmp_path):
+    """A checkpoint whose weights hold NaN (copied and damaged here) makes NaN actions: the check says
+    so rather than blaming the backbone's weights or preprocessing, and writes nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(trained.run, run, symlinks=True)
+    weights = (run / "checkpoints" / "last" / "model.safetensors").resolve()
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("weight") and tensors[k].dim() == 2)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights)
+    out = tmp_path / "policy.pt2"
+    with pytest.raises(ParityError, match=r"parity FAILED.*not finite: NaN or inf in the weights.*nothing was written"):
+        export_policy(run, out, progress=False)
+    assert not out.exists() and not leftovers(tmp_path)
 
 
 def test_check_weights_names_both_file_hashes():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -343,8 +344,10 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
             if not report.passed:
                 reference = "the head does on the cached features" if policy.spec.backbone_training is None else \
                     "the trained backbone and head do, run eagerly"
-                raise ParityError(f"{report.format()}: the fused policy does not act as {reference} (other backbone "
-                                  "weights or preprocessing?); nothing was written")
+                cause = ("other backbone weights or preprocessing?" if math.isfinite(report.max_abs_diff) else
+                         "its actions are not finite: NaN or inf in the weights of the checkpoint or the backbone?")
+                raise ParityError(f"{report.format()}: the fused policy does not act as {reference} ({cause}); "
+                                  "nothing was written")
             frames = checked.images
         metadata["parity"] = report.to_dict() if report else {"verified": False}
         if progress and report is not None:
