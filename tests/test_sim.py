@@ -112,18 +112,22 @@ def test_demos_with_one_and_two_workers_are_the_same_dataset(tmp_path: Path):
         assert (made[1].out / name).read_bytes() == (made[2].out / name).read_bytes(), name
 
 
-def test_batched_eval_gives_the_serial_outcomes_and_writes_video(tmp_path: Path):
-    """Two environments in two worker processes, queried together: episode 0 succeeds and ends early,
-    its environment takes episode 2 while episode 1 (a fumble) runs on to the step limit; every
-    episode ends as it does when the episodes run one after the other in this process."""
+@pytest.mark.parametrize("workers, waves", [(2, 1), (1, 2)])
+def test_batched_eval_gives_the_serial_outcomes_and_writes_video(tmp_path: Path, workers: int, waves: int):
+    """Two environments in worker processes: episode 0 succeeds and ends early, its environment takes
+    episode 2 while episode 1 (a fumble) runs on to the step limit; every episode ends as it does when
+    the episodes run one after the other in this process. Either both are queried together each step
+    (two workers), or in two waves that take turns, both in one worker: the reset of episode 2 is
+    answered after the other wave's step already queued there."""
     seeds = eval_seeds(0, 3)
     serial = run_episodes(CheckedReplay(seeds, fumble=(1,)), seeds, progress=False)
     policy = CheckedReplay(seeds, fumble=(1,))
-    batched = run_episodes(policy, seeds, num_envs=2, workers=2, out=tmp_path, videos=1, progress=False)
+    batched = run_episodes(policy, seeds, num_envs=2, workers=workers, waves=waves, out=tmp_path, videos=1,
+                           progress=False)
     assert [(r.seed, r.max_reward, r.steps) for r in batched] == [(r.seed, r.max_reward, r.steps) for r in serial]
     assert serial[0].success and serial[0].steps < EPISODE_STEPS  # stops at the first full reward
     assert not serial[1].success and serial[1].steps == EPISODE_STEPS and serial[2].success
-    assert max(policy.batches) == 2 and sum(policy.batches) == sum(r.steps for r in serial)  # one query a step
+    assert max(policy.batches) == 2 // waves and sum(policy.batches) == sum(r.steps for r in serial)  # a query a step
     assert batched[0].video and not batched[1].video
     _check_video(Path(batched[0].video), batched[0].steps)
 
@@ -143,6 +147,24 @@ def test_worker_frames_arrive_through_shared_memory_intact():
         for a, b in zip(local, remote):
             assert a.shape == (*CAMERA, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
     assert not np.array_equal(shown[2][0][0], shown[2][0][1])  # two cube poses: two different pictures
+
+
+def test_env_pool_results_are_taken_in_any_order_and_a_busy_slot_is_refused():
+    """Two slots in one worker, two commands in flight: the later result is taken first (the earlier
+    answer is read on the way and kept), each result holds its own slot's transition, and a slot is
+    refused a new command while its previous one is in flight."""
+    first, second = eval_seeds(0, 2)
+    with EnvPool({"top": CAMERA}, "transfer_cube", num_envs=2, workers=0) as local:
+        expected = local.reset({0: first, 1: second})
+    with EnvPool({"top": CAMERA}, "transfer_cube", num_envs=2, workers=1) as pool:
+        early, late = pool.submit("reset", {0: first}), pool.submit("reset", {1: second})
+        with pytest.raises(RuntimeError, match=r"slots \[1\] still have a command in flight"):
+            pool.submit("reset", {1: first})
+        got = {**pool.result(late), **pool.result(early)}
+    assert sorted(got) == [0, 1]
+    for slot in (0, 1):
+        assert np.array_equal(got[slot].images["top"], expected[slot].images["top"])
+        assert np.array_equal(got[slot].qpos, expected[slot].qpos)
 
 
 @pytest.mark.slow

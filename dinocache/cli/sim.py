@@ -75,10 +75,13 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes stepping and rendering the environments [default: one per available core, at most "
                    "--num-envs, none for one environment]; 0: all in this process.")
+@click.option("--waves", type=click.IntRange(min=1, max=2), default=None,
+              help="2: the environments are two halves taking turns, the policy answering one while the other "
+                   "steps; 1: all step, then all are queried [default: 2 where each worker holds two or more].")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 def eval_command(policy: Path, task: str, episodes: int, seed: int, out: Path | None, videos: int, max_steps: int,
                  device: str | None, demos_path: Path | None, num_envs: int | None, workers: int | None,
-                 no_progress: bool) -> None:
+                 waves: int | None, no_progress: bool) -> None:
     """Run an exported policy closed loop on held-out cube positions; report the success rate.
 
     \b
@@ -93,6 +96,7 @@ def eval_command(policy: Path, task: str, episodes: int, seed: int, out: Path | 
 
     out = out or policy.with_name(f"{policy.stem}_eval")
     result = evaluate(policy, task=task, episodes=episodes, seed=seed, max_steps=max_steps, out=out, videos=videos,
-                      device=device, demos=demos_path, num_envs=num_envs, workers=workers, progress=not no_progress)
+                      device=device, demos=demos_path, num_envs=num_envs, workers=workers, waves=waves,
+                      progress=not no_progress)
     click.echo(result.format())
     click.echo(f"results     {out / RESULTS_FILE}")

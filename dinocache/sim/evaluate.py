@@ -13,7 +13,9 @@ Episodes run ``num_envs`` at a time in a :class:`~dinocache.sim.vector.EnvPool` 
 worker processes, since stepping and rendering are CPU-bound): each control step the policy is
 queried once for every running environment (:meth:`PolicyRuntime.select_actions`, which keeps the
 action queue or temporal ensemble per environment), and an environment whose episode ends takes the
-next seed while the others carry on. An episode's outcome depends only on its seed and the actions it
+next seed while the others carry on. With two *waves* the environments are two halves that take
+turns: the policy answers one half while the workers step and render the other, so neither waits
+for the other (on a GPU host the query and the rendering take similar times). An episode's outcome depends only on its seed and the actions it
 gets, so it is the one-at-a-time evaluation's as long as the model answers a row the same in a batch
 as alone (exactly so for row-wise programs; a real network on a CPU may differ in the last bits, as
 its kernels block a batch differently). The success rate comes with a Wilson score 95 % interval, which stays inside [0, 1] and is honest at 0/50
@@ -96,6 +98,7 @@ class EvalResult:
     demo_seeds_checked: bool = False
     num_envs: int = 1
     workers: int = 0
+    waves: int = 1
 
     @property
     def successes(self) -> int:
@@ -124,7 +127,7 @@ class EvalResult:
                            "`sim demos --seed S` uses S + i",
             "demo_seeds_checked_disjoint": self.demo_seeds_checked,
             "max_steps": self.max_steps, "fps": FPS, "seconds": self.seconds,
-            "num_envs": self.num_envs, "workers": self.workers,
+            "num_envs": self.num_envs, "workers": self.workers, "waves": self.waves,
             "steps_per_s": steps / self.seconds if self.seconds else None,
             "policy_metadata": self.policy_metadata,
             "per_episode": [{**asdict(e), "success": e.success} for e in self.episodes],
@@ -194,11 +197,15 @@ def _observation(shown: Transition) -> dict[str, np.ndarray]:
 
 def run_episodes(policy: Policy, seeds: Sequence[int], *, task: str = "transfer_cube",
                  max_steps: int = EPISODE_STEPS, out: Path | None = None, videos: int = 3, num_envs: int = 1,
-                 workers: int = 0, progress: bool = True) -> list[EpisodeResult]:
+                 workers: int = 0, waves: int = 1, progress: bool = True) -> list[EpisodeResult]:
     """Roll ``policy`` out once per seed, ``num_envs`` episodes at a time in ``workers`` processes.
 
-    Results come back in seed order; mp4s of the first ``videos`` rollouts go to ``out/videos``.
-    ``num_envs=1, workers=0`` is the plain loop: one episode after the other in this process.
+    ``waves``: groups the environments are split into, which take turns (2: while one half steps
+    and renders in the workers, the policy is queried for the other half, so neither the workers
+    nor the policy wait for each other; each half's query is batched). Slot ``s`` is in wave
+    ``(s // workers) % waves``, so every worker holds environments of every wave. Results come back
+    in seed order; mp4s of the first ``videos`` rollouts go to ``out/videos``. ``num_envs=1,
+    workers=0`` is the plain loop: one episode after the other in this process.
     """
     check_policy(policy.metadata)
     sizes = camera_sizes(policy.metadata)
@@ -211,6 +218,8 @@ def run_episodes(policy: Policy, seeds: Sequence[int], *, task: str = "transfer_
         pool = EnvPool(sizes, task, max(1, min(num_envs, len(seeds))), workers)
     except ValueError as err:
         raise DinocacheError(f"policy cameras: {err}") from None
+    waves = max(1, min(waves, pool.num_envs))
+    wave_of = [(slot // max(pool.workers, 1)) % waves for slot in range(pool.num_envs)]
 
     def start(slots: Sequence[int]) -> None:
         """Give each free slot the next seed, if any is left; reset its environment and its policy state."""
@@ -222,29 +231,41 @@ def run_episodes(policy: Policy, seeds: Sequence[int], *, task: str = "transfer_
             policy.reset(slot)
         shown.update(pool.reset(seeds_by_slot))
 
+    def act(wave: int) -> tuple[list[int], int] | None:
+        """Query the policy for the wave's running environments and start stepping them (None: none runs)."""
+        slots = sorted(slot for slot in running if wave_of[slot] == wave)
+        if not slots:
+            return None
+        actions = policy.select_actions([_observation(shown[slot]) for slot in slots], slots)
+        for slot in slots:
+            if running[slot].frames is not None:
+                running[slot].frames.append(shown[slot].images[video_camera])
+        return slots, pool.submit_step(dict(zip(slots, actions)))
+
     bar = tqdm(total=len(seeds), desc="closed-loop eval", unit="ep", disable=not progress, dynamic_ncols=True)
     with pool, bar:
         start(range(pool.num_envs))
-        while running:
-            slots = sorted(running)
-            actions = policy.select_actions([_observation(shown[slot]) for slot in slots], slots)
-            for slot in slots:
-                if running[slot].frames is not None:
-                    running[slot].frames.append(shown[slot].images[video_camera])
-            shown.update(pool.step(dict(zip(slots, actions))))
-            ended = []
-            for slot in slots:
-                episode = running[slot]
-                episode.steps += 1
-                episode.best = max(episode.best, int(shown[slot].reward))
-                if episode.best >= MAX_REWARD or episode.steps >= max_steps:
-                    ended.append(slot)
-                    results[episode.index] = _finish(running.pop(slot), out)
-            if ended:
-                wins = sum(r.success for r in results.values())
-                bar.update(len(ended))
-                bar.set_postfix(success=f"{wins}/{len(results)} ({100 * wins / len(results):.0f}%)")
-                start(ended)
+        in_flight = {wave: act(wave) for wave in range(waves)}
+        while any(in_flight.values()):
+            for wave, stepping in in_flight.items():
+                if stepping is None:
+                    continue
+                slots, ticket = stepping
+                shown.update(pool.result(ticket))
+                ended = []
+                for slot in slots:
+                    episode = running[slot]
+                    episode.steps += 1
+                    episode.best = max(episode.best, int(shown[slot].reward))
+                    if episode.best >= MAX_REWARD or episode.steps >= max_steps:
+                        ended.append(slot)
+                        results[episode.index] = _finish(running.pop(slot), out)
+                if ended:
+                    wins = sum(r.success for r in results.values())
+                    bar.update(len(ended))
+                    bar.set_postfix(success=f"{wins}/{len(results)} ({100 * wins / len(results):.0f}%)")
+                    start(ended)
+                in_flight[wave] = act(wave)
     return [results[index] for index in range(len(seeds))]
 
 
@@ -268,14 +289,15 @@ def _write_video(path: Path, frames: list[np.ndarray]) -> Path:
 def evaluate(policy_path: Path | str, *, task: str = "transfer_cube", episodes: int = 50, seed: int = 0,
              max_steps: int = EPISODE_STEPS, out: Path | str | None = None, videos: int = 3,
              device: str | None = None, demos: Path | str | None = None, num_envs: int | None = None,
-             workers: int | None = None, progress: bool = True) -> EvalResult:
+             workers: int | None = None, waves: int | None = None, progress: bool = True) -> EvalResult:
     """Load an exported policy and evaluate it on ``episodes`` held-out reset seeds; write ``out/results.json``.
 
     ``demos``: the demonstration dataset the policy was trained on; when given, its recorded seeds are
     checked to be disjoint from the evaluation seeds. ``num_envs``: episodes run at a time (default:
     one per available core, at most ``episodes``); ``workers``: processes stepping them (default: one
     per available core, at most ``num_envs``; 0 with ``num_envs=1``: one episode at a time, in this
-    process).
+    process); ``waves``: see :func:`run_episodes` (default: 2 where every worker holds at least two
+    environments, else 1).
     """
     from dinocache import load_policy
     from dinocache.sim.demos import DEMOS_RECORD, recorded_demo_seeds
@@ -295,14 +317,17 @@ def evaluate(policy_path: Path | str, *, task: str = "transfer_cube", episodes: 
     num_envs = default_workers(episodes) if num_envs is None else max(1, min(num_envs, episodes))
     if workers is None:
         workers = 0 if num_envs == 1 else default_workers(num_envs)
+    workers = min(workers, num_envs)
+    if waves is None:
+        waves = 2 if 0 < workers and 2 * workers <= num_envs else 1
     policy = load_policy(policy_path, device=device or "cpu")
     result = EvalResult(policy=str(policy_path), task=task, seed=seed, max_steps=max_steps,
                         policy_metadata=_jsonable(dict(policy.metadata)), demo_seeds_checked=checked,
-                        num_envs=num_envs, workers=min(workers, num_envs))
+                        num_envs=num_envs, workers=workers, waves=waves)
     started = time.perf_counter()
     result.episodes = run_episodes(policy, seeds, task=task, max_steps=max_steps,
                                    out=Path(out) if out is not None else None, videos=videos, num_envs=num_envs,
-                                   workers=workers, progress=progress)
+                                   workers=workers, waves=waves, progress=progress)
     result.seconds = time.perf_counter() - started
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

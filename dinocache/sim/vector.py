@@ -3,9 +3,11 @@
 An :class:`EnvPool` holds ``num_envs`` environments, numbered 0 .. num_envs - 1 (their *slots*),
 spread over ``workers`` worker processes (slot ``i`` lives in worker ``i % workers``; ``workers=0``
 keeps them all in this process). Every call names the slots it concerns, so the caller resets one
-environment while the others keep going, and stops stepping those that are done. A call sends each
-worker its share first and then collects the answers, so the workers step and render at the same
-time while the parent, say, runs the policy. Camera frames do not travel through the pipes: each
+environment while the others keep going, and stops stepping those that are done. A command goes to
+every worker holding one of its slots and returns a ticket at once (:meth:`EnvPool.submit`);
+:meth:`EnvPool.result` waits for the answers. In between the parent is free: ``sim eval`` queries
+the policy for one half of the environments while the other half steps. Camera frames do not travel
+through the pipes: each
 slot has one shared-memory buffer per camera, which its worker renders into and the parent copies
 out of (pickling a 240x320 frame through a pipe cost 1.3 ms per step, a sixth of the step itself).
 
@@ -15,6 +17,7 @@ or process it runs in: MuJoCo and the software renderer are deterministic.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -98,6 +101,11 @@ class EnvPool:
         self._local = EnvGroup(cameras, task, range(num_envs)) if self.workers == 0 else None
         self._conns: list[Connection] = []
         self._procs = []
+        self._tickets = 0
+        self._queued: list[deque[int]] = [deque() for _ in range(self.workers)]  # per worker: tickets it owes, in order
+        self._owed: dict[int, set[int]] = {}  # ticket -> workers whose answer is still unread
+        self._done: dict[int, dict[int, Transition]] = {}  # ticket -> transitions read so far
+        self._busy: set[int] = set()  # slots with a command in flight
         context = worker_context()
         buffers = {slot: {cam: RawArray("B", height * width * 3) for cam, (height, width) in cameras.items()}
                    for slot in range(num_envs if self.workers else 0)}
@@ -120,26 +128,58 @@ class EnvPool:
 
     def reset(self, seeds: Mapping[int, int]) -> dict[int, Transition]:
         """Reset the environments of the given slots with their seeds (``{slot: seed}``)."""
-        return self._call("reset", seeds)
+        return self.result(self.submit("reset", seeds))
 
     def step(self, actions: Mapping[int, np.ndarray]) -> dict[int, Transition]:
         """Step the environments of the given slots (``{slot: action}``); the others stay where they are."""
-        return self._call("step", {slot: np.asarray(action, dtype=np.float64) for slot, action in actions.items()})
+        return self.result(self.submit_step(actions))
 
-    def _call(self, command: str, by_slot: Mapping[int, Any]) -> dict[int, Transition]:
+    def submit_step(self, actions: Mapping[int, np.ndarray]) -> int:
+        """Start stepping the given slots and return at once: a ticket for :meth:`result`."""
+        return self.submit("step", {slot: np.asarray(action, dtype=np.float64) for slot, action in actions.items()})
+
+    def submit(self, command: str, by_slot: Mapping[int, Any]) -> int:
+        """Send ``command`` (``reset`` or ``step``) for the given slots without waiting; return its ticket.
+
+        A slot takes a new command only once the result of its previous one has been taken, so its
+        frame buffers hold what that result shows until then. Without workers the command runs here.
+        """
+        busy = sorted(set(by_slot) & self._busy)
+        if busy:
+            raise RuntimeError(f"slots {busy} still have a command in flight; take its result first")
+        ticket, self._tickets = self._tickets, self._tickets + 1
+        self._owed[ticket], self._done[ticket] = set(), {}
         if self._local is not None:
-            return getattr(self._local, command)(by_slot)
+            self._done[ticket] = getattr(self._local, command)(by_slot)
+            return ticket
         shares: dict[int, dict[int, Any]] = {}
         for slot, value in by_slot.items():
             shares.setdefault(slot % self.workers, {})[slot] = value
         for worker, share in shares.items():
             self._conns[worker].send((command, share))
-        answers: dict[int, Transition] = {}
-        for worker in shares:
-            answers.update(self._answer(self._conns[worker]))
-        for slot, transition in answers.items():  # copied: the next step renders over the buffers
-            transition.images = {cam: frame.copy() for cam, frame in self._frames[slot].items()}
-        return answers
+            self._queued[worker].append(ticket)
+            self._owed[ticket].add(worker)
+        self._busy.update(by_slot)
+        return ticket
+
+    def result(self, ticket: int) -> dict[int, Transition]:
+        """Wait for a submitted command's transitions, by slot.
+
+        Each worker answers in the order it was asked, so answers to commands submitted before this
+        one are read on the way and kept for their own :meth:`result`.
+        """
+        owed = self._owed[ticket]
+        while owed:
+            worker = next(iter(owed))
+            earliest = self._queued[worker].popleft()
+            answer = self._answer(self._conns[worker])
+            for slot, transition in answer.items():  # copied: the slot's next command renders over the buffers
+                transition.images = {cam: frame.copy() for cam, frame in self._frames[slot].items()}
+            self._busy.difference_update(answer)
+            self._done[earliest].update(answer)
+            self._owed[earliest].discard(worker)
+        del self._owed[ticket]
+        return self._done.pop(ticket)
 
     @staticmethod
     def _answer(conn: Connection) -> Any:
