@@ -22,7 +22,6 @@
 # (default /tmp/dinocache-gpu-check): gpu_check.log, summary.txt, and the benchmarks' JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 OUT=${OUT:-/tmp/dinocache-gpu-check}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
@@ -30,13 +29,8 @@ WORK=$(mktemp -d /tmp/dinocache-gpu-check.XXXXXX)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 : >"$LOG"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >>"$LOG" 2>&1 || { echo "installing the carried wheels failed (see $LOG)"; exit 1; }
-    export PYTHONPATH=/tmp/site:$ROOT
-else
-    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-fi
+. benchmarks/_device_env.sh
+carried_wheels .whl "$LOG" || { echo "installing the carried wheels failed (see $LOG)"; exit 1; }
 
 DATASET=${1:-}
 for candidate in "$DATASET" .gpu-data/g1_pick_bottle_3ep ../shared/datasets/g1_pick_bottle_3ep; do
