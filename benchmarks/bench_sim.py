@@ -2,9 +2,10 @@
 
 Side by side in one run, at the default image size (one 240x320 camera, LeRobot v2.1 with H.264):
 
-* **demos**: ``generate_demos(workers=1)`` (``sim demos`` as it was: one episode after the other in
-  this process) against ``workers=N`` (spawned workers make the episodes, this process encodes and
-  writes them in seed order); the two datasets' episode tables must be identical;
+* **demos**: ``generate_demos(workers=1)`` (``sim demos --workers 1``: one episode after the other in
+  this process) against ``workers=N`` (spawned workers make the episodes, this process writes them
+  in seed order, encoding the videos in background threads in both runs); the two datasets' episode
+  tables must be identical;
 * **eval**: ``run_episodes(num_envs=1, workers=0)`` against ``num_envs=N, workers=N`` (environments
   stepped and rendered in N processes, the policy queried once per step for all of them) and against
   ``num_envs=2N, workers=N, waves=2`` (two halves taking turns: the policy answers one while the
@@ -152,8 +153,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"* Date: {report['date']}. Machine: {m['cpu']}, {m['cpu_count']} cores, no GPU; {report['note']}",
         f"* Command: `{report['command']}`.",
         f"* One {report['image_size']} camera (the default), 400-step episodes. Demos: LeRobot v2.1 with H.264, "
-        f"encoded by the parent. Eval policy: {e['policy']}, so the eval rows time the simulator alone.", "",
-        f"| what | episodes | serial, today: wall (CPU-s) | {n} workers: wall (CPU-s) | speedup (wall) "
+        f"encoded in background threads of the writing process (the serial run's too). Eval policy: {e['policy']}, "
+        "so the eval rows time the simulator alone.", "",
+        f"| what | episodes | one process: wall (CPU-s) | {n} workers: wall (CPU-s) | speedup (wall) "
         f"| machine's {n}-process capacity then | load at start (serial / {n} workers) | same result |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
         row("`sim demos`", d, "episode tables byte-identical" if d["episode_tables_identical"] else "**tables differ**"),

@@ -71,7 +71,7 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
 @click.option("--demos", "demos_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="The training demonstrations: check that no evaluation seed was used there.")
 @click.option("--num-envs", type=click.IntRange(min=1), default=None,
-              help="Episodes run at a time, the policy queried once per step for all [default: one per available core].")
+              help="Episodes run at a time, the policy queried in one batch per wave [default: two per available core].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes stepping and rendering the environments [default: one per available core, at most "
                    "--num-envs, none for one environment]; 0: all in this process.")
@@ -88,7 +88,8 @@ def eval_command(policy: Path, task: str, episodes: int, seed: int, out: Path | 
     Examples:
       dinocache sim eval policy.pt2 --episodes 50 --seed 0
       dinocache sim eval policy.pt2 --demos data/transfer_cube --out eval/
-      dinocache sim eval policy.pt2 --num-envs 16 --workers 16 --device cuda
+      dinocache sim eval policy.pt2 --num-envs 32 --workers 16 --device cuda   # two waves of 16
+      dinocache sim eval policy.pt2 --num-envs 16 --workers 16 --waves 1       # all 16 queried together
       dinocache sim eval policy.pt2 --num-envs 1 --workers 0     # one episode at a time, in this process
     """
     require_sim()

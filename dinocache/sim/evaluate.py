@@ -294,10 +294,10 @@ def evaluate(policy_path: Path | str, *, task: str = "transfer_cube", episodes: 
 
     ``demos``: the demonstration dataset the policy was trained on; when given, its recorded seeds are
     checked to be disjoint from the evaluation seeds. ``num_envs``: episodes run at a time (default:
-    one per available core, at most ``episodes``); ``workers``: processes stepping them (default: one
-    per available core, at most ``num_envs``; 0 with ``num_envs=1``: one episode at a time, in this
-    process); ``waves``: see :func:`run_episodes` (default: 2 where every worker holds at least two
-    environments, else 1).
+    two per available core, at most ``episodes``; one on a single core); ``workers``: processes
+    stepping them (default: one per available core, at most ``num_envs``; 0 with ``num_envs=1``: one
+    episode at a time, in this process); ``waves``: see :func:`run_episodes` (default: 2 where every
+    worker holds at least two environments, else 1).
     """
     from dinocache import load_policy
     from dinocache.sim.demos import DEMOS_RECORD, recorded_demo_seeds
@@ -314,7 +314,10 @@ def evaluate(policy_path: Path | str, *, task: str = "transfer_cube", episodes: 
         if overlap:
             raise DinocacheError(f"evaluation seeds {overlap[:5]} were used for demonstrations in {demos}")
         checked = True
-    num_envs = default_workers(episodes) if num_envs is None else max(1, min(num_envs, episodes))
+    if num_envs is None:  # two per core: two waves, one stepping while the policy answers the other
+        cores = default_workers(episodes)
+        num_envs = 1 if cores == 1 else min(episodes, 2 * cores)
+    num_envs = max(1, min(num_envs, episodes))
     if workers is None:
         workers = 0 if num_envs == 1 else default_workers(num_envs)
     workers = min(workers, num_envs)
