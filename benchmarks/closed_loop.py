@@ -12,7 +12,9 @@ one a ``dinocache`` command run with its own time budget (``--budget``), then a 
 * ``resnet18-cached``: ResNet18 frozen and cached like the DINO row (the earlier stand-in for ACT's).
 
 A configuration whose command this checkout does not have yet (``train --online``, ``finetune``) gets
-a "not available" row instead of a crash; a phase that fails or runs out of its budget ends its row
+a "not available" row instead of a crash; a training phase that runs out of its budget is cut there
+and its last checkpoint (one every tenth of the schedule) exported and evaluated, the steps it made
+counted; any other phase that fails or runs out of its budget ends its row
 there, with its log. Everything goes to ``<work>/closed_loop.json`` and, as a section between markers,
 into ``docs/benchmarks.md`` (``--record``); the first ``--videos`` rollouts of every row are mp4s.
 
@@ -73,12 +75,17 @@ HEADS: dict[str, dict[str, Any]] = {
 }
 
 
+#: A phase's outcomes after which the row goes on: a training phase stopped by its budget leaves its last
+#: checkpoint (every tenth of the schedule), which the row exports and evaluates, its steps counted.
+FINISHED = ("ok", "cut by its budget")
+
+
 @dataclass
 class Phase:
     """One ``dinocache`` command of a row: how it went and how long it took."""
 
     name: str
-    status: str = "not run"  # ok, failed, timed out, not available, not run
+    status: str = "not run"  # ok, failed, timed out, cut by its budget, not available, not run
     seconds: float = 0.0
     command: str = ""
     log: str = ""
@@ -95,7 +102,7 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return bool(self.phases) and all(p.status == "ok" for p in self.phases)
+        return bool(self.phases) and all(p.status in FINISHED for p in self.phases)
 
 
 def dinocache(*args: Any) -> list[str]:
@@ -146,7 +153,7 @@ def phase_commands(args: argparse.Namespace, row: Row, demos: Path, work: Path) 
     chosen = args.resnet_image_size if row.backbone == "resnet18" else args.image_size
     size = ["--image-size", chosen] if chosen else []
     schedule = ["--steps", args.steps, "--batch-size", args.batch_size, "--seed", args.train_seed,
-                "--eval-every", max(args.steps // 10, 1), "--save-every", args.steps,
+                "--eval-every", max(args.steps // 10, 1), "--save-every", max(args.steps // 10, 1),
                 "--log-every", max(args.steps // 100, 1), "--device", device]
     preset = PRESET_FOR.get(row.backbone) if args.head != "tiny" else None
     policy = out / "policy.pt2"
@@ -156,7 +163,8 @@ def phase_commands(args: argparse.Namespace, row: Row, demos: Path, work: Path) 
         "train": dinocache("train", out / "features.zarr", "--out", out / "run", *schedule,
                            *(["--preset", preset] if preset else []), *head_options(args), "--no-progress"),
         "finetune": dinocache("finetune", work / "dino-cached" / "run", "--out", out / "run",
-                              "--steps", args.finetune_steps, "--device", device, "--no-progress"),
+                              "--steps", args.finetune_steps, "--save-every", max(args.finetune_steps // 10, 1),
+                              "--device", device, "--no-progress"),
         "export": dinocache("export", out / "run", "--out", policy, "--device", device, "--dataset", demos),
         "eval": dinocache("sim", "eval", policy, "--episodes", args.eval_episodes, "--seed", args.eval_seed,
                           "--max-steps", args.max_steps, "--out", out / "eval", "--videos", args.videos,
@@ -185,7 +193,10 @@ def run_row(args: argparse.Namespace, config: str, demos: Path, work: Path, done
     commands = phase_commands(args, row, demos, work)
     for phase in row.phases:
         run_phase(phase, commands[phase.name], args.budget[phase.name], work / "logs" / f"{config}_{phase.name}.log")
-        if phase.status != "ok":
+        if phase.status == "timed out" and phase.name in ("train", "finetune") and \
+                (work / config / "run" / "checkpoints" / "last").is_dir():
+            phase.status = "cut by its budget"
+        if phase.status not in FINISHED:
             break
     row.result = collect(work / config)
     return row
@@ -198,6 +209,12 @@ def collect(out: Path) -> dict[str, Any]:
     if metrics.is_file():
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         last = records[-1] if records else {}
+        checkpoint = out / "run" / "checkpoints" / "last"
+        if checkpoint.is_dir():  # what was exported: behind the last record when a budget cut the run short
+            saved = int(checkpoint.resolve().name)
+            per_step = (last.get("samples") or 0) / max(last.get("step") or 1, 1)
+            records = [r for r in records if r.get("step", 0) <= saved]
+            last = {"step": saved, "samples": round(saved * per_step)}
         vals = [r["val_l1"] for r in records if r.get("val_l1") is not None]
         result.update(steps=last.get("step"), samples=last.get("samples"), best_val_l1=min(vals) if vals else None)
     record = out / "run" / "run.json"

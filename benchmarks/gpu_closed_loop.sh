@@ -3,7 +3,8 @@
 #
 # Scripted demonstrations in 16 worker processes rendering through the NVIDIA driver's EGL, extract,
 # train, export (AOTInductor) and `sim eval` of 50 held-out episodes, for the rows in CONFIGS, within
-# the 10 minutes a call may run. Prepare here with `bash benchmarks/gpu_prepare.sh closed-loop`, then
+# the 10 minutes a call may run. Training that outruns its budget (BUDGET) is cut at its last
+# checkpoint (one every tenth of the schedule), which is exported and evaluated; the table says so. Prepare here with `bash benchmarks/gpu_prepare.sh closed-loop`, then
 # run it with carry [".whl-sim", ".gl"]:
 #
 #   bash benchmarks/gpu_closed_loop.sh
