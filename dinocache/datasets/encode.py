@@ -9,7 +9,6 @@ rendered ones, which is what lets the tests compare formats frame by frame.
 from __future__ import annotations
 
 import io
-import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +20,8 @@ from typing import Any
 import av
 import numpy as np
 from PIL import Image
+
+from dinocache.cores import available_cores
 
 __all__ = ["DEFAULT_GOP", "VIDEO_CODECS", "BackgroundEncoder", "encode_video", "jpeg_bgr", "png"]
 
@@ -78,8 +79,7 @@ class BackgroundEncoder:
 
     def __init__(self, threads: int | None = None) -> None:
         if threads is None:  # a quarter of the cores, 1 to 4: the encoders share them with the frames' producers
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            threads = min(4, max(1, cores // 4))
+            threads = min(4, max(1, available_cores() // 4))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dinocache-encode")
         self._pending: deque[Future] = deque()
         self._limit = 2 * threads

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
+from dinocache.cores import available_cores
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.datasets import open_dataset
 from dinocache.datasets.base import DatasetSource, EpisodeInfo
@@ -246,14 +247,6 @@ def decode_ahead_bytes() -> int:
     except (AttributeError, ValueError, OSError):  # not POSIX
         ram = 16 * 2**30
     return min(ram // 8, 8 * 2**30)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on: the affinity mask (which containers and SLURM narrow), not the host's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _spans(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -12,23 +12,18 @@ parent's ``MUJOCO_GL``, which :mod:`dinocache.sim` sets before anything else is 
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
 import dinocache.sim  # noqa: F401  (sets MUJOCO_GL, inherited by the workers through the environment)
+from dinocache.cores import available_cores
 
 T = TypeVar("T")
 
 #: The object each worker process builds once (an expert, environments) and then calls per item.
 _WORKER_STATE: Any = None
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers(jobs: int) -> int:
