@@ -18,7 +18,7 @@ from dinocache.policy.data import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _devices import DEVICES  # noqa: E402
+from _devices import DEVICES, needs_cuda  # noqa: E402
 
 PHASE_STEP = 1 / 24
 
@@ -204,6 +204,8 @@ def test_batches_on_the_device_equal_host_gathered_ones(store: FeatureStore, dev
         dict(memory_budget=1, window_frames=24, device_budget=0)
     data = CachedFeatures(store, chunk_size=6, use_cls_token=True, device=device, **held)
     assert data.on_device == (where == "on-device")
+    if data.on_device:  # loaded straight onto the device: no second copy in RAM
+        assert all(table.device.type == device for table in data.resident.tables.values())
     order = data.sample_order(episode_rows(store.episodes(), [0, 2, 3, 5, 6]), seed=1)
     pieces = order.pieces(5)
     expected = np.concatenate([next(pieces)[1] for _ in range(40)])
@@ -214,6 +216,18 @@ def test_batches_on_the_device_equal_host_gathered_ones(store: FeatureStore, dev
             want = host.gather([(host.resident, expected[16 * index:16 * (index + 1)])])
             for key in want:
                 torch.testing.assert_close(got[key].cpu(), want[key], rtol=0, atol=0)
+
+
+@needs_cuda
+def test_features_that_fit_the_gpu_need_no_room_in_ram(store: FeatureStore):
+    """A RAM budget too small for the features does not push them to streaming when the GPU holds them."""
+    data = CachedFeatures(store, chunk_size=6, memory_budget=1, device="cuda", device_budget=1 << 30)
+    assert data.in_memory and data.on_device and data.resident.tables["features.top"].is_cuda
+    host = CachedFeatures(store, chunk_size=6, memory_budget=1 << 30)
+    rows = np.arange(store.num_frames)[::3]
+    got, want = data.gather([(data.resident, rows)]), host.gather([(host.resident, rows)])
+    for key in want:
+        torch.testing.assert_close(got[key].cpu(), want[key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -82,7 +82,8 @@ def _act_options(command: click.Command) -> click.Command:
 @click.option("--window-frames", type=int, default=None, help="Frames per shuffle window when streaming (default: from the budget, at most 8192).")
 @click.option("--device-memory-budget", default=None,
               help="GPU memory the features may take to be held there and batches gathered on the GPU, e.g. 20GiB "
-                   "or 60% (default: 50% of the free device memory). Otherwise they are copied from RAM, ahead of the step.")
+                   "or 60% (default: 50% of the free device memory); loaded straight there, they need no RAM. "
+                   "Otherwise they are copied from RAM, ahead of the step.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the head (the step is then not one CUDA graph).")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="On CUDA, capture the whole step (and validation) once as a CUDA graph and replay it. Not under DDP.")

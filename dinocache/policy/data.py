@@ -9,9 +9,10 @@ of the loss and of the CVAE encoder).
 Two ways to get features, chosen by the memory budget:
 
 * **In memory** (the usual case: 100k frames of ViT-S at 16x16 patches are 20 GB in float16). The
-  feature arrays are read once, shard by shard, into one tensor per camera; a batch is then a single
-  ``torch.index_select`` per array into a (pinned, on CUDA) buffer, and the action windows a single
-  advanced-indexing gather with precomputed episode ends. No per-sample Python, no DataLoader workers.
+  feature arrays are read once, shard by shard, into one tensor per camera, on the GPU when they fit
+  its budget (else in RAM); a batch is then a single ``torch.index_select`` per array (into a pinned
+  buffer when gathered on the host), and the action windows a single advanced-indexing gather with
+  precomputed episode ends. No per-sample Python, no DataLoader workers.
 * **Streaming**, when the features do not fit. The store is read in whole Zarr chunks (16 frames by
   default: reading one frame costs nearly as much as reading its chunk). Each epoch visits the
   chunks in a random order, a *window* of them at a time; a window is loaded whole (the next one is
@@ -352,9 +353,10 @@ class CachedFeatures:
         memory_budget: Bytes the features may take in RAM (see :func:`parse_memory_budget`).
         device: Where the training step runs and its batches are delivered.
         device_budget: Bytes of device memory the features may take, to be held on a CUDA ``device``
-            and gathered there (default: :data:`DEFAULT_MEMORY_SHARE` of its free memory). Features
-            in RAM that do not fit are gathered on the host into pinned buffers and copied over ahead
-            of the step. On the CPU, features in RAM are on the device.
+            and gathered there (default: :data:`DEFAULT_MEMORY_SHARE` of its free memory); they are
+            then loaded straight onto it and need no room in RAM. Features in RAM that do not fit
+            are gathered on the host into pinned buffers and copied over ahead of the step. On the
+            CPU, features in RAM are on the device.
         window_frames: Frames per streaming shuffle window; default: as many as a sixth of the budget
             holds (three windows are alive at once, current, read-ahead and one being gathered from),
             at most :data:`DEFAULT_WINDOW_FRAMES`.
@@ -397,21 +399,24 @@ class CachedFeatures:
             raise StoreError(f"{store.path}: cannot feed this store to the ACT head: {err}") from None
         self.feature_dtype = getattr(torch, store.record.dtype)
         self.memory_budget = parse_memory_budget(None) if memory_budget is None else int(memory_budget)
-        self.in_memory = self.feature_bytes <= self.memory_budget
+        if device_budget is None:
+            device_budget = parse_memory_budget(None, available=lambda: available_device_memory(self.device))
+        fits_device = self.device.type == "cuda" and self.feature_bytes <= device_budget
+        #: All features loaded once (on the device when they fit there, else in RAM), sampled frame by frame.
+        self.in_memory = fits_device or self.feature_bytes <= self.memory_budget
+        #: Features held where the step runs, batches gathered there from index tensors (no host work).
+        self.on_device = self.in_memory and (self.device.type == "cpu" or fits_device)
+        self.pin_memory = self.device.type == "cuda" and not self.on_device
         if window_frames is None:
             window_frames = min(DEFAULT_WINDOW_FRAMES, self.memory_budget // (6 * self.bytes_per_frame))
         self.window_chunks = max(1, int(window_frames) // self.chunk_frames)
         self._readers: ThreadPoolExecutor | None = None
-        self.resident = self._load_all(progress) if self.in_memory else None
-        if device_budget is None:
-            device_budget = parse_memory_budget(None, available=lambda: available_device_memory(self.device))
-        #: Features held where the step runs, batches gathered there from index tensors (no host work).
-        self.on_device = self.in_memory and (self.device.type == "cpu" or self.feature_bytes <= device_budget)
-        self.pin_memory = self.device.type == "cuda" and not self.on_device
+        # Loaded straight onto the device, a unit at a time: no whole copy in RAM beside the device's,
+        # which matters with one DDP rank per GPU, each of which would otherwise hold its own.
+        self.resident = self._load_all(progress, self.device if self.on_device else "cpu") if self.in_memory else None
         self._device_tables: tuple[Block, dict[str, Tensor], Tensor] | None = None
         if self.on_device:
-            block = Block({key: table.to(self.device) for key, table in self.resident.tables.items()})
-            self._device_tables = (block, {key: value.to(self.device) for key, value in self.lowdim.items()},
+            self._device_tables = (self.resident, {key: value.to(self.device) for key, value in self.lowdim.items()},
                                    self.episode_end.to(self.device))
 
     # -- sizes -------------------------------------------------------------------------------------
@@ -460,12 +465,12 @@ class CachedFeatures:
             )
         return values
 
-    def _load_all(self, progress: bool) -> Block:
-        """Read every feature array into RAM, one shard (work unit) at a time."""
+    def _load_all(self, progress: bool, device: str | torch.device) -> Block:
+        """Read every feature array into tables on ``device``, one shard (work unit) at a time."""
         from tqdm.auto import tqdm
 
         n = self.store.num_frames
-        tables = {key: torch.empty((n, *shape), dtype=self.feature_dtype)
+        tables = {key: torch.empty((n, *shape), dtype=self.feature_dtype, device=device)
                   for key, shape in self._table_shapes().items()}
         units = [self.store.unit_range(u) for u in range(self.store.num_units)]
         with tqdm(total=n * len(tables), unit="frame", desc="load features", disable=not progress, leave=False) as bar:
@@ -539,15 +544,21 @@ class CachedFeatures:
         return out
 
     def gather(self, pieces: Sequence[tuple[Block, np.ndarray]], out: Batch | None = None) -> Batch:
-        """One batch from ``(block, rows)`` pieces of host blocks, in order: index arithmetic only.
+        """One batch from ``(block, rows)`` pieces, in order: index arithmetic only.
 
-        Written into ``out`` when given, else into new buffers (pinned when they go to a GPU).
+        The blocks are host blocks, or the resident one when the features live on the device (the
+        batch is then gathered there). Written into ``out`` when given, else into new buffers
+        (pinned when they go to a GPU).
         """
-        rows = torch.from_numpy(np.concatenate([r for _, r in pieces]))
+        lowdim, episode_end, device = self.lowdim, self.episode_end, torch.device("cpu")
+        if self._device_tables is not None:
+            _, lowdim, episode_end = self._device_tables
+            device = self.device
+        rows = torch.from_numpy(np.concatenate([r for _, r in pieces])).to(device)
         if out is None:
-            out = self.batch_buffers(len(rows), pin=self.pin_memory)
-        parts = [(block, torch.from_numpy(block.local(part))) for block, part in pieces]
-        return self._fill(out, parts, rows, self.lowdim, self.episode_end)
+            out = self.batch_buffers(len(rows), device, pin=self.pin_memory)
+        parts = [(block, torch.from_numpy(block.local(part)).to(device)) for block, part in pieces]
+        return self._fill(out, parts, rows, lowdim, episode_end)
 
     @staticmethod
     def _cut(pieces: Iterator[tuple[Block, Any]], batch_size: int) -> Iterator[list[tuple[Block, Any]]]:
