@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,13 +205,21 @@ def test_a_decode_error_in_one_worker_stops_the_run_keeping_what_was_written(tmp
     assert store_files(out) == store_files(tmp_path / "clean.zarr")
 
 
-def test_two_concurrent_shards_equal_single_process(long_dataset: Path, long_reference, tmp_path: Path):
+def test_slurm_array_recipe_fills_one_store_equal_to_single_process(long_dataset: Path, long_reference,
+                                                                      tmp_path: Path):
+    """``workflows/extract_slurm_array.sbatch`` as SLURM runs it for ``--array=3-4``: two tasks at once,
+    each its own ``--shard`` from the array variables, racing to create the store."""
     sharded = tmp_path / "sharded.zarr"
-    procs = [subprocess.Popen([sys.executable, "-m", "dinocache.cli",
-                               *extract_args(long_dataset, sharded, "--shard", f"{k}/2")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    recipe = Path(__file__).resolve().parents[1] / "workflows" / "extract_slurm_array.sbatch"
+    options = extract_args(long_dataset, sharded, "--device", "cpu")[4:]  # after the dataset and the backbone
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # its `dinocache`
+    procs = [subprocess.Popen(["bash", str(recipe), str(long_dataset), str(sharded), BACKBONE, *options],
+                              env=dict(os.environ, PATH=path, SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_MIN="3",
+                                       SLURM_ARRAY_TASK_COUNT="2", HF_HUB_OFFLINE="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for task in (3, 4)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(re.search(r"\(shard (\d/\d)\)", out).group(1) for out, _ in outs) == ["0/2", "1/2"], outs
     assert store_files(sharded) == long_reference
 
 

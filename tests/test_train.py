@@ -150,17 +150,17 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(learnable: Path, 
 
 
 def test_two_process_ddp_on_cpu_trains_and_checkpoints(learnable: Path, tmp_path: Path):
+    """DDP over gloo, started as users start it: ``workflows/train_torchrun.sh`` with two processes."""
     run = tmp_path / "ddp"
     args = ["--steps", "6", "--batch-size", "4", "--save-every", "3", "--log-every", "3", "--eval-every", "3",
             "--val-episodes", "0.2", "--device", "cpu", "--no-progress"]
     for name, value in TINY.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "dinocache.cli", "train", str(learnable), "--out", str(run), *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    recipe = Path(__file__).resolve().parents[1] / "workflows" / "train_torchrun.sh"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # its `torchrun`
+    env = dict(os.environ, OMP_NUM_THREADS="1", NPROC_PER_NODE="2", PATH=path)
+    done = subprocess.run(["bash", str(recipe), str(learnable), str(run), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("steps       6") == 1, "only rank 0 reports"
     record = json.loads((run / "run.json").read_text())

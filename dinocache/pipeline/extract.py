@@ -107,6 +107,7 @@ class ExtractSummary:
     wait_write_s: float = 0.0
     decode_workers: int = 1
     skipped_episodes: list[tuple[int, str]] = field(default_factory=list)
+    shard: tuple[int, int] | None = None
 
     @property
     def fps(self) -> float:
@@ -131,7 +132,8 @@ class ExtractSummary:
     def format(self) -> str:
         lines = [
             f"store       {self.store}",
-            f"frames      {self.frames} in {self.units} units ({self.units_skipped} already done), {self.episodes} episodes",
+            f"frames      {self.frames} in {self.units} units ({self.units_skipped} already done), {self.episodes} episodes"
+            + (f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard else ""),
             f"written     {self.bytes_written / 2**20:.1f} MiB",
             f"throughput  {self.fps:.1f} frames/s over {self.seconds:.1f} s",
             f"busy time   decode {self.decode_s:.1f} s on {self.decode_workers} worker(s) ({self._busy(self.decode_s, self.decode_workers)}) "
@@ -556,7 +558,7 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
     mine = shard_units(store.num_units, cfg.shard)
     done = store.done_units()
     pending = [u for u in mine if not done[u]]
-    summary.units_skipped = len(mine) - len(pending)
+    summary.units_skipped, summary.shard = len(mine) - len(pending), cfg.shard
     frames_total = sum(b - a for a, b in (store.unit_range(u) for u in mine))
     frames_done = frames_total - sum(b - a for a, b in (store.unit_range(u) for u in pending))
     model = torch.compile(backbone) if cfg.compile else backbone
