@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dinocache.cores import available_cores
+from dinocache.datasets.video import keep_pyav_logging_off
 
 __all__ = ["DEFAULT_GOP", "VIDEO_CODECS", "BackgroundEncoder", "encode_video", "jpeg_bgr", "png"]
 
@@ -51,6 +52,7 @@ def encode_video(path: Path, frames: Iterable[np.ndarray], fps: float, codec: st
         options["x265-params"] = "log-level=error"
     elif encoder == "libsvtav1":
         options["preset"] = "10"
+    keep_pyav_logging_off()  # the encoder's threads log too
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(encoder, rate=rate, options=options)
         stream.pix_fmt = pix_fmt or default_pix_fmt

@@ -14,17 +14,21 @@ a consumer never receives the complete-looking tail of an episode whose video is
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import av.logging
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from dinocache.errors import DatasetError
 from dinocache.datasets.base import problem
+
+_log = logging.getLogger(__name__)
 
 
 class VideoReadError(Exception):
@@ -46,6 +50,23 @@ class VideoProbe:
     codec: str
 
 
+def keep_pyav_logging_off() -> None:
+    """Turn PyAV's Python log callback back off when something in the process turned it on.
+
+    FFmpeg logs from its codec threads. PyAV's callback, installed by ``av.logging.set_level(level)``
+    (which torchvision < 0.24 calls on import, so LeRobot's environments have it on), takes the GIL
+    for every message. A decoder freed while one of its frame threads logs then deadlocks: the main
+    thread holds the GIL inside ``avcodec_free_context``, waiting for the thread that waits for the
+    GIL (PyAV-Org/PyAV#751, #909; seen here as a hang at the end of a damaged clip). Parallel
+    decoders also contend for the GIL over every message (#2276). No callback (``set_level(None)``)
+    is PyAV's own default; it is restored before every video is opened, read or written.
+    """
+    if av.logging.get_level() is not None:
+        _log.info("PyAV logging was on (level %s); turned off: its callback deadlocks FFmpeg's codec threads",
+                  av.logging.get_level())
+        av.logging.set_level(None)
+
+
 def open_video(path: Path) -> av.container.InputContainer:
     """Open ``path`` for reading, tolerating container metadata that is not valid UTF-8.
 
@@ -55,6 +76,7 @@ def open_video(path: Path) -> av.container.InputContainer:
     compare version strings, ask for the tolerant mode and fall back when the argument is refused
     (PyAV refuses it before touching the file).
     """
+    keep_pyav_logging_off()
     try:
         return av.open(str(path), metadata_errors="ignore")
     except TypeError:
