@@ -31,6 +31,7 @@ from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.store import FeatureStore
 from dinocache.datasets.synthetic import write_synthetic_dataset
 from dinocache.policy.bench import bench_policy
+from dinocache.policy.compiled import can_package
 from dinocache.policy.export import export_policy
 from dinocache.policy.fused import FusedPolicy, build_fused_policy
 from dinocache.policy.metadata import read_policy_metadata
@@ -280,6 +281,10 @@ def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trai
 
     result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(tmp_path / "c.pt2"), "--compile",
                                        "--no-progress"])
+    if not can_package():  # torch < 2.8, as LeRobot pins it: one clear line, and no file
+        assert result.exit_code == 2 and "--compile needs torch >= 2.8" in result.output, result.output
+        assert not (tmp_path / "c.pt2").exists()
+        pytest.skip(f"AOTInductor packages need torch >= 2.8 (this is {torch.__version__}); the refusal was checked")
     assert result.exit_code == 0, result.output
     assert "max |AOTInductor for cpu - eager|" in result.output
     meta = read_policy_metadata(tmp_path / "c.pt2")

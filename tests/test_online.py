@@ -75,7 +75,7 @@ def test_training_on_the_cache_equals_running_the_backbone_online(tmp_path: Path
         online["observation.state"].append(torch.tensor((lowdim[episode]["observation.state"][t] - state_mean) / state_std))
         window = [min(t + k, length - 1) for k in range(chunk)]
         online["action"].append(torch.tensor((lowdim[episode]["action"][window] - action_mean) / action_std))
-        online["action_is_pad"].append(torch.tensor([t + k >= length for k in range(chunk)]))
+        online["action_is_pad"].append(torch.tensor([bool(t + k >= length) for k in range(chunk)]))
     online_batch = {k: torch.stack(v) for k, v in online.items()}
     online_batch["observation.state"] = online_batch["observation.state"].float()
     online_batch["action"] = online_batch["action"].float()

@@ -30,7 +30,7 @@ from dinocache.policy.formats import COMPUTE_DTYPES, FORMATS
 @click.option("--skip-verify", is_flag=True, help="Export without the parity check (recorded as unverified).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Also compile the policy with AOTInductor for --device into the .pt2, so the robot process "
-                   "loads fused kernels (the plain program stays inside as the fallback) [default: on CUDA].")
+                   "loads fused kernels (the plain program stays inside as the fallback) [default: on CUDA, torch >= 2.8].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def export(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, device: str,
            weights: Path | None, dataset: Path | None, store: Path | None, skip_verify: bool,

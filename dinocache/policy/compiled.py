@@ -26,15 +26,25 @@ import torch
 
 from dinocache.errors import DinocacheError
 
-__all__ = ["compile_program", "write_package", "compiled_record", "compiled_mismatch", "load_compiled"]
+__all__ = ["can_package", "compile_program", "write_package", "compiled_record", "compiled_mismatch",
+           "load_compiled"]
+
+
+def can_package() -> bool:
+    """Whether this torch writes PT2 archives that hold both forms (torch >= 2.8; LeRobot pins < 2.8)."""
+    try:
+        from torch.export.pt2_archive._package import package_pt2  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _package_api() -> Callable[..., Any]:
-    try:
-        from torch.export.pt2_archive._package import package_pt2
-    except ImportError:  # torch < 2.8 has no PT2 archive writer that holds both forms
+    if not can_package():
         raise DinocacheError(f"--compile needs torch >= 2.8 (this is {torch.__version__}); "
-                             "export with --no-compile") from None
+                             "export with --no-compile")
+    from torch.export.pt2_archive._package import package_pt2
+
     return package_pt2
 
 

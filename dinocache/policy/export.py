@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
 from dinocache.policy.checkpoint import LAST
-from dinocache.policy.compiled import compile_program, compiled_record, load_compiled, write_package
+from dinocache.policy.compiled import can_package, compile_program, compiled_record, load_compiled, write_package
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.formats import FORMATS
 from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
@@ -304,7 +304,8 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         check_weights: refuse weights whose hashes differ from the store's (False: let the parity
             check judge them; for tests).
         compile: also compile the policy with AOTInductor for ``device`` into the ``.pt2`` (default:
-            on CUDA, where it pays; the plain program stays inside as the portable fallback).
+            on CUDA, where it pays, with torch >= 2.8; the plain program stays inside as the
+            portable fallback).
 
     Raises:
         DinocacheError: a bad request, missing inputs, or a failed check; no file is written then.
@@ -316,7 +317,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
     compute_dtype = parse_dtype(dtype)
     target = _check_device(device)
     if compile is None:
-        compile = format == "pt2" and target.type == "cuda"
+        compile = format == "pt2" and target.type == "cuda" and can_package()
     if compile and format != "pt2":
         raise DinocacheError("--compile makes an AOTInductor .pt2; ONNX files are compiled by their runtime "
                              "(TensorRT, onnxruntime): drop --compile or use --format pt2")

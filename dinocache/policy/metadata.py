@@ -110,7 +110,9 @@ def read_policy_metadata(path: str | os.PathLike) -> dict[str, Any]:
         text = next((p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY), None)
     else:
         with zipfile.ZipFile(path) as archive:
-            entry = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_NAME}")), None)
+            # torch >= 2.8 writes extra files as <archive>/extra/NAME, torch 2.7 as extra_files/NAME
+            entry = next((n for n in archive.namelist()
+                          if n.endswith((f"extra/{METADATA_NAME}", f"extra_files/{METADATA_NAME}"))), None)
             text = archive.read(entry).decode() if entry else None
     if text is None:
         raise DinocacheError(f"{path}: a {kind} file without dinocache metadata; was it written by `dinocache export`?")
