@@ -57,7 +57,7 @@ def keep_pyav_logging_off() -> None:
     (which torchvision < 0.24 calls on import, so LeRobot's environments have it on), takes the GIL
     for every message. A decoder freed while one of its frame threads logs then deadlocks: the main
     thread holds the GIL inside ``avcodec_free_context``, waiting for the thread that waits for the
-    GIL (PyAV-Org/PyAV#751, #909; seen here as a hang at the end of a damaged clip). Parallel
+    GIL (PyAV-Org/PyAV#751, #909; seen here as hangs at the end of ordinary clips). Parallel
     decoders also contend for the GIL over every message (#2276). No callback (``set_level(None)``)
     is PyAV's own default; it is restored before every video is opened, read or written.
     """
