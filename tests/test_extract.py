@@ -223,6 +223,65 @@ def test_slurm_array_recipe_fills_one_store_equal_to_single_process(long_dataset
     assert store_files(sharded) == long_reference
 
 
+ONE_NODE_SLURM = {
+    # Runs each job script at once, in its own process group, as a one-node SLURM would start it; the
+    # script is copied first, as dask-jobqueue deletes it when sbatch returns.
+    "sbatch": """#!/usr/bin/env bash
+set -e
+job="$SLURM_SHIM/job.$RANDOM.sh"; cp "$1" "$job"; echo "$*" >> "$SLURM_SHIM/submitted"
+setsid bash "$job" > "$job.log" 2>&1 < /dev/null &
+echo "Submitted batch job $!"
+""",
+    "scancel": """#!/usr/bin/env bash
+echo "$1" >> "$SLURM_SHIM/cancelled"; kill -TERM -- "-$1" 2>/dev/null || true
+""",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the SLURM shim uses setsid")
+def test_dask_jobqueue_recipe_fills_the_store_and_cancels_its_jobs(small_dataset: Path, tmp_path: Path):
+    """``workflows/extract_dask_jobqueue.py`` as users run it, its two SLURM jobs started by a one-node
+    sbatch: the store equals the single-process one, and every job is cancelled at the end."""
+    pytest.importorskip("dask_jobqueue")
+    shim = tmp_path / "slurm"
+    shim.mkdir()
+    for name, script in ONE_NODE_SLURM.items():
+        (shim / name).write_text(script)
+        (shim / name).chmod(0o755)
+    single, jobs = tmp_path / "single.zarr", tmp_path / "jobs.zarr"
+    extract(config(small_dataset, single))
+    recipe = Path(__file__).resolve().parents[1] / "workflows" / "extract_dask_jobqueue.py"
+    args = extract_args(small_dataset, jobs)
+    at = args.index("--out")  # the recipe's own argument
+    options = args[2:at] + args[at + 2:]
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", SLURM_SHIM=str(shim))
+    done = subprocess.run([sys.executable, str(recipe), str(small_dataset), str(jobs), "--jobs", "2", "--gpus", "0",
+                           "--cores", "1", "--memory", "4GB", "--wait", "120", "--", *options],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr + "".join(p.read_text() for p in shim.glob("*.log"))
+    assert re.search(r"frames\s+42 in 6 units", done.stdout), done.stdout
+    assert store_files(jobs) == store_files(single)
+    submitted = (shim / "submitted").read_text().splitlines()
+    assert len(submitted) == 2
+    script = next(shim.glob("job.*.sh")).read_text()
+    assert "#SBATCH --cpus-per-task=1" in script and "--gres" not in script and "HF_HUB_OFFLINE=1" in script
+    cancelled = (shim / "cancelled").read_text().split()
+    assert len(cancelled) == 2
+    deadline = time.monotonic() + 30
+    while any(_alive(int(pid)) for pid in cancelled) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(int(pid)) for pid in cancelled), "a worker job outlived the recipe"
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_dask_local_cluster_equals_single_process(small_dataset: Path, tmp_path: Path):
     from dinocache.pipeline.distributed import extract_with_dask
 
