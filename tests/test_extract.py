@@ -242,7 +242,8 @@ echo "$1" >> "$SLURM_SHIM/cancelled"; kill -TERM -- "-$1" 2>/dev/null || true
 @pytest.mark.skipif(sys.platform != "linux", reason="the SLURM shim uses setsid")
 def test_dask_jobqueue_recipe_fills_the_store_and_cancels_its_jobs(small_dataset: Path, tmp_path: Path):
     """``workflows/extract_dask_jobqueue.py`` as users run it, its two SLURM jobs started by a one-node
-    sbatch: the store equals the single-process one, and every job is cancelled at the end."""
+    sbatch: the store equals the single-process one, and every job is cancelled at the end. ``--wait``
+    is too short for the jobs to start: the run begins with the first worker and says so."""
     pytest.importorskip("dask_jobqueue")
     shim = tmp_path / "slurm"
     shim.mkdir()
@@ -257,10 +258,11 @@ def test_dask_jobqueue_recipe_fills_the_store_and_cancels_its_jobs(small_dataset
     options = args[2:at] + args[at + 2:]
     env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", SLURM_SHIM=str(shim))
     done = subprocess.run([sys.executable, str(recipe), str(small_dataset), str(jobs), "--jobs", "2", "--gpus", "0",
-                           "--cores", "1", "--memory", "4GB", "--wait", "120", "--", *options],
+                           "--cores", "1", "--memory", "4GB", "--wait", "0.01", "--", *options],
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr + "".join(p.read_text() for p in shim.glob("*.log"))
     assert re.search(r"frames\s+42 in 6 units", done.stdout), done.stdout
+    assert re.search(r"^[01] of 2 jobs started within 0.01 s; starting with those$", done.stderr, re.M), done.stderr
     assert store_files(jobs) == store_files(single)
     submitted = (shim / "submitted").read_text().splitlines()
     assert len(submitted) == 2

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                 client.wait_for_workers(args.jobs, timeout=args.wait)
             except TimeoutError:
                 started = len(client.scheduler_info()["workers"])
-                print(f"{started} of {args.jobs} jobs started within {args.wait:.0f} s; starting with those",
+                print(f"{started} of {args.jobs} jobs started within {args.wait:g} s; starting with those",
                       file=sys.stderr)
                 client.wait_for_workers(1)
             from dinocache.cli import main as dinocache
