@@ -165,6 +165,23 @@ def test_sigkill_then_rerun_is_byte_identical_to_clean_run(long_dataset: Path, l
     assert store_files(resumed) == long_reference
 
 
+def test_a_kill_between_write_and_rename_leaves_nothing_after_the_rerun(long_dataset: Path, long_reference,
+                                                                         tmp_path: Path):
+    """Zarr writes each file to ``<file>.<uuid>.partial`` and renames it: a kill in between leaves the
+    temporary. The unit is not done, so the rerun redoes it, and removes what the kill left."""
+    out = tmp_path / "f.zarr"
+    extract(config(long_dataset, out, decode_workers=1))
+    camera = FeatureStore(out).cameras[0]
+    (out / "units" / "done" / "c" / "2").unlink()  # killed before unit 2's marker was renamed into place
+    orphans = [out / "units" / "done" / "c" / "2.0123456789abcdef0123456789abcdef.partial",
+               out / "cameras" / camera / "patch" / "c" / "2" / "0" / "0" / "0.fedcba9876543210fedcba9876543210.partial"]
+    for orphan in orphans:
+        orphan.write_bytes(b"half a write")
+    assert cli(*extract_args(long_dataset, out)).exit_code == 0
+    assert not any(orphan.exists() for orphan in orphans)
+    assert store_files(out) == long_reference
+
+
 def test_decode_workers_do_not_change_a_byte(small_dataset: Path, tmp_path: Path):
     """Two cameras, episodes straddling units, a batch size that divides neither: one decode worker
     and four give the same store, byte for byte, and the summary says which stage set the pace."""

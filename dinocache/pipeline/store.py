@@ -474,6 +474,8 @@ class FeatureStore:
             patch, cls = features[camera]
             if patch.shape[0] != stop - start or cls.shape[0] != stop - start:
                 raise StoreError(f"{self.path}: unit {unit} of camera {camera!r} needs {stop - start} frames, got {patch.shape[0]}")
+        arrays = [f"cameras/{camera}/{part}" for camera in self.cameras for part in ("patch", "cls")]
+        self._remove_interrupted_writes(unit, [*arrays, "units/done"])
         try:
             for camera in self.cameras:
                 self.root[f"cameras/{camera}/patch"][start:stop] = features[camera][0]
@@ -484,6 +486,17 @@ class FeatureStore:
             raise StoreError(f"{self.path}: cannot write unit {unit} (frames {start}-{stop - 1}): {_os_reason(err)}. "
                              f"The {done} units already written are kept; fix this and re-run the same command "
                              f"to resume") from err
+
+    def _remove_interrupted_writes(self, unit: int, arrays: Sequence[str]) -> None:
+        """Delete what a killed writer left of this unit's files: Zarr writes each file to a temporary
+        ``<file>.<uuid>.partial`` and renames it, so a kill between the two leaves that temporary behind.
+        Only the process writing a unit ever writes its files, so no live writer's temporary is touched."""
+        for name in arrays:
+            array = self.root[name]
+            key = array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
+            file = self.path / name / key
+            for orphan in file.parent.glob(f"{file.name}.*.partial"):
+                orphan.unlink(missing_ok=True)
 
     # -- reading -----------------------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
