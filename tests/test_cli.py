@@ -37,3 +37,21 @@ def test_train_help_groups_run_options_and_every_act_field():
     for field in dataclasses.fields(ACTConfig):
         assert f"--{field.name.replace('_', '-')}" in act, field.name
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_sim_without_its_extra_says_in_one_line_how_to_get_it_or_why_it_cannot(monkeypatch, tmp_path):
+    """Where gym-aloha is missing: the install line; on Python >= 3.13, where the extra cannot be
+    installed (labmaze has no wheel there), why not. Nothing is written either way."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gym_aloha" else real(name, *a))
+    out = tmp_path / "demos"
+    for version, expected in [((3, 12, 8), "pip install 'dinocache[sim]' (gym_aloha not installed)"),
+                              ((3, 13, 0), "the simulator needs Python 3.11 or 3.12: dm-control needs labmaze, "
+                                           "which has no wheel for Python 3.13")]:
+        monkeypatch.setattr(sys, "version_info", version)
+        result = CliRunner().invoke(main, ["sim", "demos", "--episodes", "1", "--out", str(out)])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert not out.exists()

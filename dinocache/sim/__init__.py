@@ -9,11 +9,16 @@ yourself to override. The user guide is ``docs/sim.md``.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 #: The one line every entry point prints when the extra is missing.
 INSTALL_HINT = "the simulator is an optional extra: pip install 'dinocache[sim]'"
+#: ... and where the extra cannot be installed: dm-control needs labmaze, which publishes wheels up to
+#: Python 3.12 only and otherwise builds from source with Bazel. The extra installs nothing there.
+PYTHON_HINT = ("the simulator needs Python 3.11 or 3.12: dm-control needs labmaze, which has no wheel for "
+               "Python {version} (its source build needs Bazel)")
 
 
 def require_sim() -> None:
@@ -23,5 +28,7 @@ def require_sim() -> None:
     from dinocache.errors import DinocacheError
 
     missing = [name for name in ("gym_aloha", "dm_control", "mujoco") if find_spec(name) is None]
+    if missing and sys.version_info >= (3, 13):
+        raise DinocacheError(PYTHON_HINT.format(version=f"{sys.version_info[0]}.{sys.version_info[1]}"))
     if missing:
         raise DinocacheError(f"{INSTALL_HINT} ({', '.join(missing)} not installed)")
