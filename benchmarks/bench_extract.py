@@ -4,7 +4,8 @@ Three measurements on the same frames, the same backbone object and the same dec
 in turn ``--repeat`` times (best kept, so that a busy neighbour on a shared machine hurts least):
 
   * decode: every frame decoded by the pipeline's own parallel decoder (``--decode-workers``
-    threads, no backbone), frames/s;
+    threads, no backbone), frames/s; also with FFmpeg's default threads in every decoder (one per
+    core each) instead of the pipeline's share of the cores, to check that choice;
   * bare forward: ``backbone(batch)`` on frames already decoded in memory (on the device for CUDA);
   * pipeline: stage one proper (``run_units``: decode, batch, forward, cast, write Zarr, overlapped)
     into a freshly created store; the store's creation (reading the low-dimensional arrays,
@@ -39,19 +40,23 @@ from bench_decode import LEROBOT_VIDEO, SIZE
 
 from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.pipeline.extract import (
-    PRECISIONS, ExtractConfig, build_backbone, decode_in_order, open_source, parse_episodes, prepare, run_units)
+    PRECISIONS, ExtractConfig, build_backbone, decode_in_order, decoder_threads, open_source, parse_episodes, prepare,
+    run_units)
 from dinocache.pipeline.store import store_bytes
 from dinocache.datasets import open_dataset
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-def decode_fps(cfg: ExtractConfig, episodes: list[tuple[int, int, int]], cameras: list[str], workers: int) -> float:
-    """Decode capacity: all workers, no backbone, every frame of ``episodes`` (the pipeline's decoder)."""
+def decode_fps(cfg: ExtractConfig, episodes: list[tuple[int, int, int]], cameras: list[str], workers: int,
+               threads: int | None = None) -> float:
+    """Decode capacity: all workers, no backbone, every frame of ``episodes`` (the pipeline's decoder);
+    ``threads`` FFmpeg threads per decoder (None: the pipeline's choice, 0: FFmpeg's own default)."""
     source = open_dataset(cfg.dataset)
     total = sum(n for _, _, n in episodes)
     t0 = time.perf_counter()
-    frames = sum(len(f) for _, _, f in decode_in_order(source, episodes, cameras, [(0, total)], cfg.batch_size, workers))
+    frames = sum(len(f) for _, _, f in decode_in_order(source, episodes, cameras, [(0, total)], cfg.batch_size, workers,
+                                                       threads=threads))
     assert frames == total * len(cameras), (frames, total, cameras)
     return frames / (time.perf_counter() - t0)
 
@@ -173,12 +178,14 @@ def main() -> None:
                    for piece in torch.from_numpy(source.read_frames(index, camera)).split(args.batch_size)]
         n = sum(len(b) for b in batches)
 
-        decode, bare, pipe = 0.0, 0.0, None
+        decode, decode_ffmpeg_threads, bare, pipe = 0.0, 0.0, 0.0, None
         for _ in range(args.repeat):
             decode = max(decode, decode_fps(cfg, episodes, cameras, workers))
+            decode_ffmpeg_threads = max(decode_ffmpeg_threads, decode_fps(cfg, episodes, cameras, workers, threads=0))
             bare = max(bare, bare_forward_fps(model, batches, device))
             run = pipeline_run(cfg, model, work)
             pipe = run if pipe is None or run["fps"] > pipe["fps"] else pipe
+        threads = decoder_threads(workers, len(episodes) * len(cameras))
         on_gpu = device.startswith("cuda")
         limit = min(decode, bare) if on_gpu else 1 / (1 / decode + 1 / bare)
         variants = forward_variants(backbone, batches, device, args.compile) if args.forward_variants else {}
@@ -190,7 +197,8 @@ def main() -> None:
             "image_size": args.image_size, "batch_size": args.batch_size, "decode_workers": workers,
             "precision": cfg.resolved_precision(), "compile": args.compile, "load": args.load,
             "load_average_at_end": round(os.getloadavg()[0], 2),
-            "decode_fps": round(decode, 1), "bare_forward_fps": round(bare, 1),
+            "decode_fps": round(decode, 1), "decoder_threads": threads,
+            "decode_fps_ffmpeg_default_threads": round(decode_ffmpeg_threads, 1), "bare_forward_fps": round(bare, 1),
             "limit_rule": "min(decode, forward)" if on_gpu else "1/(1/decode + 1/forward)", "limit_fps": round(limit, 1),
             "pipeline_fps": round(pipe["fps"], 1), "ratio": round(pipe["fps"] / limit, 3),
             "whole_extract_fps": round(pipe["whole_fps"], 1), "store_creation_s": round(pipe["create_s"], 2),
@@ -203,7 +211,8 @@ def main() -> None:
         print(f"backbone    {args.backbone} @ {args.image_size}, batch {args.batch_size}, precision "
               f"{cfg.resolved_precision()}{', compiled' if args.compile else ''}")
         print(f"dataset     {name} ({n} camera-frames)")
-        print(f"decode      {decode:8.1f} frames/s  (all {workers} workers, no backbone)")
+        print(f"decode      {decode:8.1f} frames/s  (all {workers} workers, {threads} FFmpeg thread(s) each, no backbone)")
+        print(f"            {decode_ffmpeg_threads:8.1f} frames/s  (the same with FFmpeg's default threads in every decoder)")
         print(f"bare        {bare:8.1f} frames/s  (forward on decoded frames already in memory)")
         print(f"limit       {limit:8.1f} frames/s  ({result['limit_rule']})")
         print(f"pipeline    {pipe['fps']:8.1f} frames/s  (stage one: decode + forward + write, overlapped)")

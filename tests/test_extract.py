@@ -350,3 +350,11 @@ def test_real_dataset_features_and_kill_resume(real_dataset: Path, tmp_path: Pat
     _kill_midway([*extract_args(real_dataset, resumed, "--episodes", "0:1"), "--unit-frames", "32"], resumed, at_least=2)
     assert cli(*extract_args(real_dataset, resumed, "--episodes", "0:1"), "--unit-frames", "32").exit_code == 0
     assert store_files(resumed) == store_files(clean)
+
+
+def test_decoders_share_the_cores_among_the_streams_that_run_together(monkeypatch):
+    import dinocache.pipeline.extract as stage_one
+
+    monkeypatch.setattr(stage_one, "available_cores", lambda: 16)
+    assert [stage_one.decoder_threads(w, s) for w, s in [(16, 100), (4, 100), (16, 3), (1, 1), (32, 100)]] == \
+        [1, 4, 5, 16, 1]

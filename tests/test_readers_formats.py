@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -288,3 +289,20 @@ def test_background_encoder_writes_each_video_and_raises_the_first_error(tmp_pat
         with BackgroundEncoder(threads=2) as videos:
             videos.submit(tmp_path / "bad.mp4", clips[0], 10.0, codec="mpeg1")
     assert not (tmp_path / "bad.mp4").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
+def test_decoder_threads_are_what_the_caller_asks_and_change_no_frame(tmp_path):
+    """``decoder_threads`` sets FFmpeg's frame threads (the pipeline shares the cores among its
+    decoders); the frames are the same whatever the count."""
+    source = open_dataset(make(tmp_path, num_episodes=1, episode_length=24, cameras=("top",), image_size=(96, 128)))
+
+    def decode(threads: int) -> tuple[np.ndarray, int]:
+        batches = source.iter_frames(0, "top", batch_size=4, decoder_threads=threads)
+        first = next(batches)  # the decoder is open, its threads started
+        running = len(os.listdir("/proc/self/task"))
+        return np.concatenate([first, *batches]), running
+
+    (one, with_one), (four, with_four) = decode(1), decode(4)
+    np.testing.assert_array_equal(one, four)
+    assert with_four >= with_one + 3, (with_one, with_four)

@@ -244,7 +244,7 @@ class AlohaHdf5Source(DatasetSource):
         return out
 
     def iter_frames(self, episode_index: int, camera: str,
-                    batch_size: int = 32) -> Iterator[np.ndarray]:
+                    batch_size: int = 32, decoder_threads: int = 0) -> Iterator[np.ndarray]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ep = self.episode(episode_index)

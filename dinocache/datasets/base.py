@@ -238,13 +238,14 @@ class DatasetSource(ABC):
 
     @abstractmethod
     def iter_frames(self, episode_index: int, camera: str,
-                    batch_size: int = 32) -> Iterator[np.ndarray]:
+                    batch_size: int = 32, decoder_threads: int = 0) -> Iterator[np.ndarray]:
         """Yield uint8 ``(b, H, W, 3)`` RGB batches of one episode and camera, in frame order.
 
         The episode's video is decoded once, sequentially (one seek at most, to the episode's
-        start inside a shared video file), with the decoder's own frame threading. The frame
-        count and each frame's timestamp are checked against the parquet rows; a mismatch is a
-        DatasetError raised before the final batch is yielded.
+        start inside a shared video file), with the decoder's own frame threading:
+        ``decoder_threads`` of them, or FFmpeg's choice (one per core) for 0; sources of still
+        images ignore it. The frame count and each frame's timestamp are checked against the
+        parquet rows; a mismatch is a DatasetError raised before the final batch is yielded.
         """
 
     def read_frames(self, episode_index: int, camera: str) -> np.ndarray:

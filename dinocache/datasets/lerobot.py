@@ -194,12 +194,12 @@ class LeRobotSource(DatasetSource):
         return arrays
 
     def iter_frames(self, episode_index: int, camera: str,
-                    batch_size: int = 32) -> Iterator[np.ndarray]:
+                    batch_size: int = 32, decoder_threads: int = 0) -> Iterator[np.ndarray]:
         ep = self.episode(episode_index)
         key = self.camera(camera).name
         if self.info.camera_storage[key] == "image":
             return self._iter_images(ep.index, ep.length, key, batch_size)
-        return iter_clip(self._clip(ep.index, key), batch_size)
+        return iter_clip(self._clip(ep.index, key), batch_size, decoder_threads)
 
     def _clip(self, episode_index: int, camera: str) -> EpisodeClip:
         file = self._data_file(episode_index)

@@ -125,8 +125,12 @@ class EpisodeClip:
     whole_file: bool
 
 
-def iter_clip(clip: EpisodeClip, batch_size: int = 32) -> Iterator[np.ndarray]:
-    """Yield uint8 ``(b, H, W, 3)`` RGB batches of ``clip``; see the module docstring."""
+def iter_clip(clip: EpisodeClip, batch_size: int = 32, threads: int = 0) -> Iterator[np.ndarray]:
+    """Yield uint8 ``(b, H, W, 3)`` RGB batches of ``clip``; see the module docstring.
+
+    ``threads``: FFmpeg's frame threads for this decoder; 0 lets FFmpeg choose (one per core, up to
+    16), which suits one decoder alone but oversubscribes the cores when several decode at once.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     expected = len(clip.timestamps)
@@ -140,6 +144,8 @@ def iter_clip(clip: EpisodeClip, batch_size: int = 32) -> Iterator[np.ndarray]:
             raise _error(clip, "file has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
         frames = _frames_from_start(container, stream, clip, tolerance)
         # One converter for the whole clip: ``frame.to_ndarray(format=...)`` would build a new
         # swscale context for every frame, which costs more than decoding an H.264 frame.

@@ -262,9 +262,18 @@ def _spans(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def decoder_threads(workers: int, streams: int) -> int:
+    """FFmpeg threads per decoder when ``workers`` decode ``streams`` videos at once: the cores shared
+    among the decoders that can run together. FFmpeg's own default (a thread per core in every
+    decoder) puts workers x cores threads on the cores; 2 workers with 1 thread each decoded the real
+    AV1 dataset 3-8 % faster than 2 with FFmpeg's default on 2 cores (docs/benchmarks.md)."""
+    return max(1, available_cores() // max(1, min(workers, streams)))
+
+
 def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, int]], cameras: Sequence[str],
                     spans: Sequence[tuple[int, int]], batch_size: int, workers: int,
-                    busy: list[float] | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
+                    busy: list[float] | None = None,
+                    threads: int | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
     """``(camera, first store row, uint8 frames)`` for every row in ``spans``, decoded by ``workers`` threads.
 
     ``episodes`` are ``(index, first store row, length)``. Each (episode, camera) that holds a wanted
@@ -273,6 +282,7 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
     decoded and dropped. Items come back episode by episode, camera by camera, rows ascending,
     whatever the number of workers: that order, not the timing, decides what the caller computes.
     A decoding error is raised here at its place in that order, after every item before it.
+    ``threads``: FFmpeg threads per decoder, by default :func:`decoder_threads`; 0 is FFmpeg's choice.
     """
     spans = _spans(spans)
 
@@ -280,7 +290,7 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
         return [(max(a, start), min(b, start + length)) for a, b in spans if a < start + length and b > start]
 
     def stream(index: int, start: int, camera: str, rows: list[tuple[int, int]]) -> Iterator[tuple[str, int, np.ndarray]]:
-        row, batches = start, source.iter_frames(index, camera, batch_size=batch_size)
+        row, batches = start, source.iter_frames(index, camera, batch_size=batch_size, decoder_threads=threads)
         for frames in batches:
             for a, b in rows:
                 lo, hi = max(a, row), min(b, row + len(frames))
@@ -296,6 +306,8 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
     streams = [functools.partial(stream, index, start, camera, rows)
                for index, start, length in episodes if (rows := wanted(start, length))
                for camera in cameras]
+    if threads is None:
+        threads = decoder_threads(workers, len(streams))
     return ordered_streams(streams, workers, queue_size, busy)
 
 
