@@ -265,8 +265,8 @@ def _spans(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 def decoder_threads(workers: int, streams: int) -> int:
     """FFmpeg threads per decoder when ``workers`` decode ``streams`` videos at once: the cores shared
     among the decoders that can run together. FFmpeg's own default (a thread per core in every
-    decoder) puts workers x cores threads on the cores; 2 workers with 1 thread each decoded the real
-    AV1 dataset 3-8 % faster than 2 with FFmpeg's default on 2 cores (docs/benchmarks.md)."""
+    decoder) puts workers x cores threads on the cores, 256 on a 16-core host. On 2 cores the two
+    were within noise of each other; many cores decide (docs/benchmarks.md, "Extraction")."""
     return max(1, available_cores() // max(1, min(workers, streams)))
 
 
