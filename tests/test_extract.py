@@ -358,3 +358,15 @@ def test_decoders_share_the_cores_among_the_streams_that_run_together(monkeypatc
     monkeypatch.setattr(stage_one, "available_cores", lambda: 16)
     assert [stage_one.decoder_threads(w, s) for w, s in [(16, 100), (4, 100), (16, 3), (1, 1), (32, 100)]] == \
         [1, 4, 5, 16, 1]
+
+
+def test_dask_work_is_cut_so_that_workers_joining_later_find_tasks():
+    from dinocache.pipeline.distributed import MAX_UNITS_PER_TASK, plan_tasks
+
+    pending = [u for u in range(240) if u % 7]  # 205 units, some already done
+    for workers in (1, 2, 64):
+        blocks = plan_tasks(pending, workers)
+        assert [u for block in blocks for u in block] == pending
+        assert max(map(len, blocks)) <= MAX_UNITS_PER_TASK and max(map(len, blocks)) - min(map(len, blocks)) <= 1
+        assert len(blocks) >= min(len(pending), 4 * workers)
+    assert len(plan_tasks(pending, 1)) == 26 and plan_tasks([], 3) == [] and plan_tasks([5], 3) == [[5]]

@@ -24,6 +24,11 @@ from dinocache.pipeline.store import FeatureStore, store_bytes
 #: Per worker process: what it built once and reuses for every task (backbone, dataset source).
 _WORKER_CACHE: dict[tuple, Any] = {}
 
+#: The most units one task holds (2,048 frames at the default 256 per unit): the work is cut into at
+#: least four tasks per worker connected at the start, and into blocks no larger than this, so that
+#: workers joining later (SLURM jobs leave the queue one by one) still find tasks waiting.
+MAX_UNITS_PER_TASK = 8
+
 
 def _worker_device(cfg: ExtractConfig) -> str:
     """Spread local workers over the GPUs: worker i takes GPU i (mod count)."""
@@ -55,6 +60,13 @@ def _extract_task(cfg: ExtractConfig, units: Sequence[int]) -> ExtractSummary:
     return run_units(store, source, backbone, todo, cfg.batch_size, cfg.device, cfg.dtype, cfg.resolved_decode_workers())
 
 
+def plan_tasks(pending: Sequence[int], workers: int) -> list[list[int]]:
+    """Cut the pending units into contiguous blocks, one per task: at least four per worker connected
+    now, none larger than :data:`MAX_UNITS_PER_TASK`, sizes differing by one at most."""
+    n_tasks = min(len(pending), max(4 * workers, -(-len(pending) // MAX_UNITS_PER_TASK)))
+    return [list(pending[i * len(pending) // n_tasks:(i + 1) * len(pending) // n_tasks]) for i in range(n_tasks)]
+
+
 def extract_with_dask(cfg: ExtractConfig, scheduler: str | None = None, n_workers: int | None = None) -> ExtractSummary:
     """Run ``cfg`` on the dask scheduler at ``scheduler`` or on a new local cluster of ``n_workers``."""
     from dask.distributed import Client, LocalCluster, as_completed
@@ -75,9 +87,7 @@ def extract_with_dask(cfg: ExtractConfig, scheduler: str | None = None, n_worker
     client = Client(scheduler or cluster)
     try:
         workers = max(len(client.scheduler_info().get("workers", {})), 1)
-        n_tasks = min(len(pending), 4 * workers) or 0
-        blocks = [pending[i * len(pending) // n_tasks:(i + 1) * len(pending) // n_tasks] for i in range(n_tasks)]
-        futures = {client.submit(_extract_task, cfg, block, pure=False): block for block in blocks if block}
+        futures = {client.submit(_extract_task, cfg, block, pure=False): block for block in plan_tasks(pending, workers)}
         frames = lambda units: sum(b - a for a, b in map(store.unit_range, units))  # noqa: E731
         with tqdm(total=store.num_frames, initial=store.num_frames - frames(pending), unit="frame",
                   disable=not cfg.progress, desc=f"extract {store.path.name} (dask, {workers} workers)") as bar:
