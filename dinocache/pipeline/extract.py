@@ -289,7 +289,8 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
     def wanted(start: int, length: int) -> list[tuple[int, int]]:
         return [(max(a, start), min(b, start + length)) for a, b in spans if a < start + length and b > start]
 
-    def stream(index: int, start: int, camera: str, rows: list[tuple[int, int]]) -> Iterator[tuple[str, int, np.ndarray]]:
+    def stream(index: int, start: int, camera: str, rows: list[tuple[int, int]],
+               threads: int) -> Iterator[tuple[str, int, np.ndarray]]:
         row, batches = start, source.iter_frames(index, camera, batch_size=batch_size, decoder_threads=threads)
         for frames in batches:
             for a, b in rows:
@@ -303,11 +304,10 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
 
     largest = max(source.cameras[c].height * source.cameras[c].width * 3 for c in cameras)
     queue_size = max(2, decode_ahead_bytes() // (2 * workers * batch_size * largest))
-    streams = [functools.partial(stream, index, start, camera, rows)
-               for index, start, length in episodes if (rows := wanted(start, length))
-               for camera in cameras]
-    if threads is None:
-        threads = decoder_threads(workers, len(streams))
+    todo = [(index, start, camera, rows) for index, start, length in episodes if (rows := wanted(start, length))
+            for camera in cameras]
+    threads = decoder_threads(workers, len(todo)) if threads is None else threads
+    streams = [functools.partial(stream, *args, threads) for args in todo]
     return ordered_streams(streams, workers, queue_size, busy)
 
 
