@@ -19,7 +19,7 @@
 # A dry run of the script itself on a CPU-only machine (small settings, no benchmarks):
 #   DEVICE=cpu BACKBONE=dinov2_vits14 IMAGE_SIZE=56 EPISODES=0:1 STEPS=5 BENCHMARKS=0 bash benchmarks/gpu_check.sh
 # Wheels in .whl/ (gpu_prepare.sh downloads them) are installed first when present. Results go to $OUT
-# (default /tmp/dinocache-gpu-check): gpu_check.log, summary.txt, and the benchmarks' JSON.
+# (default /tmp/dinocache-gpu-check): gpu_check.log (the summary at its end), and the benchmarks' JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dinocache-gpu-check}
@@ -67,6 +67,19 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it, log everything, remember how
     fi
 }
 
+# The GPU rows of the benchmarks: last by default, so a slow one may only cost its own row; right after the
+# extraction with BENCHMARKS_FIRST=1, when the machine's time may run out before the end (they need the store).
+benchmarks() {
+    [ "$BENCHMARKS" = 1 ] || return 0
+    step "bench_extract.py --device cuda" 120 \
+        "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
+    step "bench_train_step.py --device cuda" 120 \
+        "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
+    step "compare_backbones.py --device cuda" 300 \
+        "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
+    step "bench_policy.py --device cuda" 240 \
+        "python3 benchmarks/bench_policy.py --device cuda --steps 100 --json '$OUT/bench_policy_cuda.json'"
+}
 step "environment" 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; python3 -c '
 import torch, timm, zarr, av, numpy, sys
 print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"timm\", timm.__version__, \"zarr\", zarr.__version__,
@@ -78,6 +91,7 @@ if \"$DEVICE\".startswith(\"cuda\"):
 STORE=$WORK/features.zarr
 step "extract --device $DEVICE" 120 \
     "$DC extract '$DATASET' --backbone $BACKBONE $SIZE_ARG $EPISODE_ARG --weights random --out '$STORE' --device $DEVICE --batch-size 64 --no-progress"
+[ "${BENCHMARKS_FIRST:-0}" = 1 ] && benchmarks
 step "inspect" 60 "$DC inspect '$STORE' --pca '$OUT/pca.png'"
 step "train $STEPS steps, batch 8" 150 \
     "$DC train '$STORE' --out '$WORK/run8' --steps $STEPS --batch-size 8 --device $DEVICE --no-progress && tail -n 2 '$WORK/run8/metrics.jsonl'"
@@ -121,15 +135,7 @@ print(len(one), \"arrays compared;\", \"different:\", different or \"none\")
 sys.exit(1 if different else 0)'"
 step "pytest: the CUDA cases" 300 "python3 -m pytest -q -x -ra -p no:cacheprovider -k cuda tests/"
 
-# The GPU rows of the benchmarks, last: a slow one may only cost its own row.
-[ "$BENCHMARKS" = 1 ] && step "bench_extract.py --device cuda" 120 \
-    "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
-[ "$BENCHMARKS" = 1 ] && step "bench_policy.py --device cuda" 240 \
-    "python3 benchmarks/bench_policy.py --device cuda --steps 100 --json '$OUT/bench_policy_cuda.json'"
-[ "$BENCHMARKS" = 1 ] && step "bench_train_step.py --device cuda" 120 \
-    "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
-[ "$BENCHMARKS" = 1 ] && step "compare_backbones.py --device cuda" 300 \
-    "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
+[ "${BENCHMARKS_FIRST:-0}" = 1 ] || benchmarks
 
 failed=0
 for status in "${STATUS[@]}"; do [ "$status" = ok ] || failed=$((failed + 1)); done
@@ -140,6 +146,6 @@ for status in "${STATUS[@]}"; do [ "$status" = ok ] || failed=$((failed + 1)); d
         printf '%-36s %-12s %8s s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${TOOK[$i]}"
     done
     echo "$failed step(s) failed; full log: $LOG"
-} | tee "$OUT/summary.txt" | tee -a "$LOG"
+} | tee -a "$LOG"
 rm -rf "$WORK"
 [ "$failed" -eq 0 ]
