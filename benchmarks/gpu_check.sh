@@ -73,11 +73,11 @@ benchmarks() {
     [ "$BENCHMARKS" = 1 ] || return 0
     step "bench_extract.py --device cuda" 120 \
         "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
-    step "bench_train_step.py --device cuda" 120 \
+    step "bench_train_step.py --device cuda" 180 \
         "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
     step "compare_backbones.py --device cuda" 300 \
         "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
-    step "bench_policy.py --device cuda" 240 \
+    step "bench_policy.py --device cuda" 360 \
         "python3 benchmarks/bench_policy.py --device cuda --steps 100 --json '$OUT/bench_policy_cuda.json'"
 }
 step "environment" 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; python3 -c '
