@@ -7,6 +7,8 @@ in turn ``--repeat`` times (best kept, so that a busy neighbour on a shared mach
     threads, no backbone), frames/s; also with FFmpeg's default threads in every decoder (one per
     core each) instead of the pipeline's share of the cores, to check that choice;
   * bare forward: ``backbone(batch)`` on frames already decoded in memory (on the device for CUDA);
+  * write: every unit of the store written (``FeatureStore.write_unit``: Zarr, checksums, files),
+    features already in host memory; shown beside the limit, since on a fast GPU it can be the limit;
   * pipeline: stage one proper (``run_units``: decode, batch, forward, cast, write Zarr, overlapped)
     into a freshly created store; the store's creation (reading the low-dimensional arrays,
     decoding its 8 verification frames) is timed apart and also shown as "whole extract".
@@ -34,6 +36,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from _machine import describe_machine
 from bench_decode import LEROBOT_VIDEO, SIZE
@@ -91,6 +94,25 @@ def pipeline_run(cfg: ExtractConfig, backbone: torch.nn.Module, work: Path) -> d
     camera_frames = summary.frames * len(store.cameras)
     return {"fps": camera_frames / summary.seconds, "whole_fps": camera_frames / (created + summary.seconds),
             "create_s": created, "summary": summary}
+
+
+def write_fps(cfg: ExtractConfig, backbone: torch.nn.Module, work: Path) -> float:
+    """Write capacity: every unit of a fresh store written from features already in host memory
+    (one unit's worth of random values in the store's dtype, written for every unit)."""
+    out = work / f"w{time.monotonic_ns()}.zarr"
+    store, _ = prepare(dataclasses.replace(cfg, out=out), backbone, open_source(cfg))
+    rng = np.random.default_rng(0)
+    most = max(b - a for a, b in map(store.unit_range, range(store.num_units)))
+    grids = {camera: (rng.standard_normal((most, *store.grid_shape(camera)), np.float32).astype(cfg.dtype),
+                      rng.standard_normal((most, store.grid_shape(camera)[-1]), np.float32).astype(cfg.dtype))
+             for camera in store.cameras}
+    t0 = time.perf_counter()
+    for unit in range(store.num_units):
+        n = store.unit_range(unit)[1] - store.unit_range(unit)[0]
+        store.write_unit(unit, {camera: (patch[:n], cls[:n]) for camera, (patch, cls) in grids.items()})
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return store.num_frames * len(store.cameras) / seconds
 
 
 def set_fused_attention(backbone: torch.nn.Module, on: bool) -> None:
@@ -178,11 +200,12 @@ def main() -> None:
                    for piece in torch.from_numpy(source.read_frames(index, camera)).split(args.batch_size)]
         n = sum(len(b) for b in batches)
 
-        decode, decode_ffmpeg_threads, bare, pipe = 0.0, 0.0, 0.0, None
+        decode, decode_ffmpeg_threads, bare, write, pipe = 0.0, 0.0, 0.0, 0.0, None
         for _ in range(args.repeat):
             decode = max(decode, decode_fps(cfg, episodes, cameras, workers))
             decode_ffmpeg_threads = max(decode_ffmpeg_threads, decode_fps(cfg, episodes, cameras, workers, threads=0))
             bare = max(bare, bare_forward_fps(model, batches, device))
+            write = max(write, write_fps(cfg, backbone, work))
             run = pipeline_run(cfg, model, work)
             pipe = run if pipe is None or run["fps"] > pipe["fps"] else pipe
         threads = decoder_threads(workers, len(episodes) * len(cameras))
@@ -199,6 +222,7 @@ def main() -> None:
             "load_average_at_end": round(os.getloadavg()[0], 2),
             "decode_fps": round(decode, 1), "decoder_threads": threads,
             "decode_fps_ffmpeg_default_threads": round(decode_ffmpeg_threads, 1), "bare_forward_fps": round(bare, 1),
+            "write_fps": round(write, 1),
             "limit_rule": "min(decode, forward)" if on_gpu else "1/(1/decode + 1/forward)", "limit_fps": round(limit, 1),
             "pipeline_fps": round(pipe["fps"], 1), "ratio": round(pipe["fps"] / limit, 3),
             "whole_extract_fps": round(pipe["whole_fps"], 1), "store_creation_s": round(pipe["create_s"], 2),
@@ -214,6 +238,7 @@ def main() -> None:
         print(f"decode      {decode:8.1f} frames/s  (all {workers} workers, {threads} FFmpeg thread(s) each, no backbone)")
         print(f"            {decode_ffmpeg_threads:8.1f} frames/s  (the same with FFmpeg's default threads in every decoder)")
         print(f"bare        {bare:8.1f} frames/s  (forward on decoded frames already in memory)")
+        print(f"write       {write:8.1f} frames/s  (every unit written to a fresh store, features in host memory)")
         print(f"limit       {limit:8.1f} frames/s  ({result['limit_rule']})")
         print(f"pipeline    {pipe['fps']:8.1f} frames/s  (stage one: decode + forward + write, overlapped)")
         print(f"ratio       {pipe['fps'] / limit:8.3f}  (pipeline / limit; target >= 0.9)")

@@ -124,7 +124,8 @@ def measure(backbone_name: str, image_size: int, device: str, steps: int, work: 
     parts = result["backbone"]["p50"] + result["head"]["p50"]
     result.update(backbone_name=backbone_name, overhead=result["fused"]["p50"] / parts - 1, export_s=export_s,
                   file_mib=exported.path.stat().st_size / 2**20, threads=torch.get_num_threads(), steps=steps,
-                  runtime=runtime.metadata["runtime"], dtype=dtype)
+                  runtime=runtime.metadata["runtime"], dtype=dtype,
+                  compile_failed=exported.metadata["export"].get("compile_failed"))
     return result
 
 
@@ -191,6 +192,8 @@ def main() -> None:
                 failures.append(str(err))
                 continue
             results.append({**r, "bench_policy": fresh})
+            if r.get("compile_failed"):  # export fell back to the plain program: the row times that
+                failures.append(f"{name}: no compiled form ({r['compile_failed']}); its row times the plain program")
             outputs.append(f"$ dinocache bench-policy {name}.pt2 --steps {args.steps}\n{text}")
             program = r.get("fused_program")
             rows.append(f"| {name} | {r['fused']['p50']:.1f} / {r['fused']['p99']:.1f} | "

@@ -82,6 +82,7 @@ def test_provenance_is_json_and_complete(vits14_reg):
 
 
 def test_torch_export_matches_eager(vits14_reg):
+    vits14_reg.preprocess.prepare_export(FRAMES)
     exported = torch.export.export(vits14_reg, (FRAMES,))
     eager = vits14_reg(FRAMES)
     for ours, theirs in zip(exported.module()(FRAMES), eager):
@@ -102,6 +103,7 @@ def test_onnx_export_matches_eager(vits14_reg, tmp_path):
     """Runs where the ONNX exporter and runtime are installed (stage three's extras)."""
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
+    vits14_reg.preprocess.prepare_export(FRAMES)
     torch.onnx.export(vits14_reg, (FRAMES,), tmp_path / "backbone.onnx", dynamo=True,
                       input_names=["images"], output_names=["grid", "cls"])
     grid, cls = ort.InferenceSession(str(tmp_path / "backbone.onnx")).run(None, {"images": FRAMES.numpy()})

@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dinocache.encoders.resample import axis_taps, resample
 from dinocache.encoders.preprocess import ImagePreprocessor, PreprocessConfig, parse_image_size
 from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.errors import BackboneError
@@ -96,3 +98,36 @@ def test_bad_frames_are_refused(bad, message):
     preprocess = ImagePreprocessor(PreprocessConfig.for_backbone(get_backbone_spec("resnet18"), 32))
     with pytest.raises(BackboneError, match=message):
         preprocess(bad)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize(("n_in", "n_out"), [(480, 224), (640, 56), (100, 224), (60, 56), (7, 7)])
+def test_axis_taps_are_interpolates_own_weights(interpolation, antialias, n_in, n_out):
+    """The band of taps reproduces F.interpolate along one axis, shrinking and enlarging alike."""
+    rows = axis_taps(n_in, n_out, interpolation, antialias)
+    identity = axis_taps(5, 5, interpolation, antialias)
+    x = torch.rand(2, 3, n_in, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(1)) * 255
+    expected = F.interpolate(x, size=(n_out, 5), mode=interpolation, align_corners=False, antialias=antialias)
+    torch.testing.assert_close(resample(x, rows, identity), expected, rtol=0, atol=1e-3)
+    assert rows.index.shape == rows.weight.shape and rows.index.shape[0] == n_out
+    assert rows.index.shape[1] < n_in or n_in <= 8  # a band, not the dense matrix
+
+
+@pytest.mark.parametrize("center_crop", [False, True])
+@pytest.mark.parametrize("size", [(56, 84), (70, 70)])
+def test_exported_preprocessing_resizes_without_a_resize_op(center_crop, size):
+    """Traced, the resize is gathers and sums (AOTInductor has no C shim for the antialiased resize, and
+    TensorRT no antialiased Resize) that give what eager F.interpolate gives, batch size left free."""
+    preprocess = ImagePreprocessor(PreprocessConfig.for_backbone(get_backbone_spec("dinov2_vits14"), size, center_crop))
+    frames = _frames(batch=3, height=60, width=90)
+    with pytest.raises(BackboneError, match="60x90 frames without their resize taps: call prepare_export"):
+        torch.export.export(preprocess, (frames,))
+    preprocess.prepare_export(frames)
+    assert preprocess.state_dict() == {}  # the taps are derived, never saved with weights
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(preprocess, (frames,), dynamic_shapes=({0: batch},))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not [t for t in targets if "upsample" in t or "interpolate" in t], targets
+    more = _frames(batch=5, height=60, width=90, seed=3)
+    torch.testing.assert_close(program.module()(more), preprocess(more), rtol=0, atol=1e-4)

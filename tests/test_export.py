@@ -31,6 +31,7 @@ from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.store import FeatureStore
 from dinocache.datasets.synthetic import write_synthetic_dataset
 from dinocache.policy.bench import bench_policy
+from dinocache.policy import compiled
 from dinocache.policy.compiled import can_package
 from dinocache.policy.export import export_policy
 from dinocache.policy.fused import FusedPolicy, build_fused_policy
@@ -311,6 +312,29 @@ def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trai
 
     refused = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(tmp_path / "c.onnx"), "--compile"])
     assert refused.exit_code != 0 and "--compile makes an AOTInductor .pt2" in refused.output
+
+
+@pytest.mark.slow
+def test_compiled_kernels_that_crash_their_process_leave_the_plain_program(trained, eager, tmp_path, monkeypatch):
+    """Export runs the compiled kernels for the first time in a child process. One that dies of a real
+    SIGSEGV (as a faulty kernel library does) costs the compiled form, not the export: the plain
+    program is written and checked, and the summary and the metadata say why."""
+    if not can_package():
+        pytest.skip(f"AOTInductor packages need torch >= 2.8 (this is {torch.__version__})")
+    monkeypatch.setattr(compiled, "CHILD_PROGRAM", "import faulthandler; faulthandler._sigsegv()")
+    out = tmp_path / "c.pt2"
+    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(out), "--compile", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert ("compiled    no: the compiled kernels crashed the process running them on cpu (SIGSEGV 11); "
+            "the plain program was written") in result.output
+    assert "max |pt2 - eager|" in result.output
+    meta = read_policy_metadata(out)
+    assert meta["export"]["compiled"] is None and "SIGSEGV" in meta["export"]["compile_failed"]
+    live = load_policy(out)
+    assert live.metadata["runtime"]["backend"] == "program"
+    obs = observations(trained, 1)[0]
+    np.testing.assert_allclose(live.select_action(obs), chunk(eager, obs)[0].numpy(), rtol=0, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt2"]  # no temporary left behind
 
 
 @needs_cuda

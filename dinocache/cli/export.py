@@ -49,12 +49,17 @@ def export(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, d
       dinocache export runs/act1 --out policy.pt2 --compile                           # compiled for this CPU
       dinocache export runs/act1 --out policy.pt2 --weights ~/ckpt/dinov2_vits14_reg4_pretrain.pth
     """
+    import warnings
+
+    from dinocache.policy.compiled import CompiledPolicyFallback
     from dinocache.policy.export import export_policy
 
     fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")  # a mismatching suffix is refused below
-    result = export_policy(run, out, format=fmt, checkpoint=checkpoint, dtype=dtype, device=device, weights=weights,
-                           dataset=dataset, progress=not no_progress, store=store, verify=not skip_verify,
-                           compile=compile_)
+    with warnings.catch_warnings():  # a compiled form that crashed is said in the summary's "compiled" line
+        warnings.simplefilter("ignore", CompiledPolicyFallback)
+        result = export_policy(run, out, format=fmt, checkpoint=checkpoint, dtype=dtype, device=device,
+                               weights=weights, dataset=dataset, progress=not no_progress, store=store,
+                               verify=not skip_verify, compile=compile_)
     click.echo(result.format_text())
 
 

@@ -4,7 +4,9 @@ Extraction (stage one) and the exported live policy (stage three) both run *this
 features a head is trained on and the features it sees on the robot come from identical pixels.
 That rules out PIL / torchvision transforms on one side and tensor code on the other: everything
 here is plain torch on tensors, branches only on static facts (ndim, the size of the channel axis,
-image height/width), and therefore traces under ``torch.export`` and exports to ONNX.
+image height/width), and therefore traces under ``torch.export`` and exports to ONNX. Traced, the
+resize is written as gathers and weighted sums with PyTorch's own weights
+(:mod:`dinocache.encoders.resample`), so compiled and ONNX policies need no resize op of their own.
 
 The configuration is recorded in the feature store (``PreprocessConfig.to_dict``) so a later stage
 can rebuild the very same preprocessing.
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinocache.encoders.image_size import ImageSize, check_image_size, parse_image_size
+from dinocache.encoders.resample import AxisTaps, axis_taps, resample
 from dinocache.errors import BackboneError
 
 if TYPE_CHECKING:
@@ -108,7 +111,8 @@ class ImagePreprocessor(nn.Module):
     channels-last when the last axis has size 3, otherwise channels-first when the axis after the
     batch has size 3. Ambiguity rule: an input whose last axis *and* channel-first axis both have
     size 3 (a 3-pixel-wide CHW image) is read as channels-last, since camera frames arrive HWC.
-    Every branch depends only on static shapes, so the module exports with ``torch.export``/ONNX.
+    Every branch depends only on static shapes, so the module exports with ``torch.export``/ONNX,
+    once :meth:`prepare_export` has seen the frame size it will be exported for.
     """
 
     def __init__(self, config: PreprocessConfig) -> None:
@@ -119,6 +123,30 @@ class ImagePreprocessor(nn.Module):
         # x/255 normalised = x * scale - shift; buffers follow .to(device) and are not weights.
         self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("shift", mean / std, persistent=False)
+
+    def prepare_export(self, images: torch.Tensor) -> None:
+        """Get ready to be traced on frames shaped like ``images``: the resize's taps for their size,
+        computed here (a trace cannot compute them) and kept as buffers, which follow ``.to(device)``."""
+        in_h, in_w = (int(n) for n in self._to_batched_chw(images).shape[-2:])
+        size = self._resize_size(in_h, in_w)
+        if size == (in_h, in_w) or hasattr(self, self._taps_name(in_h, in_w, "rows_index")):
+            return
+        for axis, (n_in, n_out) in (("rows", (in_h, size[0])), ("cols", (in_w, size[1]))):
+            taps = axis_taps(n_in, n_out, self.config.interpolation, self.config.antialias, images.device)
+            self.register_buffer(self._taps_name(in_h, in_w, f"{axis}_index"), taps.index, persistent=False)
+            self.register_buffer(self._taps_name(in_h, in_w, f"{axis}_weight"), taps.weight, persistent=False)
+
+    @staticmethod
+    def _taps_name(in_h: int, in_w: int, what: str) -> str:
+        return f"taps_{in_h}x{in_w}_{what}"
+
+    def _taps(self, in_h: int, in_w: int, axis: str) -> AxisTaps:
+        try:
+            return AxisTaps(getattr(self, self._taps_name(in_h, in_w, f"{axis}_index")),
+                            getattr(self, self._taps_name(in_h, in_w, f"{axis}_weight")))
+        except AttributeError:
+            raise BackboneError(f"preprocessing is being exported for {in_h}x{in_w} frames without their resize "
+                                "taps: call prepare_export() with such frames before tracing") from None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self._to_batched_chw(images).float()
@@ -143,16 +171,22 @@ class ImagePreprocessor(nn.Module):
             return images
         raise BackboneError(f"images have no RGB axis of size 3: shape {tuple(images.shape)}")
 
+    def _resize_size(self, in_h: int, in_w: int) -> tuple[int, int]:
+        """The size a frame is resized to: the target, or with ``center_crop`` what covers it."""
+        out_h, out_w = self.config.image_size
+        if not self.config.center_crop:
+            return out_h, out_w
+        scale = max(out_h / in_h, out_w / in_w)
+        return max(out_h, round(in_h * scale)), max(out_w, round(in_w * scale))
+
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         out_h, out_w = cfg.image_size
         in_h, in_w = int(x.shape[-2]), int(x.shape[-1])
-        if cfg.center_crop:
-            scale = max(out_h / in_h, out_w / in_w)
-            size = (max(out_h, round(in_h * scale)), max(out_w, round(in_w * scale)))
-        else:
-            size = (out_h, out_w)
-        if size != (in_h, in_w):
+        size = self._resize_size(in_h, in_w)
+        if size != (in_h, in_w) and torch.compiler.is_exporting():
+            x = resample(x, self._taps(in_h, in_w, "rows"), self._taps(in_h, in_w, "cols"))
+        elif size != (in_h, in_w):
             x = F.interpolate(x, size=size, mode=cfg.interpolation, align_corners=False,
                               antialias=cfg.antialias)
         if size != (out_h, out_w):

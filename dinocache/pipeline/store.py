@@ -478,14 +478,21 @@ class FeatureStore:
         self._remove_interrupted_writes(unit, [*arrays, "units/done"])
         try:
             for camera in self.cameras:
-                self.root[f"cameras/{camera}/patch"][start:stop] = features[camera][0]
-                self.root[f"cameras/{camera}/cls"][start:stop] = features[camera][1]
+                self._for_writing(f"cameras/{camera}/patch")[start:stop] = features[camera][0]
+                self._for_writing(f"cameras/{camera}/cls")[start:stop] = features[camera][1]
             self.root["units/done"][unit] = 1
         except OSError as err:  # a full disk, a lost mount: the user's to fix, and nothing done is lost
             done = int(self.done_units().sum())
             raise StoreError(f"{self.path}: cannot write unit {unit} (frames {start}-{stop - 1}): {_os_reason(err)}. "
                              f"The {done} units already written are kept; fix this and re-run the same command "
                              f"to resume") from err
+
+    def _for_writing(self, name: str) -> zarr.Array:
+        """Array ``name`` set to store every chunk as it comes. Zarr's default first compares each
+        chunk with the fill value, to skip storing chunks that hold nothing else; features never are
+        all NaN, and that comparison took three quarters of the write (860 rather than 217 MiB/s for
+        float16 ViT-B grids on the 2-core CPU machine). The bytes written are the same."""
+        return self.root[name].with_config({"write_empty_chunks": True})
 
     def _remove_interrupted_writes(self, unit: int, arrays: Sequence[str]) -> None:
         """Delete what a killed writer left of this unit's files: Zarr writes each file to a temporary

@@ -10,6 +10,10 @@ and the torch build that made them. So one archive (PyTorch's own PT2 archive fo
 both) carries the compiled kernels *and* the portable exported program, and the record of what the
 kernels were built for sits in the policy's metadata (``export.compiled``). :func:`compiled_mismatch`
 says why a machine cannot run them; the runtime then falls back to the program, saying so once.
+
+Compiled kernels can also take their process down (a segmentation fault inside the shared library
+is no Python exception), so export runs them for the first time in a child process
+(:func:`run_in_child`): a crash costs the check, not the export.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import subprocess
+import sys
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +35,18 @@ import torch
 from dinocache.errors import DinocacheError
 
 __all__ = ["can_package", "compile_program", "write_package", "compiled_record", "compiled_mismatch",
-           "load_compiled"]
+           "load_compiled", "run_in_child", "CompiledCrash", "CompiledPolicyFallback"]
+
+#: What the child of :func:`run_in_child` runs: load the package, answer the inputs, save the output.
+CHILD_PROGRAM = "from dinocache.policy.compiled import _answer_in_child; _answer_in_child()"
+
+
+class CompiledPolicyFallback(UserWarning):
+    """A compiled policy's kernels do not fit this machine (or crashed it); its plain program runs instead."""
+
+
+class CompiledCrash(DinocacheError):
+    """The compiled kernels killed the process that ran them (a signal, not an exception)."""
 
 
 def can_package() -> bool:
@@ -109,3 +128,54 @@ def load_compiled(path: str | os.PathLike, device: torch.device, single_threaded
     """
     index = device.index if device.type == "cuda" and device.index is not None else -1
     return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded, device_index=index)
+
+
+def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, timeout: float = 600.0) -> Any:
+    """The compiled kernels of ``path`` run once on ``inputs`` (nested tuples / lists of tensors) on
+    ``device``, in a child process; their output on the CPU.
+
+    Raises:
+        CompiledCrash: the child died of a signal (SIGSEGV, SIGABRT ...) or hung past ``timeout``.
+        DinocacheError: it raised; the message ends with the child's last error line.
+    """
+    with tempfile.TemporaryDirectory(prefix="dinocache-compiled-") as tmp:
+        request, answer = Path(tmp, "inputs.pt"), Path(tmp, "output.pt")
+        torch.save({"path": str(path), "device": str(device), "inputs": _to_cpu(inputs)}, request)
+        try:
+            child = subprocess.run([sys.executable, "-c", CHILD_PROGRAM, str(request), str(answer)],
+                                   capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CompiledCrash(f"the compiled kernels did not answer within {timeout:.0f} s on {device}") from None
+        if child.returncode < 0:
+            name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""
+            raise CompiledCrash(f"the compiled kernels crashed the process running them on {device} "
+                                f"({name or 'signal'} {-child.returncode})")
+        if child.returncode != 0:
+            lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
+            raise DinocacheError(f"the compiled kernels failed on {device}: {lines[-1] if lines else child.returncode}")
+        return torch.load(answer, weights_only=True)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _answer_in_child() -> None:
+    """The child of :func:`run_in_child`: ``argv`` is the request file and where to save the answer."""
+    request = torch.load(sys.argv[1], weights_only=True)
+    device = torch.device(request["device"])
+    with torch.no_grad():
+        output = load_compiled(request["path"], device)(*_to_device(request["inputs"], device))
+    torch.save(_to_cpu(output), sys.argv[2])

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
 from dinocache.policy.checkpoint import LAST
-from dinocache.policy.compiled import can_package, compile_program, compiled_record, load_compiled, write_package
+from dinocache.policy.compiled import (CompiledCrash, CompiledPolicyFallback, can_package, compile_program, compiled_record, run_in_child,
+                                       write_package)
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.formats import FORMATS
 from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
@@ -77,6 +78,8 @@ class ExportResult:
         lines.append(self.parity.format() if self.parity else "parity      NOT VERIFIED (--skip-verify)")
         compiled = self.metadata["export"].get("compiled")
         what = f"AOTInductor for {compiled['device']}" if compiled else self.format
+        if self.metadata["export"].get("compile_failed"):
+            lines.append(f"compiled    no: {self.metadata['export']['compile_failed']}; the plain program was written")
         lines.append(f"traced      max |{what} - eager| = {self.trace_max_abs_diff:.3g} action std; "
                      f"{self.seconds:.1f} s")
         return "\n".join(lines)
@@ -155,9 +158,10 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
 
     With ``compile`` the program is also compiled by AOTInductor for the export device and both go
     into one archive (:mod:`dinocache.policy.compiled`); the check then runs the compiled kernels
-    loaded back from the written archive, i.e. what a robot process will run.
+    loaded back from the written archive, i.e. what a robot process will run, in a child process.
     """
     images, state, env = inputs
+    policy.prepare_export(images)
     with torch.no_grad():
         program = torch.export.export(policy, _all_inputs(images, state, env),
                                       dynamic_shapes=_dynamic_batch(images, env))
@@ -172,8 +176,7 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
     aoti_files = compile_program(program)
     write_package(tmp, program, aoti_files, {METADATA_NAME: json.dumps(metadata)})
     metadata["export"]["compiled"] = compiled_record(tmp)
-    with torch.no_grad():
-        traced = load_compiled(tmp, next(policy.parameters()).device)(*_all_inputs(images, state, env))
+    traced = run_in_child(tmp, _all_inputs(images, state, env), next(policy.parameters()).device)
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the AOTInductor-compiled program")
@@ -185,6 +188,7 @@ def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dic
     """Export through ``torch.onnx.export(dynamo=True)``, run the file in onnxruntime, compare with ``eager``."""
     images, state, env = inputs
     names = onnx_input_names(metadata)
+    policy.prepare_export(images)
     flat = (*images, state) + ((env,) if env is not None else ())
     batch = _batch_dim()
     shapes = (tuple({0: batch} for _ in flat),)  # forward(*inputs) has one argument: the tuple
@@ -362,7 +366,14 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # torch wants the .pt2 suffix
         try:
             if format == "pt2":
-                trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp, compile=compile)
+                try:
+                    trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp, compile=compile)
+                except CompiledCrash as crash:  # the plain program needs no compiled kernels
+                    warnings.warn(f"{crash}: writing the plain torch.export program instead "
+                                  "(--no-compile skips the attempt)", CompiledPolicyFallback, stacklevel=2)
+                    metadata["export"]["compiled"] = None
+                    metadata["export"]["compile_failed"] = str(crash)
+                    trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp)
             else:
                 trace_diff = _write_onnx(policy, inputs, eager, metadata, tmp)
             stage(3)

@@ -108,6 +108,11 @@ class FusedPolicy(nn.Module):
             actions, _ = self.head(batch)
         return self.normalizer.unnormalize(ACTION, actions.float())
 
+    def prepare_export(self, images: Sequence[Tensor]) -> None:
+        """Get ready to be traced on camera frames shaped like ``images`` (one batch per camera)."""
+        for image in images:
+            self.backbone.preprocess.prepare_export(image)
+
     def with_weights_in(self, dtype: torch.dtype) -> FusedPolicy:
         """A copy whose backbone and head weights are stored in ``dtype`` and compute in it without
         autocast; preprocessing and the normaliser stay float32, as do inputs and output.

@@ -33,7 +33,7 @@ from torch import Tensor
 from dinocache.errors import DinocacheError
 from dinocache.keys import short_name
 from dinocache.policy.action_selection import ActionSelector, make_action_selector
-from dinocache.policy.compiled import compiled_mismatch, load_compiled
+from dinocache.policy.compiled import CompiledPolicyFallback, compiled_mismatch, load_compiled
 from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
 from dinocache.policy.metadata import policy_kind, policy_metadata, read_policy_metadata
 
@@ -54,10 +54,6 @@ AS_TRAINED: Any = _AsTrained()
 
 class ObservationError(DinocacheError, ValueError):
     """An observation the policy cannot take: a missing key, or a value of the wrong shape or dtype."""
-
-
-class CompiledPolicyFallback(UserWarning):
-    """A compiled policy's kernels do not fit this machine; its plain program runs instead."""
 
 
 class PolicyRuntime:
