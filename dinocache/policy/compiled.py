@@ -35,10 +35,15 @@ import torch
 from dinocache.errors import DinocacheError
 
 __all__ = ["can_package", "compile_program", "write_package", "compiled_record", "compiled_mismatch",
-           "load_compiled", "run_in_child", "CompiledCrash", "CompiledPolicyFallback"]
+           "load_compiled", "run_in_child", "to_cpu", "CompiledCrash", "CompiledPolicyFallback"]
 
-#: What the child of :func:`run_in_child` runs: load the package, answer the inputs, save the output.
-CHILD_PROGRAM = "from dinocache.policy.compiled import _answer_in_child; _answer_in_child()"
+#: What the child of :func:`run_in_child` runs: load the package as a robot process does, answer the
+#: inputs, save the output (:func:`dinocache.policy.runtime.answer_in_child`).
+CHILD_PROGRAM = "from dinocache.policy.runtime import answer_in_child; answer_in_child()"
+
+#: What the child writes to stderr as it gets through loading and the first query, so that a crash
+#: can be placed.
+CHILD_STAGES = {"loaded": "while running its first query", "answered": "after answering"}
 
 
 class CompiledPolicyFallback(UserWarning):
@@ -131,8 +136,9 @@ def load_compiled(path: str | os.PathLike, device: torch.device, single_threaded
 
 
 def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, timeout: float = 600.0) -> Any:
-    """The compiled kernels of ``path`` run once on ``inputs`` (nested tuples / lists of tensors) on
-    ``device``, in a child process; their output on the CPU.
+    """The compiled kernels of ``path`` run on ``inputs`` (nested tuples / lists of tensors) on ``device``
+    as a robot process runs them (on CUDA: loaded for graph capture, replayed as a CUDA graph), in a
+    child process; their output on the CPU.
 
     Raises:
         CompiledCrash: the child died of a signal (SIGSEGV, SIGABRT ...) or hung past ``timeout``.
@@ -140,7 +146,7 @@ def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, t
     """
     with tempfile.TemporaryDirectory(prefix="dinocache-compiled-") as tmp:
         request, answer = Path(tmp, "inputs.pt"), Path(tmp, "output.pt")
-        torch.save({"path": str(path), "device": str(device), "inputs": _to_cpu(inputs)}, request)
+        torch.save({"path": str(path), "device": str(device), "inputs": to_cpu(inputs)}, request)
         try:
             child = subprocess.run([sys.executable, "-c", CHILD_PROGRAM, str(request), str(answer)],
                                    capture_output=True, text=True, timeout=timeout)
@@ -148,34 +154,20 @@ def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, t
             raise CompiledCrash(f"the compiled kernels did not answer within {timeout:.0f} s on {device}") from None
         if child.returncode < 0:
             name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""
+            reached = [stage for marker, stage in CHILD_STAGES.items() if f"dinocache-child: {marker}" in child.stderr]
             raise CompiledCrash(f"the compiled kernels crashed the process running them on {device} "
-                                f"({name or 'signal'} {-child.returncode})")
+                                f"({name or 'signal'} {-child.returncode}, "
+                                f"{reached[-1] if reached else 'while loading the package'})")
         if child.returncode != 0:
             lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
             raise DinocacheError(f"the compiled kernels failed on {device}: {lines[-1] if lines else child.returncode}")
         return torch.load(answer, weights_only=True)
 
 
-def _to_cpu(value: Any) -> Any:
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested in lists and tuples) on the CPU."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
+        return type(value)(to_cpu(v) for v in value)
     return value
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
-def _answer_in_child() -> None:
-    """The child of :func:`run_in_child`: ``argv`` is the request file and where to save the answer."""
-    request = torch.load(sys.argv[1], weights_only=True)
-    device = torch.device(request["device"])
-    with torch.no_grad():
-        output = load_compiled(request["path"], device)(*_to_device(request["inputs"], device))
-    torch.save(_to_cpu(output), sys.argv[2])

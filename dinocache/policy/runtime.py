@@ -21,6 +21,7 @@ with one message naming the key and the expected shape, not later inside the bac
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch import Tensor
 from dinocache.errors import DinocacheError
 from dinocache.keys import short_name
 from dinocache.policy.action_selection import ActionSelector, make_action_selector
-from dinocache.policy.compiled import CompiledPolicyFallback, compiled_mismatch, load_compiled
+from dinocache.policy.compiled import CompiledPolicyFallback, compiled_mismatch, load_compiled, to_cpu
 from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
 from dinocache.policy.metadata import policy_kind, policy_metadata, read_policy_metadata
 
@@ -277,6 +278,22 @@ class _CudaGraphCall:
         with torch.cuda.graph(graph), torch.no_grad():
             static_output = self._run(static_inputs, num_images, has_env)
         return graph, static_inputs, static_output
+
+
+def answer_in_child() -> None:
+    """The child process of :func:`~dinocache.policy.compiled.run_in_child`: the compiled kernels loaded
+    and called as :func:`load_policy` runs them on this device (on CUDA loaded for graph capture, then
+    captured and replayed as a CUDA graph), on the request's inputs. ``argv``: the request file and
+    where to save the answer; stderr tells the parent how far it got."""
+    request = torch.load(sys.argv[1], weights_only=True)
+    device = torch.device(request["device"])
+    graph = device.type == "cuda"
+    module = load_compiled(request["path"], device, single_threaded=graph)
+    print("dinocache-child: loaded", file=sys.stderr, flush=True)
+    images, state, *env = request["inputs"]
+    output = _torch_predict(module, device, cuda_graph=graph)(images, state, env[0] if env else None)
+    print("dinocache-child: answered", file=sys.stderr, flush=True)
+    torch.save(to_cpu(output), sys.argv[2])
 
 
 def _onnx_predict(path: Path, metadata: Mapping[str, Any], device: torch.device) -> Predict:
