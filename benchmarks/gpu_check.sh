@@ -16,6 +16,9 @@
 #
 # DATASET defaults to .gpu-data/g1_pick_bottle_3ep (what benchmarks/gpu_prepare.sh copies into the
 # checkout, since ../shared does not travel to a lent machine), else ../shared/datasets/g1_pick_bottle_3ep.
+# BENCHMARKS=1 (default) runs the four GPU benchmarks, 0 none, or a comma list of policy, extract,
+# train_step, compare picks some (the next run after 2026-11-30: BENCHMARKS_FIRST=1 BENCHMARKS=policy,extract,
+# the two whose figures changed since the first H200 run).
 # A dry run of the script itself on a CPU-only machine (small settings, no benchmarks):
 #   DEVICE=cpu BACKBONE=dinov2_vits14 IMAGE_SIZE=56 EPISODES=0:1 STEPS=5 BENCHMARKS=0 bash benchmarks/gpu_check.sh
 # Wheels in .whl/ (gpu_prepare.sh downloads them) are installed first when present. Results go to $OUT
@@ -69,16 +72,19 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it, log everything, remember how
 
 # The GPU rows of the benchmarks: last by default, so a slow one may only cost its own row; right after the
 # extraction with BENCHMARKS_FIRST=1, when the machine's time may run out before the end (they need the store).
+wanted() {  # wanted NAME: whether BENCHMARKS (1 = all, 0 = none, or a comma list of names) asks for it
+    [ "$BENCHMARKS" = 1 ] || [[ ",$BENCHMARKS," == *",$1,"* ]]
+}
 benchmarks() {
-    [ "$BENCHMARKS" = 1 ] || return 0
-    step "bench_extract.py --device cuda" 120 \
-        "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
-    step "bench_train_step.py --device cuda" 180 \
-        "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
-    step "compare_backbones.py --device cuda" 300 \
-        "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
-    step "bench_policy.py --device cuda" 360 \
+    wanted policy && step "bench_policy.py --device cuda" 360 \
         "python3 benchmarks/bench_policy.py --device cuda --steps 100 --json '$OUT/bench_policy_cuda.json'"
+    wanted extract && step "bench_extract.py --device cuda" 120 \
+        "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
+    wanted train_step && step "bench_train_step.py --device cuda" 180 \
+        "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
+    wanted compare && step "compare_backbones.py --device cuda" 300 \
+        "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
+    return 0
 }
 step "environment" 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; python3 -c '
 import torch, timm, zarr, av, numpy, sys
