@@ -66,6 +66,8 @@ def child_ceiling(task: dict[str, Any]) -> dict[str, Any]:
     del data  # only the batch stays on the device, as a step's inputs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if task["compile"]:
+        head.compile()
     step = TrainStep(head, act_optimizer(list(head.parameters()), config), inputs, graph=device.type == "cuda")
     head.train()
     for _ in range(task["warmup"]):
@@ -96,7 +98,7 @@ def child_loop(task: dict[str, Any]) -> dict[str, Any]:
     try:
         train(TrainConfig(store=Path(task["store"]), out=run, steps=warmup + steps, batch_size=task["batch_size"],
                           val_episodes="none", eval_every=10**9, save_every=10**9, log_every=every, seed=0,
-                          device=task["device"], progress=False))
+                          device=task["device"], compile=task["compile"], progress=False))
     finally:
         clock.stop()
     sync(task["device"])
@@ -182,6 +184,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (CUDA: graph capture included)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    parser.add_argument("--compile", action="store_true",
+                        help="train --compile: the head's Inductor kernels (on CUDA inside the step's graph)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
@@ -201,7 +205,7 @@ def main() -> None:
         row: dict[str, Any] = {"batch_size": batch_size}
         for kind in kinds:
             row[kind] = measure(dict(kind=kind, store=str(store), device=args.device, batch_size=batch_size,
-                                     warmup=args.warmup, steps=args.steps, threads=args.threads,
+                                     warmup=args.warmup, steps=args.steps, threads=args.threads, compile=args.compile,
                                      run=str(work / f"run-{batch_size}-{time.monotonic_ns()}")))
         if all(k in row and "error" not in row[k] for k in ("ceiling", "loop")):
             row["loop_vs_ceiling"] = row["loop"]["steps_per_s"] / row["ceiling"]["steps_per_s"]

@@ -172,7 +172,7 @@ def child_cached(task: dict[str, Any]) -> dict[str, Any]:
     try:
         train(TrainConfig(store=Path(task["store"]), out=run, steps=steps, batch_size=task["batch_size"],
                           val_episodes="none", eval_every=10**9, save_every=steps, log_every=every, seed=0,
-                          device=device, progress=False))
+                          device=device, compile=task["compile"], progress=False))
     finally:
         clock.stop()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
@@ -432,6 +432,8 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on CUDA, as train.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="cached rows: train --compile (Inductor's kernels, on CUDA inside the step's graph)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process [torch's default]")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the dataset, stores and runs here")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
@@ -459,7 +461,7 @@ def main() -> None:
         common = dict(dataset=str(dataset), device=args.device, batch_size=args.batch_size, warmup=args.warmup,
                       steps=args.steps, online_budget_s=args.online_budget_s, extract_batch=args.extract_batch,
                       latency_runs=args.latency_runs, decode_workers=args.decode_workers, threads=args.threads, cameras=1,
-                      camera_size=list(CAMERA_SIZE))
+                      camera_size=list(CAMERA_SIZE), compile=args.compile)
         results = []
         for backbone in backbones:
             for size in resnet_sizes if backbone == RESNET else [args.image_size]:

@@ -16,9 +16,9 @@
 #
 # DATASET defaults to .gpu-data/g1_pick_bottle_3ep (what benchmarks/gpu_prepare.sh copies into the
 # checkout, since ../shared does not travel to a lent machine), else ../shared/datasets/g1_pick_bottle_3ep.
-# BENCHMARKS=1 (default) runs the four GPU benchmarks, 0 none, or a comma list of policy, extract,
-# train_step, compare picks some (the next run after 2026-11-30: BENCHMARKS_FIRST=1 BENCHMARKS=policy,extract,
-# the two whose figures changed since the first H200 run).
+# BENCHMARKS=1 (default) runs the five GPU benchmarks, 0 none, or a comma list of policy, extract,
+# train_step, compare, compare_compiled picks some (the next run after 2026-11-30: BENCHMARKS_FIRST=1
+# BENCHMARKS=policy,extract,compare_compiled, the three that the changes since the first H200 run are about).
 # A dry run of the script itself on a CPU-only machine (small settings, no benchmarks):
 #   DEVICE=cpu BACKBONE=dinov2_vits14 IMAGE_SIZE=56 EPISODES=0:1 STEPS=5 BENCHMARKS=0 bash benchmarks/gpu_check.sh
 # Wheels in .whl/ (gpu_prepare.sh downloads them) are installed first when present. Results go to $OUT
@@ -84,6 +84,8 @@ benchmarks() {
         "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
     wanted compare && step "compare_backbones.py --device cuda" 300 \
         "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
+    wanted compare_compiled && step "compare_backbones.py --device cuda --compile" 300 \
+        "python3 benchmarks/compare_backbones.py --device cuda --compile --backbones dinov2_vitb14_reg --steps 40 --warmup 5 --json '$OUT/compare_backbones_compiled_cuda.json' --markdown '$OUT/compare_backbones_compiled_cuda.md'"
     return 0
 }
 step "environment" 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; python3 -c '

@@ -288,12 +288,18 @@ def _step_setup(learnable: Path, device: str, **act):
     return head, twin, inputs, batches
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow, id="compiled")])
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_step_equals_the_textbook_step(learnable: Path, device: str):
+def test_the_step_equals_the_textbook_step(learnable: Path, device: str, compiled: bool, monkeypatch):
     """TrainStep (sums on the device, the found_inf flag, and on CUDA the whole step as one CUDA graph,
     captured after GRAPH_WARMUP eager steps and replayed) against forward, backward, clip, AdamW written
-    out, on the same batches and noise (dropout, CVAE). The CPU twin runs the same step without the graph."""
+    out, on the same batches and noise (dropout, CVAE). The CPU twin runs the same step without the graph.
+    ``compiled`` (``train --compile``): the head's forward and backward are Inductor's kernels (on CUDA
+    captured in the step's graph), drawing their noise as eager code does (``fallback_random``)."""
     head, twin, inputs, batches = _step_setup(learnable, device, dropout=0.1)
+    if compiled:
+        monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+        head.compile()
     step = TrainStep(head, act_optimizer(list(head.parameters()), head.config), inputs, graph=device == "cuda")
     optimizer = act_optimizer(list(twin.parameters()), twin.config)
     expected = np.zeros(4)
@@ -312,10 +318,15 @@ def test_the_step_equals_the_textbook_step(learnable: Path, device: str):
             expected += [float(info["loss"]), float(info["l1_loss"]), float(info["kld_loss"]), float(norm)]
     sums, bad = step.take()
     assert bad is None
-    tolerance = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=2e-2, atol=1e-3)
+    tolerance = dict(rtol=2e-2, atol=1e-3) if device == "cuda" else \
+        dict(rtol=1e-4, atol=1e-5) if compiled else dict(rtol=1e-5, atol=1e-6)  # Inductor sums in its own order
     np.testing.assert_allclose(sums, expected, **tolerance)
+    # Compiled, the attention's key biases drift (1e-4 on the CPU): their gradient is zero but for rounding
+    # (a softmax ignores a shift shared by all keys), and AdamW scales such noise up to its step size
+    # (lr 1e-3 here, so at most 6e-3 over these steps).
+    weights = dict(tolerance, atol=1e-2 if device == "cuda" else 2e-4) if compiled else tolerance
     for (name, a), b in zip(head.state_dict().items(), twin.state_dict().values()):
-        torch.testing.assert_close(a, b, **tolerance, msg=name)
+        torch.testing.assert_close(a, b, **weights, msg=name)
     assert step.take()[0] == [0.0] * 4, "take() starts new sums"
 
 

@@ -84,7 +84,7 @@ def _act_options(command: click.Command) -> click.Command:
               help="GPU memory the features may take to be held there and batches gathered on the GPU, e.g. 20GiB "
                    "or 60% (default: 50% of the free device memory); loaded straight there, they need no RAM. "
                    "Otherwise they are copied from RAM, ahead of the step.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the head (the step is then not one CUDA graph).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the head: Inductor's fused kernels (on CUDA inside the step's CUDA graph).")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="On CUDA, capture the whole step (and validation) once as a CUDA graph and replay it. Not under DDP.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")

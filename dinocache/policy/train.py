@@ -238,8 +238,13 @@ class _Replayed:
             if self.before_capture is not None:
                 self.before_capture()
             self._cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._cuda_graph):
-                self.fn()
+            try:
+                with torch.cuda.graph(self._cuda_graph):
+                    self.fn()
+            except RuntimeError as err:  # an op the capture cannot record (a host sync, an allocation ...)
+                cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                raise TrainingError(f"the training step could not be captured as a CUDA graph ({cause}); "
+                                    "--no-cuda-graph runs it without") from err
             self._cuda_graph.replay()
 
     def _eager(self) -> None:
@@ -679,9 +684,10 @@ def _loop(cfg: TrainConfig, procs: Processes, data: CachedFeatures | DecodedFram
     device, run_dir = procs.device, Path(cfg.out)
     batch_size, seed = options["batch_size"], options["seed"]
     # One process on CUDA: the step and the validation are CUDA graphs. Not under DDP, whose gradient
-    # all-reduce hooks would have to be captured too; nor with --compile, which brings its own graphs.
-    # Nor with a backbone in the step (its batches are frames decoded on the host).
-    graph = (cfg.cuda_graph and device.type == "cuda" and procs.world_size == 1 and not cfg.compile
+    # all-reduce hooks would have to be captured too; nor with a backbone in the step (its batches are
+    # frames decoded on the host). With --compile the graph holds Inductor's fused kernels: the
+    # compilation happens in the eager warm-up calls, the capture records what they launch.
+    graph = (cfg.cuda_graph and device.type == "cuda" and procs.world_size == 1
              and isinstance(data, CachedFeatures))
     if cfg.compile:
         model.head.compile()
