@@ -36,10 +36,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from _machine import describe_machine
 from bench_decode import LEROBOT_VIDEO, SIZE
+from bench_store_write import timed_writes
 
 from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.pipeline.extract import (
@@ -97,22 +97,9 @@ def pipeline_run(cfg: ExtractConfig, backbone: torch.nn.Module, work: Path) -> d
 
 
 def write_fps(cfg: ExtractConfig, backbone: torch.nn.Module, work: Path) -> float:
-    """Write capacity: every unit of a fresh store written from features already in host memory
-    (one unit's worth of random values in the store's dtype, written for every unit)."""
-    out = work / f"w{time.monotonic_ns()}.zarr"
-    store, _ = prepare(dataclasses.replace(cfg, out=out), backbone, open_source(cfg))
-    rng = np.random.default_rng(0)
-    most = max(b - a for a, b in map(store.unit_range, range(store.num_units)))
-    grids = {camera: (rng.standard_normal((most, *store.grid_shape(camera)), np.float32).astype(cfg.dtype),
-                      rng.standard_normal((most, store.grid_shape(camera)[-1]), np.float32).astype(cfg.dtype))
-             for camera in store.cameras}
-    t0 = time.perf_counter()
-    for unit in range(store.num_units):
-        n = store.unit_range(unit)[1] - store.unit_range(unit)[0]
-        store.write_unit(unit, {camera: (patch[:n], cls[:n]) for camera, (patch, cls) in grids.items()})
-    seconds = time.perf_counter() - t0
-    shutil.rmtree(out)
-    return store.num_frames * len(store.cameras) / seconds
+    """Write capacity: every unit of a fresh store written from features already in host memory."""
+    seconds, _, camera_frames = timed_writes(cfg, backbone, work)
+    return camera_frames / seconds
 
 
 def set_fused_attention(backbone: torch.nn.Module, on: bool) -> None:
