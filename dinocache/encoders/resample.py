@@ -6,8 +6,8 @@ no C shim for: a compiled policy calls it back through a host-side proxy executo
 any of these resamplings is a fixed linear map along each axis, and each output pixel reads only a
 few neighbouring input pixels. :func:`axis_taps` reads that map off ``F.interpolate`` itself (so the
 weights are PyTorch's, not a re-derivation) and keeps the band of taps; :func:`resample` applies it as
-``index_select``, multiply and sum, which Inductor fuses into a kernel per axis and ONNX writes as
-Gather, Mul and ReduceSum.
+``index_select``, multiply and sum: ops Inductor generates kernels for (and can fuse), and ONNX writes
+as Gather, Mul and ReduceSum.
 
 Eager code keeps calling ``F.interpolate`` (faster on a CPU); traced programs use the taps. The two
 agree to float32 rounding (the sums run in another order), which the export's parity check measures.
