@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
 from dinocache.policy.checkpoint import LAST
-from dinocache.policy.compiled import (CompiledCrash, CompiledPolicyFallback, can_package, compile_program, compiled_record, run_in_child,
-                                       write_package)
+from dinocache.policy.compiled import (CompiledCrash, CompiledPolicyFallback, can_package, compile_program,
+                                       compiled_record, run_in_child, write_package)
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.formats import FORMATS
 from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
