@@ -490,8 +490,9 @@ class FeatureStore:
     def _for_writing(self, name: str) -> zarr.Array:
         """Array ``name`` set to store every chunk as it comes. Zarr's default first compares each
         chunk with the fill value, to skip storing chunks that hold nothing else; features never are
-        all NaN, and that comparison took three quarters of the write (860 rather than 217 MiB/s for
-        float16 ViT-B grids on the 2-core CPU machine). The bytes written are the same."""
+        all NaN, and that comparison took three quarters of the write (float16 ViT-B grids: 958 rather
+        than 207 MiB/s on the 2-core CPU machine, ``benchmarks/bench_store_write.py``). The bytes written
+        are the same."""
         return self.root[name].with_config({"write_empty_chunks": True})
 
     def _remove_interrupted_writes(self, unit: int, arrays: Sequence[str]) -> None:
