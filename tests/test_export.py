@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,8 +261,6 @@ def test_bfloat16_onnx_is_refused_where_onnxruntime_cannot_check_it(trained, tmp
 
 def _with_metadata(src: Path, dst: Path, edit) -> Path:
     """A copy of the .pt2 archive ``src`` whose dinocache metadata went through ``edit`` (entries kept as they are)."""
-    import zipfile
-
     with zipfile.ZipFile(src) as archive, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as out:
         for info in archive.infolist():
             data = archive.read(info)
@@ -292,6 +291,11 @@ def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trai
     compiled = meta["export"]["compiled"]
     assert compiled["device"] == "cpu" and compiled["torch"] == torch.__version__ and compiled["cpu_isa"]
     assert meta["export"]["trace_max_abs_diff"] <= meta["export"]["trace_tolerance"]
+    # Every op runs as a generated kernel or through a C shim: none goes through AOTInductor's proxy
+    # executor (the path of the antialiased resize just before the H200's compiled policy crashed).
+    with zipfile.ZipFile(tmp_path / "c.pt2") as archive:
+        wrappers = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.cpp")]
+    assert wrappers and not any("proxy_executor_call_function" in source for source in wrappers)
 
     obs = observations(trained, 3)
     live = load_policy(tmp_path / "c.pt2")
