@@ -175,6 +175,17 @@ def main() -> None:
           f"thread(s), batch 1, one {HEIGHT}x{WIDTH} camera at {args.image_size} px, {args.dtype}, "
           f"{'compiled (AOTInductor)' if args.compile else 'torch.export program'}, {args.steps} steps of each kind")
     rows, outputs, failures, results = [], [], [], []
+
+    def record() -> None:
+        """Write what is measured so far: a run cut short by its time limit keeps the backbones it finished."""
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_policy.py " + " ".join(sys.argv[1:]),
+                "machine": describe_machine(args.device, args.threads),
+                "settings": {k: str(v) for k, v in vars(args).items()},
+                "total_s": time.perf_counter() - began, "results": results, "failures": failures}, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="dinocache-bench-policy-") as work:
         for name in args.backbones.split(","):
             child = [sys.executable, __file__, "--child", name, "--work", work, "--image-size", str(args.image_size),
@@ -184,12 +195,14 @@ def main() -> None:
             done = run_child(child)
             if not done.ok:
                 failures.append(f"{name}: {done.error()}")
+                record()
                 continue
             r = json.loads(done.stdout.splitlines()[-1])
             try:
                 text, fresh = bench_in_fresh_process(Path(work) / f"{name}.pt2", args.device, args.steps, args.threads)
             except ChildFailed as err:
                 failures.append(str(err))
+                record()
                 continue
             results.append({**r, "bench_policy": fresh})
             if r.get("compile_failed"):  # export fell back to the plain program: the row times that
@@ -204,7 +217,8 @@ def main() -> None:
                         + (f"{fresh['kernel_ms']:.2f} | " if cuda else "")
                         + f"{fresh['load_s']:.1f} s / {fresh['first_query_ms']:.0f} ms | {fresh['peak_mib']:.0f} MiB | "
                         f"{r['file_mib']:.0f} MiB |")
-            print(f"  done {name} (export {r['export_s']:.0f} s)", file=sys.stderr, flush=True)
+            print(f"  done {name} (export {r['export_s']:.0f} s): {rows[-1]}", file=sys.stderr, flush=True)
+            record()
     columns = ["backbone", f"fused query p50 / p99 (ms), {'compiled' if args.compile else 'program'}"]
     columns += ["fused query, plain program"] if args.compile else []
     columns += ["backbone alone p50 / p99", "head alone p50 / p99", "overhead (p50)", "bench-policy query p50 / p99",
@@ -215,12 +229,7 @@ def main() -> None:
     print("|---|" + "---:|" * (len(columns) - 1))
     print("\n".join(rows))
     print("\n" + "\n".join(outputs))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_policy.py " + " ".join(sys.argv[1:]),
-            "machine": describe_machine(args.device, args.threads), "settings": {k: str(v) for k, v in vars(args).items()},
-            "total_s": time.perf_counter() - began, "results": results, "failures": failures}, indent=1))
+    record()
     exit_if_failed(failures)
 
 

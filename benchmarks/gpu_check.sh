@@ -17,13 +17,17 @@
 # DATASET defaults to .gpu-data/g1_pick_bottle_3ep (what benchmarks/gpu_prepare.sh copies into the
 # checkout, since ../shared does not travel to a lent machine), else ../shared/datasets/g1_pick_bottle_3ep.
 # BENCHMARKS=1 (default) runs the five GPU benchmarks, 0 none, or a comma list of policy, extract,
-# train_step, compare, compare_compiled picks some (the next run after 2026-11-30: BENCHMARKS_FIRST=1
-# BENCHMARKS=policy,extract,compare_compiled, the three that the changes since the first H200 run are about).
+# train_step, compare, compare_compiled picks some (run in the order extract, compare_compiled, policy,
+# train_step, compare). The next run after 2026-11-30: BUDGET=540 BENCHMARKS_FIRST=1
+# BENCHMARKS=extract,compare_compiled,policy, the three that the changes since the first H200 run are about.
+# BUDGET=N (seconds) cuts each step's limit to what is left of N and skips the steps that no longer fit,
+# so that a machine lent for a fixed time still returns the summary (e.g. BUDGET=540 under a 600 s call).
 # A dry run of the script itself on a CPU-only machine (small settings, no benchmarks):
 #   DEVICE=cpu BACKBONE=dinov2_vits14 IMAGE_SIZE=56 EPISODES=0:1 STEPS=5 BENCHMARKS=0 bash benchmarks/gpu_check.sh
 # Wheels in .whl/ (gpu_prepare.sh downloads them) are installed first when present. Results go to $OUT
 # (default /tmp/dinocache-gpu-check): gpu_check.log (the summary at its end), and the benchmarks' JSON.
 set -uo pipefail
+BEGAN=$(date +%s)  # BUDGET counts from here, the carried wheels' install included
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dinocache-gpu-check}
 mkdir -p "$OUT"
@@ -49,10 +53,20 @@ BENCHMARKS=${BENCHMARKS:-1}
 SIZE_ARG=${IMAGE_SIZE:+--image-size $IMAGE_SIZE}
 EPISODE_ARG=${EPISODES:+--episodes $EPISODES}
 DC="python3 -m dinocache.cli"
+BUDGET=${BUDGET:-0}  # seconds for the whole script (0: none); later steps get what is left, so the summary is written
 declare -a NAMES STATUS TOOK
 step() {  # step NAME TIMEOUT_S COMMAND...: run it, log everything, remember how it went
     local name=$1 limit=$2 rc start
     shift 2
+    if [ "$BUDGET" -gt 0 ]; then
+        local left=$(( BUDGET - ($(date +%s) - BEGAN) ))
+        if [ "$left" -lt 30 ]; then
+            NAMES+=("$name"); TOOK+=("0"); STATUS+=("SKIPPED")
+            printf '%-34s SKIPPED (%ss of BUDGET=%s left)\n' "$name" "$left" "$BUDGET" | tee -a "$LOG"
+            return
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     printf '\n===== %s (limit %ss) =====\n$ %s\n' "$name" "$limit" "$*" >>"$LOG"
     printf '%-34s ' "$name"
     start=$(date +%s.%N)
@@ -76,16 +90,16 @@ wanted() {  # wanted NAME: whether BENCHMARKS (1 = all, 0 = none, or a comma lis
     [ "$BENCHMARKS" = 1 ] || [[ ",$BENCHMARKS," == *",$1,"* ]]
 }
 benchmarks() {
-    wanted policy && step "bench_policy.py --device cuda" 360 \
-        "python3 benchmarks/bench_policy.py --device cuda --steps 100 --json '$OUT/bench_policy_cuda.json'"
     wanted extract && step "bench_extract.py --device cuda" 120 \
         "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
+    wanted compare_compiled && step "compare_backbones.py --device cuda --compile" 300 \
+        "python3 benchmarks/compare_backbones.py --device cuda --compile --backbones dinov2_vitb14_reg --steps 40 --warmup 5 --json '$OUT/compare_backbones_compiled_cuda.json' --markdown '$OUT/compare_backbones_compiled_cuda.md'"
+    wanted policy && step "bench_policy.py --device cuda" 360 \
+        "python3 benchmarks/bench_policy.py --device cuda --steps 100 --json '$OUT/bench_policy_cuda.json'"
     wanted train_step && step "bench_train_step.py --device cuda" 180 \
         "python3 benchmarks/bench_train_step.py --device cuda --store '$STORE' --steps 40 --warmup 5 --json '$OUT/bench_train_step_cuda.json' --markdown '$OUT/bench_train_step_cuda.md'"
     wanted compare && step "compare_backbones.py --device cuda" 300 \
         "python3 benchmarks/compare_backbones.py --device cuda --backbones resnet18,dinov2_vits14_reg,dinov2_vitb14_reg --resnet-sizes native --steps 40 --warmup 5 --json '$OUT/compare_backbones_cuda.json' --markdown '$OUT/compare_backbones_cuda.md'"
-    wanted compare_compiled && step "compare_backbones.py --device cuda --compile" 300 \
-        "python3 benchmarks/compare_backbones.py --device cuda --compile --backbones dinov2_vitb14_reg --steps 40 --warmup 5 --json '$OUT/compare_backbones_compiled_cuda.json' --markdown '$OUT/compare_backbones_compiled_cuda.md'"
     return 0
 }
 step "environment" 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; python3 -c '
@@ -153,7 +167,7 @@ for status in "${STATUS[@]}"; do [ "$status" = ok ] || failed=$((failed + 1)); d
     for i in "${!NAMES[@]}"; do
         printf '%-36s %-12s %8s s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${TOOK[$i]}"
     done
-    echo "$failed step(s) failed; full log: $LOG"
+    echo "$failed step(s) did not pass; full log: $LOG"
 } | tee -a "$LOG"
 rm -rf "$WORK"
 [ "$failed" -eq 0 ]
