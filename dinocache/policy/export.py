@@ -159,24 +159,38 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
     With ``compile`` the program is also compiled by AOTInductor for the export device and both go
     into one archive (:mod:`dinocache.policy.compiled`); the check then runs the compiled kernels
     loaded back from the written archive, i.e. what a robot process will run, in a child process.
+    Kernels that crash that process cost the compiled form, not the export: the same traced program
+    is then checked and written alone, and the metadata says why.
     """
     images, state, env = inputs
     policy.prepare_export(images)
     with torch.no_grad():
         program = torch.export.export(policy, _all_inputs(images, state, env),
                                       dynamic_shapes=_dynamic_batch(images, env))
-    if not compile:
-        with torch.no_grad():
-            traced = program.module()(*_all_inputs(images, state, env))
-        diff = _normalised_diff(policy, traced, eager)
-        metadata["export"]["trace_max_abs_diff"] = diff
-        _check_trace(diff, metadata, "the torch.export program")
-        torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
-        return diff
+    if compile:
+        try:
+            return _write_compiled(policy, program, inputs, eager, metadata, tmp)
+        except CompiledCrash as crash:  # the plain program needs no compiled kernels
+            warnings.warn(f"{crash}: writing the plain torch.export program instead (--no-compile skips the "
+                          "attempt)", CompiledPolicyFallback, stacklevel=3)
+            metadata["export"]["compiled"] = None
+            metadata["export"]["compile_failed"] = str(crash)
+    with torch.no_grad():
+        traced = program.module()(*_all_inputs(images, state, env))
+    diff = _normalised_diff(policy, traced, eager)
+    metadata["export"]["trace_max_abs_diff"] = diff
+    _check_trace(diff, metadata, "the torch.export program")
+    torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
+    return diff
+
+
+def _write_compiled(policy: FusedPolicy, program: torch.export.ExportedProgram, inputs: tuple, eager: Tensor,
+                    metadata: dict[str, Any], tmp: Path) -> float:
+    """The AOTInductor kernels of ``program`` and the program in one archive, checked in a child process."""
     aoti_files = compile_program(program)
     write_package(tmp, program, aoti_files, {METADATA_NAME: json.dumps(metadata)})
     metadata["export"]["compiled"] = compiled_record(tmp)
-    traced = run_in_child(tmp, _all_inputs(images, state, env), next(policy.parameters()).device)
+    traced = run_in_child(tmp, _all_inputs(*inputs), next(policy.parameters()).device)
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the AOTInductor-compiled program")
@@ -366,14 +380,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # torch wants the .pt2 suffix
         try:
             if format == "pt2":
-                try:
-                    trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp, compile=compile)
-                except CompiledCrash as crash:  # the plain program needs no compiled kernels
-                    warnings.warn(f"{crash}: writing the plain torch.export program instead "
-                                  "(--no-compile skips the attempt)", CompiledPolicyFallback, stacklevel=2)
-                    metadata["export"]["compiled"] = None
-                    metadata["export"]["compile_failed"] = str(crash)
-                    trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp)
+                trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp, compile=compile)
             else:
                 trace_diff = _write_onnx(policy, inputs, eager, metadata, tmp)
             stage(3)
