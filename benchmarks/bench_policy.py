@@ -125,7 +125,8 @@ def measure(backbone_name: str, image_size: int, device: str, steps: int, work: 
     result.update(backbone_name=backbone_name, overhead=result["fused"]["p50"] / parts - 1, export_s=export_s,
                   file_mib=exported.path.stat().st_size / 2**20, threads=torch.get_num_threads(), steps=steps,
                   runtime=runtime.metadata["runtime"], dtype=dtype,
-                  compile_failed=exported.metadata["export"].get("compile_failed"))
+                  compile_failed=exported.metadata["export"].get("compile_failed"),
+                  compile_failed_log=exported.metadata["export"].get("compile_failed_log"))
     return result
 
 
@@ -207,6 +208,8 @@ def main() -> None:
             results.append({**r, "bench_policy": fresh})
             if r.get("compile_failed"):  # export fell back to the plain program: the row times that
                 failures.append(f"{name}: no compiled form ({r['compile_failed']}); its row times the plain program")
+                print(f"  {name}: the compiled check's last stderr lines:\n{r.get('compile_failed_log') or '-'}",
+                      file=sys.stderr, flush=True)
             outputs.append(f"$ dinocache bench-policy {name}.pt2 --steps {args.steps}\n{text}")
             program = r.get("fused_program")
             rows.append(f"| {name} | {r['fused']['p50']:.1f} / {r['fused']['p99']:.1f} | "

@@ -336,6 +336,9 @@ def test_compiled_kernels_that_crash_their_process_leave_the_plain_program(train
     assert "max |pt2 - eager|" in result.output
     meta = read_policy_metadata(out)
     assert meta["export"]["compiled"] is None and "SIGSEGV" in meta["export"]["compile_failed"]
+    # the child's last words travel with the file: its marker, then faulthandler's report of the fault
+    log = meta["export"]["compile_failed_log"]
+    assert log.index("dinocache-child: loaded") < log.index("Fatal Python error: Segmentation fault"), log
     live = load_policy(out)
     assert live.metadata["runtime"]["backend"] == "program"
     obs = observations(trained, 1)[0]

@@ -51,7 +51,15 @@ class CompiledPolicyFallback(UserWarning):
 
 
 class CompiledCrash(DinocacheError):
-    """The compiled kernels killed the process that ran them (a signal, not an exception)."""
+    """The compiled kernels killed the process that ran them (a signal, not an exception).
+
+    ``log`` is the end of that process's stderr: what torch said last and, for a fatal signal, the
+    Python frames faulthandler printed, which place the crash (loading, capture, replay).
+    """
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
 
 
 def can_package() -> bool:
@@ -148,20 +156,27 @@ def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, t
         request, answer = Path(tmp, "inputs.pt"), Path(tmp, "output.pt")
         torch.save({"path": str(path), "device": str(device), "inputs": to_cpu(inputs)}, request)
         try:
-            child = subprocess.run([sys.executable, "-c", CHILD_PROGRAM, str(request), str(answer)],
-                                   capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise CompiledCrash(f"the compiled kernels did not answer within {timeout:.0f} s on {device}") from None
+            child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD_PROGRAM, str(request),
+                                    str(answer)], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise CompiledCrash(f"the compiled kernels did not answer within {timeout:.0f} s on {device}",
+                                _tail(err.stderr)) from None
         if child.returncode < 0:
             name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""
             reached = [stage for marker, stage in CHILD_STAGES.items() if f"dinocache-child: {marker}" in child.stderr]
             raise CompiledCrash(f"the compiled kernels crashed the process running them on {device} "
                                 f"({name or 'signal'} {-child.returncode}, "
-                                f"{reached[-1] if reached else 'while loading the package'})")
+                                f"{reached[-1] if reached else 'while loading the package'})", _tail(child.stderr))
         if child.returncode != 0:
             lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
             raise DinocacheError(f"the compiled kernels failed on {device}: {lines[-1] if lines else child.returncode}")
         return torch.load(answer, weights_only=True)
+
+
+def _tail(stderr: str | bytes | None, lines: int = 40) -> str:
+    """The last ``lines`` lines of a child's stderr."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def to_cpu(value: Any) -> Any:

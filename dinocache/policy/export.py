@@ -175,6 +175,7 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
                           "attempt)", CompiledPolicyFallback, stacklevel=3)
             metadata["export"]["compiled"] = None
             metadata["export"]["compile_failed"] = str(crash)
+            metadata["export"]["compile_failed_log"] = crash.log  # the child's last words, for a bug report
     with torch.no_grad():
         traced = program.module()(*_all_inputs(images, state, env))
     diff = _normalised_diff(policy, traced, eager)
