@@ -346,6 +346,18 @@ def test_compiled_kernels_that_crash_their_process_leave_the_plain_program(train
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt2"]  # no temporary left behind
 
 
+def test_compiled_kernels_that_hang_are_stopped_and_say_where(monkeypatch, tmp_path):
+    """A check whose child hangs is stopped after its timeout with SIGABRT, so that faulthandler
+    reports the frame it hung in, and the parent raises CompiledCrash with that report."""
+    monkeypatch.setattr(compiled, "CHILD_PROGRAM", "import sys, time\n"
+                        "print('dinocache-child: loaded', file=sys.stderr, flush=True)\n"
+                        "def first_query():\n    time.sleep(600)\nfirst_query()")
+    with pytest.raises(compiled.CompiledCrash, match=r"did not answer within 3 s on cpu") as caught:
+        compiled.run_in_child(tmp_path / "p.pt2", (torch.zeros(1),), torch.device("cpu"), timeout=3)
+    assert "dinocache-child: loaded" in caught.value.log
+    assert "Fatal Python error: Aborted" in caught.value.log and "in first_query" in caught.value.log, caught.value.log
+
+
 @needs_cuda
 def test_cuda_graph_replay_gives_the_actions_of_plain_launches(trained, tmp_path):
     """The runtime's batch-1 CUDA graph (captured once, inputs copied into static buffers, replayed)

@@ -143,40 +143,49 @@ def load_compiled(path: str | os.PathLike, device: torch.device, single_threaded
     return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded, device_index=index)
 
 
-def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, timeout: float = 600.0) -> Any:
+def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, timeout: float = 180.0) -> Any:
     """The compiled kernels of ``path`` run on ``inputs`` (nested tuples / lists of tensors) on ``device``
     as a robot process runs them (on CUDA: loaded for graph capture, replayed as a CUDA graph), in a
     child process; their output on the CPU.
 
     Raises:
-        CompiledCrash: the child died of a signal (SIGSEGV, SIGABRT ...) or hung past ``timeout``.
+        CompiledCrash: the child died of a signal (SIGSEGV, SIGABRT ...) or hung past ``timeout`` (then
+            SIGABRT makes faulthandler say where). Loading and one query take seconds, a minute for the
+            largest backbones on a CPU; the default leaves room, and stays under the step limits of
+            ``benchmarks/gpu_check.sh``, so a hang there is reported, not cut off.
         DinocacheError: it raised; the message ends with the child's last error line.
     """
     with tempfile.TemporaryDirectory(prefix="dinocache-compiled-") as tmp:
         request, answer = Path(tmp, "inputs.pt"), Path(tmp, "output.pt")
         torch.save({"path": str(path), "device": str(device), "inputs": to_cpu(inputs)}, request)
-        try:
-            child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD_PROGRAM, str(request),
-                                    str(answer)], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as err:
-            raise CompiledCrash(f"the compiled kernels did not answer within {timeout:.0f} s on {device}",
-                                _tail(err.stderr)) from None
+        with subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", CHILD_PROGRAM, str(request), str(answer)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+            try:
+                _, stderr = child.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGABRT)  # faulthandler prints where it hangs, then the process ends
+                try:
+                    _, stderr = child.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    _, stderr = child.communicate()
+                raise CompiledCrash(f"the compiled kernels did not answer within {timeout:.0f} s on {device}",
+                                    _tail(stderr)) from None
         if child.returncode < 0:
             name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""
-            reached = [stage for marker, stage in CHILD_STAGES.items() if f"dinocache-child: {marker}" in child.stderr]
+            reached = [stage for marker, stage in CHILD_STAGES.items() if f"dinocache-child: {marker}" in stderr]
             raise CompiledCrash(f"the compiled kernels crashed the process running them on {device} "
                                 f"({name or 'signal'} {-child.returncode}, "
-                                f"{reached[-1] if reached else 'while loading the package'})", _tail(child.stderr))
+                                f"{reached[-1] if reached else 'while loading the package'})", _tail(stderr))
         if child.returncode != 0:
-            lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
+            lines = [line for line in stderr.strip().splitlines() if line.strip()]
             raise DinocacheError(f"the compiled kernels failed on {device}: {lines[-1] if lines else child.returncode}")
         return torch.load(answer, weights_only=True)
 
 
-def _tail(stderr: str | bytes | None, lines: int = 40) -> str:
+def _tail(stderr: str, lines: int = 40) -> str:
     """The last ``lines`` lines of a child's stderr."""
-    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    return "\n".join(stderr.rstrip().splitlines()[-lines:])
 
 
 def to_cpu(value: Any) -> Any:
