@@ -16,7 +16,7 @@ in turn ``--repeat`` times (best kept, so that a busy neighbour on a shared mach
 The limit is min(decode, forward) when the forward runs on a GPU (the two use different hardware),
 and 1 / (1/decode + 1/forward) on a CPU-only machine (they share the cores); the figure of merit is
 pipeline / limit (target >= 0.9). Results are appended to ``docs/results/bench_extract_<device>.json``
-(a run with the same configuration on the same machine replaces the older one).
+(earlier runs are kept, those of the same configuration too, so that a later run is compared with them).
 
     python benchmarks/bench_extract.py                         # generated 480x640 H.264 (LeRobot's encoding)
     python benchmarks/bench_extract.py --dataset ../shared/datasets/g1_pick_bottle_3ep --image-size 56 --backbone dinov2_vits14
@@ -129,11 +129,9 @@ def forward_variants(backbone: FrozenBackbone, batches: list[torch.Tensor], devi
 
 
 def record(path: Path, machine: dict[str, Any], run: dict[str, Any]) -> None:
-    """Add ``run`` to the JSON file of this benchmark and device, replacing one of the same configuration and machine."""
+    """Append ``run`` to the JSON file of this benchmark and device. Earlier runs of the same
+    configuration are kept: docs/benchmarks.md quotes them, and a later run is compared with them."""
     data = json.loads(path.read_text()) if path.is_file() else {"benchmark": "bench_extract", "runs": []}
-    key = ("dataset", "backbone", "image_size", "batch_size", "decode_workers", "precision", "compile")
-    data["runs"] = [r for r in data["runs"]
-                    if not (all(r.get(k) == run.get(k) for k in key) and r.get("machine") == machine)]
     data["runs"].append({**run, "machine": machine})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
