@@ -34,12 +34,13 @@ from dinocache.datasets.synthetic import write_synthetic_dataset
 from dinocache.policy.bench import bench_policy
 from dinocache.policy import compiled
 from dinocache.policy.compiled import can_package
+from dinocache.policy import export as export_module
 from dinocache.policy.export import export_policy
 from dinocache.policy.fused import FusedPolicy, build_fused_policy
 from dinocache.policy.metadata import read_policy_metadata
 from dinocache.policy.parity import ParityError, check_parity, open_run_store, verification_frames
 from dinocache.policy.provenance import check_weights
-from dinocache.policy.runtime import ObservationError, load_policy
+from dinocache.policy.runtime import CompiledPolicyFallback, ObservationError, load_policy
 from dinocache.policy.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -277,8 +278,6 @@ def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trai
     """``--compile``: AOTInductor kernels and the plain program in one archive. Here the kernels run
     (checked against the eager policy at export and again here); a package whose kernels were built
     for another device (a CUDA build, as its record says) runs its program instead, saying why once."""
-    from dinocache.policy.runtime import CompiledPolicyFallback
-
     result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(tmp_path / "c.pt2"), "--compile",
                                        "--no-progress"])
     if not can_package():  # torch < 2.8, as LeRobot pins it: one clear line, and no file
@@ -344,6 +343,57 @@ def test_compiled_kernels_that_crash_their_process_leave_the_plain_program(train
     obs = observations(trained, 1)[0]
     np.testing.assert_allclose(live.select_action(obs), chunk(eager, obs)[0].numpy(), rtol=0, atol=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt2"]  # no temporary left behind
+
+
+#: The check's child as export starts it, except that it dies of a real SIGSEGV once the package is
+#: loaded when asked to replay the kernels as a CUDA graph (as the H200's first compiled policy died).
+CRASH_UNDER_A_GRAPH = ("import faulthandler, sys, torch\n"
+                       "if torch.load(sys.argv[1], weights_only=True)['cuda_graph']:\n"
+                       "    print('dinocache-child: loaded', file=sys.stderr, flush=True)\n"
+                       "    faulthandler._sigsegv()\n" + compiled.CHILD_PROGRAM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_kernels_that_crash_under_a_cuda_graph_run_without_one(trained, eager, device, tmp_path,
+                                                                         monkeypatch):
+    """Kernels whose check dies under a CUDA graph are checked once more launched one by one; passing,
+    they are kept, the record says ``cuda_graph: False`` and why, and the runtime runs them without a
+    graph unless asked for one. On the CPU the check is made to ask for the graph as on CUDA."""
+    if not can_package():
+        pytest.skip(f"AOTInductor packages need torch >= 2.8 (this is {torch.__version__})")
+    monkeypatch.setattr(compiled, "CHILD_PROGRAM", CRASH_UNDER_A_GRAPH)
+    monkeypatch.setattr(export_module, "checks_graph", lambda device: True)
+    with pytest.warns(CompiledPolicyFallback, match=rf"crashed the process running them on {device}(:0)? \(SIGSEGV 11, "
+                      r"while running its first query\) replaying them as a CUDA graph; checking them without a graph"):
+        result = export_policy(trained.run, tmp_path / "c.pt2", device=device, compile=True, progress=False)
+    record = read_policy_metadata(result.path)["export"]["compiled"]
+    assert record["device"] == device and record["cuda_graph"] is False and "SIGSEGV" in record["cuda_graph_failed"]
+    assert "Fatal Python error: Segmentation fault" in record["cuda_graph_failed_log"]
+    assert "compiled    yes, without a CUDA graph: the compiled kernels crashed" in result.format_text()
+    assert result.trace_max_abs_diff <= result.metadata["export"]["trace_tolerance"]
+
+    live = load_policy(result.path, device=device)
+    assert live.metadata["runtime"] == {"backend": "aoti", "cuda_graph": False}
+    obs = observations(trained, 1)[0]
+    np.testing.assert_allclose(live.select_action(obs), chunk(eager, obs)[0].numpy(), rtol=0, atol=1e-4)
+    if device == "cuda":  # asked for explicitly, the graph is tried all the same
+        assert load_policy(result.path, device=device, cuda_graph=True).metadata["runtime"]["cuda_graph"] is True
+
+
+def test_kernels_that_crash_with_and_without_a_graph_say_both(monkeypatch, tmp_path):
+    """Where the retry without a graph dies too, the one error says both deaths, and its log holds both
+    children's last words."""
+    monkeypatch.setattr(compiled, "CHILD_PROGRAM", "import faulthandler, sys; "
+                        "print('dinocache-child: loaded', file=sys.stderr, flush=True); faulthandler._sigsegv()")
+    monkeypatch.setattr(export_module, "checks_graph", lambda device: True)
+    record: dict = {}
+    with pytest.warns(CompiledPolicyFallback), pytest.raises(compiled.CompiledCrash) as caught:
+        export_module._check_in_child(tmp_path / "p.pt2", (torch.zeros(1),), torch.device("cpu"), record)
+    assert re.fullmatch(r"the compiled kernels crashed .*\(SIGSEGV 11, while running its first query\), and the "
+                        r"compiled kernels crashed .*SIGSEGV 11.* as a CUDA graph", str(caught.value)), caught.value
+    assert caught.value.log.count("Fatal Python error: Segmentation fault") == 2
+    assert "--- as a CUDA graph ---" in caught.value.log and record["cuda_graph"] is False
 
 
 def test_compiled_kernels_that_hang_are_stopped_and_say_where(monkeypatch, tmp_path):

@@ -35,7 +35,8 @@ import torch
 from dinocache.errors import DinocacheError
 
 __all__ = ["can_package", "compile_program", "write_package", "compiled_record", "compiled_mismatch",
-           "load_compiled", "run_in_child", "to_cpu", "CompiledCrash", "CompiledPolicyFallback"]
+           "load_compiled", "run_in_child", "checks_graph", "to_cpu", "CompiledCrash", "CompiledHang",
+           "CompiledPolicyFallback"]
 
 #: What the child of :func:`run_in_child` runs: load the package as a robot process does, answer the
 #: inputs, save the output (:func:`dinocache.policy.runtime.answer_in_child`).
@@ -60,6 +61,10 @@ class CompiledCrash(DinocacheError):
     def __init__(self, message: str, log: str = "") -> None:
         super().__init__(message)
         self.log = log
+
+
+class CompiledHang(CompiledCrash):
+    """The compiled kernels did not answer in time; the process running them was stopped."""
 
 
 def can_package() -> bool:
@@ -143,21 +148,29 @@ def load_compiled(path: str | os.PathLike, device: torch.device, single_threaded
     return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded, device_index=index)
 
 
-def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, timeout: float = 180.0) -> Any:
+def checks_graph(device: torch.device) -> bool:
+    """Whether the runtime replays queries on ``device`` as a CUDA graph, so the check must too."""
+    return device.type == "cuda"
+
+
+def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, timeout: float = 180.0,
+                 cuda_graph: bool = False) -> Any:
     """The compiled kernels of ``path`` run on ``inputs`` (nested tuples / lists of tensors) on ``device``
-    as a robot process runs them (on CUDA: loaded for graph capture, replayed as a CUDA graph), in a
-    child process; their output on the CPU.
+    as a robot process runs them (with ``cuda_graph``: loaded for graph capture, replayed as a CUDA
+    graph), in a child process; their output on the CPU.
 
     Raises:
-        CompiledCrash: the child died of a signal (SIGSEGV, SIGABRT ...) or hung past ``timeout`` (then
-            SIGABRT makes faulthandler say where). Loading and one query take seconds, a minute for the
-            largest backbones on a CPU; the default leaves room, and stays under the step limits of
-            ``benchmarks/gpu_check.sh``, so a hang there is reported, not cut off.
+        CompiledCrash: the child died of a signal (SIGSEGV, SIGABRT ...).
+        CompiledHang: it hung past ``timeout``; then SIGABRT makes faulthandler say where. Loading and
+            one query take seconds, a minute for the largest backbones on a CPU; the default leaves
+            room, and stays under the step limits of ``benchmarks/gpu_check.sh``, so a hang there is
+            reported, not cut off.
         DinocacheError: it raised; the message ends with the child's last error line.
     """
     with tempfile.TemporaryDirectory(prefix="dinocache-compiled-") as tmp:
         request, answer = Path(tmp, "inputs.pt"), Path(tmp, "output.pt")
-        torch.save({"path": str(path), "device": str(device), "inputs": to_cpu(inputs)}, request)
+        torch.save({"path": str(path), "device": str(device), "cuda_graph": cuda_graph, "inputs": to_cpu(inputs)},
+                   request)
         with subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", CHILD_PROGRAM, str(request), str(answer)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
             try:
@@ -169,7 +182,7 @@ def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, t
                 except subprocess.TimeoutExpired:
                     child.kill()
                     _, stderr = child.communicate()
-                raise CompiledCrash(f"the compiled kernels did not answer within {timeout:.0f} s on {device}",
+                raise CompiledHang(f"the compiled kernels did not answer within {timeout:.0f} s on {device}",
                                     _tail(stderr)) from None
         if child.returncode < 0:
             name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from dinocache.errors import DinocacheError
 from dinocache.policy.checkpoint import LAST
-from dinocache.policy.compiled import (CompiledCrash, CompiledPolicyFallback, can_package, compile_program,
-                                       compiled_record, run_in_child, write_package)
+from dinocache.policy.compiled import (CompiledCrash, CompiledHang, CompiledPolicyFallback, can_package, checks_graph,
+                                       compile_program, compiled_record, run_in_child, write_package)
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.formats import FORMATS
 from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
@@ -80,6 +80,8 @@ class ExportResult:
         what = f"AOTInductor for {compiled['device']}" if compiled else self.format
         if self.metadata["export"].get("compile_failed"):
             lines.append(f"compiled    no: {self.metadata['export']['compile_failed']}; the plain program was written")
+        elif compiled and compiled.get("cuda_graph") is False:
+            lines.append(f"compiled    yes, without a CUDA graph: {compiled['cuda_graph_failed']} replaying them as one")
         lines.append(f"traced      max |{what} - eager| = {self.trace_max_abs_diff:.3g} action std; "
                      f"{self.seconds:.1f} s")
         return "\n".join(lines)
@@ -190,13 +192,39 @@ def _write_compiled(policy: FusedPolicy, program: torch.export.ExportedProgram, 
     """The AOTInductor kernels of ``program`` and the program in one archive, checked in a child process."""
     aoti_files = compile_program(program)
     write_package(tmp, program, aoti_files, {METADATA_NAME: json.dumps(metadata)})
-    metadata["export"]["compiled"] = compiled_record(tmp)
-    traced = run_in_child(tmp, _all_inputs(*inputs), next(policy.parameters()).device)
+    metadata["export"]["compiled"] = record = compiled_record(tmp)
+    traced = _check_in_child(tmp, _all_inputs(*inputs), next(policy.parameters()).device, record)
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the AOTInductor-compiled program")
     write_package(tmp, program, aoti_files, {METADATA_NAME: json.dumps(metadata)})  # with the measured difference
     return diff
+
+
+def _check_in_child(path: Path, inputs: tuple, device: torch.device, record: dict[str, Any]) -> Tensor:
+    """The compiled kernels' answer, run as the runtime will run them (on CUDA, as a CUDA graph).
+
+    Capturing AOTInductor's kernels in a CUDA graph is a younger path than launching them one by one,
+    so a crash under the graph is given one more try without it. If the kernels pass then, ``record``
+    says ``cuda_graph: False`` (and why), and :func:`~dinocache.policy.runtime.load_policy` runs them
+    without a graph: fused kernels launched one by one still beat the program's eager launches.
+    """
+    graph = checks_graph(device)
+    try:
+        return run_in_child(path, inputs, device, cuda_graph=graph)
+    except CompiledHang:
+        raise  # a second wait of minutes would cost more than the graph-less kernels could return
+    except CompiledCrash as crash:
+        if not graph:
+            raise
+        warnings.warn(f"{crash} replaying them as a CUDA graph; checking them without a graph",
+                      CompiledPolicyFallback, stacklevel=4)
+        record.update(cuda_graph=False, cuda_graph_failed=str(crash), cuda_graph_failed_log=crash.log)
+        try:
+            return run_in_child(path, inputs, device, cuda_graph=False)
+        except CompiledCrash as again:
+            raise CompiledCrash(f"{again}, and {crash} as a CUDA graph",
+                                f"{again.log}\n--- as a CUDA graph ---\n{crash.log}") from None
 
 
 def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict[str, Any], tmp: Path) -> float:

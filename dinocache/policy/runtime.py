@@ -282,12 +282,11 @@ class _CudaGraphCall:
 
 def answer_in_child() -> None:
     """The child process of :func:`~dinocache.policy.compiled.run_in_child`: the compiled kernels loaded
-    and called as :func:`load_policy` runs them on this device (on CUDA loaded for graph capture, then
-    captured and replayed as a CUDA graph), on the request's inputs. ``argv``: the request file and
-    where to save the answer; stderr tells the parent how far it got."""
+    and called as :func:`load_policy` runs them (where the request says so, loaded for graph capture,
+    then captured and replayed as a CUDA graph), on the request's inputs.
+    ``argv``: the request file and where to save the answer; stderr tells the parent how far it got."""
     request = torch.load(sys.argv[1], weights_only=True)
-    device = torch.device(request["device"])
-    graph = device.type == "cuda"
+    device, graph = torch.device(request["device"]), request["cuda_graph"]
     module = load_compiled(request["path"], device, single_threaded=graph)
     print("dinocache-child: loaded", file=sys.stderr, flush=True)
     images, state, *env = request["inputs"]
@@ -360,8 +359,8 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         temporal_ensemble_coeff: ACT's ensembling coefficient, None to turn ensembling off (default:
             as trained). Setting a coefficient without ``n_action_steps`` sets that to 1.
         weights: backbone weights for a run folder (as ``dinocache export --weights``).
-        cuda_graph: replay each query as one CUDA graph (default: on CUDA, for the torch back ends;
-            the ONNX runtime has its own).
+        cuda_graph: replay each query as one CUDA graph (default: on CUDA, for the torch back ends,
+            except compiled kernels that export found to crash under a graph; the ONNX runtime has its own).
         compiled: run a ``.pt2``'s AOTInductor kernels where they fit this machine (False: its plain
             program, e.g. to compare the two).
 
@@ -388,7 +387,11 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
             metadata["runtime"] = {"backend": "onnxruntime", "cuda_graph": False}
             return PolicyRuntime(_onnx_predict(path, metadata, device), metadata, device, n_action_steps,
                                  temporal_ensemble_coeff)
-        module, backend = _load_program(path, metadata, device, single_threaded=graph, compiled_kernels=compiled)
+        # kernels that export saw crash under a CUDA graph (and pass without) run without one
+        graphless = (metadata["export"].get("compiled") or {}).get("cuda_graph") is False and cuda_graph is None
+        module, backend = _load_program(path, metadata, device, single_threaded=graph and not graphless,
+                                        compiled_kernels=compiled)
+        graph = graph and not (graphless and backend == "aoti")
     metadata["runtime"] = {"backend": backend, "cuda_graph": graph}
     return PolicyRuntime(_torch_predict(module, device, cuda_graph=graph), metadata, device, n_action_steps,
                          temporal_ensemble_coeff)
