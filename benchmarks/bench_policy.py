@@ -126,7 +126,9 @@ def measure(backbone_name: str, image_size: int, device: str, steps: int, work: 
                   file_mib=exported.path.stat().st_size / 2**20, threads=torch.get_num_threads(), steps=steps,
                   runtime=runtime.metadata["runtime"], dtype=dtype,
                   compile_failed=exported.metadata["export"].get("compile_failed"),
-                  compile_failed_log=exported.metadata["export"].get("compile_failed_log"))
+                  compile_failed_log=exported.metadata["export"].get("compile_failed_log"),
+                  cuda_graph_failed=(exported.metadata["export"].get("compiled") or {}).get("cuda_graph_failed"),
+                  cuda_graph_failed_log=(exported.metadata["export"].get("compiled") or {}).get("cuda_graph_failed_log"))
     return result
 
 
@@ -209,6 +211,10 @@ def main() -> None:
             if r.get("compile_failed"):  # export fell back to the plain program: the row times that
                 failures.append(f"{name}: no compiled form ({r['compile_failed']}); its row times the plain program")
                 print(f"  {name}: the compiled check's last stderr lines:\n{r.get('compile_failed_log') or '-'}",
+                      file=sys.stderr, flush=True)
+            if r.get("cuda_graph_failed"):  # compiled kernels kept, launched without a graph: the row times that
+                failures.append(f"{name}: compiled kernels without a CUDA graph ({r['cuda_graph_failed']})")
+                print(f"  {name}: the graph check's last stderr lines:\n{r.get('cuda_graph_failed_log') or '-'}",
                       file=sys.stderr, flush=True)
             outputs.append(f"$ dinocache bench-policy {name}.pt2 --steps {args.steps}\n{text}")
             program = r.get("fused_program")
