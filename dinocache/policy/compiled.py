@@ -183,7 +183,7 @@ def run_in_child(path: str | os.PathLike, inputs: tuple, device: torch.device, t
                     child.kill()
                     _, stderr = child.communicate()
                 raise CompiledHang(f"the compiled kernels did not answer within {timeout:.0f} s on {device}",
-                                    _tail(stderr)) from None
+                                   _tail(stderr)) from None
         if child.returncode < 0:
             name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""
             reached = [stage for marker, stage in CHILD_STAGES.items() if f"dinocache-child: {marker}" in stderr]
