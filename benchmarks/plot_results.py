@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure  # no pyplot: nothing global, no display needed
+from matplotlib.patches import Patch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,8 @@ def plot_training_speed(runs: list[dict[str, Any]], out: Path) -> None:
         ax.set_title(f"{device_label(run['machine'])}\n{run['date']}, batch {run['settings']['batch_size']}",
                      fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
-    handles = [Figure().subplots().bar([0], [0], color=c, label=k)[0] for k, c in COLOURS.items()]
-    figure.legend(handles, list(COLOURS), loc="outside lower center", ncols=len(COLOURS), fontsize=8)
+    handles = [Patch(color=colour, label=kind) for kind, colour in COLOURS.items()]
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(COLOURS), fontsize=8)
     figure.suptitle("ACT training step, LeRobot's default head: backbone online vs. features cached "
                     "(compare_backbones.py)", fontsize=10)
     figure.savefig(out, dpi=110)
