@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--videos", type=int, default=3, help="Rollout mp4s of the first episodes of every row.")
     parser.add_argument("--workers", type=int, default=None, help="sim demos workers (default: one per core).")
-    parser.add_argument("--num-envs", type=int, default=None, help="sim eval environments (default: one per core).")
+    parser.add_argument("--num-envs", type=int, default=None, help="sim eval environments (default: sim eval's, two per available core).")
     parser.add_argument("--budget", default=None,
                         help="Minutes per phase, e.g. train=30,eval=10 (defaults: "
                              + ", ".join(f"{k} {v:g}" for k, v in BUDGETS.items()) + ").")

@@ -87,6 +87,20 @@ def test_finetuning_changes_the_backbone_and_lowers_the_training_loss(cached, tm
     assert spec.store_record.identity() == load_head(cached.run)[2].store_record.identity()
 
 
+def test_the_head_starts_from_the_cached_run(cached, tmp_path):
+    """The warm start: after one fine-tuning step every head weight is within one AdamW step (its
+    first update moves a weight by about the learning rate, 1e-3 here) of the cached run's, whereas a
+    head built afresh differs by the scale of its initialisation."""
+    run = tune(cached, tmp_path / "ft", steps=1)
+    cached_head, tuned_head = load_head(cached.run)[0].state_dict(), load_head(run)[0].state_dict()
+    assert cached_head.keys() == tuned_head.keys()
+    moved = max((tuned_head[k].float() - v.float()).abs().max().item() for k, v in cached_head.items())
+    assert moved <= 1.5 * TINY["optimizer_lr"], moved
+    head = load_head(run)[0]
+    fresh = type(head)(head.config, head.inputs).state_dict()
+    assert max((fresh[k].float() - v.float()).abs().max().item() for k, v in cached_head.items()) > 0.05
+
+
 def test_a_resumed_finetune_equals_an_uninterrupted_one(cached, tmp_path):
     whole = tune(cached, tmp_path / "whole", steps=6, save_every=3)
     part = tune(cached, tmp_path / "part", steps=3, save_every=3)
