@@ -111,6 +111,19 @@ def test_a_resumed_finetune_equals_an_uninterrupted_one(cached, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_resume_takes_backbone_options_that_agree_and_refuses_those_that_do_not(cached, tmp_path):
+    """Each backbone option given again is compared with the record on its own: --layer-decay 0.9
+    alone resumes a run made with --unfreeze-last 1 --layer-decay 0.9; --layer-decay 0.5 is refused
+    in one line, and the run is left as it was."""
+    run = tune(cached, tmp_path / "ft", steps=1, unfreeze_last=1, layer_decay=0.9)
+    with pytest.raises(DinocacheError, match=r"--layer-decay 0.5 \(the run has 0.9\)"):
+        tune(cached, run, steps=2, resume=True, layer_decay=0.5)
+    assert len(records(run)) == 1
+    tune(cached, run, steps=2, resume=True, layer_decay=0.9)
+    assert [r["step"] for r in records(run)] == [1, 2]
+    assert json.loads((run / "run.json").read_text())["backbone_training"]["unfreeze_last"] == 1
+
+
 def test_the_exported_policy_reproduces_the_finetuned_eager_policy(cached, tmp_path):
     run = tune(cached, tmp_path / "ft", steps=3)
     result = export_policy(run, tmp_path / "policy.pt2", progress=False)

@@ -218,6 +218,17 @@ def test_act_resnet18_trains_online_exports_and_serves_select_action(tmp_path: P
         a, b = (load_file(folder / "checkpoints" / "last" / name) for folder in (run, whole))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
+    for option, value in (("--backbone", "dinov2_vits14"), ("--image-size", "64"), ("--layer-decay", "0.5")):
+        changed = list(args)  # they name the run `whole`, three steps done
+        if option in changed:
+            changed[changed.index(option) + 1] = value
+        else:
+            changed += [option, value]
+        refused = CliRunner().invoke(main, [*changed, "--steps", "4", "--resume"])
+        assert refused.exit_code != 0 and "cannot resume with changed settings" in refused.output, refused.output
+        assert f"{option} {value} (the run has " in refused.output, refused.output
+        assert len(losses(whole)) == 3, "nothing written by the refused resume"
+
     record = json.loads((run / "run.json").read_text())
     assert record["store"]["path"] is None and record["store"]["provenance"]["backbone"]["name"] == "resnet18"
     assert record["backbone_training"]["unfreeze_last"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 from pathlib import Path
 
@@ -9,25 +10,51 @@ import numpy as np
 import pytest
 
 from dinocache.errors import StoreError
-from dinocache.pipeline.store import Compression, FeatureStore, StoreLayout, create_or_open
+from dinocache.encoders.record import BackboneRecord
+from dinocache.pipeline.store import (DEFAULT_PRECISION, FORMAT_NAME, FORMAT_VERSION, Compression, FeatureStore, StoreLayout,
+                                      StoreRecord, create_or_open)
 
 
 def make_layout(num_frames: int = 40, unit_frames: int = 16, compression: str = "none", **provenance) -> StoreLayout:
+    """A two-camera layout; ``provenance`` overrides attributes, spelled as the store writes them."""
     rng = np.random.default_rng(0)
     lengths = [15, 25]
+    record = StoreRecord.from_dict({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "num_frames": num_frames, "cameras": ["top", "wrist"],
+        "unit_frames": unit_frames, "chunk_frames": 8, "compression": compression,
+        "backbone": {"name": "dinov2_vits14"}, "weights": {"source": "random", "seed": 0},
+        "source": {"format": "lerobot-v2.1", "fingerprint": "abc"}, "preprocess": {"image_size": [28, 42]},
+        "episodes_selected": [0, 1], "precision": "fp32", **provenance,
+    })
     return StoreLayout(
-        num_frames=num_frames,
+        record=record,
         grids={"top": (2, 3, 8), "wrist": (2, 3, 8)},
         lowdim={"action": rng.normal(size=(num_frames, 3)), "observation.state": rng.normal(size=(num_frames, 5))},
         episode_index=np.repeat([0, 1], lengths),
         frame_index=np.concatenate([np.arange(n) for n in lengths]),
         timestamp=np.concatenate([np.arange(n) / 30 for n in lengths]),
         episodes=[(0, 0, 15, "pick"), (1, 15, 25, "place")],
-        provenance={"backbone": {"name": "dinov2_vits14"}, "weights": {"source": "random", "seed": 0},
-                    "source": {"format": "lerobot-v2.1", "fingerprint": "abc"}, "preprocess": {"image_size": [28, 42]},
-                    "episodes_selected": [0, 1], "precision": "fp32", **provenance},
-        unit_frames=unit_frames, chunk_frames=8, compression=Compression.parse(compression),
     )
+
+
+def test_records_read_back_what_they_write_and_what_older_stores_wrote():
+    """The typed records round-trip through JSON unchanged; attributes an older store wrote (the
+    backbone as a bare name, no precision, sizes or names) read as their defaults, and keys this
+    version does not know are kept and written back."""
+    record = make_layout().record
+    assert StoreRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    assert BackboneRecord.from_dict(json.loads(json.dumps(record.backbone.to_dict()))) == record.backbone
+    older = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dinocache_version": "0.1.0", "num_frames": 40,
+             "dtype": "float16", "chunk_frames": 8, "unit_frames": 16, "cameras": ["top"], "backbone": "dinov2_vits14",
+             "weights": {"source": "random", "seed": 0}, "weights_path": None, "preprocess": {"image_size": [28, 42]},
+             "source": {"format": "lerobot-v2.1", "fingerprint": "abc"}, "from_the_future": 1}
+    old = StoreRecord.from_dict(older)
+    assert old.backbone.name == "dinov2_vits14" and old.backbone.weights.seed == 0 and old.cameras == ("top",)
+    assert (old.compression, old.precision, old.fps, old.camera_sizes, old.source_path) == ("none", DEFAULT_PRECISION,
+                                                                                          None, {}, None)
+    assert old.extra == {"from_the_future": 1} and old.to_dict()["from_the_future"] == 1
+    with pytest.raises(StoreError, match="format version 99"):
+        StoreRecord.from_dict({**older, "format_version": 99})
 
 
 def unit_features(store: FeatureStore, unit: int, seed: int = 1) -> dict:

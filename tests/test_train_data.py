@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dinocache.errors import DinocacheError, StoreError
-from dinocache.pipeline.store import Compression, FeatureStore, StoreLayout, create_or_open
+from dinocache.pipeline.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, StoreLayout, StoreRecord, create_or_open
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_STATE
 from dinocache.policy.data import (
     CachedFeatures, SampleOrder, action_windows, episode_rows, open_training_store, parse_memory_budget,
@@ -44,18 +44,18 @@ def make_store(path: Path, num_episodes: int = 24, lengths: tuple[int, int] = (1
     state = np.stack([phase, rng.normal(size=n)], axis=1)
     latent = np.concatenate([goal, phase[:, None], np.ones((n, 1))], axis=1)  # (n, 5)
     starts = np.concatenate([[0], np.cumsum(episode_lengths)[:-1]])
+    record = StoreRecord.from_dict({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "num_frames": n, "cameras": list(cameras),
+        "unit_frames": 32, "chunk_frames": 8, "backbone": {"name": backbone}, "weights": {"source": "random", "seed": 0},
+        "source": {"format": "synthetic", "fingerprint": f"learnable-{seed}"}, "preprocess": {"image_size": [28, 28]},
+        "episodes_selected": list(range(num_episodes)), "precision": "fp32", "fps": 30.0})
     layout = StoreLayout(
-        num_frames=n, grids=cameras,
+        record=record, grids=cameras,
         lowdim={"action": action.astype(np.float32), "observation.state": state.astype(np.float32)},
         episode_index=np.repeat(np.arange(num_episodes), episode_lengths),
         frame_index=np.concatenate([np.arange(k) for k in episode_lengths]),
         timestamp=np.concatenate([np.arange(k) / 30 for k in episode_lengths]),
         episodes=[(i, int(s), int(k), "reach") for i, (s, k) in enumerate(zip(starts, episode_lengths))],
-        provenance={"backbone": {"name": backbone}, "weights": {"source": "random", "seed": 0},
-                    "source": {"format": "synthetic", "fingerprint": f"learnable-{seed}"},
-                    "preprocess": {"image_size": [28, 28]}, "episodes_selected": list(range(num_episodes)),
-                    "precision": "fp32", "fps": 30.0},
-        unit_frames=32, chunk_frames=8, compression=Compression.parse("none"),
     )
     store = create_or_open(path, layout)
     projections = {cam: rng.normal(size=(h, w, 5, c)) / 2 for cam, (h, w, c) in cameras.items()}

@@ -39,8 +39,9 @@ from dinocache.pipeline.store import (
     DEFAULT_UNIT_FRAMES,
     Compression,
     FeatureStore,
+    SourceRecord,
     StoreLayout,
-    backbone_attributes,
+    StoreRecord,
     create_or_open,
     store_bytes,
 )
@@ -199,29 +200,23 @@ def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras:
         timestamp.append(np.asarray(arrays["timestamp"], dtype=np.float32))
         table.append((ep.index, start, ep.length, ep.task))
         start += ep.length
+    record = StoreRecord(
+        num_frames=start, cameras=tuple(cameras), backbone=backbone.record(), dtype=cfg.dtype,
+        chunk_frames=cfg.chunk_frames, unit_frames=cfg.unit_frames, compression=str(Compression.parse(cfg.compression)),
+        precision=cfg.resolved_precision(), source=SourceRecord(source.format, source.fingerprint()),
+        source_path=str(Path(source.path).resolve()), episodes_selected=tuple(ep.index for ep in episodes),
+        fps=float(source.fps), camera_sizes={c: (source.cameras[c].height, source.cameras[c].width) for c in cameras},
+        lowdim_names={k: info.names for k, info in source.lowdim.items()},
+    )
     h, w = backbone.grid_size
     return StoreLayout(
-        num_frames=start,
+        record=record,
         grids={camera: (h, w, backbone.embed_dim) for camera in cameras},
         lowdim={key: np.concatenate(parts) for key, parts in lowdim.items()},
         episode_index=np.concatenate(episode_index),
         frame_index=np.concatenate(frame_index),
         timestamp=np.concatenate(timestamp),
         episodes=table,
-        provenance={
-            **backbone_attributes(backbone.record()),
-            "precision": cfg.resolved_precision(),
-            "source": {"format": source.format, "fingerprint": source.fingerprint()},
-            "source_path": str(Path(source.path).resolve()),
-            "episodes_selected": [ep.index for ep in episodes],
-            "fps": float(source.fps),
-            "camera_sizes": {c: [source.cameras[c].height, source.cameras[c].width] for c in cameras},
-            "lowdim_names": {k: info.names for k, info in source.lowdim.items()},
-        },
-        dtype=cfg.dtype,
-        chunk_frames=cfg.chunk_frames,
-        unit_frames=cfg.unit_frames,
-        compression=Compression.parse(cfg.compression),
         verification_frames=functools.partial(frames_at_rows, source, [(i, s, n) for i, s, n, _ in table], cameras),
     )
 

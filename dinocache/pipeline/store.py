@@ -227,36 +227,32 @@ class Compression:
 
 @dataclass(frozen=True)
 class StoreLayout:
-    """Everything needed to create an empty store: shapes, chunking and the provenance to record."""
+    """Everything needed to create an empty store: the attributes it records (typed: frame count,
+    cameras, dtype, chunking, compression, backbone and source), and its arrays' shapes and contents."""
 
-    num_frames: int
-    grids: Mapping[str, tuple[int, int, int]]  # camera -> (h, w, C), cameras in store order
+    record: StoreRecord
+    grids: Mapping[str, tuple[int, int, int]]  # camera -> (h, w, C), in the record's camera order
     lowdim: Mapping[str, np.ndarray]  # key -> (N, D) float32, including observation.state and action
     episode_index: np.ndarray
     frame_index: np.ndarray
     timestamp: np.ndarray
     episodes: Sequence[tuple[int, int, int, str]]  # (index, start, length, task)
-    provenance: Mapping[str, Any]  # the rest of the store's attributes (see StoreRecord): backbone, source...
-    dtype: str = DEFAULT_DTYPE
-    chunk_frames: int = DEFAULT_CHUNK_FRAMES
-    unit_frames: int = DEFAULT_UNIT_FRAMES
-    compression: Compression = Compression()
     #: Reads the raw uint8 frames ``(K, H, W, 3)`` of the given store rows, per camera; called only by
     #: the process that creates the store (see :func:`verification_rows`).
     verification_frames: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None
 
+    def __post_init__(self) -> None:
+        if tuple(self.grids) != self.record.cameras:
+            raise StoreError(f"store layout: grids for cameras {list(self.grids)}, the record names "
+                             f"{list(self.record.cameras)}")
+
+    @property
+    def num_frames(self) -> int:
+        return self.record.num_frames
+
     @property
     def num_units(self) -> int:
-        return -(-self.num_frames // self.unit_frames)
-
-    def record(self) -> StoreRecord:
-        """The attributes a store of this layout carries."""
-        return StoreRecord.from_dict({
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dinocache_version": __version__,
-            "num_frames": self.num_frames, "dtype": self.dtype, "chunk_frames": self.chunk_frames,
-            "unit_frames": self.unit_frames, "compression": str(self.compression), "cameras": list(self.grids),
-            **self.provenance,
-        })
+        return -(-self.record.num_frames // self.record.unit_frames)
 
 
 def verification_rows(num_frames: int, count: int = VERIFICATION_FRAMES) -> np.ndarray:
@@ -283,17 +279,18 @@ def lowdim_stats(values: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _build(root: zarr.Group, layout: StoreLayout) -> None:
-    n = layout.num_frames
-    codecs = layout.compression.codecs()
+    record = layout.record
+    n = record.num_frames
+    codecs = Compression.parse(record.compression).codecs()
     for camera, (h, w, c) in layout.grids.items():
         group = root.require_group(f"cameras/{camera}")
         group.create_array(
-            "patch", shape=(n, h, w, c), dtype=layout.dtype, chunks=(layout.chunk_frames, h, w, c),
-            shards=(layout.unit_frames, h, w, c), fill_value=np.nan, dimension_names=("frame", "y", "x", "channel"),
+            "patch", shape=(n, h, w, c), dtype=record.dtype, chunks=(record.chunk_frames, h, w, c),
+            shards=(record.unit_frames, h, w, c), fill_value=np.nan, dimension_names=("frame", "y", "x", "channel"),
             **codecs,
         )
         group.create_array(
-            "cls", shape=(n, c), dtype=layout.dtype, chunks=(layout.chunk_frames, c), shards=(layout.unit_frames, c),
+            "cls", shape=(n, c), dtype=record.dtype, chunks=(record.chunk_frames, c), shards=(record.unit_frames, c),
             fill_value=np.nan, dimension_names=("frame", "channel"), **codecs,
         )
     checksum = {"compressors": [Crc32cCodec()]}
@@ -321,7 +318,7 @@ def _build(root: zarr.Group, layout: StoreLayout) -> None:
             root.create_array(f"verification/{camera}", data=np.ascontiguousarray(frames[camera], dtype=np.uint8),
                               compressors=[ZstdCodec(level=3), Crc32cCodec()])
 
-    root.attrs.put({"dinocache": layout.record().to_dict()})
+    root.attrs.put({"dinocache": layout.record.to_dict()})
 
 
 def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool = False) -> FeatureStore:
@@ -351,7 +348,7 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
         except OSError:  # another process created it first
             shutil.rmtree(tmp, ignore_errors=True)
     store = FeatureStore(path, mode="r+")
-    store.check_identity(_jsonable(layout.record().identity()),
+    store.check_identity(_jsonable(layout.record.identity()),
                          hint="pass --overwrite to replace it, or choose another --out")
     return store
 

@@ -29,10 +29,12 @@ from typing import Any
 
 from dinocache.datasets import open_dataset
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
+from dinocache.encoders.image_size import parse_image_size
 from dinocache.encoders.preprocess import ImageSize
+from dinocache.encoders.record import BackboneRecord
 from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.errors import DinocacheError, TrainingError
-from dinocache.pipeline.store import FORMAT_NAME, FORMAT_VERSION, StoreRecord, backbone_attributes
+from dinocache.pipeline.store import SourceRecord, StoreRecord
 from dinocache.policy.act import ACTHead
 from dinocache.policy.checkpoint import RUN_FILE, PolicySpec, load_head, resolve_checkpoint
 from dinocache.policy.config import ACTConfig, ACTInputs
@@ -54,29 +56,58 @@ def online_record(data: DecodedFrames, backbone: FrozenBackbone) -> StoreRecord:
     fingerprint, path), cameras, native sizes, fps and low-dim names: what export rebuilds from."""
     source = data.source
     cameras = list(data.camera_keys.values())
-    return StoreRecord.from_dict({
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "num_frames": len(data.episode_end),
-        "dtype": "float32", "cameras": cameras, **backbone_attributes(backbone.record()),
-        "source": {"format": source.format, "fingerprint": source.fingerprint()},
-        "source_path": str(Path(source.path).resolve()), "fps": float(source.fps),
-        "camera_sizes": {camera: list(data.sizes[camera]) for camera in cameras},
-        "lowdim_names": {key: info.names for key, info in source.lowdim.items()}, "online": True,
-    })
+    return StoreRecord(
+        num_frames=len(data.episode_end), cameras=tuple(cameras), backbone=backbone.record(), dtype="float32",
+        source=SourceRecord(source.format, source.fingerprint()), source_path=str(Path(source.path).resolve()),
+        fps=float(source.fps), camera_sizes={camera: tuple(data.sizes[camera]) for camera in cameras},
+        lowdim_names={key: info.names for key, info in source.lowdim.items()}, extra={"online": True},
+    )
 
 
 def _trained_config(config: ACTConfig, training: BackboneTraining) -> ACTConfig:
     return config if training.lr is None else dataclasses.replace(config, optimizer_lr_backbone=training.lr)
 
 
-def _recorded_training(recorded: dict[str, Any] | None, training: BackboneTraining) -> BackboneTraining:
-    """A continued run trains its backbone as recorded; options given again must agree."""
+#: BackboneTraining field -> (its option's parameter name, as in ``TrainConfig.given``; the option)
+_TRAINING_OPTIONS = {"lr": ("backbone_lr", "--optimizer-lr-backbone"), "unfreeze_last": ("unfreeze_last", "--unfreeze-last"),
+                     "layer_decay": ("layer_decay", "--layer-decay"),
+                     "gradient_checkpointing": ("gradient_checkpointing", "--gradient-checkpointing")}
+
+
+def _given(cfg: TrainConfig, name: str, value: Any, default: Any) -> bool:
+    """Whether the user gave option ``name`` (see ``TrainConfig.given``; from the Python API: not its default)."""
+    return name in cfg.given if cfg.given is not None else value != default
+
+
+def _refuse_changes(cfg: TrainConfig, conflicts: list[str]) -> None:
+    if conflicts:
+        raise TrainingError(f"{cfg.out}: cannot resume with changed settings: {'; '.join(conflicts)}. Drop them, "
+                            f"or start a new run with another --out")
+
+
+def _recorded_training(recorded: dict[str, Any] | None, training: BackboneTraining, cfg: TrainConfig) -> BackboneTraining:
+    """A continued run trains its backbone as recorded; each option given again must agree with the record."""
     if recorded is None:
         return training
-    was = BackboneTraining(**recorded["backbone_training"])
-    if training != BackboneTraining() and training != was:
-        raise TrainingError(f"cannot resume with other backbone options ({training.to_dict()}; the run has "
-                            f"{was.to_dict()}); drop them, or start a new run with another --out")
+    was, default = BackboneTraining(**recorded["backbone_training"]), BackboneTraining()
+    conflicts = []
+    for name, (parameter, option) in _TRAINING_OPTIONS.items():
+        asked, recorded_value = getattr(training, name), getattr(was, name)
+        if _given(cfg, parameter, asked, getattr(default, name)) and asked != recorded_value:
+            conflicts.append(f"{option} {asked} (the run has {recorded_value})")
+    _refuse_changes(cfg, conflicts)
     return was
+
+
+def _check_online_backbone(cfg: TrainConfig, recorded: BackboneRecord, backbone: str, image_size: ImageSize | None) -> None:
+    """A resumed online run rebuilds the backbone it recorded: a --backbone or --image-size given again must be it."""
+    conflicts = []
+    if _given(cfg, "backbone", backbone, "resnet18") and backbone != recorded.name:
+        conflicts.append(f"--backbone {backbone} (the run has {recorded.name})")
+    size = tuple(recorded.preprocess.get("image_size") or ())
+    if _given(cfg, "image_size", image_size, None) and image_size is not None and parse_image_size(image_size) != size:
+        conflicts.append(f"--image-size {image_size} (the run has {'x'.join(map(str, size))})")
+    _refuse_changes(cfg, conflicts)
 
 
 def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os.PathLike[str] = "auto",
@@ -96,14 +127,17 @@ def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os
     fingerprint = source.fingerprint()
 
     def check_data(recorded: dict[str, Any]) -> None:
-        expected = recorded["store"]["provenance"]["source"]["fingerprint"]
+        expected = StoreRecord.from_dict(recorded["store"]["provenance"]).source.fingerprint
         if fingerprint != expected:
             raise DinocacheError(f"{cfg.store} is not the dataset the run {cfg.out} was trained on (fingerprint "
                                  f"{fingerprint}, the run has {expected})")
 
     def build(procs: Processes, config: ACTConfig, recorded: dict[str, Any] | None) -> RunSetup:
         device = procs.device
-        options = _recorded_training(recorded, training)
+        options = _recorded_training(recorded, training, cfg)
+        if recorded is not None:
+            _check_online_backbone(cfg, StoreRecord.from_dict(recorded["store"]["provenance"]).backbone, backbone,
+                                   image_size)
         data = DecodedFrames.from_dataset(cfg.store, config.chunk_size, device=device)
         if recorded is None:
             native = next(iter(data.sizes.values())) if get_backbone_spec(backbone).kind == "convnet" else None
@@ -154,7 +188,7 @@ def finetune(run: str | os.PathLike, cfg: TrainConfig, training: BackboneTrainin
 
     def build(procs: Processes, config: ACTConfig, recorded: dict[str, Any] | None) -> RunSetup:
         device = procs.device
-        options = _recorded_training(recorded, training)
+        options = _recorded_training(recorded, training, cfg)
         data = DecodedFrames.from_store(store, dataset, config.chunk_size, device=device)
         encoder = options.encoder(rebuild_backbone(spec.store_record.backbone, device=device))
         config = _trained_config(config, options)
