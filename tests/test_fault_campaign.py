@@ -8,12 +8,14 @@ video, written to disk and broken with file operations.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import re
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,21 @@ def test_a_store_missing_a_shard_file_is_refused_naming_array_and_frames(tmp_pat
     assert report.exit_code == 1, report.output
     assert "complete    incomplete: all 4 units are marked done" in report.stdout, report.stdout
     assert "camera 'top': 32 frame(s) contain NaN" in report.stdout
+
+
+@pytest.mark.parametrize("key", ["action", "observation.state"])
+def test_a_store_missing_a_lowdim_chunk_is_refused_naming_the_array(tmp_path: Path, key: str):
+    """Actions and states are written whole when the store is made; a chunk file of theirs lost since
+    reads as NaN, and is refused before the first step like a missing feature shard."""
+    store = tmp_path / "f.zarr"
+    make_store(store, num_episodes=4)
+    chunk = store / key / "c" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    result = cli("train", store, "--out", tmp_path / "run", "--steps", 200, "--batch-size", 4, "--val-episodes",
+                 "none", "--no-progress", *act_args())
+    one_line_error(result, f"array {key!r}", "NaN or inf", "chunk file is missing or damaged", "dinocache inspect")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path):
@@ -291,14 +308,30 @@ def test_an_hdf5_action_shorter_than_the_images_is_named(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------- encoders --
-def test_a_weights_file_of_random_bytes_gets_no_unsafe_advice(tmp_path: Path):
+@pytest.mark.parametrize("first", [b"\x17", b"\x80", b"c", b"P", b"\x00"], ids=lambda b: b.hex())
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_weights_file_of_random_bytes_gets_no_unsafe_advice(tmp_path: Path, first: bytes, suffix: str):
+    """Whatever its first byte (a pickle protocol marker, an opcode, a zip's "P"), random bytes are
+    called not a checkpoint, in one line, without torch's weights_only advice or its warnings."""
+    weights = tmp_path / f"model{suffix}"
+    weights.write_bytes(first + np.random.default_rng(0).bytes(4095))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "Detected pickle protocol 216"
+        with pytest.raises(BackboneError) as excinfo:
+            create_backbone("dinov2_vits14", weights=str(weights), image_size=28)
+    text = str(excinfo.value)
+    assert "not a PyTorch (.pth/.pt) or .safetensors checkpoint, or it is truncated or damaged" in text, text
+    assert str(weights) in text and "weights_only" not in text and "\n" not in text
+    assert "Python objects" not in text
+
+
+def test_a_weights_file_holding_python_objects_names_one(tmp_path: Path):
     weights = tmp_path / "model.pth"
-    weights.write_bytes(b"\x17" + np.random.default_rng(0).bytes(4095))
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1)}, weights)
     with pytest.raises(BackboneError) as excinfo:
         create_backbone("dinov2_vits14", weights=str(weights), image_size=28)
     text = str(excinfo.value)
-    assert "is not a PyTorch (.pth/.pt) or .safetensors checkpoint" in text and str(weights) in text
-    assert "weights_only" not in text
+    assert "holds Python objects besides tensors (argparse.Namespace)" in text and "weights_only" not in text, text
 
 
 def test_an_int64_image_is_told_how_to_cast_integers(tmp_path: Path):

@@ -62,12 +62,8 @@ def read_state_dict(path: Path) -> StateDict:
             data = load_file(str(path), device="cpu")
         else:
             data = _torch_load(path)
-    except pickle.UnpicklingError:
-        # torch's own text advises weights_only=False: unsafe on an untrusted file, and useless on
-        # one that is not a checkpoint at all.
-        raise BackboneError(f"cannot read weights file {path}: {_not_loadable(path)}") from None
-    except Exception as err:  # corrupt / truncated / not a checkpoint: all the same to the user
-        raise BackboneError(f"cannot read weights file {path}: {_one_line(err)}") from None
+    except Exception as err:  # corrupt / truncated / not a checkpoint / pickled objects
+        raise BackboneError(f"cannot read weights file {path}: {_not_loadable(err)}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
             data = data[key]
@@ -81,23 +77,30 @@ def read_state_dict(path: Path) -> StateDict:
     return dict(data)
 
 
-def _not_loadable(path: Path) -> str:
-    """Why a file that ``torch.load(weights_only=True)`` refuses cannot be used, from its first bytes."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save's zip, or a legacy pickle
-        return ("it holds Python objects besides tensors, and dinocache never unpickles code from a weights "
-                "file; save only the tensors, torch.save(model.state_dict(), path), or use .safetensors")
-    return "it is not a PyTorch (.pth/.pt) or .safetensors checkpoint (its bytes are neither a zip archive nor a pickle)"
+def _not_loadable(err: Exception) -> str:
+    """Why a weights file could not be read, in words that help.
+
+    Never torch's own advice to load with ``weights_only=False``: unsafe on an untrusted file, and
+    useless on one that is not a checkpoint at all. The one refusal that is about the file's content
+    rather than its bytes names the Python object it would have had to unpickle.
+    """
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if isinstance(err, pickle.UnpicklingError) and found:
+        return (f"it holds Python objects besides tensors ({found.group(1)}), and dinocache never unpickles code "
+                "from a weights file; save only the tensors, torch.save(model.state_dict(), path), or use .safetensors")
+    detail = "" if isinstance(err, pickle.UnpicklingError) else f" ({_one_line(err)})"  # the former: torch's advice
+    return f"it is not a PyTorch (.pth/.pt) or .safetensors checkpoint, or it is truncated or damaged{detail}"
 
 
 def _torch_load(path: Path) -> object:
     """``torch.load`` memory-mapped where the format allows: a 7B checkpoint is then not held twice
     (file copy + model) while it is loaded. Legacy (pre-zip) files cannot be mapped."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # a file that is no pickle at all may read as an unknown protocol
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def warn_if_not_published(path: Path, sha256: str) -> None:

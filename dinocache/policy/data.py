@@ -338,6 +338,22 @@ class Block:
         return np.searchsorted(self.chunks, chunk) * self.chunk_frames + rows % self.chunk_frames
 
 
+def _finite(store: FeatureStore, name: str, values: Tensor, start: int, why: str) -> Tensor:
+    """``values`` (rows ``start...`` of the store's array ``name``), refused if any is NaN or inf.
+
+    A chunk file deleted or lost after it was written reads as Zarr's NaN fill value, and a single
+    NaN makes the loss, then every weight, NaN at the first step that draws it: refused here, before
+    training on it, naming the array and its frames.
+    """
+    if torch.isfinite(values).all():
+        return values
+    bad = torch.nonzero(~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)).flatten() + start
+    raise StoreError(
+        f"{store.path}: array {name!r} holds NaN or inf in {len(bad)} frame(s) of {start}-{start + len(values) - 1} "
+        f"(first {int(bad[0])}, last {int(bad[-1])}) {why}. Check it with `dinocache inspect`, then re-extract "
+        f"(--overwrite)")
+
+
 class CachedFeatures:
     """A complete feature store as the ACT head sees it: normalised low-dim arrays, features, batches.
 
@@ -376,7 +392,9 @@ class CachedFeatures:
         keys = [OBS_STATE, ACTION] + ([OBS_ENV_STATE] if self.has_env_state else [])
         self.stats = {key: store.stats(key) for key in keys}
         self.normalizer = Normalizer(self.stats)
-        raw = {key: torch.from_numpy(store.read(key)).float().reshape(store.num_frames, -1) for key in keys}
+        raw = {key: _finite(store, key, torch.from_numpy(store.read(key)).float().reshape(store.num_frames, -1), 0,
+                            "(written whole when the store was made: a chunk file is missing or damaged)")
+               for key in keys}
         self.lowdim = {key: self.normalizer.normalize(key, values) for key, values in raw.items()}
 
         ends = np.zeros(store.num_frames, dtype=np.int64)
@@ -455,15 +473,8 @@ class CachedFeatures:
         disk, and catches it before training on it (in memory) or as its chunk arrives (streamed).
         """
         name = self._array_name(key)
-        values = torch.from_numpy(self.store.read(name, slice(start, stop)))
-        if not torch.isfinite(values).all():
-            bad = torch.nonzero(~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)).flatten() + start
-            raise StoreError(
-                f"{self.store.path}: array {name!r} holds NaN or inf in {len(bad)} frame(s) of {start}-{stop - 1} "
-                f"(first {int(bad[0])}, last {int(bad[-1])}) although every unit is marked done: a shard file is "
-                f"missing or damaged. Check it with `dinocache inspect`, then re-extract (--overwrite)"
-            )
-        return values
+        return _finite(self.store, name, torch.from_numpy(self.store.read(name, slice(start, stop))), start,
+                       "although every unit is marked done: a shard file is missing or damaged")
 
     def _load_all(self, progress: bool, device: str | torch.device) -> Block:
         """Read every feature array into tables on ``device``, one shard (work unit) at a time."""
