@@ -42,11 +42,12 @@ from dinocache.policy.act import ACTHead
 from dinocache.policy.bench import latencies_ms, random_observation
 from dinocache.policy.checkpoint import PolicySpec, capture_rng, load_head, save_checkpoint
 from dinocache.policy.config import ACTION, OBS_STATE, ACTConfig, ACTInputs
+from dinocache.keys import camera_key
 from dinocache.policy.export import export_policy
 from dinocache.policy.normalize import Normalizer
 from dinocache.policy.runtime import load_policy
 
-CAMERA = "observation.images.top"
+CAMERA = camera_key("top")
 HEIGHT, WIDTH, DIM = 480, 640, 14
 
 

@@ -30,6 +30,23 @@ def test_every_command_is_listed_with_its_summary():
         assert f"  {name} " in text, (name, text)
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    def commands(group: click.Group, ctx: click.Context, prefix: str):
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            yield f"{prefix}{name}", command
+            if isinstance(command, click.Group):
+                yield from commands(command, ctx, f"{prefix}{name} ")
+
+    with click.Context(main) as ctx:
+        silent = [f"{path} {option.opts[0]}" for path, command in commands(main, ctx, "")
+                  for option in command.params
+                  if isinstance(option, click.Option) and not (option.help or "").strip()]
+    assert not silent, silent
+
+
 def test_train_help_groups_run_options_and_every_act_field():
     text = CliRunner().invoke(main, ["train", "--help"], terminal_width=100).output
     run, act = text.split("Run options:")[1].split("ACT fields")

@@ -18,7 +18,7 @@ from dinocache.demo import DemoConfig
                    "then random weights with a warning).")
 @click.option("--image-size", default=DemoConfig.image_size, show_default=True, help="Backbone input size, H or HxW.")
 @click.option("--steps", default=DemoConfig.steps, show_default=True, help="Training steps.")
-@click.option("--batch-size", default=DemoConfig.batch_size, show_default=True)
+@click.option("--batch-size", default=DemoConfig.batch_size, show_default=True, help="Training batch size.")
 @click.option("--control-steps", type=int, default=None,
               help="Live select_action steps per held-out episode [default: every step].")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")

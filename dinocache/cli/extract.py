@@ -95,7 +95,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature dtype.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Backbone compute precision: auto is bf16 autocast on CUDA, fp32 on CPU.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, help="Frames per backbone forward.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Videos decoded at once (default: one per available core).")
 @click.option("--episodes", default=None, help="START:STOP (episode indices) or a comma list.")
@@ -174,12 +174,12 @@ def inspect(store: Path, pca: Path | None, frames: int, quick: bool) -> None:
 @click.command("make-sample")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["lerobot-v2.1", "lerobot-v3.0", "aloha-hdf5"]),
-              default="lerobot-v2.1", show_default=True)
-@click.option("--episodes", default=4, show_default=True)
+              default="lerobot-v2.1", show_default=True, help="Dataset format to write.")
+@click.option("--episodes", default=4, show_default=True, help="Episodes to write.")
 @click.option("--length", default=40, show_default=True, help="Frames per episode.")
 @click.option("--image-size", default="96x128", show_default=True, help="HxW of the cameras.")
 @click.option("--cameras", default="top", show_default=True, help="Comma-separated camera names.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the scenes (same seed, same dataset).")
 def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str, cameras: str, seed: int) -> None:
     """Write a small synthetic demonstration dataset with real encoded video.
 

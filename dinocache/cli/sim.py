@@ -27,11 +27,11 @@ def sim() -> None:
 
 
 @sim.command()
-@click.option("--task", type=_TASKS, default="transfer_cube", show_default=True)
+@click.option("--task", type=_TASKS, default="transfer_cube", show_default=True, help="Simulated task.")
 @click.option("--episodes", default=50, show_default=True, help="Scripted episodes to attempt (failed ones are left out).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset folder to create (must be empty).")
 @click.option("--format", "fmt", type=click.Choice(["lerobot-v2.1", "aloha-hdf5"]), default="lerobot-v2.1",
-              show_default=True)
+              show_default=True, help="Dataset format to write.")
 @click.option("--seed", default=0, show_default=True, help="Episode i resets the cube with seed SEED + i.")
 @click.option("--cameras", default="top", show_default=True, help="Comma-separated scene cameras to record.")
 @click.option("--image-size", default="240x320", show_default=True, help="HxW of the recorded frames.")
@@ -60,8 +60,9 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
 
 @sim.command("eval")
 @click.argument("policy", type=click.Path(exists=True, path_type=Path))
-@click.option("--task", type=_TASKS, default="transfer_cube", show_default=True)
-@click.option("--episodes", default=50, show_default=True)
+@click.option("--task", type=_TASKS, default="transfer_cube", show_default=True,
+              help="Simulated task (the one the policy was trained on).")
+@click.option("--episodes", default=50, show_default=True, help="Evaluation episodes, on held-out seeds.")
 @click.option("--seed", default=0, show_default=True, help="Episode i resets the cube with seed 1000000 + SEED + i.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for results.json and the videos (default: <policy>_eval beside the policy).")
