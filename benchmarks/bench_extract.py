@@ -83,10 +83,10 @@ def pipeline_run(cfg: ExtractConfig, backbone: torch.nn.Module, work: Path) -> d
     out = work / f"f{time.monotonic_ns()}.zarr"
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, out=out)
-    source = open_source(cfg)
-    store, summary = prepare(cfg, backbone, source)
+    selected = open_source(cfg)
+    store, summary = prepare(cfg, backbone, selected)
     created = time.perf_counter() - t0
-    part = run_units(store, source, backbone, list(range(store.num_units)), cfg.batch_size, cfg.resolved_device(),
+    part = run_units(store, selected.source, backbone, list(range(store.num_units)), cfg.batch_size, cfg.resolved_device(),
                      cfg.dtype, cfg.resolved_decode_workers())
     summary.merge(part)
     summary.seconds, summary.bytes_written = part.seconds, store_bytes(out)

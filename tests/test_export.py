@@ -77,10 +77,13 @@ def eager(trained) -> FusedPolicy:
 
 @pytest.fixture(scope="module")
 def pt2(trained) -> SimpleNamespace:
-    """The run exported through the command line, as a user would."""
-    out = trained.root / "policy.pt2"
-    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(out), "--no-progress"])
+    """The run exported through the command line, as a user would (``--out`` without a suffix: the
+    format's is added)."""
+    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(trained.root / "policy"),
+                                       "--no-progress"])
     assert result.exit_code == 0, result.output
+    out = trained.root / "policy.pt2"
+    assert out.is_file() and not (trained.root / "policy").exists() and str(out) in result.output, result.output
     return SimpleNamespace(path=out, output=result.output)
 
 

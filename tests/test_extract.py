@@ -111,15 +111,38 @@ def zero_tail_of_mdat(file: Path, fraction: float) -> None:
     file.write_bytes(bytes(data))
 
 
-def test_a_wrong_dataset_path_is_said_before_any_weights_are_looked_for(tmp_path: Path, monkeypatch):
-    """The cheap checks come first: with the default --weights auto and no network, a mistyped path
-    is named at once (not after a weights lookup, nor as a weights problem)."""
+@pytest.mark.parametrize("mistake", ["path", "camera", "episodes", "out"])
+def test_a_mistake_in_the_command_is_said_before_any_weights_are_looked_for(tmp_path: Path, monkeypatch, mistake):
+    """The cheap checks come first: with the default --weights auto and no network, a mistyped path,
+    camera or episode, or an --out that is not a store, is named at once (not after a weights lookup,
+    nor as a weights problem), and nothing is created."""
+    from dinocache.datasets.synthetic import write_synthetic_dataset
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     monkeypatch.delenv("DINOCACHE_WEIGHTS", raising=False)
-    result = cli("extract", str(tmp_path / "nope"), "--out", str(tmp_path / "f.zarr"))
-    assert result.exit_code == 2 and "nope: no such file or directory" in result.output, result.output
-    assert "weights" not in result.output and not (tmp_path / "f.zarr").exists()
+    dataset = write_synthetic_dataset(tmp_path / "data", num_episodes=2, episode_length=4, image_size=(28, 28),
+                                      cameras=("top",), seed=0)
+    out = tmp_path / "f.zarr"
+    args, said = {"path": ([str(tmp_path / "nope")], "nope: no such file or directory"),
+                  "camera": ([str(dataset), "--cameras", "nocam"], "camera 'nocam' does not exist"),
+                  "episodes": ([str(dataset), "--episodes", "7"], "episode(s) [7] are not in the dataset"),
+                  "out": ([str(dataset)], "not a feature store")}[mistake]
+    if mistake == "out":
+        (out / "notes").mkdir(parents=True)
+    result = cli("extract", *args, "--out", str(out))
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert "weights" not in result.output
+    assert sorted(p.name for p in out.rglob("*")) == (["notes"] if mistake == "out" else []) and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".f.zarr")]
+
+
+def test_a_mistyped_dataset_path_is_said_without_importing_torch(tmp_path: Path):
+    script = ("import sys\nfrom click.testing import CliRunner\nfrom dinocache.cli import main\n"
+              f"result = CliRunner().invoke(main, ['extract', {str(tmp_path / 'nope')!r}, '--out', 'f.zarr'])\n"
+              "print(result.exit_code, 'torch' in sys.modules, result.output.strip())")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert shown.startswith("2 False ") and "nope: no such file or directory" in shown, shown
 
 
 def _kill_midway(args: list[str], store: Path, at_least: int) -> None:
@@ -333,6 +356,14 @@ def test_inspect_reports_completeness_and_draws_pca(small_dataset: Path, tmp_pat
     assert report.exit_code == 0, report.output
     assert "6/6 units" in report.stdout and "no NaN" in report.stdout
     assert (tmp_path / "pca.png").stat().st_size > 10_000
+    from dinocache.pipeline.inspect import pca_figure
+
+    figure = pca_figure(FeatureStore(out), num_frames=3)
+    title = figure._suptitle.get_text()
+    assert f"{BACKBONE} patch features" in title and "RANDOM weights (seed 0)" in title, title
+    frames, pca = figure.axes[:3], figure.axes[3:]
+    assert frames[0].get_images()[0].get_array().shape == (48, 64, 3)  # the camera's frame, as recorded
+    assert [ax.get_aspect() for ax in pca] == [pytest.approx(48 / 64)] * 3  # a square 4x4 grid drawn at 3:4
     # an unfinished store is reported as such and fails the check
     (out / "units" / "done" / "c" / "3").unlink()
     camera = FeatureStore(out).cameras[0]

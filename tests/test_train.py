@@ -245,6 +245,57 @@ def test_log_to_tensorboard_mirrors_the_metrics_and_records_the_config(learnable
     assert '"chunk_size": 5' in config and "provenance" in config
 
 
+_WANDB_STAND_IN = """
+import json, os
+
+def _write(entry):
+    with open(os.environ["STAND_IN_WANDB_CALLS"], "a") as calls:
+        calls.write(json.dumps(entry, default=str) + "\\n")
+
+class Run:
+    def log(self, data, step=None):
+        _write({"log": data, "step": step})
+
+    def finish(self):
+        _write({"finish": True})
+
+def init(**kwargs):
+    _write({"init": kwargs})
+    return Run()
+"""
+
+
+def test_log_to_wandb_sends_every_record_and_the_config_and_resumes_the_same_run(learnable: Path, tmp_path: Path,
+                                                                                monkeypatch):
+    """W&B is not installed here and needs an account, so a stand-in ``wandb`` module on the path
+    records the calls dinocache makes (wandb's own signatures: ``init(project=, name=, id=, resume=,
+    dir=, config=)``, ``run.log(dict, step=)``, ``run.finish()``): the run's configuration once per
+    process, every metrics record at its step, and the same W&B run id when the folder is resumed."""
+    (tmp_path / "site" / "wandb").mkdir(parents=True)
+    (tmp_path / "site" / "wandb" / "__init__.py").write_text(_WANDB_STAND_IN)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # undone by removing whatever module this test imports
+    del sys.modules["wandb"]
+    monkeypatch.setenv("STAND_IN_WANDB_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("WANDB_PROJECT", "act-cache")
+    run = tmp_path / "run"
+    args = [str(learnable), "--out", str(run), "--batch-size", "4", "--log-every", "2", "--val-episodes", "0.2",
+            "--eval-every", "3", "--log-to", "wandb", "--no-progress",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+    for steps, resume in ((4, []), (6, ["--resume"])):
+        result = CliRunner().invoke(train_command, [*args, "--steps", str(steps), *resume])
+        assert result.exit_code == 0, result.output
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    inits = [c["init"] for c in calls if "init" in c]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
+    assert inits[0]["project"] == "act-cache" and inits[0]["name"] == "run" and inits[0]["dir"] == str(run)
+    assert inits[0]["config"]["act_config"]["chunk_size"] == TINY["chunk_size"] and "provenance" in inits[0]["config"]["store"]
+    logged = [c for c in calls if "log" in c]
+    assert [c["step"] for c in logged] == [r["step"] for r in metrics(run)]
+    assert [c["log"]["loss"] for c in logged] == pytest.approx([r["loss"] for r in metrics(run)])
+    assert "step" not in logged[0]["log"] and sum("finish" in c for c in calls) == 2
+
+
 def test_log_to_a_tracker_that_is_not_installed_is_refused_before_the_run(learnable: Path, tmp_path: Path):
     import importlib.util
 

@@ -125,10 +125,12 @@ def extract(dataset: Path, out: Path, fmt: str | None, revision: str | None, sha
       dinocache extract data/g1 --out g1.zarr --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       dinocache extract data/g1 --out g1.zarr --dask-workers 4 --device cuda
     """
-    from dinocache.pipeline.extract import ExtractConfig, extract as run_extract
+    from dinocache.datasets import detect_format
     from dinocache.datasets.hub import resolve_dataset
 
     dataset = resolve_dataset(dataset, revision)  # a Hub id becomes its local folder, once, for every worker
+    detect_format(dataset)  # a mistyped path is said before torch is even imported
+    from dinocache.pipeline.extract import ExtractConfig, extract as run_extract
 
     cfg = ExtractConfig(dataset=dataset, out=out, format=fmt, shard=_parse_shard(shard), compile=compile_,
                         progress=not no_progress, cameras=cameras.split(",") if cameras else None, **options)

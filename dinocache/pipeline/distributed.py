@@ -73,9 +73,9 @@ def extract_with_dask(cfg: ExtractConfig, scheduler: str | None = None, n_worker
 
     t_begin = time.perf_counter()
     cfg = dataclasses.replace(cfg, precision=cfg.resolved_precision())
-    source = open_source(cfg)
+    selected = open_source(cfg)  # the cheap checks first
     planner = build_backbone(dataclasses.replace(cfg, device="cpu"))
-    store, summary = prepare(cfg, planner, source)
+    store, summary = prepare(cfg, planner, selected)
     del planner
     done = store.done_units()
     pending = [u for u in range(store.num_units) if not done[u]]

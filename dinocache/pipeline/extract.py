@@ -530,9 +530,19 @@ def build_backbone(cfg: ExtractConfig) -> FrozenBackbone:
     return backbone
 
 
-def open_source(cfg: ExtractConfig) -> DatasetSource:
-    """The cheap checks, before any backbone is built or weights looked for: the options, then the
-    dataset (a mistyped path is said at once, not after a weights lookup)."""
+@dataclass(frozen=True)
+class Selection:
+    """What an extraction reads: the dataset, and the cameras and episodes of it asked for."""
+
+    source: DatasetSource
+    cameras: list[str]
+    episodes: list[EpisodeInfo]
+
+
+def open_source(cfg: ExtractConfig) -> Selection:
+    """The cheap checks, before any backbone is built or weights looked for: the options, the dataset,
+    the cameras and episodes asked for, and ``--out`` (a store or nothing yet). A mistyped path or
+    camera is said at once, not after a weights lookup."""
     if cfg.dtype not in ("float16", "float32"):
         raise DinocacheError(f"--dtype {cfg.dtype!r}: choose float16 or float32")
     if cfg.unit_frames % cfg.chunk_frames:
@@ -540,28 +550,31 @@ def open_source(cfg: ExtractConfig) -> DatasetSource:
     if cfg.overwrite and cfg.shard is not None:
         raise DinocacheError("--overwrite with --shard would let one shard delete another's work; "
                              "delete the store (or run once without --shard) first")
-    return open_dataset(cfg.dataset, format=cfg.format, skip_bad_episodes=cfg.skip_bad_episodes)
-
-
-def prepare(cfg: ExtractConfig, backbone: FrozenBackbone, source: DatasetSource) -> tuple[FeatureStore, ExtractSummary]:
-    """Plan the layout of ``source``'s features and create (or reopen) the store. Safe to run concurrently."""
+    source = open_dataset(cfg.dataset, format=cfg.format, skip_bad_episodes=cfg.skip_bad_episodes)
     cameras = list(source.select_cameras(cfg.cameras) if cfg.cameras else source.cameras)
     if not cameras:
         raise DinocacheError(f"{cfg.dataset}: the dataset has no camera to extract features from")
     chosen = set(parse_episodes(cfg.episodes, [ep.index for ep in source.episodes], dict(source.skipped)))
-    episodes = [ep for ep in source.episodes if ep.index in chosen]
-    layout = plan_layout(source, episodes, cameras, backbone, cfg)
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        FeatureStore(cfg.out, mode="r")  # refuses, in one line, anything that is not a feature store
+    return Selection(source, cameras, [ep for ep in source.episodes if ep.index in chosen])
+
+
+def prepare(cfg: ExtractConfig, backbone: FrozenBackbone, selected: Selection) -> tuple[FeatureStore, ExtractSummary]:
+    """Plan the layout of the selected features and create (or reopen) the store. Safe to run concurrently."""
+    layout = plan_layout(selected.source, selected.episodes, selected.cameras, backbone, cfg)
     store = create_or_open(cfg.out, layout, overwrite=cfg.overwrite)
-    summary = ExtractSummary(store=store.path, episodes=len(episodes), skipped_episodes=list(source.skipped))
+    summary = ExtractSummary(store=store.path, episodes=len(selected.episodes),
+                             skipped_episodes=list(selected.source.skipped))
     return store, summary
 
 
 def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> ExtractSummary:
     """Fill this process's share of the store (all of it unless ``cfg.shard``); skip units already done."""
     t_begin = time.perf_counter()
-    source = open_source(cfg)
+    selected = open_source(cfg)
     backbone = backbone or build_backbone(cfg)
-    store, summary = prepare(cfg, backbone, source)
+    store, summary = prepare(cfg, backbone, selected)
     mine = shard_units(store.num_units, cfg.shard)
     done = store.done_units()
     pending = [u for u in mine if not done[u]]
@@ -572,7 +585,7 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
     with tqdm(total=frames_total, initial=frames_done, unit="frame", disable=not cfg.progress,
               desc=f"extract {store.path.name}", dynamic_ncols=True) as bar:
         if pending:
-            summary.merge(run_units(store, source, model, pending, cfg.batch_size, cfg.resolved_device(),
+            summary.merge(run_units(store, selected.source, model, pending, cfg.batch_size, cfg.resolved_device(),
                                     cfg.dtype, cfg.resolved_decode_workers(), progress=bar))
     summary.bytes_written = store_bytes(store.path)
     summary.seconds = time.perf_counter() - t_begin

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -113,7 +114,20 @@ def _camera_frames(store: FeatureStore, camera: str, indices: np.ndarray) -> lis
 
 
 def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str | None = None) -> Path:
-    """Write the DINO picture: each sampled frame's image beside its patch features' PCA as RGB."""
+    """Write the DINO picture (:func:`pca_figure`) to the PNG ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = pca_figure(store, num_frames, camera)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def pca_figure(store: FeatureStore, num_frames: int = 4, camera: str | None = None) -> Any:
+    """The DINO picture, a matplotlib figure: each sampled frame's image above its patch features' PCA
+    as RGB, drawn at the camera's aspect ratio, titled with the backbone and whether its weights were random."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,8 +160,4 @@ def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str
     else:
         about = f"weights: {weights.source} {Path(str(weights.path or '')).name}".rstrip()
     fig.suptitle(f"{camera}: first three principal components of the {name} patch features\n{about}", fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return fig
