@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,36 @@ def test_concurrent_creation_yields_one_store(tmp_path: Path):
     assert len(set(paths)) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".f.zarr.creating")]
     assert FeatureStore(tmp_path / "f.zarr").num_units == 3
+
+
+def test_a_creation_killed_midway_is_swept_by_the_next_one(tmp_path: Path):
+    """A SIGKILLed creation leaves its hidden folder; the next creation deletes those of this host whose
+    process is gone, and leaves a running process's and another host's alone."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    script = ("import sys, time\nsys.path[:0] = [{tests!r}]\nfrom test_store import make_layout\n"
+              "from dinocache.pipeline import store\n"
+              "def build(root, layout):\n    time.sleep(600)\n"
+              "store._build = build\nstore.create_or_open({out!r}, make_layout())\n")
+    out = tmp_path / "f.zarr"
+    code = script.format(tests=str(Path(__file__).parent), out=str(out))
+    killed, running = (subprocess.Popen([sys.executable, "-c", code]) for _ in range(2))
+    host = socket.gethostname()
+    try:
+        folders = {proc: tmp_path / f".f.zarr.creating-{host}-{proc.pid}" for proc in (killed, running)}
+        deadline = time.monotonic() + 60
+        while not all(f.exists() for f in folders.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(f.exists() for f in folders.values())
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        elsewhere = tmp_path / ".f.zarr.creating-another-host-1"
+        elsewhere.mkdir()
+        create_or_open(out, make_layout())
+        assert not folders[killed].exists() and folders[running].exists() and elsewhere.exists()
+    finally:
+        running.kill()
+        running.wait()

@@ -23,6 +23,7 @@ filled with NaN, so a frame that was never written can never pass for data.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -333,6 +334,7 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
     if path.exists() and overwrite:
         shutil.rmtree(path)
     if not path.exists():
+        _sweep_abandoned_creations(path)
         tmp = path.parent / f".{path.name}.creating-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +353,26 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
     store.check_identity(_jsonable(layout.record.identity()),
                          hint="pass --overwrite to replace it, or choose another --out")
     return store
+
+
+def _sweep_abandoned_creations(path: Path) -> None:
+    """Delete the half-built stores that processes of this host killed mid-creation left beside ``path``.
+
+    A failure cleans up after itself; a SIGKILL cannot. A creation folder is named after its host
+    and process: one of this host whose process no longer runs is abandoned. Another host's is left
+    alone (its process cannot be seen from here), and so is one whose process still runs.
+    """
+    host = socket.gethostname()
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.creating-*"):
+        owner, _, pid = folder.name.rpartition("-")
+        if owner != f".{path.name}.creating-{host}" or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _jsonable(value: Any) -> Any:
