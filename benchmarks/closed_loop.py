@@ -262,8 +262,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"1000000+{report['eval_seed']}.. (disjoint from the demo seeds, checked); success = reward 4; 95 % Wilson "
              f"intervals. Schedule: {report['schedule']}. Weights: {report['weights_label']}.", "",
              "| configuration | backbone | steps (samples) | best val L1 (mean action) | success (95% CI) | to the 90% goal "
-             "| touched | lifted | transferred | time per phase |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| touched | lifted | transfer attempted | transferred | time per phase |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in report["rows"]:
         r = row["result"]
         times = ", ".join(f"{p['name']} {p['seconds'] / 60:.1f} min" + ("" if p["status"] == "ok" else f" ({p['status']})")
@@ -272,7 +272,7 @@ def markdown(report: dict[str, Any]) -> str:
             failed = next((p for p in row["phases"] if p["status"] != "ok"), None)
             why = (f"**not available**: {row['note']}" if row["note"] else
                    f"**{failed['name']} {failed['status']}** (`{Path(failed['log']).name}`)" if failed else "no result")
-            lines.append(f"| {row['config']}: {row['description']} | `{row['backbone']}` | | | {why} | | | | | {times} |")
+            lines.append(f"| {row['config']}: {row['description']} | `{row['backbone']}` | | | {why} | | | | | | {times} |")
             continue
         low, high = r["ci95"]
         s = r["stages"]
@@ -281,7 +281,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['config']}: {row['description']} | `{row['backbone']}` | {r['steps']:,} ({r['samples']:,}) "
                      f"| {val} | **{r['successes']}/{r['episodes']} = {100 * r['success_rate']:.0f}%** "
                      f"({100 * low:.0f}-{100 * high:.0f}%) | {100 * r['gap_to_goal']:+.0f} points "
-                     f"| {100 * s['touched']:.0f}% | {100 * s['lifted']:.0f}% | {100 * s['transferred']:.0f}% | {times} |")
+                     f"| {100 * s['touched']:.0f}% | {100 * s['lifted']:.0f}% | {100 * s['transfer_attempted']:.0f}% "
+                     f"| {100 * s['transferred']:.0f}% | {times} |")
     lines += ["", f"Rollout videos of the first {report['videos']} episodes of every row: `<work>/<config>/eval/videos/`; "
               "per-episode results: `<work>/<config>/eval/results.json`; phase logs: `<work>/logs/`.",
               "\"to the 90% goal\": percentage points the success rate is short of the project's goal for the "
