@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -157,12 +158,15 @@ def test_concurrent_creation_yields_one_store(tmp_path: Path):
 
 
 def test_a_creation_killed_midway_is_swept_by_the_next_one(tmp_path: Path):
-    """A SIGKILLed creation leaves its hidden folder; the next creation deletes those of this host whose
-    process is gone, and leaves a running process's and another host's alone."""
+    """A SIGKILLed creation leaves its hidden folder; the next creation deletes those of this host
+    whose process is gone and in which nothing was written for ABANDONED_AFTER_S, and leaves alone a
+    running process's (however old), a recent one's, and another host's."""
     import signal
     import socket
     import subprocess
     import sys
+
+    from dinocache.pipeline.store import ABANDONED_AFTER_S
 
     script = ("import sys, time\nsys.path[:0] = [{tests!r}]\nfrom test_store import make_layout\n"
               "from dinocache.pipeline import store\n"
@@ -170,20 +174,27 @@ def test_a_creation_killed_midway_is_swept_by_the_next_one(tmp_path: Path):
               "store._build = build\nstore.create_or_open({out!r}, make_layout())\n")
     out = tmp_path / "f.zarr"
     code = script.format(tests=str(Path(__file__).parent), out=str(out))
-    killed, running = (subprocess.Popen([sys.executable, "-c", code]) for _ in range(2))
+    killed, recent, running = (subprocess.Popen([sys.executable, "-c", code]) for _ in range(3))
     host = socket.gethostname()
     try:
-        folders = {proc: tmp_path / f".f.zarr.creating-{host}-{proc.pid}" for proc in (killed, running)}
+        folders = {proc: tmp_path / f".f.zarr.creating-{host}-{proc.pid}" for proc in (killed, recent, running)}
         deadline = time.monotonic() + 60
         while not all(f.exists() for f in folders.values()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert all(f.exists() for f in folders.values())
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
+        for proc in (killed, recent):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        old = time.time() - ABANDONED_AFTER_S - 60
+        for proc in (killed, running):
+            for item in [folders[proc], *folders[proc].rglob("*")]:
+                os.utime(item, (old, old))
         elsewhere = tmp_path / ".f.zarr.creating-another-host-1"
         elsewhere.mkdir()
+        os.utime(elsewhere, (old, old))
         create_or_open(out, make_layout())
-        assert not folders[killed].exists() and folders[running].exists() and elsewhere.exists()
+        assert not folders[killed].exists()
+        assert folders[recent].exists() and folders[running].exists() and elsewhere.exists()
     finally:
         running.kill()
         running.wait()

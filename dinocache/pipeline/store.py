@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -355,12 +356,18 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
     return store
 
 
+#: A creation folder untouched this long, whose process is gone, is abandoned (a creation writes no
+#: features, only the small arrays, and takes seconds to a few minutes).
+ABANDONED_AFTER_S = 600
+
+
 def _sweep_abandoned_creations(path: Path) -> None:
     """Delete the half-built stores that processes of this host killed mid-creation left beside ``path``.
 
     A failure cleans up after itself; a SIGKILL cannot. A creation folder is named after its host
-    and process: one of this host whose process no longer runs is abandoned. Another host's is left
-    alone (its process cannot be seen from here), and so is one whose process still runs.
+    and process: one of this host whose process no longer runs, and in which nothing was written for
+    :data:`ABANDONED_AFTER_S`, is abandoned (the age guards against a process of the same host name
+    that this one cannot see, e.g. in another container). Another host's folders are left alone.
     """
     host = socket.gethostname()
     for folder in path.parent.glob(f".{glob.escape(path.name)}.creating-*"):
@@ -369,10 +376,15 @@ def _sweep_abandoned_creations(path: Path) -> None:
             continue
         try:
             os.kill(int(pid), 0)
+            continue  # still running
+        except PermissionError:  # running, another user's
+            continue
         except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # alive, another user's
             pass
+        touched = max((os.stat(os.path.join(root, name)).st_mtime for root, dirs, files in os.walk(folder)
+                       for name in [*dirs, *files]), default=folder.stat().st_mtime)
+        if time.time() - max(touched, folder.stat().st_mtime) > ABANDONED_AFTER_S:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:
