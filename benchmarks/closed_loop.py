@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _child import exit_if_failed
 from _machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,8 @@ def run_phase(phase: Phase, argv: list[str], minutes: float, log: Path) -> None:
             phase.status = "timed out"
     phase.seconds = time.perf_counter() - began
     if phase.status != "ok":
+        tail = log.read_text(errors="replace").splitlines()[-25:]  # the traceback, when it died of one
+        print("\n".join(f"  | {line}" for line in tail), flush=True)
         print(f"  [{phase.name}] {phase.status} after {phase.seconds:.0f} s; log: {log}", flush=True)
 
 
@@ -398,7 +401,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.record != "none":
         record_section(Path(args.record), section)
         print(f"recorded in {args.record}")
+    exit_if_failed(failed_phases(report["rows"]))
     return report
+
+
+def failed_phases(rows: list[dict[str, Any]]) -> list[str]:
+    """The phases that failed or ran out of time (a training phase cut by its budget did its job)."""
+    return [f"{row['config']}: {p['name']} {p['status']} (log: {p['log']})" for row in rows
+            for p in row["phases"] if p["status"] in ("failed", "timed out")]
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def test_batches_on_the_device_equal_host_gathered_ones(store: FeatureStore, dev
 
 
 @needs_cuda
-def test_features_that_fit_the_gpu_need_no_room_in_ram(store: FeatureStore):
+def test_features_that_fit_cuda_memory_need_no_room_in_ram(store: FeatureStore):
     """A RAM budget too small for the features does not push them to streaming when the GPU holds them."""
     data = CachedFeatures(store, chunk_size=6, memory_budget=1, device="cuda", device_budget=1 << 30)
     assert data.in_memory and data.on_device and data.resident.tables["features.top"].is_cuda
