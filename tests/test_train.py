@@ -5,6 +5,7 @@ That the cached loss equals the loss with the backbone run online is in tests/te
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -188,6 +189,51 @@ def test_trains_on_the_device_and_resumes_there(learnable: Path, tmp_path: Path,
     assert all(torch.isfinite(p).all() for p in head.state_dict().values())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_loop_reads_the_device_only_when_it_writes_a_record(learnable: Path, tmp_path: Path, device: str,
+                                                                monkeypatch):
+    """Between records the host only queues work: while a batch is gathered and a step runs, no tensor
+    is read back (``item``, ``tolist``, ``bool``, ``float``, ``int``, ``numpy``, ``cpu``), and on CUDA no
+    operation synchronises (``torch.cuda.set_sync_debug_mode("error")``). Reads happen once per record."""
+    from dinocache.policy import data as data_module
+    from dinocache.policy import train as train_module
+
+    reads: list[str] = []
+    inside = [False]
+
+    def guarded(call):
+        def run(*args, **kwargs):
+            inside[0] = True
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                return call(*args, **kwargs)
+            finally:
+                inside[0] = False
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        return run
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if inside[0]:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    monkeypatch.setattr(train_module.TrainStep, "__call__", guarded(train_module.TrainStep.__call__))
+    for batches in (data_module.ResidentBatches, data_module.HostBatches):
+        monkeypatch.setattr(batches, "__next__", guarded(batches.__next__))
+    train(TrainConfig(store=learnable, out=tmp_path / "run", steps=6, batch_size=8, act=TINY, val_episodes="none",
+                      log_every=3, save_every=6, device=device, progress=False))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [3, 6]
+    assert reads == [], reads
+
+
 @needs_cuda
 def test_torchrun_on_cuda_trains_and_checkpoints(learnable: Path, tmp_path: Path):
     """torchrun on CUDA, one process per GPU (up to two): DDP over NCCL where there are two GPUs, the
@@ -324,6 +370,71 @@ def test_an_incomplete_store_is_refused_before_anything_is_written(tmp_path: Pat
         train(TrainConfig(store=tmp_path / "f.zarr", out=tmp_path / "run", steps=2, act=TINY, progress=False))
     assert not (tmp_path / "run").exists()
 
+
+
+class _FakeCudaGraphs:
+    """torch.cuda's graph API as ``_Replayed`` uses it, recording the calls (CUDA graphs need a GPU;
+    the CUDA twins of the tests above run the real ones)."""
+
+    def __init__(self, events: list[str], fail_capture: bool = False) -> None:
+        self.events, self.fail_capture = events, fail_capture
+        self.capturing = False
+        fake = self
+
+        class Graph:
+            def replay(self) -> None:
+                fake.events.append("replay")
+
+        class Capture:
+            def __init__(self, graph) -> None:
+                pass
+
+            def __enter__(self) -> None:
+                fake.capturing = True
+                fake.events.append("capture begins")
+
+            def __exit__(self, *exc) -> None:
+                fake.capturing = False
+                fake.events.append("capture ends")
+                if fake.fail_capture:
+                    raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+        class Stream:
+            def wait_stream(self, other) -> None:
+                pass
+
+        self.CUDAGraph, self.graph = Graph, Capture
+        self.Stream, self.current_stream = Stream, Stream
+        self.stream = lambda s: contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("fail_capture", [False, True], ids=["replayed", "capture-fails"])
+def test_a_replayed_step_runs_eagerly_then_is_captured_once_and_replayed(monkeypatch, fail_capture: bool):
+    """The CPU twin of the CUDA graph's order: GRAPH_WARMUP eager calls (each followed by
+    ``eager_after``), then ``before_capture`` once and one capture of ``fn`` (without ``eager_after``),
+    then replays that run no Python of ``fn``; a capture that fails names --no-cuda-graph in one line."""
+    from dinocache.errors import TrainingError
+    from dinocache.policy import train as train_module
+
+    events: list[str] = []
+    fake = _FakeCudaGraphs(events, fail_capture)
+    for name in ("CUDAGraph", "graph", "Stream", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    step = train_module._Replayed(lambda: events.append("fn captured" if fake.capturing else "fn"), graph=True,
+                                  eager_after=lambda: events.append("eager_after"),
+                                  before_capture=lambda: events.append("before_capture"))
+    for _ in range(GRAPH_WARMUP):
+        step()
+    assert events == ["fn", "eager_after"] * GRAPH_WARMUP
+    events.clear()
+    if fail_capture:
+        with pytest.raises(TrainingError, match=r"could not be captured as a CUDA graph \(operation not permitted "
+                                                r"when stream is capturing\); --no-cuda-graph runs it without$"):
+            step()
+        return
+    step()
+    step()
+    assert events == ["before_capture", "capture begins", "fn captured", "capture ends", "replay", "replay"]
 
 
 def _step_setup(learnable: Path, device: str, **act):
