@@ -91,6 +91,28 @@ def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_host_buffers_are_allocated_once_and_reused(small_dataset: Path, tmp_path: Path, device: str, monkeypatch):
+    """Stage one hands its batches to the device through at most two host buffers per frame shape
+    (pinned on CUDA: one being filled while the other's copy is in flight), allocated once and reused
+    for every batch, not one per batch."""
+    from dinocache.pipeline import extract as extract_module
+
+    handed: list[torch.Tensor] = []
+    original = extract_module._Forward.slot
+
+    def slot(self, frame_shape):
+        taken = original(self, frame_shape)
+        handed.append(taken.tensor)
+        return taken
+
+    monkeypatch.setattr(extract_module._Forward, "slot", slot)
+    summary = extract(config(small_dataset, tmp_path / "f.zarr", device=device, batch_size=4))
+    assert summary.frames == 42 and len(handed) >= 2 * 42 // 4  # two cameras, a batch of 4 at a time
+    assert len({t.data_ptr() for t in handed}) <= 2
+    assert all(t.is_pinned() == (device == "cuda") for t in handed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_extraction_on_the_device_matches_float32(small_dataset: Path, tmp_path: Path, device: str):
     """The CUDA path (pinned host buffers, asynchronous copies, bf16 autocast) and its CPU twin (the
     same autocast on the CPU): the store is complete, says what precision made it, and its features
