@@ -162,7 +162,8 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
     into one archive (:mod:`dinocache.policy.compiled`); the check then runs the compiled kernels
     loaded back from the written archive, i.e. what a robot process will run, in a child process.
     Kernels that crash that process cost the compiled form, not the export: the same traced program
-    is then checked and written alone, and the metadata says why.
+    is then checked and written alone, and the metadata says why. The plain program too is checked
+    as written: saved, loaded back and run.
     """
     images, state, env = inputs
     policy.prepare_export(images)
@@ -178,8 +179,10 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
             metadata["export"]["compiled"] = None
             metadata["export"]["compile_failed"] = str(crash)
             metadata["export"]["compile_failed_log"] = crash.log  # the child's last words, for a bug report
+    # Checked as written: saved, loaded back as load_policy will, run; then saved again with the figure.
+    torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
     with torch.no_grad():
-        traced = program.module()(*_all_inputs(images, state, env))
+        traced = torch.export.load(tmp).module()(*_all_inputs(images, state, env))
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the torch.export program")
