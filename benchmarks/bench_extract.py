@@ -110,9 +110,14 @@ def set_fused_attention(backbone: torch.nn.Module, on: bool) -> None:
             module.fused_attn = on
 
 
+#: Batch sizes the bare forward is also timed at (--forward-variants): which one fills the device.
+SWEPT_BATCH_SIZES = (16, 32, 64, 128, 256)
+
+
 def forward_variants(backbone: FrozenBackbone, batches: list[torch.Tensor], device: str,
                      compile_too: bool) -> dict[str, float]:
-    """What fused attention, the precision and torch.compile each buy on the bare forward."""
+    """What fused attention, the precision, the batch size and torch.compile each buy on the bare forward
+    (the batch sizes at the default precision with fused attention, on the same frames)."""
     default_amp = backbone.amp_dtype
     rows: dict[str, float] = {}
     for precision in ("fp32", "bf16"):
@@ -120,11 +125,16 @@ def forward_variants(backbone: FrozenBackbone, batches: list[torch.Tensor], devi
         for fused in (False, True):
             set_fused_attention(backbone, fused)
             rows[f"{precision}, fused attention {'on' if fused else 'off'}"] = bare_forward_fps(backbone, batches, device)
-    if compile_too:
-        backbone.amp_dtype = default_amp
-        rows["default precision, fused, torch.compile"] = bare_forward_fps(torch.compile(backbone), batches, device)
     backbone.amp_dtype = default_amp
     set_fused_attention(backbone, True)
+    frames = [frame for batch in batches for frame in batch.split(1)]
+    for size in (s for s in SWEPT_BATCH_SIZES if s <= len(frames)):
+        resized = [torch.cat(frames[i:i + size]) for i in range(0, len(frames), size)]
+        rows[f"default precision, fused, batch {size}"] = bare_forward_fps(backbone, resized, device)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if compile_too:
+        rows["default precision, fused, torch.compile"] = bare_forward_fps(torch.compile(backbone), batches, device)
     return rows
 
 
@@ -150,7 +160,8 @@ def main() -> None:
     parser.add_argument("--decode-workers", type=int, default=None, help="default: one per available core")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (pipeline and bare forward)")
     parser.add_argument("--forward-variants", action="store_true",
-                        help="also time the bare forward with fused attention off/on, fp32/bf16 (and compiled with --compile)")
+                        help="also time the bare forward with fused attention off/on, fp32/bf16, at batch sizes "
+                             f"{', '.join(map(str, SWEPT_BATCH_SIZES))} (and compiled with --compile)")
     parser.add_argument("--repeat", type=int, default=2, help="rounds of the three measurements (best kept)")
     parser.add_argument("--load", default=None, help="what else ran on the machine, recorded with the figures")
     parser.add_argument("--json", type=Path, default=None, help="default: docs/results/bench_extract_<device>.json")
