@@ -90,7 +90,7 @@ wanted() {  # wanted NAME: whether BENCHMARKS (1 = all, 0 = none, or a comma lis
     [ "$BENCHMARKS" = 1 ] || [[ ",$BENCHMARKS," == *",$1,"* ]]
 }
 benchmarks() {
-    wanted extract && step "bench_extract.py --device cuda" 120 \
+    wanted extract && step "bench_extract.py --device cuda" 150 \
         "python3 benchmarks/bench_extract.py --device cuda --dataset '$DATASET' --backbone dinov2_vitb14_reg --batch-size 64 --forward-variants --json '$OUT/bench_extract_cuda.json'"
     wanted compare_compiled && step "compare_backbones.py --device cuda --compile" 300 \
         "python3 benchmarks/compare_backbones.py --device cuda --compile --backbones dinov2_vitb14_reg --steps 40 --warmup 5 --json '$OUT/compare_backbones_compiled_cuda.json' --markdown '$OUT/compare_backbones_compiled_cuda.md'"
