@@ -381,9 +381,9 @@ def _sweep_abandoned_creations(path: Path) -> None:
             continue
         except ProcessLookupError:
             pass
-        touched = max((os.stat(os.path.join(root, name)).st_mtime for root, dirs, files in os.walk(folder)
-                       for name in [*dirs, *files]), default=folder.stat().st_mtime)
-        if time.time() - max(touched, folder.stat().st_mtime) > ABANDONED_AFTER_S:
+        touched = max([folder.stat().st_mtime, *(os.stat(os.path.join(root, name)).st_mtime
+                                                 for root, dirs, files in os.walk(folder) for name in [*dirs, *files])])
+        if time.time() - touched > ABANDONED_AFTER_S:
             shutil.rmtree(folder, ignore_errors=True)
 
 

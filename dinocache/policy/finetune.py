@@ -33,7 +33,7 @@ from dinocache.encoders.image_size import parse_image_size
 from dinocache.encoders.preprocess import ImageSize
 from dinocache.encoders.record import BackboneRecord
 from dinocache.encoders.lookup import get_backbone_spec
-from dinocache.errors import DinocacheError, TrainingError
+from dinocache.errors import DinocacheError
 from dinocache.pipeline.store import SourceRecord, StoreRecord
 from dinocache.policy.act import ACTHead
 from dinocache.policy.checkpoint import RUN_FILE, PolicySpec, load_head, resolve_checkpoint
@@ -43,7 +43,8 @@ from dinocache.policy.frames import DecodedFrames
 from dinocache.policy.online import OnlineACT
 from dinocache.policy.provenance import rebuild_backbone
 from dinocache.policy.train import (
-    Processes, RunKind, RunSetup, TrainConfig, TrainResult, resolve_act_config, run_training,
+    Processes, RunKind, RunSetup, TrainConfig, TrainResult, refuse_resume_changes, resolve_act_config,
+    run_training,
 )
 from dinocache.policy.trainable import BackboneTraining
 
@@ -74,17 +75,6 @@ _TRAINING_OPTIONS = {"lr": ("backbone_lr", "--optimizer-lr-backbone"), "unfreeze
                      "gradient_checkpointing": ("gradient_checkpointing", "--gradient-checkpointing")}
 
 
-def _given(cfg: TrainConfig, name: str, value: Any, default: Any) -> bool:
-    """Whether the user gave option ``name`` (see ``TrainConfig.given``; from the Python API: not its default)."""
-    return name in cfg.given if cfg.given is not None else value != default
-
-
-def _refuse_changes(cfg: TrainConfig, conflicts: list[str]) -> None:
-    if conflicts:
-        raise TrainingError(f"{cfg.out}: cannot resume with changed settings: {'; '.join(conflicts)}. Drop them, "
-                            f"or start a new run with another --out")
-
-
 def _recorded_training(recorded: dict[str, Any] | None, training: BackboneTraining, cfg: TrainConfig) -> BackboneTraining:
     """A continued run trains its backbone as recorded; each option given again must agree with the record."""
     if recorded is None:
@@ -93,21 +83,21 @@ def _recorded_training(recorded: dict[str, Any] | None, training: BackboneTraini
     conflicts = []
     for name, (parameter, option) in _TRAINING_OPTIONS.items():
         asked, recorded_value = getattr(training, name), getattr(was, name)
-        if _given(cfg, parameter, asked, getattr(default, name)) and asked != recorded_value:
+        if cfg.gave(parameter, asked, getattr(default, name)) and asked != recorded_value:
             conflicts.append(f"{option} {asked} (the run has {recorded_value})")
-    _refuse_changes(cfg, conflicts)
+    refuse_resume_changes(cfg, conflicts)
     return was
 
 
 def _check_online_backbone(cfg: TrainConfig, recorded: BackboneRecord, backbone: str, image_size: ImageSize | None) -> None:
     """A resumed online run rebuilds the backbone it recorded: a --backbone or --image-size given again must be it."""
     conflicts = []
-    if _given(cfg, "backbone", backbone, "resnet18") and backbone != recorded.name:
+    if cfg.gave("backbone", backbone, "resnet18") and backbone != recorded.name:
         conflicts.append(f"--backbone {backbone} (the run has {recorded.name})")
     size = tuple(recorded.preprocess.get("image_size") or ())
-    if _given(cfg, "image_size", image_size, None) and image_size is not None and parse_image_size(image_size) != size:
+    if cfg.gave("image_size", image_size, None) and image_size is not None and parse_image_size(image_size) != size:
         conflicts.append(f"--image-size {image_size} (the run has {'x'.join(map(str, size))})")
-    _refuse_changes(cfg, conflicts)
+    refuse_resume_changes(cfg, conflicts)
 
 
 def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os.PathLike[str] = "auto",

@@ -130,9 +130,14 @@ def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, split: list[int]) 
     for name, value in cfg.act.items():
         if recorded["act_config"].get(name) != value:
             conflicts.append(f"--{name.replace('_', '-')} {value} (the run has {recorded['act_config'].get(name)})")
+    refuse_resume_changes(cfg, conflicts)
+
+
+def refuse_resume_changes(cfg: TrainConfig, conflicts: list[str]) -> None:
+    """Refuse, in one line naming each, options given on ``--resume`` that contradict the recorded run."""
     if conflicts:
-        raise DinocacheError(f"{cfg.out}: cannot resume with changed settings: {'; '.join(conflicts)}. "
-                             f"Drop them, or start a new run with another --out")
+        raise TrainingError(f"{cfg.out}: cannot resume with changed settings: {'; '.join(conflicts)}. "
+                            f"Drop them, or start a new run with another --out")
 
 
 # --------------------------------------------------------------------------------------------------

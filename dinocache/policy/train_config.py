@@ -67,7 +67,10 @@ class TrainConfig:
         check_trackers(self.log_to)
 
     def is_given(self, name: str) -> bool:
-        """Whether the user set option ``name`` (see the class docstring)."""
-        if self.given is not None:
-            return name in self.given
-        return getattr(self, name) != getattr(TrainConfig(store=self.store, out=self.out), name)
+        """Whether the user set the field ``name`` (see the class docstring)."""
+        return self.gave(name, getattr(self, name), getattr(TrainConfig(store=self.store, out=self.out), name))
+
+    def gave(self, name: str, value: Any, default: Any) -> bool:
+        """Whether the user set option ``name`` (a field, or another option of the command, such as
+        ``--backbone``) to ``value``: named in ``given``, or, without it, ``value`` is not ``default``."""
+        return name in self.given if self.given is not None else value != default
