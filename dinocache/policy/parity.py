@@ -40,8 +40,8 @@ from dinocache.policy.frames import DecodedFrames
 from dinocache.policy.fused import FusedPolicy, camera_features
 
 __all__ = ["ParityError", "ParityReport", "VerificationFrames", "feature_error", "open_run_store",
-           "verification_frames", "check_parity", "check_trained_parity", "check_run", "ROUNDING", "COMPUTE_FACTOR",
-           "SAFETY"]
+           "verification_frames", "check_parity", "check_trained_parity", "check_run", "rounding_tolerance",
+           "ROUNDING", "COMPUTE_FACTOR", "SAFETY"]
 
 #: Relative error of one rounding to each dtype (its unit roundoff). For float32 it stands for the
 #: run-to-run noise of float32 kernels instead (batch size and thread count change summation orders).
@@ -210,11 +210,7 @@ def _compare(policy: FusedPolicy, frames: VerificationFrames, state: Tensor, env
     reference = policy.head(batch)[0].float()  # the head as trained: float32, on the reference features
     diff = (policy.normalizer.normalize(ACTION, fused) - reference).abs().max().item()
     diff_raw = (fused - policy.normalizer.unnormalize(ACTION, reference)).abs().max().item()
-
-    sensitivity = (policy.head(_with_noise(batch, error))[0].float() - reference).abs().max().item()
-    if policy.compute_dtype != torch.float32:  # the head itself also computes in half precision
-        with torch.autocast(device.type, dtype=policy.compute_dtype):
-            sensitivity += (policy.head(batch)[0].float() - reference).abs().max().item()
+    sensitivity = _sensitivity(policy, batch, reference, error)
     tolerance = max(SAFETY * sensitivity, MIN_TOLERANCE)
 
     expected = batch[ACTInputs.feature_key(policy.inputs.camera_names[0])]
@@ -223,6 +219,34 @@ def _compare(policy: FusedPolicy, frames: VerificationFrames, state: Tensor, env
     return ParityReport(frames=len(frames.rows), rows=[int(r) for r in frames.rows], origin=frames.origin,
                         max_abs_diff=diff, max_abs_diff_raw=diff_raw, tolerance=tolerance, sensitivity=sensitivity,
                         feature_error=error, feature_rel_diff=rel, passed=bool(diff <= tolerance))
+
+
+def _sensitivity(policy: FusedPolicy, batch: dict[str, Tensor], reference: Tensor, error: float) -> float:
+    """How far the head's actions (``reference`` on ``batch``) move when the features carry relative
+    noise ``error`` and, under a half ``--dtype``, when the head itself computes in that dtype."""
+    sensitivity = (policy.head(_with_noise(batch, error))[0].float() - reference).abs().max().item()
+    if policy.compute_dtype != torch.float32:
+        with torch.autocast(reference.device.type, dtype=policy.compute_dtype):
+            sensitivity += (policy.head(batch)[0].float() - reference).abs().max().item()
+    return sensitivity
+
+
+@torch.no_grad()
+def rounding_tolerance(policy: FusedPolicy, images: list[Tensor], state: Tensor, env: Tensor | None = None) -> float:
+    """The tolerance :func:`check_parity` would measure, on inputs that have no reference to compare with.
+
+    An export whose check was skipped (``--skip-verify``) still compares the file it writes with the
+    eager policy; at half precision the two round differently (an ONNX graph computes in its dtype
+    where autocast keeps float32), and this is the scale that rounding may move the actions by.
+    """
+    grids = camera_features(policy.backbone, images, policy.inputs.camera_names, policy.spec.config.use_cls_token)
+    batch = {key: value.float() for key, value in grids.items()}
+    batch[OBS_STATE] = policy.normalizer.normalize(OBS_STATE, state)
+    if env is not None:
+        batch[OBS_ENV_STATE] = policy.normalizer.normalize(OBS_ENV_STATE, env)
+    reference = policy.head(batch)[0].float()
+    error = feature_error("float32", "fp32", policy.compute_dtype)
+    return max(SAFETY * _sensitivity(policy, batch, reference, error), MIN_TOLERANCE)
 
 
 def check_run(policy: FusedPolicy, store: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None
