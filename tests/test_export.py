@@ -382,9 +382,11 @@ def test_compiled_kernels_that_crash_their_process_leave_the_plain_program(train
     program is written and checked, and the summary and the metadata say why."""
     if not can_package():
         pytest.skip(f"AOTInductor packages need torch >= 2.8 (this is {torch.__version__})")
-    # the child gets as far as the H200's did (the package loaded), then dies of a real SIGSEGV
+    # the child says it got as far as the H200's did (the package loaded), then dies of a real SIGSEGV;
+    # it never reads the kernels, so none are compiled for it (the compile has a test of its own)
     monkeypatch.setattr(compiled, "CHILD_PROGRAM", "import faulthandler, sys; "
                         "print('dinocache-child: loaded', file=sys.stderr, flush=True); faulthandler._sigsegv()")
+    monkeypatch.setattr(export_module, "compile_program", lambda program: [])
     out = tmp_path / "c.pt2"
     result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(out), "--compile", "--no-progress"])
     assert result.exit_code == 0, result.output
