@@ -159,7 +159,8 @@ def test_two_process_ddp_on_cpu_trains_and_checkpoints(learnable: Path, tmp_path
         args += [f"--{name.replace('_', '-')}", str(value)]
     recipe = Path(__file__).resolve().parents[1] / "workflows" / "train_torchrun.sh"
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # its `torchrun`
-    env = dict(os.environ, OMP_NUM_THREADS="1", NPROC_PER_NODE="2", PATH=path)
+    # TMPDIR: torchrun leaves a torchelastic_* log folder behind in it
+    env = dict(os.environ, OMP_NUM_THREADS="1", NPROC_PER_NODE="2", PATH=path, TMPDIR=str(tmp_path))
     done = subprocess.run(["bash", str(recipe), str(learnable), str(run), *args],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -248,7 +249,7 @@ def test_torchrun_on_cuda_trains_and_checkpoints(learnable: Path, tmp_path: Path
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
          "-m", "dinocache.cli", "train", str(learnable), "--out", str(run), *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path)),  # see the CPU twin
     )
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads((run / "run.json").read_text())
