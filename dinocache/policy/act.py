@@ -463,7 +463,7 @@ class ACTHead(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, batch: dict[str, Tensor], reduction: str = "mean") -> tuple[Tensor, dict[str, Tensor]]:
         """ACT's training loss: masked L1 on the chunk plus ``kl_weight`` times the CVAE KL divergence.
 
         The L1 term is the mean absolute error over the non-padded action elements only, so a chunk
@@ -472,28 +472,40 @@ class ACTHead(nn.Module):
         (Kingma & Welling, App. B); it is 0 when the CVAE encoder did not run (``use_vae`` off, or
         eval mode, where the loss is that of the zero latent the live policy uses).
 
+        ``reduction="none"`` returns each sample's loss instead, ``(B,)``: its own masked L1 (over its
+        non-padded elements) plus ``kl_weight`` times its KL term, for a caller that weighs samples
+        (LeRobot's ``lerobot-train`` with sample weighting calls ``forward(batch, reduction="none")``).
+
         Returns:
-            The scalar loss to back-propagate, and ``{"l1_loss", "kld_loss", "loss"}`` as detached 0-dim
-            tensors on the batch's device. They stay tensors so that computing the loss never waits for
-            the device: the caller reads them (``float(info["loss"])``, a synchronisation on CUDA) when
-            it needs a number, and a training loop sums them on the device between records.
+            The scalar loss to back-propagate (or the per-sample losses), and ``{"l1_loss", "kld_loss",
+            "loss"}`` (batch means, as with ``reduction="mean"``) as detached 0-dim tensors on the batch's
+            device. They stay tensors so that computing the loss never waits for the device: the caller
+            reads them (``float(info["loss"])``, a synchronisation on CUDA) when it needs a number, and
+            a training loop sums them on the device between records.
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none'. Got {reduction!r}.")
         self._check_batch(batch, with_targets=True)
         actions_hat, latent_params = self(batch)
 
         valid = ~batch[ACTION_IS_PAD].unsqueeze(-1)  # (B, chunk, 1)
-        abs_error = F.l1_loss(actions_hat, batch[ACTION], reduction="none")
-        n_valid = (valid.sum() * abs_error.shape[-1]).clamp_min(1)
-        l1_loss = torch.where(valid, abs_error, 0.0).sum() / n_valid
+        abs_error = torch.where(valid, F.l1_loss(actions_hat, batch[ACTION], reduction="none"), 0.0)
+        valid_per_sample = valid.sum(dim=(1, 2)) * abs_error.shape[-1]  # (B,)
+        l1_loss = abs_error.sum() / valid_per_sample.sum().clamp_min(1)
 
         if latent_params is None:
-            kld_loss = l1_loss.new_zeros(())
+            kld_per_sample = l1_loss.new_zeros(actions_hat.shape[0])
         else:
             mu, log_sigma_x2 = latent_params
-            kld_loss = (-0.5 * (1 + log_sigma_x2 - mu.pow(2) - log_sigma_x2.exp())).sum(-1).mean()
+            kld_per_sample = (-0.5 * (1 + log_sigma_x2 - mu.pow(2) - log_sigma_x2.exp())).sum(-1)
+        kld_loss = kld_per_sample.mean()
 
         loss = l1_loss + self.config.kl_weight * kld_loss
-        return loss, {"l1_loss": l1_loss.detach(), "kld_loss": kld_loss.detach(), "loss": loss.detach()}
+        info = {"l1_loss": l1_loss.detach(), "kld_loss": kld_loss.detach(), "loss": loss.detach()}
+        if reduction == "none":
+            l1_per_sample = abs_error.sum(dim=(1, 2)) / valid_per_sample.clamp_min(1)
+            return l1_per_sample + self.config.kl_weight * kld_per_sample, info
+        return loss, info
 
 
 def act_optimizer(params: list[Tensor] | list[dict], config: ACTConfig) -> torch.optim.AdamW:

@@ -110,14 +110,16 @@ class OnlineACT(nn.Module):
 def build_online_act(config: ACTConfig, backbone: str, cameras: Sequence[str], state_dim: int, action_dim: int,
                      env_state_dim: int | None = None, *, finetune: bool = False,
                      weights: str | os.PathLike[str] = "auto", image_size: ImageSize | None = None, seed: int = 0,
-                     device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None) -> OnlineACT:
+                     device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
+                     center_crop: bool = False) -> OnlineACT:
     """A fresh head behind the registered ``backbone``: frozen, or trained (``finetune``, a :class:`TrainableBackbone`).
 
     ``amp_dtype`` is the frozen backbone's autocast precision (as extraction's ``--precision``); a
-    fine-tuned trunk follows the caller's autocast, as the head does.
+    fine-tuned trunk follows the caller's autocast, as the head does. ``center_crop`` is extraction's
+    ``--center-crop``.
     """
-    frozen = create_backbone(backbone, weights=weights, image_size=image_size, seed=seed, device=device,
-                             amp_dtype=None if finetune else amp_dtype)
+    frozen = create_backbone(backbone, weights=weights, image_size=image_size, center_crop=center_crop, seed=seed,
+                             device=device, amp_dtype=None if finetune else amp_dtype)
     encoder = TrainableBackbone(frozen) if finetune else frozen
     inputs = ACTInputs(cameras=[(name, encoder.embed_dim, *encoder.grid_size) for name in cameras],
                        state_dim=state_dim, action_dim=action_dim, env_state_dim=env_state_dim)
