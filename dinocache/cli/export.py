@@ -6,15 +6,18 @@ from pathlib import Path
 
 import click
 
-from dinocache.policy.formats import COMPUTE_DTYPES, FORMATS
+from dinocache.policy.formats import COMPUTE_DTYPES, FORMATS, LEROBOT_FORMAT
 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="The policy file to write: NAME.pt2 or NAME.onnx (a name without suffix gets the format's).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="pt2 (torch.export program) or onnx [default: from --out's suffix, else pt2].")
+              help="The policy file to write: NAME.pt2 or NAME.onnx (a name without suffix gets the format's); "
+                   "with --format lerobot, a new folder.")
+@click.option("--format", "fmt", type=click.Choice([*FORMATS, LEROBOT_FORMAT]), default=None,
+              help="pt2 (torch.export program), onnx, or lerobot (a LeRobot pretrained-model folder for lerobot-eval / "
+                   "lerobot-rollout --policy.path; needs LeRobot and the plugin, see docs/lerobot.md) "
+                   "[default: from --out's suffix, else pt2].")
 @click.option("--checkpoint", default="last", show_default=True, help="last, best, or a training step.")
 @click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="float32", show_default=True,
               help="Compute precision of backbone and head: autocast in a .pt2, weights cast in ONNX; half precision "
@@ -48,6 +51,7 @@ def export(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, d
       dinocache export runs/act1 --out policy.pt2 --device cuda --dtype bfloat16      # compiled for this GPU
       dinocache export runs/act1 --out policy.pt2 --compile                           # compiled for this CPU
       dinocache export runs/act1 --out policy.pt2 --weights ~/ckpt/dinov2_vits14_reg4_pretrain.pth
+      dinocache export runs/act1 --format lerobot --out policies/act1                 # for lerobot-eval
     """
     import warnings
 
@@ -55,6 +59,16 @@ def export(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, d
     from dinocache.policy.export import export_policy
 
     fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")  # a mismatching suffix is refused below
+    if fmt == LEROBOT_FORMAT:
+        from dinocache.errors import DinocacheError
+        from dinocache.policy.lerobot_export import export_lerobot
+
+        if dtype != "float32" or compile_:
+            raise DinocacheError("--format lerobot writes the float32 policy LeRobot runs (its --policy.device and "
+                                 "--policy.use_amp choose how): drop --dtype and --compile")
+        click.echo(export_lerobot(run, out, checkpoint=checkpoint, device=device, weights=weights, dataset=dataset,
+                                  store=store, verify=not skip_verify).format_text())
+        return
     with warnings.catch_warnings():  # a compiled form that crashed is said in the summary's "compiled" line
         warnings.simplefilter("ignore", CompiledPolicyFallback)
         result = export_policy(run, out, format=fmt, checkpoint=checkpoint, dtype=dtype, device=device,
