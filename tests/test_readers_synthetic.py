@@ -59,11 +59,11 @@ def test_writer_refuses_options_that_do_not_fit_the_format(tmp_path):
 def test_image_stats_are_lerobots_float_moments_over_the_sampled_frames(shape):
     """The writer's per-channel image stats (from 256-bin histograms) equal the floating-point
     min / max / mean / std over LeRobot's sample of frames, strided down above 300 px."""
-    from dinocache.datasets.lerobot_writer import _image_stats
+    from dinocache.datasets.lerobot_stats import image_stats
 
     frames = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
     frames[..., 2] //= 3  # the channels differ
-    stats = _image_stats(frames)
+    stats = image_stats(frames)
     length = len(frames)
     picked = frames[np.round(np.linspace(0, length - 1, length if length < 100 else 100)).astype(int)]
     if max(shape[1:3]) >= 300:
@@ -73,3 +73,21 @@ def test_image_stats_are_lerobots_float_moments_over_the_sampled_frames(shape):
     for key, expected in (("min", pixels.min(0)), ("max", pixels.max(0)), ("mean", pixels.mean(0)), ("std", pixels.std(0))):
         assert np.asarray(stats[key]).shape == (3, 1, 1)
         np.testing.assert_allclose(np.asarray(stats[key]).ravel(), expected, rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_vector_quantiles_are_within_a_histogram_bin_of_the_exact_ones():
+    """LeRobot v3.0's quantiles come from a 5000-bin histogram: on continuous values they lie
+    within a bin of the exact quantiles (the smallest value with at least q of the samples at or
+    below it; tests/test_lerobot_datasets.py compares them with LeRobot's own function where
+    LeRobot is installed)."""
+    from dinocache.datasets.lerobot_stats import QUANTILES, vector_stats
+
+    values = np.random.default_rng(2).normal(size=(500, 3)) * [1.0, 10.0, 0.01]
+    stats = vector_stats(values, quantiles=True)
+    bin_width = (values.max(0) - values.min(0)) / 5000
+    for key, q in QUANTILES.items():
+        np.testing.assert_array_less(np.abs(np.array(stats[key]) - np.quantile(values, q, axis=0, method="inverted_cdf")),
+                                     2 * bin_width, err_msg=key)
+    assert "q50" not in vector_stats(values)  # v2.1 has none
+    single = vector_stats(values[:1], quantiles=True)  # one frame: LeRobot gives the mean
+    assert single["q01"] == single["q99"] == single["mean"]

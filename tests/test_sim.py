@@ -80,7 +80,7 @@ def test_scripted_expert_transfers_the_cube():
 
 def test_demo_dataset_reads_back(demos: Path, tmp_path: Path):
     source = open_dataset(demos)
-    assert source.format == "lerobot-v2.1" and source.fps == 50
+    assert source.format == "lerobot-v3.0" and source.fps == 50  # the default format
     assert [e.length for e in source.episodes] == [EPISODE_STEPS, EPISODE_STEPS]
     assert source.lowdim["observation.state"].names == list(JOINT_NAMES)
     assert source.lowdim["action"].shape == (14,)

@@ -175,8 +175,10 @@ def inspect(store: Path, pca: Path | None, frames: int, quick: bool) -> None:
 
 @click.command("make-sample")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["lerobot-v2.1", "lerobot-v3.0", "aloha-hdf5"]),
-              default="lerobot-v2.1", show_default=True, help="Dataset format to write.")
+@click.option("--format", "fmt", type=click.Choice(["lerobot-v3.0", "lerobot-v2.1", "aloha-hdf5"]),
+              default="lerobot-v3.0", show_default=True,
+              help="Dataset format to write: LeRobot's codebase_version v3.0 (what LeRobotDataset and "
+                   "lerobot-train read) or v2.1 (LeRobot <= 0.3), or ALOHA HDF5.")
 @click.option("--episodes", default=4, show_default=True, help="Episodes to write.")
 @click.option("--length", default=40, show_default=True, help="Frames per episode.")
 @click.option("--image-size", default="96x128", show_default=True, help="HxW of the cameras.")
@@ -191,7 +193,7 @@ def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str
     \b
     Examples:
       dinocache make-sample sample_data
-      dinocache make-sample sample_v3 --format lerobot-v3.0 --episodes 10 --cameras top,wrist
+      dinocache make-sample sample_v21 --format lerobot-v2.1 --episodes 10 --cameras top,wrist
     """
     from dinocache.datasets.synthetic import write_synthetic_dataset
 

@@ -30,8 +30,10 @@ def sim() -> None:
 @click.option("--task", type=_TASKS, default="transfer_cube", show_default=True, help="Simulated task.")
 @click.option("--episodes", default=50, show_default=True, help="Scripted episodes to attempt (failed ones are left out).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset folder to create (must be empty).")
-@click.option("--format", "fmt", type=click.Choice(["lerobot-v2.1", "aloha-hdf5"]), default="lerobot-v2.1",
-              show_default=True, help="Dataset format to write.")
+@click.option("--format", "fmt", type=click.Choice(["lerobot-v3.0", "lerobot-v2.1", "aloha-hdf5"]),
+              default="lerobot-v3.0", show_default=True,
+              help="Dataset format to write: LeRobot's codebase_version v3.0 (what LeRobotDataset and "
+                   "lerobot-train read) or v2.1 (LeRobot <= 0.3), or ALOHA HDF5.")
 @click.option("--seed", default=0, show_default=True, help="Episode i resets the cube with seed SEED + i.")
 @click.option("--cameras", default="top", show_default=True, help="Comma-separated scene cameras to record.")
 @click.option("--image-size", default="240x320", show_default=True, help="HxW of the recorded frames.")
@@ -40,7 +42,7 @@ def sim() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
 def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str, image_size: str,
           workers: int | None, no_progress: bool) -> None:
-    """Write scripted demonstrations (successful episodes only) as a dataset for `dinocache extract`.
+    """Write scripted demonstrations (successful episodes only) as a dataset for `dinocache extract` and `lerobot-train`.
 
     \b
     Examples:

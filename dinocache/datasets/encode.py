@@ -9,6 +9,8 @@ rendered ones, which is what lets the tests compare formats frame by frame.
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +26,7 @@ from PIL import Image
 from dinocache.cores import available_cores
 from dinocache.datasets.video import keep_pyav_logging_off
 
-__all__ = ["DEFAULT_GOP", "VIDEO_CODECS", "BackgroundEncoder", "encode_video", "jpeg_bgr", "png"]
+__all__ = ["DEFAULT_GOP", "VIDEO_CODECS", "BackgroundEncoder", "VideoStream", "encode_video", "jpeg_bgr", "png"]
 
 #: codec -> (encoders to try in order, pixel format, crf) used unless overridden.
 VIDEO_CODECS: dict[str, tuple[tuple[str, ...], str, int]] = {
@@ -102,6 +104,55 @@ class BackgroundEncoder:
                 self._pending.popleft().result()
         finally:  # on an error, nothing queued starts; what runs finishes before the error goes on
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class VideoStream:
+    """One mp4 fed batch by batch (a LeRobot v3.0 file holds many episodes), encoded in a thread; a
+    context manager.
+
+    The file is exactly what :func:`encode_video` writes for the concatenated frames: the writer
+    holds one episode at a time instead of a whole file's, and encodes while the next episode is
+    made. At most two batches wait; an encoder error is raised at the next :meth:`write` or when
+    the block ends. When the block ends on an error, the encoder is stopped and the error goes on.
+    """
+
+    def __init__(self, path: Path, fps: float, codec: str = "h264", **options: Any) -> None:
+        self._batches: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._encode, args=(path, fps, codec, options),
+                                        name="dinocache-video-stream", daemon=True)
+        self._thread.start()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append ``frames`` (``(n, H, W, 3)`` uint8) to the video."""
+        self._raise()
+        self._batches.put(frames)
+
+    def __enter__(self) -> VideoStream:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._batches.put(None)
+        self._thread.join()
+        if kind is None:
+            self._raise()
+
+    def _encode(self, path: Path, fps: float, codec: str, options: dict[str, Any]) -> None:
+        try:
+            encode_video(path, self._frames(), fps, codec, **options)
+        except BaseException as err:  # handed to the writing thread; the rest of the stream is drained
+            self._error = err
+            while self._batches.get() is not None:
+                pass
+
+    def _frames(self) -> Iterable[np.ndarray]:
+        while (batch := self._batches.get()) is not None:
+            yield from batch
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _available_encoder(names: Sequence[str]) -> str:

@@ -1,8 +1,9 @@
 """``dinocache sim demos``: scripted transfer-cube demonstrations written as a dataset dinocache reads.
 
 Episodes are made by :class:`~dinocache.sim.expert.ScriptedExpert` and streamed into the project's
-own dataset writer (:func:`dinocache.datasets.writer.write_episodes`: LeRobot v2.1 with H.264 video,
-or ALOHA/ACT HDF5). With ``workers`` > 1 they are made in that many worker processes
+own dataset writer (:func:`dinocache.datasets.writer.write_episodes`: LeRobot v3.0 with H.264 video,
+which ``LeRobotDataset`` and ``lerobot-train`` read as it is; LeRobot v2.1; or ALOHA/ACT HDF5). With
+``workers`` > 1 they are made in that many worker processes
 (:func:`dinocache.sim.parallel.ordered_map`) and written here in seed order as they arrive, at most
 two per worker waiting; every episode depends on its seed only, so the dataset is the same whatever
 the number of workers. An episode whose replay does not reach the task's maximum reward is dropped
@@ -32,7 +33,7 @@ TASK_TEXT = {"transfer_cube": "pick up the red cube with the right arm and hand 
 #: Where a demonstration dataset records how it was made (the dataset's root folder).
 DEMOS_RECORD = "sim_demos.json"
 DEFAULT_IMAGE_SIZE = (240, 320)  # ALOHA's 480x640 halved: the same 3:4 view, a quarter of the pixels
-DEMO_FORMATS = ("lerobot-v2.1", "aloha-hdf5")
+DEMO_FORMATS = ("lerobot-v3.0", "lerobot-v2.1", "aloha-hdf5")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class DemoSummary:
 
 def generate_demos(out: Path | str, *, task: str = "transfer_cube", episodes: int = 50, seed: int = 0,
                    cameras: Sequence[str] = ("top",), image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
-                   format: str = "lerobot-v2.1", workers: int | None = None, progress: bool = True) -> DemoSummary:
+                   format: str = "lerobot-v3.0", workers: int | None = None, progress: bool = True) -> DemoSummary:
     """Make ``episodes`` scripted demonstrations (reset seeds ``seed``, ``seed + 1``, ...) and write the successful ones.
 
     ``workers``: processes making episodes (default: one per available core, at most ``episodes``;
