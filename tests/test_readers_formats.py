@@ -291,6 +291,31 @@ def test_background_encoder_writes_each_video_and_raises_the_first_error(tmp_pat
     assert not (tmp_path / "bad.mp4").exists()
 
 
+def test_video_stream_writes_what_encode_video_writes_and_raises_the_encoders_error(tmp_path):
+    """A LeRobot v3.0 file's video fed episode by episode decodes to the frames of one encode_video
+    call on them all; an encoder failure (frames it cannot encode, mid-file) comes back to the writer."""
+    import av
+
+    from dinocache.datasets.encode import VideoStream, encode_video
+
+    clips = [synthetic_episode(k, 5 + k, image_size=(32, 48), seed=4).frames["top"] for k in range(3)]
+    with VideoStream(tmp_path / "streamed.mp4", 10.0) as stream:
+        for frames in clips:
+            stream.write(frames)
+    encode_video(tmp_path / "whole.mp4", np.concatenate(clips), 10.0)
+
+    def decoded(name: str) -> np.ndarray:
+        with av.open(str(tmp_path / name)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    np.testing.assert_array_equal(decoded("streamed.mp4"), decoded("whole.mp4"))
+
+    with pytest.raises(ValueError):
+        with VideoStream(tmp_path / "bad.mp4", 10.0) as stream:
+            stream.write(clips[0])
+            stream.write(np.zeros((4, 32, 48, 4), np.uint8))  # RGBA: not the rgb24 frames it encodes
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
 def test_decoder_threads_are_what_the_caller_asks_and_change_no_frame(tmp_path):
     """``decoder_threads`` sets FFmpeg's frame threads (the pipeline shares the cores among its
