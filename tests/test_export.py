@@ -37,6 +37,7 @@ from dinocache.policy.compiled import can_package
 from dinocache.policy import export as export_module
 from dinocache.policy.export import export_policy
 from dinocache.policy.fused import FusedPolicy, build_fused_policy
+from dinocache.policy.integrity import file_record, read_json, sealed, write_json
 from dinocache.policy.metadata import read_policy_metadata
 from dinocache.policy.parity import ParityError, check_parity, open_run_store, verification_frames
 from dinocache.policy.provenance import check_weights
@@ -324,9 +325,9 @@ def _with_metadata(src: Path, dst: Path, edit) -> Path:
         for info in archive.infolist():
             data = archive.read(info)
             if info.filename.endswith("extra/dinocache.json"):
-                meta = json.loads(data)
+                meta = read_policy_metadata(src)  # its digest checked and removed
                 edit(meta)
-                data = json.dumps(meta).encode()
+                data = json.dumps(sealed(meta)).encode()  # sealed again, as export writes it
             out.writestr(info, data)
     return dst
 
@@ -524,6 +525,9 @@ def test_a_head_with_nan_weights_fails_the_parity_check_as_not_finite(trained, t
     name = next(k for k in tensors if k.endswith("weight") and tensors[k].dim() == 2)
     tensors[name][0, 0] = float("nan")
     save_file(tensors, weights)
+    config = weights.parent / "config.json"  # recorded as training would have written it
+    recorded = read_json(config)
+    write_json(config, {**recorded, "files": {**recorded["files"], weights.name: file_record(weights)}})
     out = tmp_path / "policy.pt2"
     with pytest.raises(ParityError, match=r"parity FAILED.*not finite: NaN or inf in the weights.*nothing was written"):
         export_policy(run, out, progress=False)

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -26,13 +30,17 @@ from safetensors.torch import load_file
 
 from dinocache.cli import main
 from dinocache.encoders.backbone import create_backbone
-from dinocache.errors import BackboneError, DatasetError
+from dinocache.errors import BackboneError, DatasetError, DinocacheError
 from dinocache.pipeline.extract import extract
+from dinocache.pipeline.store import FeatureStore
 from dinocache.datasets import open_dataset
+from dinocache.policy.export import export_policy
+from dinocache.policy.runtime import PolicyError, load_policy
 from dinocache.policy.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _datasets import edit_hdf5, edit_json, make, reencode, truncate, v21_video  # noqa: E402
+from _datasets import (V30_EPISODES, edit_episode_table, edit_hdf5, edit_json, make, reencode, truncate,  # noqa: E402
+                       v21_video)
 from test_extract import config, extract_args, store_files  # noqa: E402
 from test_train import TINY  # noqa: E402
 from test_train_data import make_store  # noqa: E402
@@ -341,3 +349,127 @@ def test_an_int64_image_is_told_how_to_cast_integers(tmp_path: Path):
     with pytest.raises(BackboneError, match=r"got torch.int64; cast integer frames holding 0-255") as excinfo:
         backbone(frames)
     assert "float frames" not in str(excinfo.value)
+
+
+# ======================================================================================================
+# Issue 34: nothing acts on corrupt data. Each class is tested over several artefacts, byte offsets,
+# windows and options, not one instance.
+# ======================================================================================================
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory) -> SimpleNamespace:
+    """A real dataset -> store (ViT-S/14, random weights, 28 px) -> a 2-step run -> a .pt2 and an .onnx."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("artefacts")
+    dataset = make(root)
+    extract(config(dataset, root / "f.zarr", image_size="28"))
+    train(TrainConfig(store=root / "f.zarr", out=root / "run", steps=2, batch_size=4, act=TINY, val_episodes="none",
+                      save_every=1, progress=False))
+    exported = {fmt: export_policy(root / "run", root / f"policy.{fmt}", format=fmt, progress=False).path
+                for fmt in ("pt2", "onnx")}
+    store = FeatureStore(root / "f.zarr")
+    rows, frames = store.verification_frames()
+    observation = {"observation.images.top": frames["observation.images.top"][0],
+                   "observation.state": store.read("observation.state")[rows[0]]}
+    return SimpleNamespace(root=root, dataset=dataset, store=root / "f.zarr", run=root / "run", observation=observation,
+                           **exported)
+
+
+def damage(file: Path, where: float | str) -> None:
+    """One bit flipped at a fraction of the file's length (0: its first byte, 1: its last), or the file
+    cut at ``"truncated"`` (its second half gone)."""
+    data = bytearray(file.read_bytes())
+    if where == "truncated":
+        data = data[:len(data) // 2]
+    else:
+        data[round(float(where) * (len(data) - 1))] ^= 0x01  # a digit stays a digit: '4' <-> '5'
+    file.unlink()  # not through the link: a copied run's other checkpoints keep their bytes
+    file.write_bytes(bytes(data))
+
+
+def refused_in_one_line(error: BaseException, *fragments: str) -> str:
+    assert isinstance(error, DinocacheError), repr(error)
+    text = str(error)
+    assert "\n" not in text and all(f in text for f in fragments), text
+    return text
+
+
+CHECKPOINT_FILES = ["model.safetensors", "config.json", "training_state.safetensors", "training_state.json"]
+#: The readers of each file: train --resume reads them all; export, finetune and load_policy the head's.
+HEAD_FILES = {"model.safetensors", "config.json"}
+
+
+@pytest.mark.parametrize("where", [0.0, 0.33, 0.67, 1.0, "truncated"])
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_damaged_checkpoint_file_is_refused_by_every_reader_naming_it(artefacts, tmp_path: Path, name, where):
+    run = tmp_path / "run"
+    shutil.copytree(artefacts.run, run, symlinks=True)
+    file = (run / "checkpoints" / "last").resolve() / name
+    damage(file, where)
+    resumed = cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress")
+    line = one_line_error(resumed, f"checkpoints/last/{name}", "the run's other checkpoints: 000001")
+    assert "point" in line and "at one to resume from it" in line, line
+    if name in HEAD_FILES:
+        one_line_error(cli("export", run, "--out", tmp_path / "p.pt2", "--no-progress"), name)
+        one_line_error(cli("finetune", run, "--out", tmp_path / "ft", "--steps", 1, "--no-progress"), name)
+        with pytest.raises(DinocacheError) as excinfo:
+            load_policy(run)
+        refused_in_one_line(excinfo.value, name)
+        assert not (tmp_path / "p.pt2").exists() and not (tmp_path / "ft").exists()
+
+
+def test_a_checkpoint_copied_from_another_step_is_refused(artefacts, tmp_path: Path):
+    """Files valid on their own but from another checkpoint: each checkpoint records its own files."""
+    run = tmp_path / "run"
+    shutil.copytree(artefacts.run, run, symlinks=True)
+    last, first = (run / "checkpoints" / "last").resolve(), run / "checkpoints" / "000001"
+    for name in ("model.safetensors", "training_state.json"):
+        (last / name).unlink()
+        shutil.copy(first / name, last / name)
+        one_line_error(cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress"),
+                       f"checkpoints/last/{name}: ")
+        shutil.copy(artefacts.run / "checkpoints" / last.name / name, last / name)
+
+
+@pytest.mark.parametrize("where", [*np.linspace(0, 1, 9).round(3).tolist(), "truncated"])
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_damaged_policy_file_never_loads_as_another_policy(artefacts, tmp_path: Path, fmt, where):
+    """A flipped bit anywhere in a .pt2 or .onnx (in a weight, the program, the metadata, the archive's
+    directory) is refused naming the file; only a bit the content does not depend on (say a zip
+    entry's timestamp) may load, and then it acts exactly as the intact file."""
+    policy = tmp_path / getattr(artefacts, fmt).name
+    shutil.copy(getattr(artefacts, fmt), policy)
+    damage(policy, where)
+    try:
+        loaded = load_policy(policy)
+    except DinocacheError as error:
+        refused_in_one_line(error, str(policy))
+        return
+    intact = load_policy(getattr(artefacts, fmt))
+    assert np.array_equal(loaded.select_action(artefacts.observation), intact.select_action(artefacts.observation))
+
+
+@pytest.mark.parametrize("fmt, named", [("pt2", "onnx"), ("onnx", "pt2")])
+def test_a_policy_file_under_the_other_format_s_name_is_named(artefacts, tmp_path: Path, fmt, named):
+    policy = tmp_path / f"policy.{named}"
+    shutil.copy(getattr(artefacts, fmt), policy)
+    with pytest.raises(DinocacheError) as excinfo:
+        load_policy(policy)
+    refused_in_one_line(excinfo.value, str(policy))
+
+
+@pytest.mark.parametrize("envs, bad_step", [(1, 0), (1, 3), (2, 2)])
+def test_select_action_never_hands_out_a_non_finite_action(artefacts, envs: int, bad_step: int):
+    """An observation that drives the network to inf/NaN (a finite but absurd state) at any step, in
+    any environment: the runtime raises naming the step instead of returning the action."""
+    policy = load_policy(artefacts.run, temporal_ensemble_coeff=0.01)  # the model runs at every step
+    absurd = {**artefacts.observation, "observation.state": np.full_like(artefacts.observation["observation.state"],
+                                                                         3e38)}
+    for step in range(bad_step):
+        actions = policy.select_actions([artefacts.observation] * envs)
+        assert np.isfinite(actions).all()
+    with pytest.raises(PolicyError, match=rf"non-finite action at {'environment 1, ' if envs > 1 else ''}"
+                                          rf"step {bad_step} since reset") as excinfo:
+        policy.select_actions([artefacts.observation] * (envs - 1) + [absurd])
+    refused_in_one_line(excinfo.value, "nothing was handed out")

@@ -26,7 +26,6 @@ Everything is safetensors or JSON: a checkpoint loads without unpickling anythin
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -37,13 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save_file
 from torch import nn
 
 from dinocache import __version__
 from dinocache.encoders.weights import tensor_sha256
 from dinocache.errors import DinocacheError
-from dinocache.hashing import file_sha256
+from dinocache.policy.integrity import IntegrityError, file_record, read_checked, read_json, write_json
 from dinocache.pipeline.store import StoreRecord
 from dinocache.policy.act import ACTHead
 from dinocache.policy.config import ACTConfig, ACTInputs
@@ -51,7 +51,7 @@ from dinocache.policy.normalize import Normalizer
 
 __all__ = [
     "PolicySpec", "save_checkpoint", "load_head", "load_training_state", "resolve_checkpoint", "checkpoint_step",
-    "checkpoint_dir", "capture_rng", "restore_rng", "load_backbone", "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "LAST",
+    "checkpoint_dir", "capture_rng", "restore_rng", "load_backbone", "read_config", "RUN_FILE", "METRICS_FILE", "CHECKPOINTS", "LAST",
     "BEST", "BACKBONE_FILE",
 ]
 
@@ -117,21 +117,6 @@ class PolicySpec:
     def build(self) -> tuple[ACTHead, Normalizer]:
         """A freshly initialised head and the normaliser for these statistics."""
         return ACTHead(self.config, self.inputs), Normalizer(self.stats)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_to_json) + "\n")
-    os.replace(tmp, path)
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,7 +198,6 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / MODEL_FILE,
               metadata={"format": "dinocache-act", "step": str(step)})
     trained = _save_backbone(tmp, backbone) if backbone is not None else {}
-    write_json(tmp / CONFIG_FILE, {**spec.to_dict(), "step": step, **trained})
 
     tensors: dict[str, torch.Tensor] = {}
     state_meta: dict[str, Any] = {}
@@ -238,6 +222,12 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
         "sampler": dict(sampler),
         **extra,
     })
+    # written last: the size and sha256 of every file above, which every reader checks before using it
+    files = {name: file_record(tmp / name) for name in (MODEL_FILE, BACKBONE_FILE, STATE_TENSORS, STATE_JSON)
+             if (tmp / name).is_file()}
+    if trained:
+        trained["backbone_weights"]["sha256"] = files[BACKBONE_FILE]["sha256"]
+    write_json(tmp / CONFIG_FILE, {**spec.to_dict(), "step": step, **trained, "files": files})
 
     if final.exists():
         shutil.rmtree(final)
@@ -252,8 +242,7 @@ def _save_backbone(folder: Path, backbone: nn.Module) -> dict[str, Any]:
     """Write the trained backbone's tensors; return its record for ``config.json``."""
     save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()},
               folder / BACKBONE_FILE, metadata={"format": "dinocache-backbone", "name": backbone.spec.name})
-    return {"backbone_weights": {"source": "finetuned", "file": BACKBONE_FILE,
-                                 "sha256": file_sha256(folder / BACKBONE_FILE),
+    return {"backbone_weights": {"source": "finetuned", "file": BACKBONE_FILE, "sha256": None,  # set with the others
                                  "tensor_sha256": tensor_sha256(backbone.model), "base": backbone.weights.identity()}}
 
 
@@ -292,17 +281,32 @@ def load_head(path: str | os.PathLike, device: str | torch.device = "cpu") -> tu
     Only the head: the live policy, backbone included, is :func:`dinocache.load_policy`.
     """
     path = _resolve(path)
-    spec = PolicySpec.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    config = read_config(path)
+    spec = PolicySpec.from_dict(config)
     head, normalizer = spec.build()
-    weights = load_file(path / MODEL_FILE)
+    weights = _load_tensors(path, MODEL_FILE, config)
     head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
     normalizer.load_state_dict({k[len("normalizer."):]: v for k, v in weights.items() if k.startswith("normalizer.")})
     return head.to(device).eval(), normalizer.to(device), spec
 
 
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's (or a run's ``last``) ``config.json``, its digest checked."""
+    return read_json(_resolve(path) / CONFIG_FILE)
+
+
+def _load_tensors(folder: Path, name: str, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file, once its size and sha256 are the recorded ones."""
+    data = read_checked(folder / name, config.get("files", {}).get(name))
+    try:
+        return load_safetensors(data)
+    except SafetensorError as err:  # its digest matched: written broken, which save_file does not do
+        raise IntegrityError(f"{folder / name}: not a safetensors file ({err})") from None
+
+
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The training step a checkpoint (or a run's ``last``) was written at."""
-    return int(json.loads((_resolve(path) / CONFIG_FILE).read_text())["step"])
+    return int(read_config(path)["step"])
 
 
 def load_backbone(path: str | os.PathLike, backbone: nn.Module) -> dict[str, Any]:
@@ -310,17 +314,14 @@ def load_backbone(path: str | os.PathLike, backbone: nn.Module) -> dict[str, Any
     their record. The file's sha256 and the loaded tensors' hash must be the recorded ones, and the
     record's base weights those ``backbone`` was built from: otherwise it is refused showing both."""
     path = _resolve(path)
-    record = json.loads((path / CONFIG_FILE).read_text()).get("backbone_weights")
+    config = read_config(path)
+    record = config.get("backbone_weights")
     if record is None:
         raise DinocacheError(f"{path}: the run did not train its backbone (no {BACKBONE_FILE})")
-    found = file_sha256(path / BACKBONE_FILE)
-    if found != record["sha256"]:
-        raise DinocacheError(f"{path / BACKBONE_FILE} has sha256 {found}, the checkpoint recorded {record['sha256']}: "
-                             "the file is not the one training saved")
     base = backbone.weights.identity()
     if base != record["base"]:
         raise DinocacheError(f"{path}: the backbone was trained from base weights {record['base']}, not {base}")
-    backbone.model.load_state_dict(load_file(path / BACKBONE_FILE))
+    backbone.model.load_state_dict(_load_tensors(path, BACKBONE_FILE, config))
     loaded = tensor_sha256(backbone.model)
     if loaded != record["tensor_sha256"]:
         raise DinocacheError(f"{path / BACKBONE_FILE} loads tensors with tensor_sha256 {loaded}, the checkpoint "
@@ -336,12 +337,13 @@ def load_training_state(path: str | os.PathLike, head: nn.Module, optimizer: tor
     The returned ``rng`` is a list with one :func:`restore_rng`-ready entry per rank that saved it.
     """
     path = _resolve(path)
-    weights = load_file(path / MODEL_FILE)
+    config = read_config(path)
+    weights = _load_tensors(path, MODEL_FILE, config)
     head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
     if backbone is not None:
         load_backbone(path, backbone)
-    tensors = load_file(path / STATE_TENSORS)
-    meta = json.loads((path / STATE_JSON).read_text())
+    tensors = _load_tensors(path, STATE_TENSORS, config)
+    meta = read_json(path / STATE_JSON, config.get("files", {}))
 
     state: dict[int, dict[str, Any]] = {int(pid): dict(values) for pid, values in meta["optimizer"]["state"].items()}
     for key, value in tensors.items():

@@ -9,8 +9,9 @@ Order of work, each step able to stop the export before anything is written:
 3. trace it: ``torch.export`` (a ``.pt2`` program, batch size dynamic) or torch's ONNX exporter;
 4. run the traced program (the ``.pt2`` module, or the ``.onnx`` file in onnxruntime) on the check's
    frames and compare with the eager policy;
-5. write the file under a temporary name with its metadata (:mod:`dinocache.policy.metadata`) and
-   rename it into place. A failed step leaves no file behind.
+5. write the file under a temporary name with its metadata (:mod:`dinocache.policy.metadata`), which
+   holds the digest of the file's content and its own (:mod:`dinocache.policy.integrity`: every
+   reader checks them), and rename it into place. A failed step leaves no file behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from dinocache.policy.compiled import (CompiledCrash, CompiledHang, CompiledPoli
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.formats import FORMATS
 from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
+from dinocache.policy.integrity import CONTENT_KEY, archive_sha256, onnx_sha256, sealed
 from dinocache.policy.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
 from dinocache.policy.parity import ParityError, ParityReport, check_run, rounding_tolerance
 
@@ -187,7 +189,8 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the torch.export program")
-    torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
+    _save_sealed(lambda text: torch.export.save(program, tmp, extra_files={METADATA_NAME: text}),
+                 lambda: archive_sha256(tmp), metadata, tmp)
     return diff
 
 
@@ -201,7 +204,8 @@ def _write_compiled(policy: FusedPolicy, program: torch.export.ExportedProgram, 
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the AOTInductor-compiled program")
-    write_package(tmp, program, aoti_files, {METADATA_NAME: json.dumps(metadata)})  # with the measured difference
+    _save_sealed(lambda text: write_package(tmp, program, aoti_files, {METADATA_NAME: text}),  # with the difference
+                 lambda: archive_sha256(tmp), metadata, tmp)
     return diff
 
 
@@ -261,10 +265,26 @@ def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dic
     diff = _normalised_diff(policy, torch.from_numpy(output), eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, f"the ONNX file in {runner}")
-    program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(metadata)  # now with the measured difference
-    with _quiet_onnx():
-        program.save(tmp)
+
+    def save(text: str) -> None:  # now with the measured difference
+        program.model.metadata_props[ONNX_METADATA_KEY] = text
+        with _quiet_onnx():
+            program.save(tmp)
+
+    import onnx
+
+    _save_sealed(save, lambda: onnx_sha256(onnx.load(str(tmp))), metadata, tmp)
     return diff
+
+
+def _save_sealed(save: Callable[[str], None], content: Callable[[], str], metadata: dict[str, Any], path: Path) -> None:
+    """Write the policy a last time, its metadata now holding the digest of the file's content (the
+    same in every write, taken from the one before) and its own digest; then check both as written."""
+    metadata[CONTENT_KEY] = content()
+    save(json.dumps(sealed(metadata)))
+    if content() != metadata[CONTENT_KEY]:
+        raise DinocacheError(f"{path}: writing the policy twice gave two different contents (torch "
+                             f"{torch.__version__}); nothing was written: please report this")
 
 
 def _onnx_inputs(policy: FusedPolicy, names: list[str], flat: tuple) -> list[dict[str, Any]]:

@@ -22,7 +22,6 @@ sha256 and the hashes of the base weights it started from); ``dinocache export``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,11 @@ from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.errors import DinocacheError
 from dinocache.pipeline.store import SourceRecord, StoreRecord
 from dinocache.policy.act import ACTHead
-from dinocache.policy.checkpoint import RUN_FILE, PolicySpec, load_head, resolve_checkpoint
+from dinocache.policy.checkpoint import RUN_FILE, PolicySpec, load_head, read_config, resolve_checkpoint
 from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.policy.data import open_training_store
 from dinocache.policy.frames import DecodedFrames
+from dinocache.policy.integrity import read_json
 from dinocache.policy.online import OnlineACT
 from dinocache.policy.provenance import rebuild_backbone
 from dinocache.policy.train import (
@@ -161,7 +161,7 @@ def finetune(run: str | os.PathLike, cfg: TrainConfig, training: BackboneTrainin
     ``cfg.resume`` continues ``cfg.out`` exactly.
     """
     source = resolve_checkpoint(run, checkpoint)
-    head_config = json.loads((source / "config.json").read_text())
+    head_config = read_config(source)
     spec = PolicySpec.from_dict(head_config)
     if spec.backbone_training is not None:
         raise DinocacheError(f"{run} already trained its backbone: `dinocache finetune` continues a cached run "
@@ -169,8 +169,7 @@ def finetune(run: str | os.PathLike, cfg: TrainConfig, training: BackboneTrainin
     store = open_training_store(cfg.store or spec.store_path)
     store.check_identity(spec.store_record.identity(), hint=f"it is not the store {run} was trained on")
     if not cfg.resume:
-        cfg = _inherit(cfg, json.loads((Path(run) / RUN_FILE).read_text()) if (Path(run) / RUN_FILE).is_file()
-                       else None)
+        cfg = _inherit(cfg, read_json(Path(run) / RUN_FILE) if (Path(run) / RUN_FILE).is_file() else None)
 
     def check_data(recorded: dict[str, Any]) -> None:
         store.check_identity(StoreRecord.from_dict(recorded["store"]["provenance"]).identity(),

@@ -15,7 +15,6 @@ The schema is documented in ``docs/export.md``.
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from collections.abc import Mapping
@@ -26,17 +25,15 @@ import torch
 
 from dinocache import __version__
 from dinocache.errors import DinocacheError
-from dinocache.policy.checkpoint import CONFIG_FILE, LAST, PolicySpec, resolve_checkpoint
+from dinocache.policy.checkpoint import LAST, PolicySpec, read_config, resolve_checkpoint
 from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
+from dinocache.policy.integrity import METADATA_NAME, ONNX_METADATA_KEY, IntegrityError, parse_json, unsealed
 
 __all__ = ["POLICY_FORMAT", "POLICY_FORMAT_VERSION", "METADATA_NAME", "policy_metadata", "read_policy_metadata",
-           "policy_kind"]
+           "policy_kind", "load_onnx"]
 
 POLICY_FORMAT = "dinocache-policy"
 POLICY_FORMAT_VERSION = 1
-#: Name of the metadata document inside a ``.pt2`` (extra file) and an ``.onnx`` (metadata key, no suffix).
-METADATA_NAME = "dinocache.json"
-ONNX_METADATA_KEY = "dinocache"
 
 
 def policy_metadata(spec: PolicySpec, checkpoint: str | os.PathLike, step: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -87,38 +84,55 @@ def policy_kind(path: str | os.PathLike) -> str:
         return "folder"
     if not path.is_file():
         raise DinocacheError(f"{path}: no such policy file or run folder")
+    is_zip = zipfile.is_zipfile(path)
     if path.suffix == ".onnx":
+        if is_zip:
+            raise DinocacheError(f"{path}: a zip archive (a .pt2 policy?) named .onnx; name it .pt2")
         return "onnx"
-    if zipfile.is_zipfile(path):
+    if is_zip:
         return "pt2"
-    raise DinocacheError(f"{path}: not a policy (expected a .pt2 or .onnx written by `dinocache export`, "
-                         "or a run folder)")
+    raise DinocacheError(f"{path}: not a policy, or a truncated one (expected a .pt2 archive or an .onnx written by "
+                         "`dinocache export`, or a run folder)")
 
 
-def read_policy_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an exported policy (or of a run / checkpoint folder's ``last``), weights not loaded."""
+def read_policy_metadata(path: str | os.PathLike, model: Any = None) -> dict[str, Any]:
+    """The metadata of an exported policy (or of a run / checkpoint folder's ``last``), weights not loaded;
+    its own digest checked (``model``: an ``.onnx``'s ``ModelProto`` already loaded)."""
     path = Path(path)
     kind = policy_kind(path)
     if kind == "folder":
         checkpoint = resolve_checkpoint(path, LAST)
-        config = json.loads((checkpoint / CONFIG_FILE).read_text())
+        config = read_config(checkpoint)
         return policy_metadata(PolicySpec.from_dict(config), checkpoint, config["step"], torch.float32)
     if kind == "onnx":
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
+        model = model if model is not None else load_onnx(path, external_data=False)
         text = next((p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY), None)
     else:
-        with zipfile.ZipFile(path) as archive:
-            # torch >= 2.8 writes extra files as <archive>/extra/NAME, torch 2.7 as extra_files/NAME
-            entry = next((n for n in archive.namelist()
-                          if n.endswith((f"extra/{METADATA_NAME}", f"extra_files/{METADATA_NAME}"))), None)
-            text = archive.read(entry).decode() if entry else None
+        try:
+            with zipfile.ZipFile(path) as archive:
+                # torch >= 2.8 writes extra files as <archive>/extra/NAME, torch 2.7 as extra_files/NAME
+                entry = next((n for n in archive.namelist()
+                              if n.endswith((f"extra/{METADATA_NAME}", f"extra_files/{METADATA_NAME}"))), None)
+                text = archive.read(entry).decode(errors="replace") if entry else None
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            raise IntegrityError(f"{path}: the archive is damaged or truncated ({err})") from None
     if text is None:
         raise DinocacheError(f"{path}: a {kind} file without dinocache metadata; was it written by `dinocache export`?")
-    metadata = json.loads(text)
+    metadata = unsealed(parse_json(text, path, " (its metadata)"), path, " (its metadata)")
     _check_format(metadata, path)
     return metadata
+
+
+def load_onnx(path: Path, external_data: bool = True) -> Any:
+    """An ``.onnx`` file's ``ModelProto``; a file that is not one (truncated, or other bytes) is one error."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except (DecodeError, ValueError, OSError) as err:
+        raise IntegrityError(f"{path}: not an ONNX model, or a truncated or damaged one ({type(err).__name__}: "
+                             f"{str(err)[:200]})") from None
 
 
 def _check_format(metadata: Mapping[str, Any], path: Path) -> None:

@@ -36,9 +36,10 @@ from dinocache.keys import short_name
 from dinocache.policy.action_selection import ActionSelector, make_action_selector
 from dinocache.policy.compiled import CompiledPolicyFallback, compiled_mismatch, load_compiled, to_cpu
 from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
-from dinocache.policy.metadata import policy_kind, policy_metadata, read_policy_metadata
+from dinocache.policy.integrity import check_policy_file
+from dinocache.policy.metadata import load_onnx, policy_kind, policy_metadata, read_policy_metadata
 
-__all__ = ["PolicyRuntime", "ObservationError", "CompiledPolicyFallback", "load_policy", "AS_TRAINED"]
+__all__ = ["PolicyRuntime", "ObservationError", "PolicyError", "CompiledPolicyFallback", "load_policy", "AS_TRAINED"]
 
 #: A chunk predictor: camera images (uint8 ``(B, H, W, 3)``), state ``(B, D)``, env state or None -> ``(B, chunk, A)``.
 Predict = Callable[[list[Any], Any, Any], Tensor]
@@ -51,6 +52,10 @@ class _AsTrained:
 
 #: Default of :func:`load_policy`'s action-selection options: the value the head was trained with.
 AS_TRAINED: Any = _AsTrained()
+
+
+class PolicyError(DinocacheError, RuntimeError):
+    """The policy produced something it must not hand out (a NaN or inf action)."""
 
 
 class ObservationError(DinocacheError, ValueError):
@@ -77,6 +82,7 @@ class PolicyRuntime:
                          "temporal_ensemble_coeff": config.temporal_ensemble_coeff}
         self._config = config
         self._selectors: dict[int, ActionSelector] = {}
+        self._steps: dict[int, int] = {}  # env -> steps since its reset
         self._images = {camera: (*metadata["image_size"][camera], 3) for camera in metadata["cameras"]}
         self._vectors = {OBS_STATE: metadata["state_dim"]}
         if metadata.get("env_state_dim"):
@@ -89,8 +95,10 @@ class PolicyRuntime:
         only, for :meth:`select_actions`; of every environment by default)."""
         if env is None:
             self._selectors.clear()
+            self._steps.clear()
         else:
             self._selectors.pop(env, None)
+            self._steps.pop(env, None)
 
     def with_action_selection(self, n_action_steps: int | None = None,
                               temporal_ensemble_coeff: Any = AS_TRAINED) -> PolicyRuntime:
@@ -105,6 +113,8 @@ class PolicyRuntime:
         uint8 HWC at the camera's native size (numpy or torch, an optional leading batch axis of
         1), and ``observation.state`` (or ``state``) to the raw state vector; plus
         ``observation.environment_state`` when the policy has one. Other keys are ignored.
+
+        Raises :class:`PolicyError`, naming the step, rather than return an action holding NaN or inf.
         """
         return self.select_actions([observation])[0]
 
@@ -135,7 +145,22 @@ class PolicyRuntime:
             predicted = self._predict([_stack(camera) for camera in zip(*images)], state, env[0] if env else None)
             chunks = dict(zip(needy, predicted.split(1)))
         actions = [selector.select(lambda i=i: chunks[i])[0] for i, selector in enumerate(selectors)]
-        return torch.stack(actions).float().cpu().numpy()
+        out = torch.stack(actions).float().cpu().numpy()
+        for env in envs:
+            self._steps[env] = self._steps.get(env, 0) + 1
+        if not np.isfinite(out).all():  # checked on the host copy: no extra device sync
+            self._refuse_non_finite(out, envs, needy)
+        return out
+
+    def _refuse_non_finite(self, actions: np.ndarray, envs: list[int], needy: list[int]) -> None:
+        """A robot must never be handed NaN or inf: stop, naming where (the weights are the usual cause)."""
+        row = int(np.flatnonzero(~np.isfinite(actions).all(axis=1))[0])
+        env, step = envs[row], self._steps[envs[row]] - 1
+        where = f"environment {env}, " if len(envs) > 1 or env != 0 else ""
+        source = "the model query of this step" if row in needy else "a queued chunk of an earlier query"
+        raise PolicyError(f"select_action: the policy produced a non-finite action at {where}step {step} since reset "
+                          f"({actions[row].tolist()}, from {source}); nothing was handed out. NaN or inf in the "
+                          "policy's weights, or an observation far outside what it was trained on?")
 
     def _inputs(self, observation: Mapping[str, Any]) -> tuple[list[Any], list[Tensor]]:
         """One observation, checked: its camera frames ``(H, W, 3)`` and its vectors ``(1, D)``."""
@@ -382,7 +407,9 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         metadata["export"] = {"format": "eager", "device": str(device)}
         module, backend = policy, "eager"
     else:
-        metadata = read_policy_metadata(path)
+        model = load_onnx(path) if kind == "onnx" else None
+        metadata = read_policy_metadata(path, model)
+        check_policy_file(path, metadata, model)  # every byte of the program and its weights as exported
         if kind == "onnx":
             metadata["runtime"] = {"backend": "onnxruntime", "cuda_graph": False}
             return PolicyRuntime(_onnx_predict(path, metadata, device), metadata, device, n_action_steps,

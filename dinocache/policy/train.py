@@ -39,7 +39,7 @@ from dinocache.pipeline.store import FeatureStore, StoreRecord
 from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.checkpoint import (
     BEST, CHECKPOINTS, LAST, METRICS_FILE, MODEL_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir,
-    checkpoint_step, load_training_state, restore_rng, save_checkpoint, write_json,
+    checkpoint_step, load_training_state, restore_rng, save_checkpoint,
 )
 from dinocache.policy.config import ACTION, ACTION_IS_PAD, ACTConfig
 from dinocache.policy.data import (
@@ -48,6 +48,7 @@ from dinocache.policy.data import (
 )
 from dinocache.policy.presets import apply_preset, check_preset_backbone, get_preset
 from dinocache.policy.frames import DecodedFrames
+from dinocache.policy.integrity import read_json, write_json
 from dinocache.policy.tracking import Tracker, open_trackers
 from dinocache.policy.train_config import TrainConfig
 
@@ -540,7 +541,7 @@ def _open_run(cfg: TrainConfig, kind: RunKind,
     if cfg.resume:
         if not (run_dir / RUN_FILE).is_file():
             raise TrainingError(f"{run_dir}: nothing to resume (no {RUN_FILE}); start the run without --resume")
-        recorded = json.loads((run_dir / RUN_FILE).read_text())
+        recorded = read_json(run_dir / RUN_FILE)
         _check_resume(recorded, cfg, split.val)
         kind.check_data(recorded)
         config = ACTConfig.from_dict(recorded["act_config"])
@@ -706,7 +707,7 @@ def _loop(cfg: TrainConfig, procs: Processes, data: CachedFeatures | DecodedFram
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and procs.main),
                desc=f"train {run_dir.name}", dynamic_ncols=True)
-    trackers = open_trackers(cfg.log_to, run_dir, json.loads((run_dir / RUN_FILE).read_text())) if procs.main else []
+    trackers = open_trackers(cfg.log_to, run_dir, read_json(run_dir / RUN_FILE)) if procs.main else []
     log = _Log(run_dir / METRICS_FILE, bar, _batches(data), trackers) if procs.main else None
     order = data.sample_order(train_rows, seed, procs.rank, procs.world_size)
     batches = data.train_batches(order, batch_size, position=step * batch_size, out=train_step.inputs)

@@ -1,0 +1,203 @@
+"""Every artefact of a run or an export carries digests of its content, checked where it is read.
+
+Bytes that are valid on their own can be wrong as a whole: one flipped bit in a weight still loads,
+and a policy built from it hands a robot wrong actions. So what dinocache writes records digests
+(:mod:`dinocache.hashing`) when it is written, and every reader recomputes them before using a byte:
+
+* JSON documents (``run.json``, a checkpoint's ``config.json`` and ``training_state.json``) carry
+  the digest of the rest of their content under :data:`SEAL_KEY` (:func:`write_json`, :func:`read_json`);
+* a checkpoint's ``config.json`` records the size and sha256 of every other file of the checkpoint
+  (:func:`file_record`), which :func:`read_checked` compares before a tensor is loaded;
+* an exported ``.pt2`` records in its metadata the digest of every archive entry but the metadata
+  itself (:func:`archive_sha256`), an ``.onnx`` that of the model without its metadata
+  (:func:`onnx_sha256`); :func:`check_policy_file` recomputes them when a policy is loaded.
+
+A mismatch is an :class:`IntegrityError` naming the file and, for a checkpoint, the run's other
+checkpoints to fall back on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinocache.errors import DinocacheError
+from dinocache.hashing import bytes_sha256, file_sha256, json_sha256, parts_sha256
+
+__all__ = ["IntegrityError", "SEAL_KEY", "CONTENT_KEY", "METADATA_NAME", "ONNX_METADATA_KEY", "sealed", "unsealed",
+           "parse_json", "write_json", "read_json", "file_record", "read_checked",
+           "archive_sha256", "onnx_sha256", "check_policy_file"]
+
+#: Key of a JSON document's own digest (of everything else in it).
+SEAL_KEY = "document_sha256"
+#: Key, in an exported policy's metadata, of the digest of the file's content (all but the metadata).
+CONTENT_KEY = "content_sha256"
+#: Name of the metadata document inside a ``.pt2`` (extra file) and an ``.onnx`` (metadata key, no suffix).
+METADATA_NAME = "dinocache.json"
+ONNX_METADATA_KEY = "dinocache"
+#: Archive entries a ``.pt2``'s content digest leaves out: the metadata that holds it (torch >= 2.8
+#: writes extra files as ``extra/NAME``, torch 2.7 as ``extra_files/NAME``), and the id torch derives
+#: from every entry written (so from the metadata too).
+_UNHASHED_ENTRIES = (f"extra/{METADATA_NAME}", f"extra_files/{METADATA_NAME}", ".data/serialization_id")
+
+
+class IntegrityError(DinocacheError):
+    """An artefact whose content is not what was written: damaged, truncated, or replaced."""
+
+
+# -- JSON documents ---------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def sealed(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as JSON values, with the digest of the rest of it under :data:`SEAL_KEY`."""
+    document = json.loads(json.dumps({k: v for k, v in data.items() if k != SEAL_KEY}, default=_plain))
+    document[SEAL_KEY] = json_sha256(document)
+    return document
+
+
+def unsealed(document: Any, path: Path, where: str = "") -> dict[str, Any]:
+    """A :func:`sealed` document read back from ``path`` (``where`` in it), its digest checked and removed."""
+    if not isinstance(document, dict) or SEAL_KEY not in document:
+        raise IntegrityError(f"{path}{where}: no {SEAL_KEY!r} of its content: damaged, or written before dinocache "
+                             f"recorded digests{_others(path)}")
+    document = dict(document)
+    recorded = document.pop(SEAL_KEY)
+    found = json_sha256(document)
+    if found != recorded:
+        raise IntegrityError(f"{path}{where}: its content has sha256 {found[:16]}..., {str(recorded)[:16]}... was "
+                             f"written: it was changed or damaged since{_others(path)}")
+    return document
+
+
+def parse_json(text: str | bytes, path: Path, where: str = "") -> Any:
+    """JSON text read from ``path`` (``where`` in it), or one error saying it is not JSON."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"{path}{where}: not valid JSON ({err}): truncated or damaged{_others(path)}") from None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` :func:`sealed`, atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(sealed(data), indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path, files: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A document :func:`write_json` wrote, its digest checked (and, given the table of
+    :func:`file_record` of the files it was written with, its bytes); anything else is one clear error."""
+    if files is not None:
+        text = read_checked(path, files.get(Path(path).name))
+    else:
+        try:
+            text = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"{path}: missing{_others(path)}") from None
+    return unsealed(parse_json(text, path), path)
+
+
+# -- files recorded by a checkpoint -----------------------------------------------------------------
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What :func:`read_checked` will check the file against: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def read_checked(path: Path, record: dict[str, Any] | None) -> bytes:
+    """The bytes of ``path`` if they are the ones ``record`` (:func:`file_record`) describes."""
+    if record is None:
+        raise IntegrityError(f"{path}: its checkpoint records no digest of it{_others(path)}")
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: missing{_others(path)}") from None
+    if len(data) != record["bytes"]:
+        raise IntegrityError(f"{path}: {len(data)} bytes, {record['bytes']} were written: the file is truncated or "
+                             f"damaged{_others(path)}")
+    found = bytes_sha256(data)
+    if found != record["sha256"]:
+        raise IntegrityError(f"{path}: sha256 {found[:16]}..., {record['sha256'][:16]}... was written: the file is "
+                             f"damaged or replaced{_others(path)}")
+    return data
+
+
+def _others(path: Path) -> str:
+    """For a file of a run's checkpoint: the run's other checkpoints, to fall back on."""
+    folder = Path(path).parent
+    checkpoints = folder.parent
+    if checkpoints.name != "checkpoints" or not checkpoints.is_dir():
+        return ""
+    here = folder.resolve()
+    others = sorted({p.resolve().name for p in checkpoints.iterdir()
+                     if not p.name.startswith(".") and p.is_dir() and p.resolve() != here})
+    if not others:
+        return " (the run has no other checkpoint)"
+    return (f" (the run's other checkpoints: {', '.join(others)}; export one with --checkpoint STEP, or point "
+            f"{checkpoints / 'last'} at one to resume from it)")
+
+
+# -- exported policies ------------------------------------------------------------------------------
+
+
+def archive_sha256(path: Path) -> str:
+    """Digest of a ``.pt2`` archive's entries (names without the archive's folder, and bytes), all but
+    the metadata; reading them through :mod:`zipfile` also checks every entry's CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(archive.namelist(), key=_entry_name)
+            return parts_sha256((_entry_name(name), archive.read(name)) for name in names
+                                if not _entry_name(name).endswith(_UNHASHED_ENTRIES))
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise IntegrityError(f"{path}: the archive is damaged or truncated ({err})") from None
+
+
+def _entry_name(name: str) -> str:
+    """An entry's name below the archive's own folder (named after the file when it was written)."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def onnx_sha256(model: Any) -> str:
+    """Digest of an ONNX ``ModelProto`` without dinocache's metadata entry (which holds the digest)."""
+    kept = [(p.key, p.value) for p in model.metadata_props]
+    ours = [i for i, p in enumerate(model.metadata_props) if p.key == ONNX_METADATA_KEY]
+    for index in reversed(ours):
+        del model.metadata_props[index]
+    try:
+        return parts_sha256([("onnx", model.SerializeToString(deterministic=True))])
+    finally:
+        del model.metadata_props[:]
+        for key, value in kept:
+            model.metadata_props.add(key=key, value=value)
+
+
+def check_policy_file(path: Path, metadata: dict[str, Any], model: Any = None) -> None:
+    """Refuse an exported policy whose content is not what export wrote (``model``: an ``.onnx``'s
+    loaded ``ModelProto``)."""
+    recorded = metadata.get(CONTENT_KEY)
+    if recorded is None:
+        raise IntegrityError(f"{path}: its metadata records no {CONTENT_KEY}: damaged, or exported before dinocache "
+                             "recorded one; export the run again")
+    found = onnx_sha256(model) if model is not None else archive_sha256(path)
+    if found != recorded:
+        raise IntegrityError(f"{path}: its content has sha256 {found[:16]}..., export recorded {recorded[:16]}...: the "
+                             "file was damaged or changed since it was written; export the run again")
+
