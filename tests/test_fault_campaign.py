@@ -473,3 +473,71 @@ def test_select_action_never_hands_out_a_non_finite_action(artefacts, envs: int,
                                           rf"step {bad_step} since reset") as excinfo:
         policy.select_actions([artefacts.observation] * (envs - 1) + [absurd])
     refused_in_one_line(excinfo.value, "nothing was handed out")
+
+
+# --------------------------------------------------------------------- every decoded frame verified --
+def decoder_sees_damage(video: Path) -> bool:
+    """Whether FFmpeg itself (through PyAV, as any reader would use it) flags damage in ``video``: an
+    error, a packet marked corrupt, or a frame decoded with concealed errors."""
+    import av
+
+    try:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.is_corrupt or any(frame.is_corrupt for frame in packet.decode()):
+                    return True
+    except av.FFmpegError:
+        return True
+    return False
+
+
+def read_all_frames(dataset: Path, episode: int) -> np.ndarray:
+    source = open_dataset(dataset)
+    return np.concatenate(list(source.iter_frames(episode, "observation.images.top", batch_size=8)))
+
+
+@pytest.fixture(scope="module")
+def long_episodes(tmp_path_factory) -> SimpleNamespace:
+    """Three 40-frame episodes of 96x128 H.264: long enough for several damaged frames to follow one."""
+    dataset = make(tmp_path_factory.mktemp("video"), episode_length=40, image_size=(96, 128))
+    return SimpleNamespace(dataset=dataset, frames=read_all_frames(dataset, 1))
+
+
+@pytest.mark.parametrize("where", np.linspace(0.04, 0.96, 12).round(2).tolist())
+def test_damage_the_decoder_can_see_is_an_error_naming_episode_camera_and_frame(long_episodes, tmp_path, where):
+    """16 damaged bytes anywhere in an episode's mp4: whatever FFmpeg flags (a packet, a frame decoded
+    with concealed errors, a decode error) stops the read naming the episode and camera (and, for a
+    frame, which); damage FFmpeg cannot see (H.264 carries no checksum) must at least not be made
+    worse: the frames are then FFmpeg's own."""
+    dataset = tmp_path / "data"
+    shutil.copytree(long_episodes.dataset, dataset)
+    video = v21_video(dataset, 1)
+    data = bytearray(video.read_bytes())
+    at = round(where * (len(data) - 16))
+    data[at:at + 16] = bytes(b ^ 0x5A for b in data[at:at + 16])
+    video.write_bytes(bytes(data))
+    try:
+        frames = read_all_frames(dataset, 1)
+    except DatasetError as error:
+        text = refused_in_one_line(error, "episode 1", str(video))
+        assert "camera 'observation.images.top'" in text or "cannot open video" in text, text
+        return
+    assert not decoder_sees_damage(video), f"FFmpeg flagged damage at byte {at} that the reader let through"
+    assert frames.shape == long_episodes.frames.shape
+
+
+@pytest.mark.parametrize("episode", [0, 1, 2])
+@pytest.mark.parametrize("shift", [0.5, -2 / 30, 0.01, -0.004])
+def test_a_shifted_v30_video_window_is_refused_naming_the_episode(tmp_path: Path, episode: int, shift: float):
+    """An episode's window in a shared v3.0 video moved by whole frames (its frames are another
+    episode's) or by a fraction of one (LeRobot's decoder refuses a frame more than its tolerance_s,
+    1e-4 s, from the time asked for): either is refused, at opening or at the first frame decoded."""
+    dataset = make(tmp_path, format="lerobot-v3.0")  # three 12-frame episodes in one file
+    rows = {row["episode_index"]: row for row in pq.read_table(dataset / V30_EPISODES).to_pylist()}
+    for column in ("from_timestamp", "to_timestamp"):
+        name = f"videos/observation.images.top/{column}"
+        edit_episode_table(dataset, name, episode, rows[episode][name] + shift)
+    with pytest.raises(DatasetError) as excinfo:
+        read_all_frames(dataset, episode)
+    refused_in_one_line(excinfo.value, f"episode {episode}", "camera 'observation.images.top'")

@@ -75,6 +75,29 @@ class LeRobotV30Source(LeRobotSource):
                                                   f"s but the video lasts {probe.duration:.4f} s")
                 if bad is not None:
                     book.bad(ep.index, bad)
+        self._check_windows_apart(book)
+
+    def _check_windows_apart(self, book: EpisodeBook) -> None:
+        """Refuse episodes whose windows in one video file overlap.
+
+        LeRobot writes an episode's frames after the previous one's, so windows never share a frame;
+        a window moved by whole frames (a ``from_timestamp``/``to_timestamp`` pair edited or written
+        wrong) still decodes at the times its rows ask for, but shows another episode's frames, and
+        only its neighbour in the file can tell. Both episodes are named: either may be the wrong one.
+        """
+        windows: dict[tuple[str, Path], list[tuple[float, float, int]]] = {}
+        for ep in self._located.values():
+            for key, (file, start, end) in ep.videos.items():
+                windows.setdefault((key, file), []).append((start, end, ep.index))
+        for (key, file), spans in sorted(windows.items()):
+            spans.sort()
+            for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+                if end > start + 0.5 / self.fps:
+                    for index, other in ((first, second), (second, first)):
+                        book.bad(index, problem(file, index, f"camera '{key}': its window overlaps that of episode "
+                                                             f"{other} ({first} ends at {end:.4f} s, {second} starts "
+                                                             f"at {start:.4f} s); one of their from_timestamp/"
+                                                             "to_timestamp pairs is wrong"))
 
     def _read_episode_table(self, book: EpisodeBook) -> list[_Episode]:
         listings = sorted((self.path / V30_EPISODES_DIR).glob("*/*.parquet"))

@@ -6,10 +6,16 @@ whereas seeking per frame would re-decode a GOP for every frame asked for. An ep
 shared LeRobot v3.0 file costs one seek to the keyframe at or before its start. Conversion to
 RGB reuses one swscale context per clip (3x faster than PyAV's per-frame default on H.264).
 
-Every frame is checked: its size against the dataset's metadata, its presentation time against
-the parquet ``timestamp`` of the row it stands for (within half a frame period), and the count
-against the parquet rows. The last batch is held back until the count is known to be right, so
-a consumer never receives the complete-looking tail of an episode whose video is wrong.
+Every frame is checked: that the decoder found no damage in it or in its packet (FFmpeg flags
+what its error detection sees: a frame decoded with concealed errors, a packet the demuxer marks
+corrupt), its size against the dataset's metadata, its presentation time against the parquet
+``timestamp`` of the row it stands for (within LeRobot's ``tolerance_s``, 1e-4 s: LeRobot's own
+decoder refuses a frame further off than that), and the count against the parquet rows. The last
+batch is held back until the count is known to be right, so a consumer never receives the
+complete-looking tail of an episode whose video is wrong.
+
+Damage the codec cannot see (a flipped bit that still decodes, H.264 carries no checksum) is beyond
+any reader; what the decoder can see, and every timing, is checked.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ from dinocache.errors import DatasetError
 from dinocache.datasets.base import problem
 
 _log = logging.getLogger(__name__)
+
+#: Largest distance (seconds) of a decoded frame's time from the time its parquet row asks for:
+#: LeRobot's ``tolerance_s`` default, which its decoders apply to every frame they return.
+TIMESTAMP_TOLERANCE_S = 1e-4
 
 
 class VideoReadError(Exception):
@@ -164,7 +174,7 @@ def iter_clip(clip: EpisodeClip, batch_size: int = 32, threads: int = 0) -> Iter
             if count >= expected:
                 raise _error(clip, f"video has more frames than the {expected} parquet rows "
                                    f"(frame {count} at {_fmt_time(time)})")
-            _check_frame(clip, frame, count, tolerance)
+            _check_frame(clip, frame, count)
             batch[filled] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
             filled += 1
             count += 1
@@ -217,17 +227,37 @@ def _frames_from_start(container: av.container.InputContainer, stream: av.video.
 
 def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
             clip: EpisodeClip) -> Iterator[av.VideoFrame]:
+    """Every frame of ``stream`` from where the container stands, its packets checked as they come."""
     count = 0
     try:
-        for frame in container.decode(stream):
-            yield frame
-            count += 1
+        for packet in container.demux(stream):
+            if packet.is_corrupt:
+                raise _error(clip, f"the video packet at {_fmt_time(_packet_time(packet))} (near "
+                                   f"{_near_frame(clip, _packet_time(packet))}) is marked corrupt; the file is corrupt or truncated")
+            for frame in packet.decode():
+                yield frame
+                count += 1
     except av.FFmpegError as err:
         raise _error(clip, f"cannot decode the video after frame {count} "
                            f"({_ffmpeg_reason(err)}); the file is corrupt or truncated") from None
 
 
-def _check_frame(clip: EpisodeClip, frame: av.VideoFrame, index: int, tolerance: float) -> None:
+def _packet_time(packet: av.Packet) -> float | None:
+    stamp = packet.pts if packet.pts is not None else packet.dts
+    return None if stamp is None or packet.time_base is None else float(stamp * packet.time_base)
+
+
+def _near_frame(clip: EpisodeClip, time: float | None) -> str:
+    """The episode's frame whose row asks for the time nearest ``time``, for a message."""
+    if time is None or not len(clip.timestamps):
+        return "an unknown frame"
+    return f"frame {int(np.abs(clip.timestamps - time).argmin())}"
+
+
+def _check_frame(clip: EpisodeClip, frame: av.VideoFrame, index: int) -> None:
+    if frame.is_corrupt:
+        raise _error(clip, f"frame {index} ({_fmt_time(frame.time)}) decodes with errors (the decoder concealed "
+                           "damage in it); the file is corrupt or truncated")
     if frame.height != clip.height or frame.width != clip.width:
         raise _error(clip, f"frame {index} is {frame.width}x{frame.height}, "
                            f"the dataset says {clip.width}x{clip.height}")
@@ -235,9 +265,9 @@ def _check_frame(clip: EpisodeClip, frame: av.VideoFrame, index: int, tolerance:
     if time is None:
         return  # no presentation time to compare (raw streams); the count check still holds
     want = float(clip.timestamps[index])
-    if abs(time - want) > tolerance:
+    if abs(time - want) > TIMESTAMP_TOLERANCE_S:
         raise _error(clip, f"frame {index} is at {time:.4f} s in the video but its parquet row "
-                           f"says {want:.4f} s (tolerance {tolerance:.4f} s); "
+                           f"says {want:.4f} s (tolerance {TIMESTAMP_TOLERANCE_S:g} s, LeRobot's tolerance_s); "
                            "the video and the parquet are out of step")
 
 
