@@ -1,7 +1,7 @@
 """Decoding never hangs because something turned PyAV's Python logging on.
 
-torchvision < 0.24 calls ``av.logging.set_level(av.logging.ERROR)`` on import (LeRobot pins
-torchvision < 0.23). PyAV's log callback then takes the GIL for every FFmpeg message, and a decoder
+torchvision < 0.24 calls ``av.logging.set_level(av.logging.ERROR)`` on import (LeRobot 0.6.1 admits
+torchvision 0.22 and 0.23). PyAV's log callback then takes the GIL for every FFmpeg message, and a decoder
 closed while one of its frame threads logs deadlocks (PyAV-Org/PyAV#751): before the readers
 turned that callback off, about one run in five of the reader tests hung at the end of a clip.
 """
