@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dinocache.pipeline.extract import (
-    ExtractConfig, ExtractSummary, build_backbone, open_source, prepare, run_units)
+    ExtractConfig, ExtractSummary, build_backbone, open_source, prepare, redo_damaged_units, run_units)
 from dinocache.datasets import open_dataset
 from dinocache.pipeline.store import FeatureStore, store_bytes
 
@@ -77,6 +77,7 @@ def extract_with_dask(cfg: ExtractConfig, scheduler: str | None = None, n_worker
     planner = build_backbone(dataclasses.replace(cfg, device="cpu"))
     store, summary = prepare(cfg, planner, selected)
     del planner
+    redo_damaged_units(store, range(store.num_units))
     done = store.done_units()
     pending = [u for u in range(store.num_units) if not done[u]]
     summary.units_skipped = store.num_units - len(pending)

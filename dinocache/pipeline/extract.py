@@ -569,6 +569,14 @@ def prepare(cfg: ExtractConfig, backbone: FrozenBackbone, selected: Selection) -
     return store, summary
 
 
+def redo_damaged_units(store: FeatureStore, units: Sequence[int]) -> None:
+    """Mark for redoing, and say so, the units of ``units`` that are done but whose shard files are
+    missing or not the ones written for them (another unit's or store's, or damaged)."""
+    for unit, why in store.reopen_damaged_units(units).items():
+        start, stop = store.unit_range(unit)
+        tqdm.write(f"dinocache: unit {unit} (frames {start}-{stop - 1}) was marked done, but {why}: redoing it")
+
+
 def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> ExtractSummary:
     """Fill this process's share of the store (all of it unless ``cfg.shard``); skip units already done."""
     t_begin = time.perf_counter()
@@ -576,6 +584,7 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
     backbone = backbone or build_backbone(cfg)
     store, summary = prepare(cfg, backbone, selected)
     mine = shard_units(store.num_units, cfg.shard)
+    redo_damaged_units(store, mine)
     done = store.done_units()
     pending = [u for u in mine if not done[u]]
     summary.units_skipped, summary.shard = len(mine) - len(pending), cfg.shard

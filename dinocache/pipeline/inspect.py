@@ -52,12 +52,16 @@ def describe(store: FeatureStore, problems: list[str] | None = None) -> str:
 
 
 def verify(store: FeatureStore, progress: bool = True) -> list[str]:
-    """Read every array (checksums included) and report units not done, unreadable chunks, and frames
-    or values that read as NaN: a shard file never written, or lost since its unit was marked done."""
-    problems = []
+    """Read every array (checksums included) and report what does not add up (array lengths, episodes
+    table, statistics, root record), units not done, done units whose shard files are missing or not
+    the ones written for them, unreadable chunks, and frames or values that read as NaN."""
+    problems = store.structure_problems()
     done = store.done_units()
     if not done.all():
         problems.append(f"{int((~done).sum())} of {len(done)} units not done")
+    for unit, why in store.unit_problems().items():
+        start, stop = store.unit_range(unit)
+        problems.append(f"unit {unit} (frames {start}-{stop - 1}): {why} (re-run extract to redo it)")
     for camera in store.cameras:
         nan = 0
         for unit in tqdm(range(store.num_units), desc=f"verify {camera}", disable=not progress, leave=False):

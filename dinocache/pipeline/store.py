@@ -12,6 +12,7 @@ The layout is specified in ``docs/cache-format.md`` (format version :data:`FORMA
       episodes/{index,start,length,task_index}  (E,) int64; the task strings in its attributes
       stats/<key>/{mean,std,min,max}  (D,)          exact, over every stored frame, float64 accumulated
       units/done                      (U,)          uint8, one chunk per work unit: 1 once written
+      units/digest                    (U, F, 32)    uint8, the digest of each of a unit's F shard files
       verification/rows, verification/<camera>      a few raw uint8 frames, for checking exported policies
 
 Frames are written in *work units*: a unit is the frame range of exactly one shard of every feature
@@ -41,6 +42,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from dinocache import __version__
 from dinocache.encoders.record import BackboneRecord
 from dinocache.errors import DatasetError, DinocacheError, StoreError
+from dinocache.pipeline.store_checks import (DIGESTS, RECORD_DIGEST_KEY, lowdim_stats, record_digest,
+                                             structure_problems, unit_arrays, unit_digests, unit_problems)
 
 if TYPE_CHECKING:
     from dinocache.datasets.base import DatasetSource
@@ -269,17 +272,6 @@ def unit_range(unit: int, unit_frames: int, num_frames: int) -> tuple[int, int]:
     return start, min(start + unit_frames, num_frames)
 
 
-def lowdim_stats(values: np.ndarray) -> dict[str, np.ndarray]:
-    """Exact mean/std/min/max over every frame, accumulated in float64."""
-    x = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": x.mean(axis=0).astype(np.float32),
-        "std": x.std(axis=0).astype(np.float32),
-        "min": x.min(axis=0).astype(np.float32),
-        "max": x.max(axis=0).astype(np.float32),
-    }
-
-
 def _build(root: zarr.Group, layout: StoreLayout) -> None:
     record = layout.record
     n = record.num_frames
@@ -312,6 +304,9 @@ def _build(root: zarr.Group, layout: StoreLayout) -> None:
     for col, name in enumerate(("index", "start", "length", "task_index")):
         episodes.create_array(name, data=np.ascontiguousarray(columns[:, col]), **checksum)
     root.create_array("units/done", shape=(layout.num_units,), dtype="uint8", chunks=(1,), fill_value=0)
+    files = len(unit_arrays(record.cameras))
+    root.create_array(DIGESTS, shape=(layout.num_units, files, 32), dtype="uint8", chunks=(1, files, 32),
+                      fill_value=0, **checksum)
     if layout.verification_frames is not None:
         rows = verification_rows(n)
         frames = layout.verification_frames(rows)
@@ -320,7 +315,8 @@ def _build(root: zarr.Group, layout: StoreLayout) -> None:
             root.create_array(f"verification/{camera}", data=np.ascontiguousarray(frames[camera], dtype=np.uint8),
                               compressors=[ZstdCodec(level=3), Crc32cCodec()])
 
-    root.attrs.put({"dinocache": layout.record.to_dict()})
+    attributes = _jsonable(layout.record.to_dict())
+    root.attrs.put({"dinocache": attributes, RECORD_DIGEST_KEY: record_digest(attributes)})
 
 
 def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool = False) -> FeatureStore:
@@ -505,18 +501,52 @@ class FeatureStore:
             patch, cls = features[camera]
             if patch.shape[0] != stop - start or cls.shape[0] != stop - start:
                 raise StoreError(f"{self.path}: unit {unit} of camera {camera!r} needs {stop - start} frames, got {patch.shape[0]}")
-        arrays = [f"cameras/{camera}/{part}" for camera in self.cameras for part in ("patch", "cls")]
-        self._remove_interrupted_writes(unit, [*arrays, "units/done"])
+        arrays = unit_arrays(self.cameras)
+        digests = [DIGESTS] if DIGESTS in self.root else []  # a store made before units had digests has none
+        self._remove_interrupted_writes(unit, [*arrays, *digests, "units/done"])
         try:
             for camera in self.cameras:
                 self._for_writing(f"cameras/{camera}/patch")[start:stop] = features[camera][0]
                 self._for_writing(f"cameras/{camera}/cls")[start:stop] = features[camera][1]
+            if digests:  # what the shard files just written are, bound to this store and unit
+                self.root[DIGESTS][unit] = unit_digests(self.root, self.path, self.cameras, self.record.identity(), unit)
             self.root["units/done"][unit] = 1
         except OSError as err:  # a full disk, a lost mount: the user's to fix, and nothing done is lost
             done = int(self.done_units().sum())
             raise StoreError(f"{self.path}: cannot write unit {unit} (frames {start}-{stop - 1}): {_os_reason(err)}. "
                              f"The {done} units already written are kept; fix this and re-run the same command "
                              f"to resume") from err
+
+    def unit_problems(self, units: Sequence[int] | None = None) -> dict[int, str]:
+        """Why each unit marked done (of ``units``, default all) is not what was written for it
+        (:func:`~dinocache.pipeline.store_checks.unit_problems`): unit -> reason."""
+        return unit_problems(self.root, self.path, self.cameras, self.record.identity(), self.done_units(), units)
+
+    def reopen_damaged_units(self, units: Sequence[int]) -> dict[int, str]:
+        """Unmark the units of ``units`` whose shard files are missing or not the ones written, so that
+        extraction redoes them; return them with the reason."""
+        problems = self.unit_problems(units)
+        for unit in problems:
+            self.root["units/done"][unit] = 0
+        return problems
+
+    def check_whole(self) -> None:
+        """Refuse a store whose parts do not agree (:mod:`~dinocache.pipeline.store_checks`): array
+        lengths, episodes table, statistics, root record, and every done unit's shard files."""
+        problems = self.structure_problems()
+        if problems:
+            raise StoreError(f"{self.path}: {'; '.join(problems)}; extract the store again")
+        damaged = self.unit_problems()
+        if damaged:
+            unit, why = next(iter(damaged.items()))
+            start, stop = self.unit_range(unit)
+            more = f" (and {len(damaged) - 1} more unit(s))" if len(damaged) > 1 else ""
+            raise StoreError(f"{self.path}: unit {unit} (frames {start}-{stop - 1}): {why}{more}; re-run the same "
+                             "`dinocache extract` command: it redoes such units")
+
+    def structure_problems(self) -> list[str]:
+        """What does not add up between the record, array lengths, episodes table and statistics."""
+        return structure_problems(self.root, self.root.attrs.get("dinocache"), self.cameras, self.lowdim_keys, self.read)
 
     def _for_writing(self, name: str) -> zarr.Array:
         """Array ``name`` set to store every chunk as it comes. Zarr's default first compares each

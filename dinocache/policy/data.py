@@ -94,6 +94,7 @@ def open_training_store(path: str | os.PathLike) -> FeatureStore:
     for key in (OBS_STATE, ACTION):
         if key not in store.lowdim_keys:
             raise StoreError(f"{store.path}: the store has no {key!r} array; the ACT head needs state and action")
+    store.check_whole()
     return store
 
 

@@ -111,6 +111,7 @@ def open_run_store(policy: FusedPolicy, store: str | os.PathLike | None = None) 
                              "needs its cached features; pass --store PATH (or --skip-verify to export unverified)")
     opened = FeatureStore(path)
     opened.check_identity(policy.spec.store_record.identity(), hint="it is not the store the head was trained on")
+    opened.check_whole()
     return opened
 
 
