@@ -25,7 +25,7 @@ from _lerobot import BIN, CAMERA, write_dataset, write_store  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from lerobot.configs import PreTrainedConfig  # noqa: E402
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata  # noqa: E402
-from lerobot.policies.factory import make_policy, make_pre_post_processors  # noqa: E402
+from lerobot.policies.factory import get_policy_class, make_policy, make_pre_post_processors  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import dinocache  # noqa: E402
@@ -88,9 +88,14 @@ def compare_with_load_policy(folder: Path, run_folder: Path, dataset: Path, step
     return worst
 
 
-def test_exported_folder_is_a_lerobot_policy_acting_as_load_policy(run, dataset, tmp_path):
-    folder = tmp_path / "policy"
-    result = export_lerobot(run, folder)
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory) -> tuple[Path, object]:
+    folder = tmp_path_factory.mktemp("export") / "policy"
+    return folder, export_lerobot(run, folder)
+
+
+def test_exported_folder_is_a_lerobot_policy_acting_as_load_policy(exported, run, dataset):
+    folder, result = exported
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "dinocache.json", "model.safetensors", "policy_postprocessor.json",
         "policy_postprocessor_step_0_unnormalizer_processor.safetensors", "policy_preprocessor.json",
@@ -107,6 +112,24 @@ def test_exported_folder_is_a_lerobot_policy_acting_as_load_policy(run, dataset,
 
     worst = compare_with_load_policy(folder, run, dataset)
     assert worst <= recorded["parity"]["tolerance"], (worst, recorded["parity"]["tolerance"])
+
+
+def test_exported_folder_loads_as_lerobot_rollout_loads_it(exported, dataset):
+    """``lerobot-rollout``: the policy class's from_pretrained, processors overriding ``device_processor`` and
+    ``rename_observations_processor`` (here a robot whose camera is called ``front``)."""
+    folder, _ = exported
+    config = PreTrainedConfig.from_pretrained(folder)
+    config.pretrained_path = folder
+    policy = get_policy_class(config.type).from_pretrained(folder, config=config)
+    pre, post = make_pre_post_processors(
+        config, pretrained_path=str(folder),
+        preprocessor_overrides={"device_processor": {"device": "cpu"},
+                                "rename_observations_processor": {"rename_map": {"observation.images.front": CAMERA}}})
+    frame = LeRobotDataset("local/tiny", root=dataset, episodes=[0])[3]
+    observation = {"observation.images.front": frame[CAMERA], "observation.state": frame["observation.state"]}
+    policy.reset()
+    action = post(policy.select_action(pre(observation)))  # one unbatched observation, as a robot gives it
+    assert action.shape == (1, 4) and torch.isfinite(action).all()
 
 
 def test_exported_fine_tuned_run_carries_its_trained_backbone(run, dataset, tmp_path):

@@ -86,8 +86,9 @@ def _plugin() -> tuple[Any, Any, Any]:
     return DinocacheConfig, DinocachePolicy, make_dinocache_pre_post_processors
 
 
-def lerobot_config(spec: PolicySpec, device: torch.device) -> Any:
-    """The plugin config of a run: its ACT hyperparameters, backbone, preprocessing and input/output features.
+def lerobot_config(spec: PolicySpec, image_sizes: dict[str, list[int]], device: torch.device) -> Any:
+    """The plugin config of a run: its ACT hyperparameters, backbone, preprocessing and input/output features
+    (``image_sizes``: each camera's native ``(H, W)``, as the policy metadata gives them).
 
     The preset is not carried over: its overrides are already in the ACT fields (and a user's
     changes to them must not be overridden again); ``dinocache.json`` records it.
@@ -97,8 +98,7 @@ def lerobot_config(spec: PolicySpec, device: torch.device) -> Any:
     config_cls = _plugin()[0]
     record = spec.store_record.backbone
     preprocess = record.preprocess_config()
-    sizes = policy_metadata(spec, ".", 0, torch.float32)["image_size"]
-    inputs = {spec.camera_keys[name]: PolicyFeature(FeatureType.VISUAL, (3, *sizes[spec.camera_keys[name]]))
+    inputs = {spec.camera_keys[name]: PolicyFeature(FeatureType.VISUAL, (3, *image_sizes[spec.camera_keys[name]]))
               for name in spec.inputs.camera_names}
     inputs[OBS_STATE] = PolicyFeature(FeatureType.STATE, (spec.inputs.state_dim,))
     if spec.inputs.env_state_dim is not None:
@@ -113,11 +113,11 @@ def lerobot_config(spec: PolicySpec, device: torch.device) -> Any:
         image_size="x".join(map(str, preprocess.image_size)), center_crop=preprocess.center_crop)
 
 
-def _lerobot_policy(fused: FusedPolicy) -> tuple[Any, Any, Any]:
+def _lerobot_policy(fused: FusedPolicy, image_sizes: dict[str, list[int]]) -> tuple[Any, Any, Any]:
     """The LeRobot policy and processors of ``fused``'s run, holding its backbone and its checkpoint's whole head."""
     _, policy_cls, make_processors = _plugin()
     device = next(fused.parameters()).device
-    config = lerobot_config(fused.spec, device)
+    config = lerobot_config(fused.spec, image_sizes, device)
     policy = policy_cls(config, backbone_from_checkpoint=True)
     head, _, _ = load_head(fused.checkpoint_path)  # with its CVAE encoder, which the fused policy drops
     policy.model.head.load_state_dict(head.state_dict())
@@ -201,7 +201,7 @@ def export_lerobot(run: str | os.PathLike, out: str | os.PathLike, checkpoint: s
         inputs = (images, torch.zeros(2, fused.inputs.state_dim, device=target),
                   None if env_dim is None else torch.zeros(2, env_dim, device=target))
         tolerance = rounding_tolerance(fused, *inputs)
-    lerobot = _lerobot_policy(fused)
+    lerobot = _lerobot_policy(fused, metadata["image_size"])
     _compare(fused, lerobot, inputs, tolerance, "the LeRobot policy")
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,7 @@ class DinocachePolicy(PreTrainedPolicy):
 
     Args:
         config: The policy's :class:`DinocacheConfig`.
+        dataset_stats: What ``make_policy`` passes every policy; unused: the processors normalise.
         dataset_meta: LeRobot's metadata of the training dataset (``make_policy`` passes it); the
             feature cache maps frame indices through it.
         backbone_from_checkpoint: Build the backbone without loading ``pretrained_backbone_weights``,
