@@ -241,8 +241,14 @@ def test_lerobot_train_trains_the_plugin_in_its_own_loop(mode, dataset, store32,
     assert json.loads((folder / "config.json").read_text())["type"] == "dinocache"
     config = PreTrainedConfig.from_pretrained(folder)
     config.pretrained_path = folder
-    policy = get_policy_class(config.type).from_pretrained(folder, config=config)
+    # as lerobot-train --resume loads it: the backbone from the folder (strictly), the dataset's metadata
+    policy = get_policy_class(config.type).from_pretrained(folder, config=config, dataset_meta=meta)
     assert policy.config.feature_cache == (str(store32) if extra else None)
+    if extra:  # the store is opened, and checked against the loaded backbone, when training first needs it
+        assert torch.isfinite(policy.train()(batch)[0])  # opening runs the backbone once, on the store's kept frames
+        calls = []
+        policy.model.encoder.register_forward_hook(lambda *args: calls.append(1))
+        assert torch.isfinite(policy(batch)[0]) and calls == []
     pre, post = make_pre_post_processors(config, pretrained_path=str(folder))
     observation = {key: batch[key][:2] for key in (CAMERA, "observation.state")}
     policy.reset()
