@@ -25,3 +25,10 @@ class StoreError(DinocacheError):
 class TrainingError(DinocacheError):
     """A training run that cannot start or go on: a meaningless option, a taken run folder, a loss
     that stopped being finite."""
+
+
+def os_error_line(err: OSError) -> str:
+    """An OS error as one line: the file, and what the OS said (``No space left on device``,
+    ``Read-only file system``...)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{err.filename}: {reason}" if err.filename else reason

@@ -629,3 +629,202 @@ def test_a_shard_not_written_for_its_unit_is_refused_and_extract_redoes_it(two_s
     assert "(5 already done)" in rerun.stdout, rerun.stdout
     assert store_files(store) == store_files(two_stores.a)
     assert cli("inspect", store).exit_code == 0
+
+
+# ------------------------------------------------------------------------------- every failure one line --
+OUT_OF_RANGE = [
+    ("extract", "--batch-size", "0"), ("extract", "--batch-size", "-4"), ("extract", "--unit-frames", "0"),
+    ("extract", "--chunk-frames", "0"), ("extract", "--seed", "-1"), ("extract", "--dask-workers", "0"),
+    ("inspect", "--frames", "0"), ("bench-policy", "--steps", "0"), ("bench-policy", "--warmup", "-1"),
+    ("bench-policy", "--threads", "0"), ("make-sample", "--episodes", "0"), ("make-sample", "--length", "0"),
+    ("train", "--steps", "0"), ("train", "--seed", "-1"), ("train", "--val-frames", "-1"), ("train", "--lr", "-1"),
+    ("train", "--kl-weight", "-0.5"), ("train", "--dropout", "1.5"), ("train", "--grad-clip-norm", "-1"),
+    ("train", "--optimizer-weight-decay", "nan"), ("train", "--chunk-size", "0"), ("finetune", "--layer-decay", "0"),
+    ("finetune", "--unfreeze-last", "0"), ("finetune", "--optimizer-lr-backbone", "-1e-6"),
+    ("sim eval", "--max-steps", "0"), ("sim demos", "--episodes", "0"),
+]
+
+
+@pytest.mark.parametrize("command, option, value", OUT_OF_RANGE, ids=lambda v: str(v))
+def test_a_numeric_option_out_of_range_is_one_line_before_any_work(two_stores, artefacts, tmp_path: Path,
+                                                                   command: str, option: str, value: str):
+    out = tmp_path / "out"
+    inputs = {"extract": [two_stores.dataset, "--out", out], "inspect": [two_stores.a], "bench-policy": [artefacts.run],
+              "make-sample": [out], "train": [two_stores.a, "--out", out, "--no-progress"],
+              "finetune": [artefacts.run, "--out", out], "sim eval": [artefacts.run],
+              "sim demos": ["--out", out]}[command]
+    field = f"`{option[2:].replace('-', '_')}`".replace("`lr`", "`optimizer_lr`")  # ACT fields: LeRobot's names
+    line = one_line_error(cli(*command.split(), *inputs, option, value))
+    assert option in line or field in line, line
+    assert value in line or "range" in line, line
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_grad_clip_norm_of_zero_turns_clipping_off_as_in_lerobot(two_stores, tmp_path: Path):
+    """LeRobot clips only when grad_clip_norm > 0; 0 used to scale every gradient by 0 (no step moved
+    a weight, and the run still reported a validation score)."""
+    def weights(clip: float) -> dict[str, torch.Tensor]:
+        run = tmp_path / f"clip-{clip}"
+        result = cli("train", two_stores.a, "--out", run, "--steps", 3, "--batch-size", 4, "--val-episodes", "none",
+                     "--save-every", 1, "--no-progress", *act_args(grad_clip_norm=clip))
+        assert result.exit_code == 0, result.output
+        return {step: load_file(run / "checkpoints" / f"{step:06d}" / "model.safetensors") for step in (1, 3)}
+
+    off, huge = weights(0), weights(1e30)
+    assert all(torch.equal(off[3][k], huge[3][k]) for k in off[3]), "0 is no clipping: as an unreachable clip"
+    assert any(not torch.equal(off[1][k], off[3][k]) for k in off[3] if k.startswith("head.")), "the weights move"
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path):
+    """Two real folders no file fits in: a full disk (a 1 MiB tmpfs, filled) and a read-only one. Needs the
+    right to mount (root); skipped elsewhere."""
+    places = {"full disk": tmp_path / "full", "read-only": tmp_path / "ro"}
+    for place in places.values():
+        place.mkdir()
+    mounted = []
+    try:
+        for place, options in zip(places.values(), ("size=1M", "ro,size=1M")):
+            subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(place)], check=True, capture_output=True)
+            mounted.append(place)
+    except (OSError, subprocess.CalledProcessError) as err:
+        for place in mounted:
+            subprocess.run(["umount", "-l", str(place)], check=False)
+        pytest.skip(f"cannot mount a tmpfs here ({err})")
+    filler = os.open(places["full disk"] / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(filler, b"\0" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    finally:
+        os.close(filler)
+    yield places
+    for place in mounted:  # lazily: a file a failed writer left open keeps the mount busy until it is collected
+        subprocess.run(["umount", "-l", str(place)], check=False)
+
+
+@pytest.mark.parametrize("place", ["full disk", "read-only"])
+def test_a_full_disk_or_read_only_folder_is_one_line_in_every_command(unwritable, two_stores, artefacts, place):
+    """Every command that writes, pointed at a disk with no room or a read-only folder: one line naming
+    what could not be written, exit 2, nothing left behind (and no abort: torch's archive writer aborts
+    the process on a full disk, so export finds out first)."""
+    root = unwritable[place]
+    before = sorted(p.name for p in root.iterdir())
+    commands = {
+        "extract": [*extract_args(two_stores.dataset, root / "f.zarr")],
+        "train": ["train", two_stores.a, "--out", root / "run", "--steps", 2, "--batch-size", 4, "--no-progress",
+                  *act_args()],
+        "export onnx": ["export", artefacts.run, "--out", root / "p.onnx", "--no-progress"],
+        "inspect --pca": ["inspect", two_stores.a, "--pca", root / "pca.png", "--quick"],
+        "make-sample": ["make-sample", root / "sample"],
+        "finetune": ["finetune", artefacts.run, "--out", root / "ft", "--steps", 1, "--no-progress"],
+    }
+    for name, args in commands.items():
+        result = cli(*args)
+        assert result.exit_code == 2, (name, result.output, result.exception)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dinocache: error: ") and str(root) in lines[0], (name, lines)
+        assert sorted(p.name for p in root.iterdir()) == before, (name, list(root.iterdir()))
+    # the .pt2 in its own process: a regression here aborts the process rather than raising
+    done = subprocess.run([sys.executable, "-m", "dinocache.cli", "export", str(artefacts.run), "--out",
+                           str(root / "p.pt2"), "--no-progress"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and "nothing was written" in done.stderr, done.stderr
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint_and_resumes(two_stores, tmp_path: Path,
+                                                                                 monkeypatch):
+    import dinocache.policy.checkpoint as checkpoint
+
+    run, saved = tmp_path / "run", []
+    real = checkpoint.save_file
+
+    def filling(tensors, path, *args, **kwargs):
+        saved.append(path)
+        if len(saved) > 2:  # the first checkpoint's two files fit, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(tensors, path, *args, **kwargs)
+
+    args = ["train", two_stores.a, "--out", run, "--steps", 3, "--batch-size", 4, "--save-every", 1,
+            "--val-episodes", "none", "--no-progress", *act_args()]
+    monkeypatch.setattr(checkpoint, "save_file", filling)
+    one_line_error(cli(*args), "No space left on device", "the last checkpoint (step 1) is kept", "--resume")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000001", "last"]  # no half checkpoint
+    resumed = cli(*args, "--resume")
+    assert resumed.exit_code == 0 and "steps       3" in resumed.output, resumed.output
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temporaries_of_writers_killed_outright_are_swept_by_the_next_run(artefacts, two_stores, tmp_path: Path):
+    """A SIGKILL leaves what no process can clean up: the next export of the same file, the next checkpoint
+    of the run and the next PCA picture delete their own kind (of processes that are gone)."""
+    out, pid = tmp_path / "policy.onnx", dead_pid()
+    left = [tmp_path / f".policy.{pid}.tmp.onnx", tmp_path / f".pca.{pid}.tmp.png"]
+    alive = tmp_path / f".policy.{os.getppid()}.tmp.onnx"  # a live writer's is left alone
+    for file in [*left, alive]:
+        file.write_bytes(b"x" * 1000)
+    run = tmp_path / "run"
+    shutil.copytree(artefacts.run, run, symlinks=True)
+    (run / "checkpoints" / ".000009.tmp").mkdir()
+    assert cli("export", run, "--out", out, "--no-progress").exit_code == 0
+    assert cli("inspect", two_stores.a, "--pca", tmp_path / "pca.png", "--quick").exit_code == 0
+    assert cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress").exit_code == 0
+    assert not any(file.exists() for file in left) and alive.exists()
+    assert not (run / "checkpoints" / ".000009.tmp").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "gpu"])
+def test_a_device_this_machine_lacks_is_one_line_in_every_command(two_stores, artefacts, tmp_path: Path, device):
+    commands = [[*extract_args(two_stores.dataset, tmp_path / "f.zarr"), "--device", device],
+                ["train", two_stores.a, "--out", tmp_path / "run", "--no-progress", "--device", device],
+                ["export", artefacts.run, "--out", tmp_path / "p.pt2", "--no-progress", "--device", device],
+                ["finetune", artefacts.run, "--out", tmp_path / "ft", "--no-progress", "--device", device],
+                ["bench-policy", artefacts.run, "--device", device]]
+    for args in commands:
+        one_line_error(cli(*args), f"{device}: " + ("not a device" if device == "gpu" else "CUDA is not available"))
+    with pytest.raises(DinocacheError, match=f"device {device}"):
+        load_policy(artefacts.pt2, device=device)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_it_is_allocated(two_stores, tmp_path: Path):
+    one_line_error(cli(*extract_args(two_stores.dataset, tmp_path / "f.zarr"), "--batch-size", 10**7),
+                   "--batch-size 10000000: one batch needs at least", "GiB of RAM is free")
+    one_line_error(cli("train", two_stores.a, "--out", tmp_path / "run", "--batch-size", 10**7, "--no-progress"),
+                   "--batch-size 10000000: one batch needs at least", "could fit")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["lerobot-v2.1", "lerobot-v3.0"])
+@pytest.mark.parametrize("column", ["observation.state", "action"])
+def test_text_in_a_number_column_is_one_line_naming_file_and_column(tmp_path: Path, fmt: str, column: str):
+    dataset = make(tmp_path, format=fmt)
+    file = next((dataset / "data").rglob("*.parquet"))
+    table = pq.read_table(file)
+    rows = [[str(v) for v in row] for row in table[column].to_pylist()]
+    rows[1][0] = "n/a"
+    import pyarrow as pa
+
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(rows)), file)
+    with pytest.raises(DatasetError) as excinfo:
+        open_dataset(dataset)
+    refused_in_one_line(excinfo.value, str(file), f"column {column!r}", "not numbers")
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(artefacts, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(artefacts.run, run, symlinks=True)
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 3, "loss": 1.2')  # a run killed while appending
+    result = cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress")
+    assert result.exit_code == 0, result.output

@@ -14,7 +14,7 @@ import sys
 import click
 
 from dinocache import __version__
-from dinocache.errors import DinocacheError
+from dinocache.errors import DinocacheError, os_error_line
 
 __all__ = ["main"]
 
@@ -35,7 +35,8 @@ COMMANDS = {
 
 
 class _LazyGroup(click.Group):
-    """Commands loaded on use; a :class:`DinocacheError` from any of them becomes one line and exit code 2."""
+    """Commands loaded on use; a :class:`DinocacheError` from any of them, or a usage error (an option out
+    of its range), becomes one line and exit code 2."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -51,6 +52,13 @@ class _LazyGroup(click.Group):
             return super().invoke(ctx)
         except DinocacheError as err:
             click.echo(f"dinocache: error: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:  # a full disk, a read-only folder, a lost mount: the user's to fix, in one line
+            click.echo(f"dinocache: error: {os_error_line(err)}", err=True)
+            sys.exit(2)
+        except click.UsageError as err:  # an option out of its range, a missing one: one line too
+            where = err.ctx.command_path if err.ctx is not None else "dinocache"
+            click.echo(f"dinocache: error: {where}: {err.format_message()} (see {where} --help)", err=True)
             sys.exit(2)
 
 

@@ -17,9 +17,10 @@ from dinocache.demo import DemoConfig
               help="Checkpoint file/folder or 'random' (default: $DINOCACHE_WEIGHTS, then the Hugging Face cache, "
                    "then random weights with a warning).")
 @click.option("--image-size", default=DemoConfig.image_size, show_default=True, help="Backbone input size, H or HxW.")
-@click.option("--steps", default=DemoConfig.steps, show_default=True, help="Training steps.")
-@click.option("--batch-size", default=DemoConfig.batch_size, show_default=True, help="Training batch size.")
-@click.option("--control-steps", type=int, default=None,
+@click.option("--steps", default=DemoConfig.steps, type=click.IntRange(min=1), show_default=True, help="Training steps.")
+@click.option("--batch-size", default=DemoConfig.batch_size, type=click.IntRange(min=1), show_default=True,
+              help="Training batch size.")
+@click.option("--control-steps", type=click.IntRange(min=1), default=None,
               help="Live select_action steps per held-out episode [default: every step].")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

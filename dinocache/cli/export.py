@@ -80,9 +80,9 @@ def export(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, d
 @click.command("bench-policy", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("policy", type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
-@click.option("--steps", default=50, show_default=True, help="Timed steps of each kind.")
-@click.option("--warmup", default=3, show_default=True, help="Untimed steps first.")
-@click.option("--threads", default=None, type=int, help="torch intra-op threads on CPU [default: torch's].")
+@click.option("--steps", default=50, type=click.IntRange(min=1), show_default=True, help="Timed steps of each kind.")
+@click.option("--warmup", default=3, type=click.IntRange(min=0), show_default=True, help="Untimed steps first.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch intra-op threads on CPU [default: torch's].")
 def bench_policy(policy: Path, device: str, steps: int, warmup: int, threads: int | None) -> None:
     """Per-step latency (p50, p99) at batch 1 of a query step and a queued step, start-up, peak memory.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,14 +89,15 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--backbone", default="dinov2_vits14_reg", show_default=True, help="Registered name (see `dinocache backbones`) or timm:<model>.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The feature store to create or complete (a .zarr folder).")
 @click.option("--weights", default="auto", show_default=True, help="auto (Hugging Face cache), a checkpoint PATH, or random (tests and dry runs).")
-@click.option("--seed", default=0, show_default=True, help="Seed of --weights random.")
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True, help="Seed of --weights random.")
 @click.option("--cameras", default=None, help="Comma-separated camera names (default: all).")
 @click.option("--image-size", default=None, help="N or HxW, a multiple of the patch size (default: the backbone's).")
 @click.option("--center-crop", is_flag=True, help="Resize the shorter side and crop the centre instead of resizing.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored feature dtype.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Backbone compute precision: auto is bf16 autocast on CUDA, fp32 on CPU.")
-@click.option("--batch-size", default=32, show_default=True, help="Frames per backbone forward.")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), show_default=True,
+              help="Frames per backbone forward.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--decode-workers", default=None, type=click.IntRange(min=1), help="Videos decoded at once (default: one per available core).")
 @click.option("--episodes", default=None, help="START:STOP (episode indices) or a comma list.")
@@ -103,11 +105,13 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--revision", default=None, help="For a Hub dataset id: the branch, tag or commit to use (fetched if not cached).")
 @click.option("--skip-bad-episodes", is_flag=True, help="Skip malformed episodes (listed at the end) instead of stopping.")
 @click.option("--compression", default="none", show_default=True, help="none, zstd, or bitround:N (N mantissa bits kept, then zstd).")
-@click.option("--chunk-frames", default=16, show_default=True, help="Frames per chunk (the unit of a training read).")
-@click.option("--unit-frames", default=256, show_default=True, help="Frames per shard = per work unit (a multiple of --chunk-frames).")
+@click.option("--chunk-frames", default=16, type=click.IntRange(min=1), show_default=True,
+              help="Frames per chunk (the unit of a training read).")
+@click.option("--unit-frames", default=256, type=click.IntRange(min=1), show_default=True,
+              help="Frames per shard = per work unit (a multiple of --chunk-frames).")
 @click.option("--shard", default=None, help="K/N: do only share K (from 0) of N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")
 @click.option("--dask-scheduler", default=None, help="tcp://HOST:PORT of a dask.distributed scheduler to spread units over.")
-@click.option("--dask-workers", default=None, type=int, help="Start a local dask cluster of N worker processes (one per GPU).")
+@click.option("--dask-workers", default=None, type=click.IntRange(min=1), help="Start a local dask cluster of N worker processes (one per GPU).")
 @click.option("--overwrite", is_flag=True, help="Replace a store that was built differently.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
@@ -148,7 +152,8 @@ def extract(dataset: Path, out: Path, fmt: str | None, revision: str | None, sha
 @click.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--pca", type=click.Path(path_type=Path), default=None, help="Write the feature-PCA picture to this PNG.")
-@click.option("--frames", default=4, show_default=True, help="How many frames the PCA picture shows.")
+@click.option("--frames", default=4, type=click.IntRange(min=1), show_default=True,
+              help="How many frames the PCA picture shows.")
 @click.option("--quick", is_flag=True, help="Skip reading every feature to look for NaN (unwritten) frames.")
 def inspect(store: Path, pca: Path | None, frames: int, quick: bool) -> None:
     """Report a feature store: provenance, shapes, sizes, completeness, statistics.
@@ -179,11 +184,12 @@ def inspect(store: Path, pca: Path | None, frames: int, quick: bool) -> None:
               default="lerobot-v3.0", show_default=True,
               help="Dataset format to write: LeRobot's codebase_version v3.0 (what LeRobotDataset and "
                    "lerobot-train read) or v2.1 (LeRobot <= 0.3), or ALOHA HDF5.")
-@click.option("--episodes", default=4, show_default=True, help="Episodes to write.")
-@click.option("--length", default=40, show_default=True, help="Frames per episode.")
+@click.option("--episodes", default=4, type=click.IntRange(min=1), show_default=True, help="Episodes to write.")
+@click.option("--length", default=40, type=click.IntRange(min=1), show_default=True, help="Frames per episode.")
 @click.option("--image-size", default="96x128", show_default=True, help="HxW of the cameras.")
 @click.option("--cameras", default="top", show_default=True, help="Comma-separated camera names.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the scenes (same seed, same dataset).")
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Seed of the scenes (same seed, same dataset).")
 def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str, cameras: str, seed: int) -> None:
     """Write a small synthetic demonstration dataset with real encoded video.
 
@@ -196,11 +202,18 @@ def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str
       dinocache make-sample sample_v21 --format lerobot-v2.1 --episodes 10 --cameras top,wrist
     """
     from dinocache.datasets.synthetic import write_synthetic_dataset
+    from dinocache.errors import DinocacheError, os_error_line
 
     try:
         height, width = (int(v) for v in image_size.lower().split("x"))
     except ValueError:
         raise click.BadParameter(f"{image_size!r}: expected HxW, e.g. 96x128", param_hint="--image-size") from None
-    path = write_synthetic_dataset(out, format=fmt, num_episodes=episodes, episode_length=length,
-                                   image_size=(height, width), cameras=tuple(cameras.split(",")), seed=seed)
+    existed = out.exists()
+    try:
+        path = write_synthetic_dataset(out, format=fmt, num_episodes=episodes, episode_length=length,
+                                       image_size=(height, width), cameras=tuple(cameras.split(",")), seed=seed)
+    except OSError as err:  # a full disk, a read-only folder: no half-written dataset left to be mistaken for one
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise DinocacheError(f"{out}: cannot write the sample dataset ({os_error_line(err)})") from None
     click.echo(f"wrote {fmt} dataset: {episodes} episodes x {length} frames, cameras {cameras} -> {path}")

@@ -21,12 +21,12 @@ def backbone_options(lr: bool = True) -> Callable[[click.Command], click.Command
     ``--optimizer-lr-backbone`` (there an ACT field like the others), ``train --online``."""
     options = [
         (("--optimizer-lr-backbone", "backbone_lr"),
-         dict(type=float, default=None, help="Learning rate of the backbone [default: the head config's "
+         dict(type=click.FloatRange(min=0), default=None, help="Learning rate of the backbone [default: the head config's "
                                              "optimizer_lr_backbone, 1e-5; 1e-6 is usual for a DINO ViT].")),
-        (("--unfreeze-last",), dict(type=int, default=None,
+        (("--unfreeze-last",), dict(type=click.IntRange(min=1), default=None,
                                     help="Train only the backbone's last K blocks (and its final norm); the rest stays "
                                          "frozen, with no gradients or optimiser moments [default: all].")),
-        (("--layer-decay",), dict(type=float, default=None,
+        (("--layer-decay",), dict(type=click.FloatRange(min=0, max=1, min_open=True), default=None,
                                   help="Layer-wise learning-rate decay D: block l of L trains at lr * D^(L - l) "
                                        "[default: none, every block at lr].")),
         (("--gradient-checkpointing",), dict(is_flag=True,

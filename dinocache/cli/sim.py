@@ -28,13 +28,15 @@ def sim() -> None:
 
 @sim.command()
 @click.option("--task", type=_TASKS, default="transfer_cube", show_default=True, help="Simulated task.")
-@click.option("--episodes", default=50, show_default=True, help="Scripted episodes to attempt (failed ones are left out).")
+@click.option("--episodes", default=50, type=click.IntRange(min=1), show_default=True,
+              help="Scripted episodes to attempt (failed ones are left out).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Dataset folder to create (must be empty).")
 @click.option("--format", "fmt", type=click.Choice(["lerobot-v3.0", "lerobot-v2.1", "aloha-hdf5"]),
               default="lerobot-v3.0", show_default=True,
               help="Dataset format to write: LeRobot's codebase_version v3.0 (what LeRobotDataset and "
                    "lerobot-train read) or v2.1 (LeRobot <= 0.3), or ALOHA HDF5.")
-@click.option("--seed", default=0, show_default=True, help="Episode i resets the cube with seed SEED + i.")
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Episode i resets the cube with seed SEED + i.")
 @click.option("--cameras", default="top", show_default=True, help="Comma-separated scene cameras to record.")
 @click.option("--image-size", default="240x320", show_default=True, help="HxW of the recorded frames.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -64,12 +66,15 @@ def demos(task: str, episodes: int, out: Path, fmt: str, seed: int, cameras: str
 @click.argument("policy", type=click.Path(exists=True, path_type=Path))
 @click.option("--task", type=_TASKS, default="transfer_cube", show_default=True,
               help="Simulated task (the one the policy was trained on).")
-@click.option("--episodes", default=50, show_default=True, help="Evaluation episodes, on held-out seeds.")
-@click.option("--seed", default=0, show_default=True, help="Episode i resets the cube with seed 1000000 + SEED + i.")
+@click.option("--episodes", default=50, type=click.IntRange(min=1), show_default=True,
+              help="Evaluation episodes, on held-out seeds.")
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Episode i resets the cube with seed 1000000 + SEED + i.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for results.json and the videos (default: <policy>_eval beside the policy).")
-@click.option("--videos", default=3, show_default=True, help="Write an mp4 of each of the first N rollouts.")
-@click.option("--max-steps", default=400, show_default=True, help="Steps per episode at 50 Hz.")
+@click.option("--videos", default=3, type=click.IntRange(min=0), show_default=True,
+              help="Write an mp4 of each of the first N rollouts.")
+@click.option("--max-steps", default=400, type=click.IntRange(min=1), show_default=True, help="Steps per episode at 50 Hz.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cpu).")
 @click.option("--demos", "demos_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="The training demonstrations: check that no evaluation seed was used there.")

@@ -112,6 +112,8 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...],
         per_row = len(values) / rows if rows else 0
         raise ParquetReadError(f"has {per_row:g} values per row, expected {size} for shape "
                                f"{list(shape)}")
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_boolean(values.type)):
+        raise ParquetReadError(f"holds {values.type} values, not numbers (first: {str(values[0])[:40]!r})")
     try:
         array = values.to_numpy(zero_copy_only=False)
     except (pa.ArrowException, ValueError) as err:

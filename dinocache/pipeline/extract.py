@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.cores import available_cores
+from dinocache.devices import check_batch_fits, resolve_device
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.datasets import open_dataset
 from dinocache.datasets.base import DatasetSource, EpisodeInfo
@@ -77,8 +78,18 @@ class ExtractConfig:
     decode_workers: int | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Meaningless numbers are refused before any work (the command line's ranges say the same)."""
+        for name, least in (("batch_size", 1), ("chunk_frames", 1), ("unit_frames", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DinocacheError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least {least}")
+        if self.unit_frames % self.chunk_frames:
+            raise DinocacheError(f"--unit-frames {self.unit_frames}: must be a multiple of --chunk-frames "
+                                 f"{self.chunk_frames} (a shard holds whole chunks)")
+
     def resolved_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return str(resolve_device(self.device))
 
     def resolved_precision(self) -> str:
         if self.precision != "auto":
@@ -569,6 +580,26 @@ def prepare(cfg: ExtractConfig, backbone: FrozenBackbone, selected: Selection) -
     return store, summary
 
 
+def check_forward_fits(cfg: ExtractConfig, backbone: FrozenBackbone, source: DatasetSource,
+                       cameras: Sequence[str]) -> None:
+    """Refuse a ``--batch-size`` whose batch cannot fit, before the store is made or a buffer allocated.
+
+    A lower bound per frame: its decoded uint8 frame in the host buffers, and on the device the
+    preprocessed float32 input and the token embeddings (input and output of a block) in float32.
+    """
+    device = torch.device(cfg.resolved_device())
+    frame = max(3 * source.camera(camera).height * source.camera(camera).width for camera in cameras)
+    height, width = backbone.preprocess.config.image_size
+    tokens = backbone.grid_size[0] * backbone.grid_size[1] + backbone.spec.num_prefix_tokens
+    model = 4 * (3 * height * width + 2 * tokens * backbone.embed_dim)
+    what = "decoded frames, the backbone's input and its tokens"
+    if device.type == "cuda":
+        check_batch_fits("--batch-size", cfg.batch_size, frame, torch.device("cpu"), "decoded frames")
+        check_batch_fits("--batch-size", cfg.batch_size, model, device, "the backbone's input and its tokens")
+    else:
+        check_batch_fits("--batch-size", cfg.batch_size, frame + model, device, what)
+
+
 def redo_damaged_units(store: FeatureStore, units: Sequence[int]) -> None:
     """Mark for redoing, and say so, the units of ``units`` that are done but whose shard files are
     missing or not the ones written for them (another unit's or store's, or damaged)."""
@@ -582,6 +613,7 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
     t_begin = time.perf_counter()
     selected = open_source(cfg)
     backbone = backbone or build_backbone(cfg)
+    check_forward_fits(cfg, backbone, selected.source, selected.cameras)
     store, summary = prepare(cfg, backbone, selected)
     mine = shard_units(store.num_units, cfg.shard)
     redo_damaged_units(store, mine)

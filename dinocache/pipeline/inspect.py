@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from dinocache.atomic import sweep_temporaries, temporary_name
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.datasets.rows import frames_at_rows
 from dinocache.pipeline.store import FeatureStore, store_bytes
@@ -124,8 +126,17 @@ def pca_picture(store: FeatureStore, out: Path, num_frames: int = 4, camera: str
     fig = pca_figure(store, num_frames, camera)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    sweep_temporaries(out)
+    tmp = temporary_name(out)  # written whole or not at all: a full disk leaves no half picture
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, out)
+    except OSError as err:  # matplotlib's errors name no file
+        raise DinocacheError(f"--pca {out}: cannot write the picture ({err.strerror or err})") from None
+    finally:
+        if tmp.exists():  # (unlinking a missing file on a read-only disk fails too)
+            tmp.unlink()
+        plt.close(fig)
     return out
 
 

@@ -40,8 +40,9 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from dinocache import __version__
+from dinocache.atomic import process_running
 from dinocache.encoders.record import BackboneRecord
-from dinocache.errors import DatasetError, DinocacheError, StoreError
+from dinocache.errors import DatasetError, DinocacheError, StoreError, os_error_line
 from dinocache.pipeline.store_checks import (DIGESTS, RECORD_DIGEST_KEY, lowdim_stats, record_digest,
                                              structure_problems, unit_arrays, unit_digests, unit_problems)
 
@@ -370,13 +371,8 @@ def _sweep_abandoned_creations(path: Path) -> None:
         owner, _, pid = folder.name.rpartition("-")
         if owner != f".{path.name}.creating-{host}" or not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except PermissionError:  # running, another user's
+        if process_running(int(pid)):
             continue
-        except ProcessLookupError:
-            pass
         touched = max([folder.stat().st_mtime, *(os.stat(os.path.join(root, name)).st_mtime
                                                  for root, dirs, files in os.walk(folder) for name in [*dirs, *files])])
         if time.time() - touched > ABANDONED_AFTER_S:
@@ -513,7 +509,7 @@ class FeatureStore:
             self.root["units/done"][unit] = 1
         except OSError as err:  # a full disk, a lost mount: the user's to fix, and nothing done is lost
             done = int(self.done_units().sum())
-            raise StoreError(f"{self.path}: cannot write unit {unit} (frames {start}-{stop - 1}): {_os_reason(err)}. "
+            raise StoreError(f"{self.path}: cannot write unit {unit} (frames {start}-{stop - 1}): {os_error_line(err)}. "
                              f"The {done} units already written are kept; fix this and re-run the same command "
                              f"to resume") from err
 
@@ -613,12 +609,6 @@ def _damage(name: str, array: zarr.Array, selection: Any) -> str:
             key = "/".join([name, "c", str(lo // per_file[0]), *["0"] * (array.ndim - 1)])
             return f" in {key if single_file else 'the chunk'} holding frames {lo}-{min(lo + step, frames) - 1}"
     return ""
-
-
-def _os_reason(err: OSError) -> str:
-    """``No space left on device`` and the like, with the file when the OS names one."""
-    reason = err.strerror or str(err) or type(err).__name__
-    return f"{reason}: {err.filename}" if err.filename else reason
 
 
 def _differences(key: str, have: Any, want: Any) -> list[str]:

@@ -186,12 +186,41 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
 
     ``rng`` has one :func:`capture_rng` entry per rank, so every rank resumes its own dropout and
     latent-noise stream. The checkpoint is assembled in a hidden folder and renamed into place: a run
-    killed while saving leaves the previous ``last`` intact.
+    killed while saving leaves the previous ``last`` intact (and the hidden folder, swept by the next
+    save); one that fails to save (a full disk) deletes it at once.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _sweep_temporaries(final.parent)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, step, head, normalizer, spec, optimizer, rng, sampler, extra, backbone)
+    except BaseException:  # a full disk, a kill: the previous checkpoints stay as they were, nothing half-made
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _point(checkpoint_dir(run_dir, LAST), final)
+    if best:
+        _point(checkpoint_dir(run_dir, BEST), final)
+    return final
+
+
+def _sweep_temporaries(checkpoints: Path) -> None:
+    """Delete what a save killed outright (SIGKILL, a lost node) left: hidden ``.NAME.tmp`` folders and
+    links. Only the process that claimed the run writes its checkpoints, so none is in use."""
+    for leftover in checkpoints.glob(".*.tmp") if checkpoints.is_dir() else ():
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _write_checkpoint(tmp: Path, step: int, head: nn.Module, normalizer: Normalizer, spec: PolicySpec,
+                      optimizer: torch.optim.Optimizer, rng: list[dict[str, Any]], sampler: Mapping[str, Any],
+                      extra: Mapping[str, Any], backbone: nn.Module | None) -> None:
+    """Every file of a checkpoint, into the folder ``tmp``; ``config.json`` last (see :func:`save_checkpoint`)."""
 
     weights = {f"head.{k}": v for k, v in head.state_dict().items()}
     weights.update({f"normalizer.{k}": v for k, v in normalizer.state_dict().items()})
@@ -228,14 +257,6 @@ def save_checkpoint(run_dir: Path, step: int, head: nn.Module, normalizer: Norma
     if trained:
         trained["backbone_weights"]["sha256"] = files[BACKBONE_FILE]["sha256"]
     write_json(tmp / CONFIG_FILE, {**spec.to_dict(), "step": step, **trained, "files": files})
-
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _point(checkpoint_dir(run_dir, LAST), final)
-    if best:
-        _point(checkpoint_dir(run_dir, BEST), final)
-    return final
 
 
 def _save_backbone(folder: Path, backbone: nn.Module) -> dict[str, Any]:

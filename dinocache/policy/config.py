@@ -13,6 +13,7 @@ checkpoint and the exporter can rebuild the exact same head later.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -104,7 +105,8 @@ class ACTConfig:
                                                 "ResNet18 in dinocache.policy.online); unused when training on "
                                                 "cached features.")
     optimizer_weight_decay: float = _field(1e-4, "AdamW weight decay.")
-    grad_clip_norm: float = _field(10.0, "Gradient-norm clip applied by the training loop (LeRobot's train default).")
+    grad_clip_norm: float = _field(10.0, "Gradient-norm clip applied by the training loop (LeRobot's train default); "
+                                         "0 turns clipping off, as in LeRobot.")
 
     # dinocache addition: the backbone's CLS vector as an extra token per camera.
     use_cls_token: bool = _field(False, "Also feed each camera's cached CLS vector as one extra encoder token.")
@@ -156,8 +158,16 @@ class ACTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Got {self.dropout}.")
-        if self.kl_weight < 0:
+        if not self.kl_weight >= 0 or not math.isfinite(self.kl_weight):  # NaN fails every comparison
             raise ValueError(f"`kl_weight` must be non-negative. Got {self.kl_weight}.")
+        if not 0 < self.optimizer_lr < math.inf:
+            raise ValueError(f"`optimizer_lr` must be positive. Got {self.optimizer_lr}.")
+        for name in ("optimizer_lr_backbone", "optimizer_weight_decay", "grad_clip_norm"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"`{name}` must be non-negative{' (0: no clipping)' if name == 'grad_clip_norm' else ''}. "
+                                 f"Got {getattr(self, name)}.")
+        if self.temporal_ensemble_coeff is not None and not math.isfinite(self.temporal_ensemble_coeff):
+            raise ValueError(f"`temporal_ensemble_coeff` must be a finite number or None. Got {self.temporal_ensemble_coeff}.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field."""

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dinocache.devices import available_device_memory, available_memory
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.keys import short_name
 from dinocache.datasets.prefetch import Prefetcher
@@ -181,29 +182,8 @@ def action_windows(rows: Tensor, episode_end: Tensor, chunk_size: int) -> tuple[
 # --------------------------------------------------------------------------------------------------
 
 
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``).
-
-    MemAvailable counts reclaimable page cache, unlike MemFree. Outside Linux, falls back to the
-    free physical pages as reported by ``sysconf``.
-    """
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def available_device_memory(device: torch.device) -> int:
-    """Bytes free on a CUDA ``device`` now (``torch.cuda.mem_get_info``); 0 for the CPU, which has no device memory."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
 
 
 def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1,

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dinocache.atomic import check_room, temporary_name
+from dinocache.devices import resolve_device
 from dinocache.errors import DinocacheError
 from dinocache.policy.checkpoint import LAST
 from dinocache.policy.compiled import (CompiledCrash, CompiledHang, CompiledPolicyFallback, can_package, checks_graph,
@@ -375,11 +377,15 @@ def _policy_path(out: Path, format: str) -> Path:
     return out
 
 
-def _check_device(device: str) -> torch.device:
-    target = torch.device(device)
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise DinocacheError(f"--device {device}: CUDA is not available on this machine")
-    return target
+def _prepare_out(out: Path, policy: FusedPolicy, format: str, compile: bool) -> Path:
+    """The temporary name the policy is written under, once its folder is known to take it (writable, with
+    room for the weights, twice with compiled kernels): found before any tracing, and before torch's
+    archive writer meets a full disk, which aborts the process."""
+    weights = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
+    if format == "onnx" and policy.compute_dtype != torch.float32:
+        weights //= 2  # the graph's weights are cast to the half precision
+    check_room(out, weights * (2 if compile else 1) + 2**20)
+    return temporary_name(out)
 
 
 def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = "pt2", checkpoint: str | int = LAST,
@@ -416,7 +422,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         raise DinocacheError(f"--format {format!r}: choose {' or '.join(FORMATS)}")
     out = _policy_path(Path(out), format)
     compute_dtype = parse_dtype(dtype)
-    target = _check_device(device)
+    target = resolve_device(device)
     if compile is None:
         compile = format == "pt2" and target.type == "cuda" and can_package()
     if compile and format != "pt2":
@@ -433,8 +439,10 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
             bar.set_description_str(stages[done] if done < len(stages) else f"done in {time.perf_counter() - t_begin:.0f} s")
 
         stage(0)
+        check_room(out, 0)  # a folder that cannot take the file is said at once, before any work
         policy = build_fused_policy(run, checkpoint, weights=weights, device=target, dtype=compute_dtype,
                                     check_weights=check_weights)
+        tmp = _prepare_out(out, policy, format, compile)
         metadata = policy_metadata(policy.spec, policy.checkpoint_path, policy.step, compute_dtype)
         metadata["backbone_weights"] = policy.backbone.weights.to_dict()
         metadata["export"] = {"format": format, "device": str(target), "batch": "dynamic",
@@ -460,8 +468,6 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         with torch.no_grad():
             eager = policy(*_all_inputs(*inputs))
         metadata["export"]["trace_tolerance"] = _trace_tolerance(policy, report, inputs)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # torch wants the .pt2 suffix
         try:
             if format == "pt2":
                 trace_diff = _write_pt2(policy, inputs, eager, metadata, tmp, compile=compile)

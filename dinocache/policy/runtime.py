@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dinocache.devices import resolve_device
 from dinocache.errors import DinocacheError
 from dinocache.keys import short_name
 from dinocache.policy.action_selection import ActionSelector, make_action_selector
@@ -392,9 +393,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     ``metadata["runtime"]`` says what runs: ``backend`` (``aoti``: compiled kernels, ``program``: the
     ``torch.export`` program, ``eager``: a run folder, ``onnxruntime``) and ``cuda_graph``.
     """
-    path, device = Path(path), torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DinocacheError(f"device {device}: CUDA is not available on this machine")
+    path, device = Path(path), resolve_device(device, "device")
     kind = policy_kind(path)
     if cuda_graph and (device.type != "cuda" or kind == "onnx"):
         raise DinocacheError(f"cuda_graph=True needs a CUDA device and a .pt2 or run folder (got {device}, {kind})")

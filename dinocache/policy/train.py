@@ -31,17 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dinocache.errors import DinocacheError, TrainingError
+from dinocache.devices import check_batch_fits, resolve_device
+from dinocache.errors import DinocacheError, TrainingError, os_error_line
 from dinocache.pipeline.store import FeatureStore, StoreRecord
 from dinocache.policy.act import ACTHead, act_optimizer
 from dinocache.policy.checkpoint import (
     BEST, CHECKPOINTS, LAST, METRICS_FILE, MODEL_FILE, PLOT_FILE, RUN_FILE, PolicySpec, capture_rng, checkpoint_dir,
     checkpoint_step, load_training_state, restore_rng, save_checkpoint,
 )
-from dinocache.policy.config import ACTION, ACTION_IS_PAD, ACTConfig
+from dinocache.policy.config import ACTION, ACTION_IS_PAD, ACTConfig, ACTInputs
 from dinocache.policy.data import (
     Batch, CachedFeatures, EpisodeSplit, action_windows, available_device_memory, episode_rows, open_training_store,
     parse_memory_budget, split_episodes,
@@ -159,7 +161,7 @@ class Processes:
     def setup(cls, device: str | None) -> Processes:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        target = resolve_device(device)
         if world_size > 1:
             if target.type == "cuda":
                 target = torch.device("cuda", local_rank)
@@ -283,7 +285,8 @@ class TrainStep:
         self.model = _LossModule(head) if model is None else model  # DDP wraps the loss module
         self.optimizer, self.inputs = optimizer, inputs
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.max_norm = head.config.grad_clip_norm
+        # 0 turns clipping off, as in LeRobot (which then takes the norm with max_norm=inf, for the log)
+        self.max_norm = head.config.grad_clip_norm or math.inf
         self.autocast = _autocast(device)
         self.sums = torch.zeros(4, device=device)  # loss, l1, kld, grad_norm
         self.count = torch.zeros((), device=device)  # steps since the last take
@@ -415,18 +418,32 @@ class _Meter:
         }
 
 
+def _metric_records(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line that does not parse (the half line of a run killed while
+    appending, or damage) is left out: metrics are a log, the checkpoints are the run's state."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records a crashed run wrote after its last checkpoint, so the resumed file reads as one run."""
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        records = [record for record in _metric_records(path) if record["step"] <= step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
 def plot_metrics(metrics_path: Path, out: Path, baseline: float | None) -> None:
     """Loss curves (train loss, train L1, validation L1, the mean-action baseline) as a PNG."""
     from matplotlib.figure import Figure  # no pyplot: nothing global, no display needed
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = _metric_records(metrics_path)
     if not records:
         return
     figure = Figure(figsize=(8, 5), layout="constrained")
@@ -520,6 +537,12 @@ def run_training(cfg: TrainConfig, kind: RunKind) -> TrainResult:
     procs = Processes.setup(cfg.device)
     try:
         return _train(cfg, procs, kind)
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder: one line saying what is kept
+        reason = os_error_line(err) if isinstance(err, OSError) else str(err).removeprefix("Error while serializing: ")
+        last = checkpoint_dir(Path(cfg.out), LAST)
+        kept = (f"the last checkpoint (step {int(last.resolve().name)}) is kept: fix this and continue with --resume"
+                if last.exists() else "no checkpoint was written")
+        raise TrainingError(f"{cfg.out}: training stopped: {reason}; {kept}") from err
     finally:
         procs.teardown()
 
@@ -566,7 +589,12 @@ def _claim_run(run_dir: Path, record: dict[str, Any]) -> None:
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{RUN_FILE}.{os.getpid()}"
-    write_json(tmp, record)
+    try:
+        write_json(tmp, record)
+    except OSError:  # a full disk: the folder made for the run goes again
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
     try:
         os.link(tmp, run_dir / RUN_FILE)
     except FileExistsError:
@@ -597,6 +625,20 @@ def _padding_warning(data: CachedFeatures, rows: np.ndarray, episodes: list[tupl
             f"padding, which the loss ignores; a chunk shorter than the episodes trains on more real actions")
 
 
+def _check_batch_fits(batch_size: int, config: ACTConfig, inputs: ACTInputs, device: torch.device) -> None:
+    """Refuse a batch that cannot fit before any of it is allocated (the kernel would kill the process
+    without a word). A lower bound per sample: its cached features, and the feed-forward activations
+    each transformer layer keeps for the backward pass (the encoder's over the observation tokens, the
+    decoder's over the chunk, the CVAE encoder's over the chunk and two more), at two bytes a value."""
+    tokens = sum(h * w for _, _, h, w in inputs.cameras) + 2 + (inputs.env_state_dim is not None)
+    features = 2 * sum(c * h * w for _, c, h, w in inputs.cameras)
+    rows = (config.n_encoder_layers * tokens + config.n_decoder_layers * config.chunk_size
+            + config.use_vae * config.n_vae_encoder_layers * (config.chunk_size + 2))
+    activations = 2 * rows * config.dim_feedforward
+    check_batch_fits("--batch-size", batch_size, features + activations, device,
+                     "the cached features and the transformer activations of one training step")
+
+
 def _train(cfg: TrainConfig, procs: Processes, kind: RunKind) -> TrainResult:
     t_begin = time.perf_counter()
     run_dir = Path(cfg.out)
@@ -609,6 +651,7 @@ def _train(cfg: TrainConfig, procs: Processes, kind: RunKind) -> TrainResult:
     torch.manual_seed(seed)
     setup = kind.build(procs, config, recorded)
     data, model, optimizer, spec = setup.data, setup.model, setup.optimizer, setup.spec
+    _check_batch_fits(options["batch_size"], model.head.config, spec.inputs, procs.device)
     encoder = _trained_encoder(model)
     train_rows, val_rows = (episode_rows(kind.episodes, part) for part in (split.train, split.val))
     if len(val_rows) > options["val_frames"]:  # a fixed, evenly spread subset keeps evaluation cheap

@@ -55,7 +55,8 @@ class TrainConfig:
     given: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
-        minimum = {"steps": 1, "batch_size": 1, "val_frames": 0, "eval_every": 1, "save_every": 1, "log_every": 1}
+        minimum = {"steps": 1, "batch_size": 1, "val_frames": 0, "eval_every": 1, "save_every": 1, "log_every": 1,
+                   "seed": 0}
         if self.window_frames is not None:
             minimum["window_frames"] = 1
         for name, least in minimum.items():
