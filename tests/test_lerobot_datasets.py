@@ -16,11 +16,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("lerobot")
+import pandas as pd  # noqa: E402  (LeRobot's dependency)
 from lerobot.datasets.lerobot_dataset import LeRobotDataset  # noqa: E402
 
 from dinocache.datasets import open_dataset  # noqa: E402
