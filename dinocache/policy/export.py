@@ -275,7 +275,7 @@ def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dic
 
     import onnx
 
-    _save_sealed(save, lambda: onnx_sha256(onnx.load(str(tmp))), metadata, tmp)
+    _save_sealed(save, lambda: onnx_sha256(tmp, onnx.load(str(tmp), load_external_data=False)), metadata, tmp)
     return diff
 
 

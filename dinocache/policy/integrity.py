@@ -9,7 +9,7 @@ and a policy built from it hands a robot wrong actions. So what dinocache writes
 * a checkpoint's ``config.json`` records the size and sha256 of every other file of the checkpoint
   (:func:`file_record`), which :func:`read_checked` compares before a tensor is loaded;
 * an exported ``.pt2`` records in its metadata the digest of every archive entry but the metadata
-  itself (:func:`archive_sha256`), an ``.onnx`` that of the model without its metadata
+  itself (:func:`archive_sha256`), an ``.onnx`` that of its bytes without its metadata entry
   (:func:`onnx_sha256`); :func:`check_policy_file` recomputes them when a policy is loaded.
 
 A mismatch is an :class:`IntegrityError` naming the file and, for a checkpoint, the run's other
@@ -175,18 +175,33 @@ def _entry_name(name: str) -> str:
     return name.split("/", 1)[1] if "/" in name else name
 
 
-def onnx_sha256(model: Any) -> str:
-    """Digest of an ONNX ``ModelProto`` without dinocache's metadata entry (which holds the digest)."""
-    kept = [(p.key, p.value) for p in model.metadata_props]
-    ours = [i for i, p in enumerate(model.metadata_props) if p.key == ONNX_METADATA_KEY]
-    for index in reversed(ours):
-        del model.metadata_props[index]
-    try:
-        return parts_sha256([("onnx", model.SerializeToString(deterministic=True))])
-    finally:
-        del model.metadata_props[:]
-        for key, value in kept:
-            model.metadata_props.add(key=key, value=value)
+def onnx_sha256(path: Path, model: Any) -> str:
+    """Digest of an ``.onnx`` file's bytes without dinocache's metadata entry (which holds the digest).
+
+    ``model`` is the file's ``ModelProto`` (parsed for its metadata): the entry is found in the bytes as
+    protobuf writes it (field 14 of the model, holding key and value), so the file is hashed as it lies
+    on disk, not re-serialised (a third of the time for a ViT-B policy).
+    """
+    text = next((p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY), None)
+    data = Path(path).read_bytes()
+    record = _field(14, _field(1, ONNX_METADATA_KEY.encode()) + _field(2, (text or "").encode()))
+    at = data.rfind(record) if text is not None else -1
+    if at < 0:
+        raise IntegrityError(f"{path}: its dinocache metadata is not where an ONNX model keeps it; the file is "
+                             "damaged or was rewritten; export the run again")
+    view = memoryview(data)
+    return parts_sha256([("onnx", view[:at]), ("after metadata", view[at + len(record):])])
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its tag, the payload's length as a varint, the payload."""
+    length, varint = len(payload), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        varint.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([number << 3 | 2]) + bytes(varint) + payload
 
 
 def check_policy_file(path: Path, metadata: dict[str, Any], model: Any = None) -> None:
@@ -196,7 +211,7 @@ def check_policy_file(path: Path, metadata: dict[str, Any], model: Any = None) -
     if recorded is None:
         raise IntegrityError(f"{path}: its metadata records no {CONTENT_KEY}: damaged, or exported before dinocache "
                              "recorded one; export the run again")
-    found = onnx_sha256(model) if model is not None else archive_sha256(path)
+    found = onnx_sha256(path, model) if model is not None else archive_sha256(path)
     if found != recorded:
         raise IntegrityError(f"{path}: its content has sha256 {found[:16]}..., export recorded {recorded[:16]}...: the "
                              "file was damaged or changed since it was written; export the run again")

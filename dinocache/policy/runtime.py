@@ -406,7 +406,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         metadata["export"] = {"format": "eager", "device": str(device)}
         module, backend = policy, "eager"
     else:
-        model = load_onnx(path) if kind == "onnx" else None
+        model = load_onnx(path, external_data=False) if kind == "onnx" else None
         metadata = read_policy_metadata(path, model)
         check_policy_file(path, metadata, model)  # every byte of the program and its weights as exported
         if kind == "onnx":
