@@ -637,6 +637,7 @@ OUT_OF_RANGE = [
     ("extract", "--chunk-frames", "0"), ("extract", "--seed", "-1"), ("extract", "--dask-workers", "0"),
     ("inspect", "--frames", "0"), ("bench-policy", "--steps", "0"), ("bench-policy", "--warmup", "-1"),
     ("bench-policy", "--threads", "0"), ("make-sample", "--episodes", "0"), ("make-sample", "--length", "0"),
+    ("make-sample", "--image-size", "0x0"), ("make-sample", "--cameras", "top,top"),
     ("train", "--steps", "0"), ("train", "--seed", "-1"), ("train", "--val-frames", "-1"), ("train", "--lr", "-1"),
     ("train", "--kl-weight", "-0.5"), ("train", "--dropout", "1.5"), ("train", "--grad-clip-norm", "-1"),
     ("train", "--optimizer-weight-decay", "nan"), ("train", "--chunk-size", "0"), ("finetune", "--layer-decay", "0"),

@@ -208,10 +208,15 @@ def make_sample(out: Path, fmt: str, episodes: int, length: int, image_size: str
         height, width = (int(v) for v in image_size.lower().split("x"))
     except ValueError:
         raise click.BadParameter(f"{image_size!r}: expected HxW, e.g. 96x128", param_hint="--image-size") from None
+    if height < 1 or width < 1:
+        raise click.BadParameter(f"{image_size!r}: both sides must be at least 1 pixel", param_hint="--image-size")
+    names = cameras.split(",")
+    if not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter(f"{cameras!r}: expected distinct names, e.g. top,wrist", param_hint="--cameras")
     existed = out.exists()
     try:
         path = write_synthetic_dataset(out, format=fmt, num_episodes=episodes, episode_length=length,
-                                       image_size=(height, width), cameras=tuple(cameras.split(",")), seed=seed)
+                                       image_size=(height, width), cameras=tuple(names), seed=seed)
     except OSError as err:  # a full disk, a read-only folder: no half-written dataset left to be mistaken for one
         if not existed:
             shutil.rmtree(out, ignore_errors=True)

@@ -187,7 +187,7 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
 
 
 def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1,
-                        available: Callable[[], int] = available_memory) -> int:
+                        available: Callable[[], int] = available_memory, option: str = "--memory-budget") -> int:
     """Bytes the cached features may occupy in this process's RAM (or, with ``available``, device memory).
 
     ``value`` is bytes, a size (``"24GiB"``, ``"24G"``, ``"500MB"``), a share of the currently
@@ -206,11 +206,11 @@ def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1,
         except ValueError:
             share = -1.0
         if not 0 <= share <= 1:
-            raise DinocacheError(f"--memory-budget {value!r}: a share must be between 0% and 100%")
+            raise DinocacheError(f"{option} {value!r}: a share must be between 0% and 100%")
         return int(available() * share / max(processes_per_machine, 1))
     match = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
     if not match or match.group(2) not in _UNITS:
-        raise DinocacheError(f"--memory-budget {value!r}: expected a size like 24GiB or 500MB, or a share like 50%")
+        raise DinocacheError(f"{option} {value!r}: expected a size like 24GiB or 500MB, or a share like 50%")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 

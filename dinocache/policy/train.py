@@ -520,7 +520,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         data = CachedFeatures(store, config.chunk_size, config.use_cls_token,
                               parse_memory_budget(cfg.memory_budget, procs.local_world_size), device=device,
                               device_budget=parse_memory_budget(cfg.device_memory_budget,
-                                                                available=lambda: available_device_memory(device)),
+                                                                available=lambda: available_device_memory(device),
+                                                                option="--device-memory-budget"),
                               window_frames=cfg.window_frames, progress=cfg.progress and procs.main)
         stats = {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()}
         spec = PolicySpec(config, data.inputs, stats, str(store.path.resolve()), store.record, data.camera_keys,
