@@ -308,7 +308,12 @@ def test_video_stream_writes_what_encode_video_writes_and_raises_the_encoders_er
         with av.open(str(tmp_path / name)) as container:
             return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
-    np.testing.assert_array_equal(decoded("streamed.mp4"), decoded("whole.mp4"))
+    # x264 encodes with threads, so two encodes of the same frames need not be bit-identical (seen on
+    # PyAV 18.1): the streamed file must hold every frame, in order, as faithfully as one call's.
+    streamed, whole, source = decoded("streamed.mp4").astype(int), decoded("whole.mp4").astype(int), np.concatenate(clips)
+    assert streamed.shape == whole.shape == source.shape
+    assert np.abs(streamed - source).mean() < 3 and np.abs(whole - source).mean() < 3  # crf 10: a few grey levels
+    assert np.abs(streamed - whole).mean() < 2
 
     with pytest.raises(ValueError):
         with VideoStream(tmp_path / "bad.mp4", 10.0) as stream:
