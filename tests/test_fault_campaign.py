@@ -377,12 +377,14 @@ def artefacts(tmp_path_factory) -> SimpleNamespace:
 
 def damage(file: Path, where: float | str) -> None:
     """One bit flipped at a fraction of the file's length (0: its first byte, 1: its last), or the file
-    cut at ``"truncated"`` (its second half gone)."""
+    cut at ``"truncated"`` (its second half gone). In JSON the lowest bit, so that a digit stays a digit
+    ('4' <-> '5') and the document stays valid; elsewhere the highest (in a float32 weight: its sign, or
+    a high mantissa bit), a change that shows in the actions."""
     data = bytearray(file.read_bytes())
     if where == "truncated":
         data = data[:len(data) // 2]
     else:
-        data[round(float(where) * (len(data) - 1))] ^= 0x01  # a digit stays a digit: '4' <-> '5'
+        data[round(float(where) * (len(data) - 1))] ^= 0x01 if file.suffix == ".json" else 0x80
     file.unlink()  # not through the link: a copied run's other checkpoints keep their bytes
     file.write_bytes(bytes(data))
 
@@ -651,8 +653,8 @@ def test_a_numeric_option_out_of_range_is_one_line_before_any_work(two_stores, a
                                                                    command: str, option: str, value: str):
     out = tmp_path / "out"
     inputs = {"extract": [two_stores.dataset, "--out", out], "inspect": [two_stores.a], "bench-policy": [artefacts.run],
-              "make-sample": [out], "train": [two_stores.a, "--out", out, "--no-progress"],
-              "finetune": [artefacts.run, "--out", out], "sim eval": [artefacts.run],
+              "make-sample": [out], "train": [two_stores.a, "--out", out, "--no-progress", "--steps", 1],
+              "finetune": [artefacts.run, "--out", out, "--steps", 1], "sim eval": [artefacts.run],
               "sim demos": ["--out", out]}[command]
     field = f"`{option[2:].replace('-', '_')}`".replace("`lr`", "`optimizer_lr`")  # ACT fields: LeRobot's names
     line = one_line_error(cli(*command.split(), *inputs, option, value))
