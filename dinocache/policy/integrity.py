@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dinocache.atomic import temporary_name
 from dinocache.errors import DinocacheError
 from dinocache.hashing import bytes_sha256, file_sha256, json_sha256, parts_sha256
 
@@ -93,7 +94,7 @@ def parse_json(text: str | bytes, path: Path, where: str = "") -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` :func:`sealed`, atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     try:
         tmp.write_text(json.dumps(sealed(data), indent=2) + "\n")
         os.replace(tmp, path)

@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dinocache.atomic import sweep_temporaries, temporary_name
 from dinocache.devices import check_batch_fits, resolve_device
 from dinocache.errors import DinocacheError, TrainingError, os_error_line
 from dinocache.pipeline.store import FeatureStore, StoreRecord
@@ -461,7 +462,13 @@ def plot_metrics(metrics_path: Path, out: Path, baseline: float | None) -> None:
     ax.set_ylabel("normalised action units")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    figure.savefig(out, dpi=120)
+    tmp = temporary_name(out)  # whole or not at all
+    try:
+        figure.savefig(tmp, dpi=120)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,7 +596,8 @@ def _claim_run(run_dir: Path, record: dict[str, Any]) -> None:
     The record is written whole beside it and hard-linked into place, which fails if the name exists.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RUN_FILE}.{os.getpid()}"
+    sweep_temporaries(run_dir / RUN_FILE)  # a claim killed between its write and its link
+    tmp = temporary_name(run_dir / RUN_FILE)
     try:
         write_json(tmp, record)
     except OSError:  # a full disk: the folder made for the run goes again
