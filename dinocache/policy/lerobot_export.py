@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dinocache.devices import resolve_device
 from dinocache.errors import DinocacheError
 from dinocache.keys import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.checkpoint import LAST, PolicySpec, load_head
@@ -181,7 +182,7 @@ def export_lerobot(run: str | os.PathLike, out: str | os.PathLike, checkpoint: s
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DinocacheError(f"--out {out} already exists and is not an empty folder: a LeRobot policy is written "
                              "as a new folder")
-    target = torch.device(device)
+    target = resolve_device(device)
     fused = build_fused_policy(run, checkpoint, weights=weights, device=target, check_weights=check_weights)
     metadata = policy_metadata(fused.spec, fused.checkpoint_path, fused.step, torch.float32)
     metadata["backbone_weights"] = fused.backbone.weights.to_dict()
