@@ -40,8 +40,8 @@ def prepare(work: Path) -> dict[str, Path]:
 
     from dinocache.datasets.synthetic import write_synthetic_dataset
     from dinocache.pipeline.extract import ExtractConfig, extract
-    from dinocache.policy.export import export_policy
-    from dinocache.policy.train import TrainConfig, train
+    from dinocache.policy.deployment.export import export_policy
+    from dinocache.policy.training.train import TrainConfig, train
 
     torch.set_num_threads(2)
     paths = {"run": work / "run", "pt2": work / "policy.pt2", "onnx": work / "policy.onnx"}
@@ -82,15 +82,15 @@ def child(paths: dict[str, str], repeat: int) -> dict[str, Any]:
 
     import dinocache
     from dinocache.datasets import open_dataset
-    from dinocache.policy.runtime import load_policy
+    from dinocache.policy.deployment.runtime import load_policy
 
     torch.set_num_threads(2)
     result: dict[str, Any] = {"code": str(Path(dinocache.__file__).parents[1])}
     for name in ("pt2", "onnx", "run"):
         result[f"load_policy {name}"] = best(lambda: load_policy(paths[name]), repeat)
     try:
-        from dinocache.policy.integrity import archive_sha256, onnx_sha256
-        from dinocache.policy.metadata import load_onnx
+        from dinocache.policy.model.integrity import archive_sha256, onnx_sha256
+        from dinocache.policy.deployment.metadata import load_onnx
 
         result["pt2 content digest"] = best(lambda: archive_sha256(Path(paths["pt2"])), repeat)
         result["onnx content digest"] = best(

@@ -37,15 +37,16 @@ import torch
 from _child import exit_if_failed, run_child
 from _machine import describe_machine
 from dinocache.encoders.backbone import create_backbone
-from dinocache.pipeline.store import SourceRecord, StoreRecord
-from dinocache.policy.act import ACTHead
-from dinocache.policy.bench import latencies_ms, random_observation
-from dinocache.policy.checkpoint import PolicySpec, capture_rng, load_head, save_checkpoint
-from dinocache.policy.config import ACTION, OBS_STATE, ACTConfig, ACTInputs
 from dinocache.keys import camera_key
-from dinocache.policy.export import export_policy
-from dinocache.policy.normalize import Normalizer
-from dinocache.policy.runtime import load_policy
+from dinocache.pipeline.store import SourceRecord, StoreRecord
+from dinocache.policy.deployment.bench import latencies_ms, random_observation
+from dinocache.policy.deployment.export import export_policy
+from dinocache.policy.deployment.runtime import load_policy
+from dinocache.policy.model.act import ACTHead
+from dinocache.policy.model.checkpoint import PolicySpec, load_head
+from dinocache.policy.model.config import ACTION, OBS_STATE, ACTConfig, ACTInputs
+from dinocache.policy.model.normalize import Normalizer
+from dinocache.policy.training.checkpointing import capture_rng, save_checkpoint
 
 CAMERA = camera_key("top")
 HEIGHT, WIDTH, DIM = 480, 640, 14

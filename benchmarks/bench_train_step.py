@@ -2,7 +2,7 @@
 
 For each batch size (8, 64 and 256 by default), on a real feature store and LeRobot's default ACT head:
 
-* **ceiling**: :class:`~dinocache.policy.train.TrainStep`, the training step itself (forward,
+* **ceiling**: :class:`~dinocache.policy.training.step.TrainStep`, the training step itself (forward,
   backward, clipping, fused AdamW; on CUDA one CUDA graph replayed, as ``train()`` runs it), called
   over and over on one batch already on the device: no data, no records, no Python loop around it.
   What the hardware allows this head.
@@ -49,9 +49,11 @@ def child_ceiling(task: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from dinocache.policy.act import ACTHead, act_optimizer
-    from dinocache.policy.data import CachedFeatures, open_training_store
-    from dinocache.policy.train import TrainStep, resolve_act_config
+    from dinocache.policy.model.act import ACTHead, act_optimizer
+    from dinocache.policy.training.data import CachedFeatures
+    from dinocache.policy.training.episodes import open_training_store
+    from dinocache.policy.training.run import resolve_act_config
+    from dinocache.policy.training.step import TrainStep
 
     device = torch.device(task["device"])
     store = open_training_store(task["store"])
@@ -87,7 +89,7 @@ def child_loop(task: dict[str, Any]) -> dict[str, Any]:
     """The real train() loop; steps/s and data wait over the records after the warm-up."""
     import torch
 
-    from dinocache.policy.train import TrainConfig, train
+    from dinocache.policy.training.train import TrainConfig, train
 
     if task["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -138,8 +140,8 @@ def measure(task: dict[str, Any]) -> dict[str, Any]:
 
 def make_store(work: Path, args: argparse.Namespace) -> Path:
     """A store extracted here: generated LeRobot v2.1 video, ``--backbone`` at ``--image-size``, random weights."""
-    from dinocache.pipeline.extract import ExtractConfig, extract
     from dinocache.datasets.synthetic import write_synthetic_dataset
+    from dinocache.pipeline.extract import ExtractConfig, extract
 
     dataset = write_synthetic_dataset(work / "data", format="lerobot-v2.1", num_episodes=args.episodes,
                                       episode_length=args.episode_length, image_size=(96, 128), cameras=("top",),

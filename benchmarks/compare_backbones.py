@@ -4,9 +4,9 @@ One run, one generated dataset, one ACT head (LeRobot's defaults), one batch siz
 
 * **online**: what training costs without a cache, the way LeRobot trains an ACT: every step
   takes decoded frames, runs the backbone, then the head's forward, backward and AdamW step
-  (:mod:`dinocache.policy.online`). DINO backbones run frozen (no grad); ``resnet18`` is ACT's
+  (:mod:`dinocache.policy.training.online`). DINO backbones run frozen (no grad); ``resnet18`` is ACT's
   own backbone fine-tuned as ACT does (FrozenBatchNorm2d, ``optimizer_lr_backbone``). Frames come
-  from the library's one online data path (:class:`dinocache.policy.frames.DecodedFrames`, what
+  from the library's one online data path (:class:`dinocache.policy.training.frames.DecodedFrames`, what
   ``dinocache train --online`` and ``dinocache finetune`` use): decoded ahead in a background
   thread (4 batches ahead), the episodes of a batch by a thread pool (PyAV releases the GIL), each
   decoded episode kept while it fits a quarter of the free RAM (this benchmark's dataset does), so
@@ -159,7 +159,7 @@ def child_cached(task: dict[str, Any]) -> dict[str, Any]:
     """The real `train()` on the store, then the fused live policy built from the run."""
     import torch
 
-    from dinocache.policy.train import TrainConfig, train
+    from dinocache.policy.training.train import TrainConfig, train
 
     device = task["device"]
     if device.startswith("cuda"):
@@ -190,7 +190,7 @@ def fused_latency(run: Path, task: dict[str, Any]) -> dict[str, Any]:
     """Live latency at batch 1 of the fused policy (backbone + normaliser + head) built from ``run``."""
     import torch
 
-    from dinocache.policy.fused import build_fused_policy
+    from dinocache.policy.deployment.fused import build_fused_policy
 
     device = task["device"]
     image = torch.randint(0, 256, (1, *task["camera_size"], 3), dtype=torch.uint8, device=device)
@@ -206,8 +206,8 @@ def online_latency(model: Any, task: dict[str, Any]) -> dict[str, float]:
     """Backbone + head in eval mode at batch 1, as a live ACT runs (the head's zero latent)."""
     import torch
 
-    from dinocache.policy.config import OBS_STATE
     from dinocache.keys import camera_key
+    from dinocache.policy.model.config import OBS_STATE
 
     device = task["device"]
     model.eval()
@@ -228,9 +228,9 @@ def child_online(task: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from dinocache.policy.config import ACTConfig
-    from dinocache.policy.frames import DecodedFrames
-    from dinocache.policy.online import build_online_act
+    from dinocache.policy.model.config import ACTConfig
+    from dinocache.policy.training.frames import DecodedFrames
+    from dinocache.policy.training.online import build_online_act
 
     device = task["device"]
     cuda = device.startswith("cuda")

@@ -135,7 +135,7 @@ step "bench-policy float32 ($DEVICE)" 90 "$DC bench-policy '$WORK/policy32.pt2' 
 step "bench-policy bfloat16 ($DEVICE)" 90 "$DC bench-policy '$WORK/policy16.pt2' --device $DEVICE --steps 100"
 step "select_action, numpy frames ($DEVICE)" 90 "python3 -c '
 import numpy as np, dinocache
-from dinocache.policy.bench import random_observation
+from dinocache.policy.deployment.bench import random_observation
 policy = dinocache.load_policy(\"$WORK/policy16.pt2\", device=\"$DEVICE\", temporal_ensemble_coeff=0.01)
 observation = random_observation(policy.metadata)
 actions = np.stack([policy.select_action(observation) for _ in range(20)])

@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 #: Public names loaded on first access: name -> module that defines it.
-_LAZY = {"load_policy": "dinocache.policy.runtime", "PolicyRuntime": "dinocache.policy.runtime"}
+_LAZY = {"load_policy": "dinocache.policy.deployment.runtime", "PolicyRuntime": "dinocache.policy.deployment.runtime"}
 
 __all__ = ["__version__", *_LAZY]
 

@@ -115,8 +115,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     from dinocache.pipeline.extract import ExtractConfig, extract
     from dinocache.pipeline.inspect import pca_picture
     from dinocache.pipeline.store import FeatureStore
-    from dinocache.policy.export import export_policy
-    from dinocache.policy.train import TrainConfig, train
+    from dinocache.policy.deployment.export import export_policy
+    from dinocache.policy.training.train import TrainConfig, train
 
     dataset = Path(cfg.dataset) if cfg.dataset else sample_dataset()
     weights, weights_line = resolve_weights(cfg.backbone, cfg.weights)

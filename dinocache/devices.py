@@ -3,18 +3,23 @@
 A ``--device`` that this machine does not have (``cuda`` without a GPU, ``cuda:3`` on a two-GPU
 machine, a typo) and a batch that cannot fit in memory are refused here, in one line, before any
 work: torch would otherwise fail deep inside a model, or the kernel would kill the process for an
-allocation of tens of gigabytes without a word.
+allocation of tens of gigabytes without a word. Memory budgets (``--memory-budget``,
+``--device-memory-budget``) are parsed here too, as a size or a share of what is available.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from dinocache.errors import DinocacheError
 
-__all__ = ["resolve_device", "available_memory", "available_device_memory", "free_memory", "check_batch_fits"]
+__all__ = ["resolve_device", "available_memory", "available_device_memory", "free_memory", "check_batch_fits",
+           "parse_memory_budget", "DEFAULT_MEMORY_SHARE"]
 
 
 def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
@@ -73,3 +78,39 @@ def check_batch_fits(option: str, batch_size: int, bytes_per_sample: int, device
         where = f"{device} memory" if device.type == "cuda" else "RAM"
         raise DinocacheError(f"{option} {batch_size}: one batch needs at least {batch_size * bytes_per_sample / 2**30:.1f} "
                              f"GiB ({what}), and {free / 2**30:.1f} GiB of {where} is free; at most {fits} could fit")
+
+
+#: Share of MemAvailable the features may take by default: leaves room for the optimiser, the
+#: prefetched batches, other processes, and the page cache the store is read through.
+DEFAULT_MEMORY_SHARE = 0.5
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1,
+                        available: Callable[[], int] = available_memory, option: str = "--memory-budget") -> int:
+    """Bytes the cached features may occupy in this process's RAM (or, with ``available``, device memory).
+
+    ``value`` is bytes, a size (``"24GiB"``, ``"24G"``, ``"500MB"``), a share of the currently
+    available memory (``"50%"``, of what ``available()`` returns), or None for
+    :data:`DEFAULT_MEMORY_SHARE` of it. Shares are divided by ``processes_per_machine``: every DDP
+    rank on a machine holds its own copy (for device memory that is 1: one device per rank).
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    text = "" if value is None else str(value).strip().lower().replace(" ", "")
+    if text in ("", "auto"):
+        text = f"{DEFAULT_MEMORY_SHARE * 100:g}%"
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 <= share <= 1:
+            raise DinocacheError(f"{option} {value!r}: a share must be between 0% and 100%")
+        return int(available() * share / max(processes_per_machine, 1))
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
+    if not match or match.group(2) not in _UNITS:
+        raise DinocacheError(f"{option} {value!r}: expected a size like 24GiB or 500MB, or a share like 50%")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])

@@ -9,7 +9,7 @@ import sys
 from click.testing import CliRunner
 
 from dinocache.cli import COMMANDS, main
-from dinocache.policy.config import ACTConfig
+from dinocache.policy.model.config import ACTConfig
 
 
 def test_help_of_every_command_imports_no_torch():

@@ -26,23 +26,23 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from dinocache.cli import main
+from dinocache.datasets.synthetic import write_synthetic_dataset
 from dinocache.encoders.record import WeightsRecord
 from dinocache.errors import BackboneError, DatasetError, DinocacheError
 from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.store import FeatureStore
-from dinocache.datasets.synthetic import write_synthetic_dataset
-from dinocache.policy.bench import bench_policy
-from dinocache.policy import compiled
-from dinocache.policy.compiled import can_package
-from dinocache.policy import export as export_module
-from dinocache.policy.export import export_policy
-from dinocache.policy.fused import FusedPolicy, build_fused_policy
-from dinocache.policy.integrity import file_record, read_json, sealed, write_json
-from dinocache.policy.metadata import read_policy_metadata
-from dinocache.policy.parity import ParityError, check_parity, open_run_store, verification_frames
-from dinocache.policy.provenance import check_weights
-from dinocache.policy.runtime import CompiledPolicyFallback, ObservationError, load_policy
-from dinocache.policy.train import TrainConfig, train
+from dinocache.policy.deployment import compiled
+from dinocache.policy.deployment import export as export_module
+from dinocache.policy.deployment.bench import bench_policy
+from dinocache.policy.deployment.compiled import can_package
+from dinocache.policy.deployment.export import export_policy
+from dinocache.policy.deployment.fused import FusedPolicy, build_fused_policy
+from dinocache.policy.deployment.metadata import read_policy_metadata
+from dinocache.policy.deployment.parity import ParityError, check_parity, open_run_store, verification_frames
+from dinocache.policy.deployment.runtime import CompiledPolicyFallback, ObservationError, load_policy
+from dinocache.policy.model.integrity import file_record, read_json, sealed, write_json
+from dinocache.policy.model.provenance import check_weights
+from dinocache.policy.training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_encoders_weights import _official_dinov2, _timm_model  # noqa: E402

@@ -29,14 +29,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dinocache.cli import main
+from dinocache.datasets import open_dataset
 from dinocache.encoders.backbone import create_backbone
 from dinocache.errors import BackboneError, DatasetError, DinocacheError
 from dinocache.pipeline.extract import extract
 from dinocache.pipeline.store import FeatureStore
-from dinocache.datasets import open_dataset
-from dinocache.policy.export import export_policy
-from dinocache.policy.runtime import PolicyError, load_policy
-from dinocache.policy.train import TrainConfig, train
+from dinocache.policy.deployment.export import export_policy
+from dinocache.policy.deployment.runtime import PolicyError, load_policy
+from dinocache.policy.training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _datasets import (V30_EPISODES, edit_episode_table, edit_hdf5, edit_json, make, reencode, truncate,  # noqa: E402
@@ -740,7 +740,7 @@ def test_a_full_disk_or_read_only_folder_is_one_line_in_every_command(unwritable
 
 def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint_and_resumes(two_stores, tmp_path: Path,
                                                                                  monkeypatch):
-    import dinocache.policy.checkpoint as checkpoint
+    import dinocache.policy.training.checkpointing as checkpoint
 
     run, saved = tmp_path / "run", []
     real = checkpoint.save_file

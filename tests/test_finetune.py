@@ -22,14 +22,14 @@ from dinocache.datasets.synthetic import write_synthetic_dataset
 from dinocache.encoders.backbone import create_backbone
 from dinocache.errors import BackboneError, DinocacheError
 from dinocache.pipeline.extract import ExtractConfig, extract
-from dinocache.policy.checkpoint import load_head
-from dinocache.policy.export import export_policy
-from dinocache.policy.finetune import finetune
-from dinocache.policy.frames import DecodedFrames
-from dinocache.policy.fused import camera_features
-from dinocache.policy.trainable import BackboneTraining, TrainableBackbone, load_trained_backbone
-from dinocache.policy.runtime import load_policy
-from dinocache.policy.train import TrainConfig, train
+from dinocache.policy.deployment.export import export_policy
+from dinocache.policy.deployment.runtime import load_policy
+from dinocache.policy.model.checkpoint import load_head
+from dinocache.policy.model.features import camera_features
+from dinocache.policy.model.trainable import BackboneTraining, TrainableBackbone, load_trained_backbone
+from dinocache.policy.training.finetune import finetune
+from dinocache.policy.training.frames import DecodedFrames
+from dinocache.policy.training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _devices import needs_cuda  # noqa: E402
@@ -169,9 +169,9 @@ def test_memory_options_freeze_blocks_decay_rates_and_checkpoint_activations():
     trained = {name for name, p in encoder.model.named_parameters() if p.requires_grad}
     assert trained == {n for n in dict(encoder.model.named_parameters()) if n.startswith(("blocks.10.", "blocks.11.",
                                                                                           "norm."))}
-    from dinocache.policy.act import ACTHead
-    from dinocache.policy.config import ACTConfig, ACTInputs
-    from dinocache.policy.online import OnlineACT
+    from dinocache.policy.model.act import ACTHead
+    from dinocache.policy.model.config import ACTConfig, ACTInputs
+    from dinocache.policy.training.online import OnlineACT
 
     inputs = ACTInputs(cameras=[("top", 384, 2, 2)], state_dim=2, action_dim=2)
     head = ACTHead(ACTConfig(**TINY, n_action_steps=4), inputs)

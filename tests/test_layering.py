@@ -107,3 +107,49 @@ def test_datasets_import_no_torch(package):
         for reached in {module} | _reaches(graph, module):
             torch = {m for m in _imports(paths[reached], reached) if m.split(".")[0] in ("torch", "timm")}
             assert not torch, f"{module} imports torch through {reached}: {sorted(torch)}"
+
+
+#: The ACT model (what training and serving both use), stage two and stage three: each stage builds on
+#: the model and the layers below it, never on a sibling stage; the model on neither stage.
+POLICY_MODEL, STAGE_TWO, STAGE_THREE = "dinocache.policy.model", "dinocache.policy.training", "dinocache.policy.deployment"
+FORBIDDEN = {
+    POLICY_MODEL: (STAGE_TWO, STAGE_THREE),
+    STAGE_TWO: (STAGE_THREE,),
+    STAGE_THREE: (STAGE_TWO,),
+    # the layers below the policy know nothing of it
+    "dinocache.datasets": ("dinocache.policy", "dinocache.pipeline", "dinocache.encoders"),
+    "dinocache.encoders": ("dinocache.policy", "dinocache.pipeline"),
+    "dinocache.pipeline": ("dinocache.policy",),
+}
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(f"{package}.")
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_layer_never_reaches_a_sibling_or_a_layer_above(package):
+    """Direct imports and what they reach in turn: a stage importing a shared module that imports the
+    other stage is as much a breach as importing it itself."""
+    graph = import_graph()
+    modules = [m for m in graph if _within(m, package)]
+    assert modules, f"no modules under {package}"
+    breaches = []
+    for module in modules:
+        for reached in {module} | _reaches(graph, module):
+            bad = [m for m in graph[reached] if any(_within(m, f) for f in FORBIDDEN[package])]
+            breaches += [f"{module} -> ... {reached} -> {m}" for m in bad]
+    assert not breaches, f"{package} reaches a layer it must not:\n" + "\n".join(sorted(set(breaches)))
+
+
+def test_every_policy_module_is_in_a_stage_or_the_model():
+    """A module dropped beside the three packages would be in no stage: the tree must say where it is."""
+    loose = [m for m in import_graph() if m.startswith("dinocache.policy.")
+             and not any(_within(m, p) for p in (POLICY_MODEL, STAGE_TWO, STAGE_THREE))]
+    assert not loose, f"policy modules outside model/training/deployment: {loose}"
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"modules over 500 lines (split them by job): {long}"

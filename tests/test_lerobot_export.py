@@ -31,11 +31,11 @@ from safetensors import safe_open  # noqa: E402
 import dinocache  # noqa: E402
 from dinocache.cli import main  # noqa: E402
 from dinocache.errors import DinocacheError  # noqa: E402
-from dinocache.policy.finetune import finetune  # noqa: E402
-from dinocache.policy.lerobot_export import export_lerobot  # noqa: E402
-from dinocache.policy.train import train  # noqa: E402
-from dinocache.policy.train_config import TrainConfig  # noqa: E402
-from dinocache.policy.trainable import BackboneTraining  # noqa: E402
+from dinocache.policy.deployment.lerobot_export import export_lerobot  # noqa: E402
+from dinocache.policy.model.trainable import BackboneTraining  # noqa: E402
+from dinocache.policy.training.finetune import finetune  # noqa: E402
+from dinocache.policy.training.train import train  # noqa: E402
+from dinocache.policy.training.train_config import TrainConfig  # noqa: E402
 
 #: The head trained here (the names of ``dinocache train``'s options, LeRobot's ACT names).
 HEAD = dict(chunk_size=5, n_action_steps=5, dim_model=32, n_heads=2, dim_feedforward=64, n_encoder_layers=1,

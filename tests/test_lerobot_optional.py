@@ -17,8 +17,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_dinocache_core_and_export_modules_do_not_import_lerobot():
     result = _run(
         "import json, sys\n"
-        "import dinocache.cli, dinocache.cli.export, dinocache.policy.export, dinocache.policy.lerobot_export\n"
-        "import dinocache.policy.runtime, dinocache.policy.train, dinocache.pipeline.extract\n"
+        "import dinocache.cli, dinocache.cli.export, dinocache.policy.deployment.export, dinocache.policy.deployment.lerobot_export\n"
+        "import dinocache.policy.deployment.runtime, dinocache.policy.training.train, dinocache.pipeline.extract\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('lerobot', 'lerobot_policy_dinocache'))))\n")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []

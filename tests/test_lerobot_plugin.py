@@ -31,7 +31,7 @@ from lerobot_policy_dinocache.configuration_dinocache import DinocacheConfig  # 
 from lerobot_policy_dinocache.modeling_dinocache import DinocachePolicy  # noqa: E402
 
 from dinocache.errors import DinocacheError  # noqa: E402
-from dinocache.policy.config import ACTConfig  # noqa: E402
+from dinocache.policy.model.config import ACTConfig  # noqa: E402
 from _lerobot import BIN, CAMERA, TINY, write_dataset, write_store  # noqa: E402
 
 @pytest.fixture(scope="module")

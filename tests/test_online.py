@@ -1,4 +1,4 @@
-"""The online baseline (`dinocache.policy.online`): same loss as the cache, ACT's ResNet18 recipe, it learns."""
+"""The online baseline (`dinocache.policy.training.online`): same loss as the cache, ACT's ResNet18 recipe, it learns."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dinocache.encoders.backbone import create_backbone
 from dinocache.errors import BackboneError
-from dinocache.policy.act import ACTHead
-from dinocache.policy.config import ACTConfig, ACTInputs
 from dinocache.keys import camera_key
-from dinocache.policy.online import OnlineACT, TrainableBackbone, build_online_act
+from dinocache.policy.model.act import ACTHead
+from dinocache.policy.model.config import ACTConfig, ACTInputs
+from dinocache.policy.training.online import OnlineACT, TrainableBackbone, build_online_act
 
 TINY = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=2, n_decoder_layers=1,
             n_vae_encoder_layers=1, latent_dim=8, chunk_size=5, n_action_steps=5, dropout=0.0, optimizer_lr=1e-3,
@@ -39,11 +39,12 @@ def random_batch(batch_size: int, size: tuple[int, int], cameras=("top",), state
 
 def test_training_on_the_cache_equals_running_the_backbone_online(tmp_path: Path):
     """Same batch, same seed: the loss from cached features equals the loss from decoded frames + backbone."""
-    from dinocache.pipeline.extract import ExtractConfig, extract
     from dinocache.datasets import open_dataset
     from dinocache.datasets.synthetic import write_synthetic_dataset
-    from dinocache.policy.data import CachedFeatures, open_training_store
-    from dinocache.policy.train import resolve_act_config
+    from dinocache.pipeline.extract import ExtractConfig, extract
+    from dinocache.policy.training.data import CachedFeatures
+    from dinocache.policy.training.episodes import open_training_store
+    from dinocache.policy.training.run import resolve_act_config
 
     dataset = write_synthetic_dataset(tmp_path / "data", num_episodes=2, episode_length=[9, 11], image_size=(48, 64),
                                       cameras=("top",), seed=0)
@@ -191,8 +192,8 @@ def test_act_resnet18_trains_online_exports_and_serves_select_action(tmp_path: P
 
     from dinocache.cli import main
     from dinocache.datasets.synthetic import write_synthetic_dataset
-    from dinocache.policy.export import export_policy
-    from dinocache.policy.runtime import load_policy
+    from dinocache.policy.deployment.export import export_policy
+    from dinocache.policy.deployment.runtime import load_policy
 
     dataset = write_synthetic_dataset(tmp_path / "data", num_episodes=2, episode_length=8, image_size=(48, 64),
                                       cameras=("top",), seed=0)

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from dinocache.policy.act import ACTHead, create_sinusoidal_pos_embedding, sinusoidal_position_embedding_2d
-from dinocache.policy.config import ACTConfig, ACTInputs
+from dinocache.policy.model.act import ACTHead
+from dinocache.policy.model.config import ACTConfig, ACTInputs
+from dinocache.policy.model.transformer import create_sinusoidal_pos_embedding, sinusoidal_position_embedding_2d
 
 CHUNK = 6
 STATE_DIM = 5

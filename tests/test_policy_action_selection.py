@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinocache.policy.action_selection import ActionQueue, TemporalEnsembler, make_action_selector
-from dinocache.policy.config import ACTConfig
+from dinocache.policy.model.action_selection import ActionQueue, TemporalEnsembler, make_action_selector
+from dinocache.policy.model.config import ACTConfig
 
 
 class CountingModel:
@@ -116,7 +116,7 @@ def row_wise_predict(images: list[torch.Tensor], state: torch.Tensor, env: torch
 def test_select_actions_keeps_each_environment_apart(selection):
     """Batched environments that start, stop and reset at different steps get the actions each would
     get alone: one model call per step, one queue / ensemble per environment."""
-    from dinocache.policy.runtime import PolicyRuntime
+    from dinocache.policy.deployment.runtime import PolicyRuntime
 
     camera = "observation.images.top"
     metadata = {"cameras": [camera], "image_size": {camera: (4, 6)}, "state_dim": 2,

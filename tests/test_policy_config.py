@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dinocache.policy.config import ACTConfig, ACTInputs
+from dinocache.policy.model.config import ACTConfig, ACTInputs
 
 LEROBOT_DEFAULTS = {
     "n_obs_steps": 1,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinocache.policy.normalize import Normalizer
+from dinocache.policy.model.normalize import Normalizer
 
 STATS = {
     "observation.state": {

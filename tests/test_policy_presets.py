@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dinocache.errors import DinocacheError
-from dinocache.policy.config import ACTConfig
-from dinocache.policy.presets import (
+from dinocache.policy.model.config import ACTConfig
+from dinocache.policy.model.presets import (
     DEFAULT_PRESET,
     PRESETS,
     Preset,

@@ -19,8 +19,8 @@ import av  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from dinocache.cli import main  # noqa: E402
-from dinocache.errors import DinocacheError  # noqa: E402
 from dinocache.datasets import open_dataset  # noqa: E402
+from dinocache.errors import DinocacheError  # noqa: E402
 from dinocache.sim.demos import DEMOS_RECORD, generate_demos, recorded_demo_seeds  # noqa: E402
 from dinocache.sim.env import EPISODE_STEPS, JOINT_NAMES, cube_pose, demo_seeds, eval_seeds  # noqa: E402
 from dinocache.sim.evaluate import RESULTS_FILE, evaluate, run_episodes, wilson_interval  # noqa: E402
@@ -171,8 +171,8 @@ def test_env_pool_results_are_taken_in_any_order_and_a_busy_slot_is_refused():
 @pytest.mark.parametrize("device", DEVICES)
 def test_demos_extract_train_export_eval(demos: Path, tmp_path: Path, device: str):
     from dinocache.pipeline.extract import ExtractConfig, extract
-    from dinocache.policy.export import export_policy
-    from dinocache.policy.train import TrainConfig, train
+    from dinocache.policy.deployment.export import export_policy
+    from dinocache.policy.training.train import TrainConfig, train
 
     store = tmp_path / "features.zarr"
     extract(ExtractConfig(dataset=demos, out=store, backbone="dinov2_vits14_reg", weights="random",

@@ -19,14 +19,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dinocache.errors import DinocacheError, StoreError
-from dinocache.policy.act import ACTHead, act_optimizer
-from dinocache.policy.checkpoint import load_head
-from dinocache.policy.config import ACTConfig
-from dinocache.policy.data import CachedFeatures, episode_rows, open_training_store
 from dinocache.cli import main
 from dinocache.cli.train import train as train_command
-from dinocache.policy.train import GRAPH_WARMUP, TrainConfig, TrainStep, resolve_act_config, train
+from dinocache.errors import DinocacheError, StoreError
+from dinocache.policy.model.act import ACTHead, act_optimizer
+from dinocache.policy.model.checkpoint import load_head
+from dinocache.policy.model.config import ACTConfig
+from dinocache.policy.training.data import CachedFeatures
+from dinocache.policy.training.episodes import episode_rows, open_training_store
+from dinocache.policy.training.run import resolve_act_config
+from dinocache.policy.training.step import GRAPH_WARMUP, TrainStep
+from dinocache.policy.training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_data import make_store  # noqa: E402
@@ -196,8 +199,9 @@ def test_the_loop_reads_the_device_only_when_it_writes_a_record(learnable: Path,
     """Between records the host only queues work: while a batch is gathered and a step runs, no tensor
     is read back (``item``, ``tolist``, ``bool``, ``float``, ``int``, ``numpy``, ``cpu``), and on CUDA no
     operation synchronises (``torch.cuda.set_sync_debug_mode("error")``). Reads happen once per record."""
-    from dinocache.policy import data as data_module
-    from dinocache.policy import train as train_module
+    from dinocache.policy.training import batches as batches_module
+    from dinocache.policy.training import data as data_module
+    from dinocache.policy.training import step as step_module
 
     reads: list[str] = []
     inside = [False]
@@ -226,8 +230,8 @@ def test_the_loop_reads_the_device_only_when_it_writes_a_record(learnable: Path,
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
-    monkeypatch.setattr(train_module.TrainStep, "__call__", guarded(train_module.TrainStep.__call__))
-    for batches in (data_module.ResidentBatches, data_module.HostBatches):
+    monkeypatch.setattr(step_module.TrainStep, "__call__", guarded(step_module.TrainStep.__call__))
+    for batches in (data_module.ResidentBatches, batches_module.HostBatches):
         monkeypatch.setattr(batches, "__next__", guarded(batches.__next__))
     train(TrainConfig(store=learnable, out=tmp_path / "run", steps=6, batch_size=8, act=TINY, val_episodes="none",
                       log_every=3, save_every=6, device=device, progress=False))
@@ -415,13 +419,13 @@ def test_a_replayed_step_runs_eagerly_then_is_captured_once_and_replayed(monkeyp
     ``eager_after``), then ``before_capture`` once and one capture of ``fn`` (without ``eager_after``),
     then replays that run no Python of ``fn``; a capture that fails names --no-cuda-graph in one line."""
     from dinocache.errors import TrainingError
-    from dinocache.policy import train as train_module
+    from dinocache.policy.training.step import Replayed
 
     events: list[str] = []
     fake = _FakeCudaGraphs(events, fail_capture)
     for name in ("CUDAGraph", "graph", "Stream", "current_stream", "stream"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
-    step = train_module._Replayed(lambda: events.append("fn captured" if fake.capturing else "fn"), graph=True,
+    step = Replayed(lambda: events.append("fn captured" if fake.capturing else "fn"), graph=True,
                                   eager_after=lambda: events.append("eager_after"),
                                   before_capture=lambda: events.append("before_capture"))
     for _ in range(GRAPH_WARMUP):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from dinocache.devices import parse_memory_budget
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.pipeline.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, StoreLayout, StoreRecord, create_or_open
-from dinocache.policy.config import ACTION, ACTION_IS_PAD, OBS_STATE
-from dinocache.policy.data import (
-    CachedFeatures, SampleOrder, action_windows, episode_rows, open_training_store, parse_memory_budget,
-    split_episodes,
-)
+from dinocache.policy.model.config import ACTION, ACTION_IS_PAD, OBS_STATE
+from dinocache.policy.training.data import CachedFeatures
+from dinocache.policy.training.episodes import action_windows, episode_rows, open_training_store, split_episodes
+from dinocache.policy.training.sampling import SampleOrder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _devices import DEVICES, needs_cuda  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dinocache.policy.formats import COMPUTE_DTYPES, FORMATS, LEROBOT_FORMAT
+from dinocache.policy.deployment.formats import COMPUTE_DTYPES, FORMATS, LEROBOT_FORMAT
 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -55,13 +55,13 @@ def export(run: Path, out: Path, fmt: str | None, checkpoint: str, dtype: str, d
     """
     import warnings
 
-    from dinocache.policy.compiled import CompiledPolicyFallback
-    from dinocache.policy.export import export_policy
+    from dinocache.policy.deployment.compiled import CompiledPolicyFallback
+    from dinocache.policy.deployment.export import export_policy
 
     fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")  # a mismatching suffix is refused below
     if fmt == LEROBOT_FORMAT:
         from dinocache.errors import DinocacheError
-        from dinocache.policy.lerobot_export import export_lerobot
+        from dinocache.policy.deployment.lerobot_export import export_lerobot
 
         if dtype != "float32" or compile_:
             raise DinocacheError("--format lerobot writes the float32 policy LeRobot runs (its --policy.device and "
@@ -95,7 +95,7 @@ def bench_policy(policy: Path, device: str, steps: int, warmup: int, threads: in
     """
     import torch
 
-    from dinocache.policy.bench import bench_policy as run_bench
+    from dinocache.policy.deployment.bench import bench_policy as run_bench
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from dinocache.policy.tracking import TRACKERS
-from dinocache.policy.train_config import TrainConfig
+from dinocache.policy.training.tracking import TRACKERS
+from dinocache.policy.training.train_config import TrainConfig
 
 
 def backbone_options(lr: bool = True) -> Callable[[click.Command], click.Command]:
@@ -45,7 +45,7 @@ def backbone_options(lr: bool = True) -> Callable[[click.Command], click.Command
 def backbone_training(backbone_lr: float | None, unfreeze_last: int | None, layer_decay: float | None,
                       gradient_checkpointing: bool) -> Any:
     """The ``BackboneTraining`` of these options (imported on use: ``--help`` imports no torch)."""
-    from dinocache.policy.finetune import BackboneTraining
+    from dinocache.policy.training.finetune import BackboneTraining
 
     return BackboneTraining(backbone_lr, unfreeze_last, layer_decay, gradient_checkpointing)
 
@@ -87,7 +87,7 @@ def finetune(run: Path, out: Path, steps: int, checkpoint: str, batch_size: int 
       dinocache finetune runs/act1 --out runs/act1-ft --unfreeze-last 4 --layer-decay 0.75 --gradient-checkpointing
       dinocache finetune runs/act1 --out runs/act1-ft --resume --steps 10000
     """
-    from dinocache.policy.finetune import finetune as run_finetune
+    from dinocache.policy.training.finetune import finetune as run_finetune
 
     ctx = click.get_current_context()
     given = frozenset(name for name in ctx.params

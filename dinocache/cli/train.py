@@ -14,10 +14,10 @@ from typing import Any, get_args, get_type_hints
 import click
 
 from dinocache.cli.finetune import backbone_options, backbone_training
-from dinocache.policy.config import FEEDFORWARD_ACTIVATIONS, ACTConfig
-from dinocache.policy.presets import PRESETS
-from dinocache.policy.tracking import TRACKERS
-from dinocache.policy.train_config import TrainConfig
+from dinocache.policy.model.config import FEEDFORWARD_ACTIVATIONS, ACTConfig
+from dinocache.policy.model.presets import PRESETS
+from dinocache.policy.training.tracking import TRACKERS
+from dinocache.policy.training.train_config import TrainConfig
 
 _ACT_FIELDS = frozenset(f.name for f in dataclasses.fields(ACTConfig))
 
@@ -122,7 +122,7 @@ def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: in
       torchrun --nproc_per_node 4 -m dinocache.cli train features.zarr --out runs/act1
       dinocache train --online --backbone resnet18 DATASET --out runs/act-resnet   # ACT's own recipe
     """
-    from dinocache.policy.train import train as run_training
+    from dinocache.policy.training.train import train as run_training
 
     ctx = click.get_current_context()
     given = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
@@ -134,7 +134,7 @@ def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: in
                       progress=not no_progress, given=given, log_to=log_to)
     if online:
         from dinocache.datasets.hub import resolve_dataset
-        from dinocache.policy.finetune import train_online
+        from dinocache.policy.training.finetune import train_online
 
         training = backbone_training(None, unfreeze_last, layer_decay, gradient_checkpointing)
         cfg = dataclasses.replace(cfg, store=resolve_dataset(store))  # a Hub id becomes its local folder

@@ -2,7 +2,7 @@
 
 :class:`BackboneRecord` is what :meth:`FrozenBackbone.record` produces, what a feature store keeps
 (split into its ``backbone`` / ``weights`` / ``weights_path`` / ``preprocess`` attributes by
-:mod:`dinocache.pipeline.store`) and what :func:`dinocache.policy.provenance.rebuild_backbone`
+:mod:`dinocache.pipeline.store`) and what :func:`dinocache.policy.model.provenance.rebuild_backbone`
 consumes. It is plain data (no torch) so that reading a store or a run folder stays cheap.
 
 ``from_dict`` is tolerant in one direction only: fields a record written by an older dinocache lacks

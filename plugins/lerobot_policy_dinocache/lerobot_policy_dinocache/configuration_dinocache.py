@@ -3,7 +3,7 @@
 LeRobot's own ``ACTConfig`` refuses every ``vision_backbone`` that does not start with ``resnet``;
 this one takes every name ``dinocache backbones`` lists (``dinov3_vitb16``, ``dinov2_vits14_reg``,
 ``resnet18``, ``timm:<model>``). The ACT fields are not restated here: the class inherits them,
-with their LeRobot names and defaults, from :class:`dinocache.policy.config.ACTConfig`, the one
+with their LeRobot names and defaults, from :class:`dinocache.policy.model.config.ACTConfig`, the one
 definition the cached head, ``dinocache train`` and the exported policy also use. What is added
 is what LeRobot's ACT config has beside them (``vision_backbone``, ``pretrained_backbone_weights``,
 the normalisation mapping) and what dinocache adds (``freeze_backbone``, ``image_size``,
@@ -24,8 +24,8 @@ from dinocache.encoders.image_size import parse_image_size
 from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.encoders.preprocess import PreprocessConfig
 from dinocache.errors import DinocacheError
-from dinocache.policy.config import ACTConfig
-from dinocache.policy.presets import DEFAULT_PRESET, get_preset
+from dinocache.policy.model.config import ACTConfig
+from dinocache.policy.model.presets import DEFAULT_PRESET, get_preset
 from lerobot.configs import NormalizationMode, PreTrainedConfig
 from lerobot.optim import AdamWConfig
 from lerobot.utils.constants import OBS_STATE
@@ -43,7 +43,7 @@ _ACT_DEFAULTS = ACTConfig()
 class DinocacheConfig(PreTrainedConfig, ACTConfig):
     """ACT on a dinocache backbone, trained in LeRobot's loop (``lerobot-train --policy.type=dinocache``).
 
-    Every :class:`dinocache.policy.config.ACTConfig` field is a field here (``chunk_size``,
+    Every :class:`dinocache.policy.model.config.ACTConfig` field is a field here (``chunk_size``,
     ``n_action_steps``, ``dim_model``, ``n_heads``, ``kl_weight``, ``optimizer_lr``,
     ``optimizer_lr_backbone``, ``temporal_ensemble_coeff``, ``use_cls_token``, ...). Besides them:
 

@@ -3,7 +3,7 @@
 With ``feature_cache`` set the frozen backbone is not run in training: LeRobot's dataloader still
 yields its batches (state, action chunk, ``action_is_pad``, ``index``), and each frame's patch grid
 (and CLS) is read from the store ``dinocache extract`` made of the same dataset, through
-:class:`dinocache.policy.data.CachedFeatures` (held in memory when it fits, else read by chunk),
+:class:`dinocache.policy.training.data.CachedFeatures` (held in memory when it fits, else read by chunk),
 the reader ``dinocache train`` uses.
 
 The store must be the one these features would have been computed from, or the head learns on
@@ -29,14 +29,15 @@ from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.encoders.record import BackboneRecord
 from dinocache.errors import DatasetError, StoreError
 from dinocache.pipeline.store import FeatureStore
-from dinocache.policy.config import ACTInputs
-from dinocache.policy.data import CachedFeatures, open_training_store
-from dinocache.policy.parity import feature_error
+from dinocache.policy.deployment.parity import feature_error
+from dinocache.policy.model.config import ACTInputs
+from dinocache.policy.training.data import CachedFeatures
+from dinocache.policy.training.episodes import open_training_store
 
 __all__ = ["FeatureCache", "backbone_differences", "WEIGHTS_SAFETY"]
 
 #: A backbone passes when its features of the store's kept frames are within this many times the store's
-#: expected rounding error of the cached ones (:func:`~dinocache.policy.parity.feature_error`).
+#: expected rounding error of the cached ones (:func:`~dinocache.policy.deployment.parity.feature_error`).
 WEIGHTS_SAFETY = 10.0
 
 
@@ -46,7 +47,7 @@ def backbone_differences(store: FeatureStore, encoder: FrozenBackbone) -> list[s
     Compared: the registry name, the fields that fix the model (:attr:`BackboneRecord.MODEL_FIELDS`)
     and the preprocessing (image size, crop, mean/std...); then, when those agree, the weights, by
     what they compute: ``encoder`` is run on the raw frames the store keeps and must give their
-    cached features within the store's rounding (:func:`~dinocache.policy.parity.feature_error`,
+    cached features within the store's rounding (:func:`~dinocache.policy.deployment.parity.feature_error`,
     times :data:`WEIGHTS_SAFETY`). Other weights differ by about 100 %. (The recorded tensor hash
     cannot be compared after a policy is loaded from a pretrained folder: the hash is of the weights
     as loaded, before a ViT's position table is resized to the image size, and the folder holds the

@@ -1,11 +1,11 @@
 """``DinocachePolicy``: dinocache's ACT, in LeRobot's policy interface.
 
 The network is not written again here. The policy holds dinocache's
-:class:`~dinocache.policy.online.OnlineACT`: the very :class:`~dinocache.policy.act.ACTHead` that
+:class:`~dinocache.policy.training.online.OnlineACT`: the very :class:`~dinocache.policy.model.act.ACTHead` that
 ``dinocache train`` trains on cached features, behind the registered backbone, frozen
 (:class:`~dinocache.encoders.FrozenBackbone`, with the one preprocessing module extraction and the
-exported policy run) or trained (:class:`~dinocache.policy.trainable.TrainableBackbone`). Action
-selection is dinocache's :mod:`~dinocache.policy.action_selection` (LeRobot's queue and temporal
+exported policy run) or trained (:class:`~dinocache.policy.model.trainable.TrainableBackbone`). Action
+selection is dinocache's :mod:`~dinocache.policy.model.action_selection` (LeRobot's queue and temporal
 ensembling semantics). What this module adds is the translation between LeRobot's batches and the
 head's:
 
@@ -28,8 +28,8 @@ from torch import Tensor
 
 from dinocache.errors import DinocacheError
 from dinocache.keys import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_STATE, camera_key, short_name
-from dinocache.policy.action_selection import make_action_selector
-from dinocache.policy.online import OnlineACT, build_online_act
+from dinocache.policy.model.action_selection import make_action_selector
+from dinocache.policy.training.online import OnlineACT, build_online_act
 from lerobot.policies.pretrained import PreTrainedPolicy
 
 from .configuration_dinocache import POLICY_TYPE, DinocacheConfig

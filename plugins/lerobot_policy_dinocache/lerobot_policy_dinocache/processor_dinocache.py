@@ -7,9 +7,9 @@ from LeRobot's ACT, both to compute what dinocache computes:
 
 * images are not normalised (``VISUAL: IDENTITY`` in the config): the backbone's own preprocessing
   resizes and normalises them, as at extraction and in the exported policy;
-* a state or action dimension whose std is below :data:`~dinocache.policy.normalize.DEFAULT_STD_EPS`
+* a state or action dimension whose std is below :data:`~dinocache.policy.model.normalize.DEFAULT_STD_EPS`
   (a joint that never moved in the demonstrations) is only centred (std taken as 1), as dinocache's
-  :class:`~dinocache.policy.normalize.Normalizer` does, instead of being divided by ``std + 1e-8``.
+  :class:`~dinocache.policy.model.normalize.Normalizer` does, instead of being divided by ``std + 1e-8``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dinocache.policy.normalize import DEFAULT_STD_EPS
+from dinocache.policy.model.normalize import DEFAULT_STD_EPS
 from lerobot.configs import NormalizationMode
 from lerobot.processor import PolicyAction, PolicyProcessorPipeline, make_default_pre_post_processors
 

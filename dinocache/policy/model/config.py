@@ -61,7 +61,7 @@ class ACTConfig:
     LeRobot's defaults are tuned for the bimanual ALOHA tasks (ResNet18 features, 50 Hz control).
     Vision-backbone fields are absent (the backbone is frozen and was run when the store was built,
     so the head only sees its cached patch grids), except ``optimizer_lr_backbone``, which only the
-    online baseline of :mod:`dinocache.policy.online` uses when it fine-tunes ACT's ResNet18.
+    online baseline of :mod:`dinocache.policy.training.online` uses when it fine-tunes ACT's ResNet18.
 
     Each field's help is written in its declaration (``metadata["help"]``); ``dinocache train``
     makes one option of every field from it.
@@ -102,7 +102,7 @@ class ACTConfig:
     kl_weight: float = _field(10.0, "Weight of the KL term: loss = l1 + kl_weight * kld.")
     optimizer_lr: float = _field(1e-5, "AdamW learning rate.")
     optimizer_lr_backbone: float = _field(1e-5, "AdamW learning rate of a vision backbone trained online (ACT's "
-                                                "ResNet18 in dinocache.policy.online); unused when training on "
+                                                "ResNet18 in dinocache.policy.training.online); unused when training on "
                                                 "cached features.")
     optimizer_weight_decay: float = _field(1e-4, "AdamW weight decay.")
     grad_clip_norm: float = _field(10.0, "Gradient-norm clip applied by the training loop (LeRobot's train default); "

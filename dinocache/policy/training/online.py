@@ -12,7 +12,7 @@ Two encoders:
 * :class:`~dinocache.encoders.FrozenBackbone` (DINOv2/v3 or any registered backbone), run without
   grad in eval mode on every step: how LeRobot trains an ACT whose vision backbone is a frozen DINO.
   Its grids are exactly the cached ones, so the loss is the cached loss.
-* :class:`~dinocache.policy.trainable.TrainableBackbone`: the same backbone, trained at its own
+* :class:`~dinocache.policy.model.trainable.TrainableBackbone`: the same backbone, trained at its own
   learning rate ``optimizer_lr_backbone``. For ACT's own backbone, torchvision's ImageNet ResNet18
   (timm ``resnet18.tv_in1k``) up to ``layer4``, every BatchNorm becomes ``FrozenBatchNorm2d``:
   LeRobot's ACT recipe, where every convolution trains (the original ACT code also froze ``conv1``
@@ -23,8 +23,8 @@ Two encoders:
 Either way a camera's grid ``(B, C, h, w)`` enters the head exactly like a cached grid (its 1x1
 input projection maps the ``C`` channels, 512 for ResNet18). Frames arrive as uint8 ``(B, H, W, 3)``
 under ``observation.images.<camera>`` (the head's camera names); state and actions already
-normalised, as :class:`~dinocache.policy.frames.DecodedFrames` provides them (the training loop of
-``dinocache train --online`` and ``dinocache finetune``, :mod:`dinocache.policy.finetune`).
+normalised, as :class:`~dinocache.policy.training.frames.DecodedFrames` provides them (the training loop of
+``dinocache train --online`` and ``dinocache finetune``, :mod:`dinocache.policy.training.finetune`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.encoders.preprocess import ImageSize
 from dinocache.keys import CAMERA_PREFIX, camera_key
-from dinocache.policy.act import ACTHead, act_optimizer
-from dinocache.policy.config import ACTConfig, ACTInputs
-from dinocache.policy.fused import camera_features
-from dinocache.policy.trainable import TrainableBackbone
+from dinocache.policy.model.act import ACTHead, act_optimizer
+from dinocache.policy.model.config import ACTConfig, ACTInputs
+from dinocache.policy.model.features import camera_features
+from dinocache.policy.model.trainable import TrainableBackbone
 
 __all__ = ["OnlineACT", "build_online_act"]
 
@@ -70,7 +70,7 @@ class OnlineACT(nn.Module):
 
     def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every camera's grid (and CLS, with ``use_cls_token``) under the head's batch keys, as in the
-        fused live policy (:func:`~dinocache.policy.fused.camera_features`)."""
+        fused live policy (:func:`~dinocache.policy.model.features.camera_features`)."""
         names = self.head.inputs.camera_names
         return camera_features(self.encoder, [batch[camera_key(name)] for name in names], names,
                                self.head.config.use_cls_token)
@@ -102,7 +102,7 @@ class OnlineACT(nn.Module):
         return groups
 
     def optimizer(self, layer_decay: float | None = None) -> torch.optim.AdamW:
-        """The cached training's AdamW (fused, :func:`~dinocache.policy.act.act_optimizer`) over
+        """The cached training's AdamW (fused, :func:`~dinocache.policy.model.act.act_optimizer`) over
         :meth:`parameter_groups`: the baseline gets the same optimiser kernels as the cache."""
         return act_optimizer(self.parameter_groups(layer_decay), self.head.config)
 

@@ -10,7 +10,7 @@ __all__ = ["FORMATS", "LEROBOT_FORMAT", "COMPUTE_DTYPES"]
 
 #: ``dinocache export --format``: a ``torch.export`` program (optionally with AOTInductor kernels), or ONNX.
 FORMATS = ("pt2", "onnx")
-#: ``dinocache export --format lerobot``: a LeRobot pretrained-model folder (:mod:`dinocache.policy.lerobot_export`).
+#: ``dinocache export --format lerobot``: a LeRobot pretrained-model folder (:mod:`dinocache.policy.deployment.lerobot_export`).
 LEROBOT_FORMAT = "lerobot"
 #: ``--dtype``: the fused policy's compute precision (autocast for the half precisions).
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")

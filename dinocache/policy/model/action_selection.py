@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from dinocache.policy.config import ACTConfig
+from dinocache.policy.model.config import ACTConfig
 
 __all__ = ["ActionSelector", "ActionQueue", "TemporalEnsembler", "make_action_selector"]
 

@@ -1,7 +1,7 @@
 """Training with the backbone in the step: ACT's own recipe online, and fine-tuning from a cached warm start.
 
-Two entry points, each a :class:`~dinocache.policy.train.RunKind` for the one training loop of
-:mod:`dinocache.policy.train` (same split, normalisation, metrics, checkpoints and exact resume as a
+Two entry points, each a :class:`~dinocache.policy.training.run.RunKind` for the one training loop of
+:mod:`dinocache.policy.training.train` (same split, normalisation, metrics, checkpoints and exact resume as a
 cached run; only the batches, frames instead of features, and the module that trains differ):
 
 * :func:`train_online` (``dinocache train --online --backbone resnet18 DATASET``): a fresh ACT head
@@ -13,7 +13,7 @@ cached run; only the batches, frames instead of features, and the module that tr
   wrecked by the gradients of a random head (linear probe, then fine-tune); the backbone starts from
   the store's weights (checked against their recorded hashes) and trains at its own learning rate,
   optionally only its last blocks, with gradient checkpointing and layer-wise learning-rate decay
-  (:class:`~dinocache.policy.trainable.BackboneTraining`).
+  (:class:`~dinocache.policy.model.trainable.BackboneTraining`).
 
 Every checkpoint holds the trained backbone beside the head (``backbone.safetensors``, with its own
 sha256 and the hashes of the base weights it started from); ``dinocache export`` fuses it.
@@ -29,24 +29,24 @@ from typing import Any
 from dinocache.datasets import open_dataset
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.encoders.image_size import parse_image_size
+from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.encoders.preprocess import ImageSize
 from dinocache.encoders.record import BackboneRecord
-from dinocache.encoders.lookup import get_backbone_spec
 from dinocache.errors import DinocacheError
 from dinocache.pipeline.store import SourceRecord, StoreRecord
-from dinocache.policy.act import ACTHead
-from dinocache.policy.checkpoint import RUN_FILE, PolicySpec, load_head, read_config, resolve_checkpoint
-from dinocache.policy.config import ACTConfig, ACTInputs
-from dinocache.policy.data import open_training_store
-from dinocache.policy.frames import DecodedFrames
-from dinocache.policy.integrity import read_json
-from dinocache.policy.online import OnlineACT
-from dinocache.policy.provenance import rebuild_backbone
-from dinocache.policy.train import (
-    Processes, RunKind, RunSetup, TrainConfig, TrainResult, refuse_resume_changes, resolve_act_config,
-    run_training,
-)
-from dinocache.policy.trainable import BackboneTraining
+from dinocache.policy.model.act import ACTHead
+from dinocache.policy.model.checkpoint import RUN_FILE, PolicySpec, load_head, read_config, resolve_checkpoint
+from dinocache.policy.model.config import ACTConfig, ACTInputs
+from dinocache.policy.model.integrity import read_json
+from dinocache.policy.model.provenance import rebuild_backbone
+from dinocache.policy.model.trainable import BackboneTraining
+from dinocache.policy.training.episodes import open_training_store
+from dinocache.policy.training.frames import DecodedFrames
+from dinocache.policy.training.loop import TrainResult
+from dinocache.policy.training.online import OnlineACT
+from dinocache.policy.training.processes import Processes
+from dinocache.policy.training.run import RunKind, RunSetup, refuse_resume_changes, resolve_act_config
+from dinocache.policy.training.train import TrainConfig, run_training
 
 __all__ = ["train_online", "finetune", "online_record"]
 
@@ -104,7 +104,7 @@ def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os
                  image_size: ImageSize | None = None, training: BackboneTraining = BackboneTraining()) -> TrainResult:
     """Train a fresh ACT head with ``backbone`` trained in every step, on frames of the dataset ``cfg.store``.
 
-    ``cfg`` is :func:`~dinocache.policy.train.train`'s, ``cfg.store`` naming the dataset (a folder);
+    ``cfg`` is :func:`~dinocache.policy.training.train.train`'s, ``cfg.store`` naming the dataset (a folder);
     ``image_size`` defaults, for a convnet, to the (first) camera's native size, as ACT trains its
     ResNet18 (480x640 on ALOHA), and for a ViT to its registry size;
     ``cfg.resume`` continues the run in ``cfg.out`` exactly, as for cached runs (the base weights are

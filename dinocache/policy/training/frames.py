@@ -1,15 +1,15 @@
 """Training batches with camera frames instead of cached features: the online data path, in one place.
 
-Cached training reads feature grids (:class:`~dinocache.policy.data.CachedFeatures`). Training with
+Cached training reads feature grids (:class:`~dinocache.policy.training.data.CachedFeatures`). Training with
 the backbone in the step (ACT's own recipe, ``dinocache train --online``) or fine-tuning it from a
 cached warm start (``dinocache finetune``) needs the frames themselves, decoded from the dataset.
 :class:`DecodedFrames` provides them with the very interface the training loop uses for cached
 features (``batch_buffers``, ``sample_order``, ``train_batches``, ``validation_batches``), and
-everything else identical: the same :class:`~dinocache.policy.normalize.Normalizer`, the same
-``action_windows``, the same :class:`~dinocache.policy.data.SampleOrder`, so the same rows in the
+everything else identical: the same :class:`~dinocache.policy.model.normalize.Normalizer`, the same
+``action_windows``, the same :class:`~dinocache.policy.training.sampling.SampleOrder`, so the same rows in the
 same order as a cached run with the same seed.
 
-Decoding runs ahead of the step: a background thread (:class:`~dinocache.policy.data.BatchStream`)
+Decoding runs ahead of the step: a background thread (:class:`~dinocache.policy.training.batches.BatchStream`)
 assembles the next batches while the step computes, and the episodes a batch needs are decoded in
 parallel by a thread pool (PyAV and the image decoders release the GIL). A decoded episode is kept
 in an LRU cache while it fits ``cache_bytes``, so a dataset that fits in RAM is decoded once; one
@@ -29,13 +29,15 @@ import torch
 from dinocache.datasets import open_dataset
 from dinocache.datasets.base import DatasetSource
 from dinocache.datasets.rows import DECODE_THREADS, EpisodeFrames
+from dinocache.devices import available_memory
 from dinocache.errors import DatasetError
 from dinocache.keys import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_STATE, camera_key, short_name
 from dinocache.pipeline.store import FeatureStore, lowdim_stats
-from dinocache.policy.data import (
-    Batch, BatchStream, CachedFeatures, HostBatches, SampleOrder, action_windows, available_memory,
-)
-from dinocache.policy.normalize import Normalizer
+from dinocache.policy.model.normalize import Normalizer
+from dinocache.policy.training.batches import Batch, BatchStream, HostBatches
+from dinocache.policy.training.data import CachedFeatures
+from dinocache.policy.training.episodes import action_windows
+from dinocache.policy.training.sampling import SampleOrder
 
 __all__ = ["DecodedFrames"]
 
@@ -51,7 +53,7 @@ class DecodedFrames:
     Build it with :meth:`from_store` (the rows, statistics and cameras of a feature store, frames
     from the dataset it was extracted from) or :meth:`from_dataset` (a dataset alone, statistics
     computed exactly as extraction computes them). Attributes mirror
-    :class:`~dinocache.policy.data.CachedFeatures`: ``stats``, ``normalizer``, ``lowdim`` (normalised,
+    :class:`~dinocache.policy.training.data.CachedFeatures`: ``stats``, ``normalizer``, ``lowdim`` (normalised,
     indexed by row), ``episode_end``, ``episodes``, ``camera_keys`` (head camera -> dataset key),
     ``chunk_size``, ``raw`` (as recorded); ``in_memory`` is True (frames are sampled one by one, not by store chunk).
     """

@@ -39,8 +39,8 @@ __all__ = ["can_package", "compile_program", "write_package", "compiled_record",
            "CompiledPolicyFallback"]
 
 #: What the child of :func:`run_in_child` runs: load the package as a robot process does, answer the
-#: inputs, save the output (:func:`dinocache.policy.runtime.answer_in_child`).
-CHILD_PROGRAM = "from dinocache.policy.runtime import answer_in_child; answer_in_child()"
+#: inputs, save the output (:func:`dinocache.policy.deployment.runtime.answer_in_child`).
+CHILD_PROGRAM = "from dinocache.policy.deployment.runtime import answer_in_child; answer_in_child()"
 
 #: What the child writes to stderr as it gets through loading and the first query, so that a crash
 #: can be placed.

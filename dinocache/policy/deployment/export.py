@@ -3,14 +3,14 @@
 Order of work, each step able to stop the export before anything is written:
 
 1. rebuild the fused policy from the run's checkpoint and the store's recorded backbone provenance
-   (weights checked against the recorded hashes, :mod:`dinocache.policy.provenance`);
-2. check it against the cache (:mod:`dinocache.policy.parity`): the fused actions on raw frames must
+   (weights checked against the recorded hashes, :mod:`dinocache.policy.model.provenance`);
+2. check it against the cache (:mod:`dinocache.policy.deployment.parity`): the fused actions on raw frames must
    match the head's actions on the cached features within a tolerance set by the cache dtype;
 3. trace it: ``torch.export`` (a ``.pt2`` program, batch size dynamic) or torch's ONNX exporter;
 4. run the traced program (the ``.pt2`` module, or the ``.onnx`` file in onnxruntime) on the check's
    frames and compare with the eager policy;
-5. write the file under a temporary name with its metadata (:mod:`dinocache.policy.metadata`), which
-   holds the digest of the file's content and its own (:mod:`dinocache.policy.integrity`: every
+5. write the file under a temporary name with its metadata (:mod:`dinocache.policy.deployment.metadata`), which
+   holds the digest of the file's content and its own (:mod:`dinocache.policy.model.integrity`: every
    reader checks them), and rename it into place. A failed step leaves no file behind.
 """
 
@@ -36,15 +36,17 @@ from tqdm.auto import tqdm
 from dinocache.atomic import check_room, temporary_name
 from dinocache.devices import resolve_device
 from dinocache.errors import DinocacheError
-from dinocache.policy.checkpoint import LAST
-from dinocache.policy.compiled import (CompiledCrash, CompiledHang, CompiledPolicyFallback, can_package, checks_graph,
-                                       compile_program, compiled_record, run_in_child, write_package)
-from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
-from dinocache.policy.formats import FORMATS
-from dinocache.policy.fused import FusedPolicy, build_fused_policy, parse_dtype
-from dinocache.policy.integrity import CONTENT_KEY, archive_sha256, onnx_sha256, sealed
-from dinocache.policy.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
-from dinocache.policy.parity import ParityError, ParityReport, check_run, rounding_tolerance
+from dinocache.policy.deployment.compiled import (
+    CompiledCrash, CompiledHang, CompiledPolicyFallback, can_package, checks_graph, compile_program, compiled_record,
+    run_in_child, write_package,
+)
+from dinocache.policy.deployment.formats import FORMATS
+from dinocache.policy.deployment.fused import FusedPolicy, build_fused_policy, parse_dtype
+from dinocache.policy.deployment.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
+from dinocache.policy.deployment.parity import ParityError, ParityReport, check_run, rounding_tolerance
+from dinocache.policy.model.checkpoint import LAST
+from dinocache.policy.model.config import ACTION, OBS_ENV_STATE, OBS_STATE
+from dinocache.policy.model.integrity import CONTENT_KEY, archive_sha256, onnx_sha256, sealed
 
 __all__ = ["ExportResult", "export_policy", "FORMATS", "TRACE_TOLERANCE", "onnx_input_names"]
 
@@ -164,7 +166,7 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
     """Trace with ``torch.export``, check the program against ``eager``, save it with its metadata.
 
     With ``compile`` the program is also compiled by AOTInductor for the export device and both go
-    into one archive (:mod:`dinocache.policy.compiled`); the check then runs the compiled kernels
+    into one archive (:mod:`dinocache.policy.deployment.compiled`); the check then runs the compiled kernels
     loaded back from the written archive, i.e. what a robot process will run, in a child process.
     Kernels that crash that process cost the compiled form, not the export: the same traced program
     is then checked and written alone, and the metadata says why. The plain program too is checked
@@ -216,7 +218,7 @@ def _check_in_child(path: Path, inputs: tuple, device: torch.device, record: dic
 
     Capturing AOTInductor's kernels in a CUDA graph is a younger path than launching them one by one,
     so a crash under the graph is given one more try without it. If the kernels pass then, ``record``
-    says ``cuda_graph: False`` (and why), and :func:`~dinocache.policy.runtime.load_policy` runs them
+    says ``cuda_graph: False`` (and why), and :func:`~dinocache.policy.deployment.runtime.load_policy` runs them
     without a graph: fused kernels launched one by one still beat the program's eager launches.
     """
     graph = checks_graph(device)
@@ -403,7 +405,7 @@ def export_policy(run: str | os.PathLike, out: str | os.PathLike, format: str = 
         dtype: compute precision of backbone and head: float32, float16 or bfloat16 (autocast in a
             ``.pt2``; weights cast in ONNX, see :meth:`FusedPolicy.with_weights_in`).
         device: where to trace and check (cpu, cuda, cuda:1 ...); the program is specialised to it.
-        weights: backbone weights file (default: as recorded, see :func:`~dinocache.policy.provenance.default_weights`).
+        weights: backbone weights file (default: as recorded, see :func:`~dinocache.policy.model.provenance.default_weights`).
         dataset: the source dataset to take check frames from (default: the recorded path, else the
             frames the store keeps).
         store: the feature store the head was trained on (default: the recorded path).

@@ -1,11 +1,11 @@
 """A backbone that trains: ACT's fine-tuned ResNet18, or a DINO ViT fine-tuned from its cached warm start.
 
 :class:`TrainableBackbone` is what ``dinocache train --online`` and ``dinocache finetune`` train
-(:mod:`dinocache.policy.finetune`); :class:`BackboneTraining` records how (in ``run.json`` and every
+(:mod:`dinocache.policy.training.finetune`); :class:`BackboneTraining` records how (in ``run.json`` and every
 checkpoint, under ``backbone_training``); :func:`load_trained_backbone` rebuilds a checkpoint's
 trained backbone for export: the base weights rebuilt and checked against the hashes recorded when
 training started, made trainable the same way, then the saved tensors loaded (their own sha256
-checked, :func:`~dinocache.policy.checkpoint.load_backbone`).
+checked, :func:`~dinocache.policy.model.checkpoint.load_backbone`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.encoders.record import WeightsRecord
 from dinocache.errors import BackboneError, TrainingError
-from dinocache.policy.checkpoint import PolicySpec, load_backbone, resolve_checkpoint
-from dinocache.policy.provenance import rebuild_backbone
+from dinocache.policy.model.checkpoint import PolicySpec, load_backbone, resolve_checkpoint
+from dinocache.policy.model.provenance import rebuild_backbone
 
 __all__ = ["TrainableBackbone", "BackboneTraining", "load_trained_backbone"]
 
@@ -111,7 +111,7 @@ def load_trained_backbone(checkpoint: str | os.PathLike, spec: PolicySpec, weigh
     """The trained backbone of a checkpoint (or a run's ``last``) whose spec is ``spec``; its ``weights``
     record is the trained tensors' (``source`` ``finetuned``, their hashes, and the ``base`` weights').
 
-    ``weights`` and ``check`` are :func:`~dinocache.policy.provenance.rebuild_backbone`'s: base weights
+    ``weights`` and ``check`` are :func:`~dinocache.policy.model.provenance.rebuild_backbone`'s: base weights
     that are not the recorded ones are refused with both hashes before anything is loaded.
     """
     base = rebuild_backbone(spec.store_record.backbone, weights=weights, device=device, check=check)

@@ -1,11 +1,5 @@
 """Training data for the ACT head, read straight from a feature store: no video, no backbone.
 
-A training sample is one store row ``t``: every camera's cached patch grid (and CLS vector) at
-``t``, the normalised state at ``t``, and the normalised actions ``t .. t+chunk_size-1`` with
-``action_is_pad`` marking the steps that run past the end of ``t``'s episode (LeRobot's
-``delta_timestamps`` semantics; padded steps repeat the episode's last action and are masked out
-of the loss and of the CVAE encoder).
-
 Two ways to get features, chosen by the memory budget:
 
 * **In memory** (the usual case: 100k frames of ViT-S at 16x16 patches are 20 GB in float16). The
@@ -22,19 +16,15 @@ Two ways to get features, chosen by the memory budget:
 Either way a background thread assembles batches ahead of the training step, so the step only waits
 for data when loading is slower than computing; the training loop measures that wait.
 
-Sampling is a pure function of ``(seed, epoch, rank, world_size)``: the order of an epoch is drawn
-from ``numpy.random.default_rng((seed, epoch))``, and the whole state of the sampler is the number of
-samples one rank has consumed. A checkpoint stores that number, and a resumed run regenerates exactly
-the batches the uninterrupted run would have seen. Under DDP each rank takes its own disjoint share
-of every epoch (every ``world_size``-th frame, or window of chunks when streaming).
+What a sample is and which episodes train: :mod:`~dinocache.policy.training.episodes`; the order
+samples are drawn in: :mod:`~dinocache.policy.training.sampling`; how batches reach the step:
+:mod:`~dinocache.policy.training.batches`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -43,260 +33,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dinocache.devices import available_device_memory, available_memory
-from dinocache.errors import DinocacheError, StoreError
+from dinocache.devices import available_device_memory, parse_memory_budget
+from dinocache.errors import StoreError
 from dinocache.keys import short_name
-from dinocache.datasets.prefetch import Prefetcher
 from dinocache.pipeline.store import FeatureStore
-from dinocache.policy.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE, ACTInputs
-from dinocache.policy.normalize import Normalizer
+from dinocache.policy.model.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.policy.model.normalize import Normalizer
+from dinocache.policy.training.batches import Batch, BatchStream, DeviceBatches, HostBatches
+from dinocache.policy.training.episodes import action_windows
+from dinocache.policy.training.sampling import SampleOrder
 
-__all__ = [
-    "CachedFeatures", "Block", "SampleOrder", "BatchStream", "DeviceBatches", "ResidentBatches", "HostBatches",
-    "EpisodeSplit",
-    "open_training_store", "split_episodes", "episode_rows", "action_windows",
-    "parse_memory_budget", "available_memory", "available_device_memory", "DEFAULT_MEMORY_SHARE",
-]
-
-Batch = dict[str, Tensor]
-
-#: Share of MemAvailable the features may take by default: leaves room for the optimiser, the
-#: prefetched batches, other processes, and the page cache the store is read through.
-DEFAULT_MEMORY_SHARE = 0.5
+__all__ = ["CachedFeatures", "Block", "ResidentBatches", "DEFAULT_WINDOW_FRAMES"]
 
 #: Most frames a streaming shuffle window holds by default (its memory is also capped by the budget).
 DEFAULT_WINDOW_FRAMES = 8192
 
+
 #: Concurrent chunk reads when streaming.
 READ_THREADS = 4
-
-
-# --------------------------------------------------------------------------------------------------
-# The store, its episodes and the train/validation split
-# --------------------------------------------------------------------------------------------------
-
-
-def open_training_store(path: str | os.PathLike) -> FeatureStore:
-    """Open a feature store for training, refusing one whose extraction has not finished.
-
-    Unwritten frames read as NaN; training on them would produce a NaN loss many steps later (or,
-    worse, a head that learned on a silently partial dataset), so the check is done up front.
-    """
-    store = FeatureStore(path)
-    done = store.done_units()
-    if not done.all():
-        missing = np.flatnonzero(~done)
-        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
-        raise StoreError(
-            f"{store.path}: the feature store is incomplete: {len(missing)} of {len(done)} work units are not "
-            f"written (units {shown}). Finish it by re-running the same `dinocache extract` command "
-            f"(it resumes), then train."
-        )
-    for key in (OBS_STATE, ACTION):
-        if key not in store.lowdim_keys:
-            raise StoreError(f"{store.path}: the store has no {key!r} array; the ACT head needs state and action")
-    store.check_whole()
-    return store
-
-
-@dataclass(frozen=True)
-class EpisodeSplit:
-    """Store episode indices used for training and for validation (disjoint)."""
-
-    train: list[int]
-    val: list[int]
-
-
-def split_episodes(episode_indices: Sequence[int], val_episodes: str | float | Sequence[int] | None) -> EpisodeSplit:
-    """Split episodes (never frames) into train and validation.
-
-    ``val_episodes`` is a fraction (``0.1`` or ``"0.1"``: that share of the episodes, at least one
-    when there are two or more, spread evenly over the recording order so that drift over a
-    session is represented), a list of episode indices (``"3,17"`` or ``[3, 17]``), or
-    ``None`` / ``"none"`` / ``0.0`` for no validation. The split does not depend on ``--seed``, so
-    runs with different seeds are compared on the same validation episodes.
-
-    Frames of neighbouring time steps are nearly identical; validating on frames of episodes that
-    are also trained on would measure memorisation, not generalisation.
-    """
-    episodes = [int(e) for e in episode_indices]
-    if isinstance(val_episodes, str):
-        text = val_episodes.strip().lower()
-        if text in ("", "none"):
-            val_episodes = None
-        elif "." in text:
-            try:
-                val_episodes = float(text)
-            except ValueError:
-                raise DinocacheError(f"--val-episodes {val_episodes!r}: expected a fraction like 0.1, "
-                                     f"a comma list of episode indices like 3,17, or none") from None
-        else:
-            try:
-                val_episodes = [int(t) for t in text.split(",") if t.strip()]
-            except ValueError:
-                raise DinocacheError(f"--val-episodes {val_episodes!r}: expected a fraction like 0.1, "
-                                     f"a comma list of episode indices like 3,17, or none") from None
-    if val_episodes is None:
-        chosen: list[int] = []
-    elif isinstance(val_episodes, float):
-        if not 0.0 <= val_episodes < 1.0:
-            raise DinocacheError(f"--val-episodes {val_episodes}: a fraction must be in [0, 1)")
-        count = 0 if val_episodes == 0.0 or len(episodes) < 2 else max(1, round(val_episodes * len(episodes)))
-        positions = ((np.arange(count) + 0.5) * len(episodes) / max(count, 1)).astype(int)
-        chosen = [episodes[p] for p in positions]
-    else:
-        chosen = sorted({int(e) for e in val_episodes})
-        unknown = sorted(set(chosen) - set(episodes))
-        if unknown:
-            raise DinocacheError(f"--val-episodes: episode(s) {unknown} are not in the store "
-                                 f"(it has {len(episodes)} episodes, {min(episodes)}..{max(episodes)})")
-    val = set(chosen)
-    train = [e for e in episodes if e not in val]
-    if not train:
-        raise DinocacheError("--val-episodes leaves no episode to train on")
-    return EpisodeSplit(train=train, val=[e for e in episodes if e in val])
-
-
-def episode_rows(episodes: Sequence[tuple[int, int, int, str]], chosen: Sequence[int]) -> np.ndarray:
-    """Sorted store rows of every frame of the ``chosen`` episode indices."""
-    wanted = set(int(e) for e in chosen)
-    parts = [np.arange(start, start + length) for index, start, length, _ in episodes if index in wanted]
-    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
-
-
-def action_windows(rows: Tensor, episode_end: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Rows of the actions ``t .. t+chunk_size-1`` for each row ``t``, and where they are padding.
-
-    ``episode_end[t]`` is one past the last row of ``t``'s episode. Window positions at or past it are
-    padding: their row is clamped to the episode's last frame (so the gather never crosses into
-    the next episode) and ``is_pad`` is True. Returns ``(windows, is_pad)``, both ``(B, chunk_size)``.
-    """
-    windows = rows.unsqueeze(1) + torch.arange(chunk_size, dtype=rows.dtype, device=rows.device)
-    end = episode_end.index_select(0, rows).unsqueeze(1)
-    is_pad = windows >= end
-    return torch.minimum(windows, end - 1), is_pad
-
-
-# --------------------------------------------------------------------------------------------------
-# Memory budget
-# --------------------------------------------------------------------------------------------------
-
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def parse_memory_budget(value: str | int | None, processes_per_machine: int = 1,
-                        available: Callable[[], int] = available_memory, option: str = "--memory-budget") -> int:
-    """Bytes the cached features may occupy in this process's RAM (or, with ``available``, device memory).
-
-    ``value`` is bytes, a size (``"24GiB"``, ``"24G"``, ``"500MB"``), a share of the currently
-    available memory (``"50%"``, of what ``available()`` returns), or None for
-    :data:`DEFAULT_MEMORY_SHARE` of it. Shares are divided by ``processes_per_machine``: every DDP
-    rank on a machine holds its own copy (for device memory that is 1: one device per rank).
-    """
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    text = "" if value is None else str(value).strip().lower().replace(" ", "")
-    if text in ("", "auto"):
-        text = f"{DEFAULT_MEMORY_SHARE * 100:g}%"
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1]) / 100
-        except ValueError:
-            share = -1.0
-        if not 0 <= share <= 1:
-            raise DinocacheError(f"{option} {value!r}: a share must be between 0% and 100%")
-        return int(available() * share / max(processes_per_machine, 1))
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
-    if not match or match.group(2) not in _UNITS:
-        raise DinocacheError(f"{option} {value!r}: expected a size like 24GiB or 500MB, or a share like 50%")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling order
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SampleOrder:
-    """The order in which one rank visits the training frames: a pure function of the epoch.
-
-    Args:
-        rows: The training rows of the store (sorted).
-        seed: Seed of every epoch's permutation.
-        rank, world_size: This process's share of each epoch (disjoint across ranks).
-        chunk_frames: None to shuffle single frames (features in memory). Otherwise the store's chunk
-            size: each epoch permutes the chunks, cuts them into windows of ``window_chunks``, deals
-            the windows out to the ranks and shuffles the frames inside each window.
-        window_chunks: Chunks per streaming window.
-    """
-
-    rows: np.ndarray
-    seed: int
-    rank: int = 0
-    world_size: int = 1
-    chunk_frames: int | None = None
-    window_chunks: int = 1
-
-    def __post_init__(self) -> None:
-        if len(self.rows) == 0:
-            raise DinocacheError("no training frames to sample from")
-        if self.chunk_frames is None:
-            if len(self.rows) < self.world_size:
-                raise DinocacheError(f"{len(self.rows)} training frames cannot be shared by "
-                                     f"{self.world_size} processes")
-        elif self.num_windows < self.world_size:
-            raise DinocacheError(
-                f"{len(self.chunks)} training chunks make {self.num_windows} streaming windows, fewer than the "
-                f"{self.world_size} processes; lower the window size or the number of processes"
-            )
-
-    @property
-    def chunks(self) -> np.ndarray:
-        """Store chunks holding training frames (sorted)."""
-        return np.unique(self.rows // self.chunk_frames)
-
-    @property
-    def num_windows(self) -> int:
-        return math.ceil(len(self.chunks) / self.window_chunks)
-
-    def epoch(self, epoch: int) -> list[tuple[np.ndarray | None, np.ndarray]]:
-        """This rank's pieces of ``epoch``: ``(chunks to load or None, rows in visiting order)``."""
-        rng = np.random.default_rng((self.seed, epoch))
-        if self.chunk_frames is None:
-            return [(None, rng.permutation(self.rows)[self.rank::self.world_size])]
-        chunk_of_row = self.rows // self.chunk_frames
-        chunks = np.unique(chunk_of_row)
-        lo = np.searchsorted(chunk_of_row, chunks, side="left")
-        hi = np.searchsorted(chunk_of_row, chunks, side="right")
-        order = rng.permutation(len(chunks))
-        pieces = []
-        for w in range(self.rank, self.num_windows, self.world_size):
-            members = np.sort(order[w * self.window_chunks:(w + 1) * self.window_chunks])
-            rows = np.concatenate([self.rows[lo[c]:hi[c]] for c in members])
-            pieces.append((chunks[members], np.random.default_rng((self.seed, epoch, 1 + w)).permutation(rows)))
-        return pieces
-
-    def pieces(self, position: int = 0) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
-        """The endless stream of pieces, starting after the first ``position`` samples of this rank."""
-        epoch = 0
-        if self.chunk_frames is None:  # every epoch has the same length: skip whole ones without drawing them
-            epoch, position = divmod(position, len(range(self.rank, len(self.rows), self.world_size)))
-        while True:
-            for chunks, rows in self.epoch(epoch):
-                if position >= len(rows):
-                    position -= len(rows)
-                    continue
-                yield chunks, rows[position:]
-                position = 0
-            epoch += 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Features
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -654,28 +408,6 @@ class CachedFeatures:
         return (self.gather(p) for p in self._cut(self._loaded(iter(pieces)), batch_size))
 
 
-class DeviceBatches:
-    """Endless or finite batches written into one set of device buffers (``out``); close when done."""
-
-    def __init__(self, out: Batch) -> None:
-        self.out = out
-
-    def __iter__(self) -> DeviceBatches:
-        return self
-
-    def __next__(self) -> Batch:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release what the batches hold (threads, buffers)."""
-
-    def __enter__(self) -> DeviceBatches:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 class ResidentBatches(DeviceBatches):
     """Features on the training device: each batch is a handful of ``index_select`` kernels there.
 
@@ -701,83 +433,3 @@ class ResidentBatches(DeviceBatches):
         parts = next(self._cuts)
         rows = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
         return self._data._fill(self.out, [(self._block, rows)], rows, self._lowdim, self._episode_end)
-
-
-class HostBatches(DeviceBatches):
-    """Batches gathered on the host by a :class:`BatchStream` and copied into ``out`` on the device.
-
-    The host batches live in a ring of ``prefetch + 2`` buffer sets (pinned for a GPU), reused round
-    robin: the stream holds at most ``prefetch`` of them, its thread fills one more, and this object
-    holds the one being copied, which it waits for before taking the next. So no buffer is
-    overwritten while in use, and none is allocated per step. On CUDA the copy of batch ``n + 1`` runs
-    on a side stream into a staging buffer while step ``n`` computes; ``__next__`` then only orders a
-    device-to-device copy into ``out`` after it. On the CPU the copy is a plain one, the same logic.
-    """
-
-    def __init__(self, stream: BatchStream, out: Batch) -> None:
-        super().__init__(out)
-        self._stream = stream
-        device = next(iter(out.values())).device
-        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._staged: tuple[Batch, Any] | None = None  # (staging buffers, event marking their copy done)
-        self._staging = {key: torch.empty_like(value) for key, value in out.items()} if self._side else None
-        self._consumed: Any = None  # event: ``out`` has taken the staging buffers' content
-
-    def _stage(self) -> None:
-        """Start copying the next host batch to the device (the side stream), or copy it now (CPU)."""
-        host = next(self._stream)
-        if self._side is None:
-            self._staged = (_copy(self.out, host), None)
-            return
-        with torch.cuda.stream(self._side):
-            if self._consumed is not None:  # step n-1's copy out of the staging buffers is done
-                self._side.wait_event(self._consumed)
-            _copy(self._staging, host, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self._side)
-        self._staged = (self._staging, copied)
-
-    def __next__(self) -> Batch:
-        if self._staged is None:
-            self._stage()
-        staged, copied = self._staged
-        self._staged = None
-        if copied is not None:
-            copied.synchronize()  # the host buffer is free again (the copy was issued a step ago)
-            torch.cuda.current_stream().wait_event(copied)
-            _copy(self.out, staged, non_blocking=True)
-            self._consumed = torch.cuda.Event()
-            self._consumed.record()
-            try:
-                self._stage()  # the next batch's copy overlaps this step
-            except StopIteration:
-                pass
-        return self.out
-
-    def close(self) -> None:
-        self._stream.close()
-
-
-def _copy(out: Batch, batch: Batch, non_blocking: bool = False) -> Batch:
-    for key, value in out.items():
-        value.copy_(batch[key], non_blocking=non_blocking)
-    return out
-
-
-class BatchStream(Prefetcher[Batch]):
-    """Batches produced by a background thread, ``prefetch`` ahead of the consumer (the package's one
-    threaded producer, :class:`~dinocache.datasets.prefetch.Prefetcher`).
-
-    The thread only gathers and reads; it draws no random numbers, so running ahead does not change
-    any result. An exception in it is re-raised by the next :meth:`__next__`.
-    """
-
-    def __init__(self, batches: Iterator[Batch], prefetch: int = 4) -> None:
-        super().__init__(lambda: batches, queue_size=prefetch, name="dinocache-batches")
-
-    def __enter__(self) -> BatchStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-

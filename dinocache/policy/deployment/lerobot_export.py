@@ -10,9 +10,9 @@ what was checked.
 
 Order of work, each step able to stop the export before anything is in place:
 
-1. rebuild the fused policy of the run (:func:`~dinocache.policy.fused.build_fused_policy`: backbone
+1. rebuild the fused policy of the run (:func:`~dinocache.policy.deployment.fused.build_fused_policy`: backbone
    weights checked against the recorded hashes) and run the export's parity check against the cache
-   (:func:`~dinocache.policy.parity.check_run`);
+   (:func:`~dinocache.policy.deployment.parity.check_run`);
 2. build the LeRobot policy and processors from the run's spec, load the fused policy's backbone
    and the checkpoint's head into it, and compare its actions (LeRobot's processors, LeRobot's
    float frames) with the fused policy's on the check's frames, within the parity check's tolerance;
@@ -41,11 +41,11 @@ from torch import Tensor
 from dinocache.devices import resolve_device
 from dinocache.errors import DinocacheError
 from dinocache.keys import ACTION, OBS_ENV_STATE, OBS_STATE
-from dinocache.policy.checkpoint import LAST, PolicySpec, load_head
-from dinocache.policy.formats import LEROBOT_FORMAT
-from dinocache.policy.fused import FusedPolicy, build_fused_policy
-from dinocache.policy.metadata import policy_metadata
-from dinocache.policy.parity import ParityError, ParityReport, check_run, rounding_tolerance
+from dinocache.policy.deployment.formats import LEROBOT_FORMAT
+from dinocache.policy.deployment.fused import FusedPolicy, build_fused_policy
+from dinocache.policy.deployment.metadata import policy_metadata
+from dinocache.policy.deployment.parity import ParityError, ParityReport, check_run, rounding_tolerance
+from dinocache.policy.model.checkpoint import LAST, PolicySpec, load_head
 
 __all__ = ["LEROBOT_FORMAT", "LeRobotExport", "export_lerobot", "INSTALL_HINT"]
 
@@ -173,7 +173,7 @@ def export_lerobot(run: str | os.PathLike, out: str | os.PathLike, checkpoint: s
                    verify: bool = True, check_weights: bool = True) -> LeRobotExport:
     """Write run ``run``'s checkpoint as the LeRobot pretrained-model folder ``out`` (see the module docstring).
 
-    The arguments mean what they mean for :func:`~dinocache.policy.export.export_policy`; ``out`` is a
+    The arguments mean what they mean for :func:`~dinocache.policy.deployment.export.export_policy`; ``out`` is a
     folder that must not exist yet (or be empty).
     """
     t_begin = time.perf_counter()

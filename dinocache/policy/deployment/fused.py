@@ -4,7 +4,7 @@ Training never sees an image: the head learns on features cached by stage one. O
 is no cache, so :class:`FusedPolicy` puts back in front of the head the exact pieces extraction ran,
 as modules and not as re-implementations: the store's :class:`~dinocache.encoders.FrozenBackbone`
 (its :class:`~dinocache.encoders.ImagePreprocessor` included) rebuilt from the recorded provenance,
-then the trained :class:`~dinocache.policy.act.ACTHead` between the :class:`Normalizer` that
+then the trained :class:`~dinocache.policy.model.act.ACTHead` between the :class:`Normalizer` that
 normalises the state and un-normalises the actions. It has no data-dependent control flow, so it
 exports whole with ``torch.export`` and to ONNX.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -22,15 +22,16 @@ from torch import Tensor, nn
 
 from dinocache.encoders.backbone import FrozenBackbone
 from dinocache.errors import DinocacheError
-from dinocache.policy.act import ACTHead
-from dinocache.policy.checkpoint import LAST, PolicySpec, checkpoint_step, load_head, resolve_checkpoint
-from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
-from dinocache.policy.formats import COMPUTE_DTYPES
-from dinocache.policy.normalize import Normalizer
-from dinocache.policy.provenance import rebuild_backbone
-from dinocache.policy.trainable import load_trained_backbone
+from dinocache.policy.deployment.formats import COMPUTE_DTYPES
+from dinocache.policy.model.act import ACTHead
+from dinocache.policy.model.checkpoint import LAST, PolicySpec, checkpoint_step, load_head, resolve_checkpoint
+from dinocache.policy.model.config import ACTION, OBS_ENV_STATE, OBS_STATE, ACTInputs
+from dinocache.policy.model.features import camera_features
+from dinocache.policy.model.normalize import Normalizer
+from dinocache.policy.model.provenance import rebuild_backbone
+from dinocache.policy.model.trainable import load_trained_backbone
 
-__all__ = ["FusedPolicy", "build_fused_policy", "camera_features", "parse_dtype", "DTYPES"]
+__all__ = ["FusedPolicy", "build_fused_policy", "parse_dtype", "DTYPES"]
 
 #: Compute precisions of the fused policy, by the name ``--dtype`` takes.
 DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
@@ -131,29 +132,6 @@ class FusedPolicy(nn.Module):
         return cast
 
 
-def camera_features(encoder: Callable[[Tensor], tuple[Tensor, Tensor]], images: list[Tensor],
-                    camera_names: Sequence[str], use_cls_token: bool) -> dict[str, Tensor]:
-    """Each camera's grid (and CLS, with ``use_cls_token``) under the head's batch keys.
-
-    ``encoder`` maps uint8 ``(B, H, W, 3)`` frames to ``(grid, cls)``: the frozen backbone here and
-    in the online baseline, or ACT's fine-tuned ResNet there. Cameras of one size go through it as
-    one batch (one call, better use of a GPU); shapes are static, so under ``torch.export`` the
-    choice is made once, at trace time.
-    """
-    if len(images) > 1 and all(image.shape == images[0].shape for image in images):
-        grid, cls = encoder(torch.cat(images))
-        n = len(images)  # camera-major rows: unflatten, not split, keeps the batch size symbolic
-        outputs = list(zip(grid.unflatten(0, (n, -1)).unbind(0), cls.unflatten(0, (n, -1)).unbind(0)))
-    else:
-        outputs = [encoder(image) for image in images]
-    batch: dict[str, Tensor] = {}
-    for name, (grid, cls) in zip(camera_names, outputs):
-        batch[ACTInputs.feature_key(name)] = grid
-        if use_cls_token:
-            batch[ACTInputs.cls_key(name)] = cls
-    return batch
-
-
 def _drop_training_only(head: ACTHead) -> None:
     """Remove the CVAE encoder, which only runs in training: an exported program keeps every parameter
     of the module, used or not, and with LeRobot's defaults the CVAE encoder is a third of the head."""
@@ -173,7 +151,7 @@ def build_fused_policy(run_or_checkpoint: str | os.PathLike, checkpoint: str | i
     ones are refused unless ``check_weights`` is False (meant for tests of the parity check). A run
     that trained its backbone (online, or ``dinocache finetune``) gets its trained backbone: the base
     weights rebuilt and checked as above, then the checkpoint's trained tensors, their own sha256
-    checked (:func:`~dinocache.policy.trainable.load_trained_backbone`).
+    checked (:func:`~dinocache.policy.model.trainable.load_trained_backbone`).
     """
     compute_dtype = parse_dtype(dtype)
     path = resolve_checkpoint(run_or_checkpoint, checkpoint)

@@ -30,14 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dinocache.errors import DatasetError, DinocacheError
+from dinocache.datasets import open_dataset
 from dinocache.datasets.rows import frames_at_rows
-from dinocache.pipeline.store import FeatureStore, verification_rows
-from dinocache.keys import ACTION, CLS_PREFIX, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE
-from dinocache.policy.config import ACTInputs
 from dinocache.encoders.backbone import FrozenBackbone
-from dinocache.policy.frames import DecodedFrames
-from dinocache.policy.fused import FusedPolicy, camera_features
+from dinocache.errors import DatasetError, DinocacheError
+from dinocache.keys import ACTION, CLS_PREFIX, FEATURES_PREFIX, OBS_ENV_STATE, OBS_STATE
+from dinocache.pipeline.store import FeatureStore, verification_rows
+from dinocache.policy.deployment.fused import FusedPolicy
+from dinocache.policy.model.config import ACTInputs
+from dinocache.policy.model.features import camera_features
 
 __all__ = ["ParityError", "ParityReport", "VerificationFrames", "feature_error", "open_run_store",
            "verification_frames", "check_parity", "check_trained_parity", "check_run", "rounding_tolerance",
@@ -279,12 +280,19 @@ def _dataset_frames(policy: FusedPolicy,
     if not path.exists():
         raise DinocacheError(f"cannot check the exported policy: its dataset {path} is not there; pass --dataset PATH, "
                              "or --skip-verify to export unverified")
-    data = DecodedFrames.from_dataset(path, chunk_size=1, cameras=policy.cameras, cache_bytes=0)
-    if data.source.fingerprint() != record.source.fingerprint:
+    source = open_dataset(path)
+    if source.fingerprint() != record.source.fingerprint:
         raise DatasetError(f"{path} is not the dataset the run was trained on (fingerprint "
-                           f"{data.source.fingerprint()}, the run has {record.source.fingerprint})")
-    rows = verification_rows(len(data.episode_end))
-    images = data.frames(rows)
-    lowdim = {key: torch.from_numpy(values[rows]) for key, values in data.raw.items()}
-    return (VerificationFrames(rows, [images[camera] for camera in policy.cameras], f"dataset {path}"),
-            lowdim[OBS_STATE], lowdim.get(OBS_ENV_STATE) if policy.has_env_state else None)
+                           f"{source.fingerprint()}, the run has {record.source.fingerprint})")
+    cameras = source.select_cameras(policy.cameras)
+    rows = verification_rows(sum(episode.length for episode in source.episodes))
+    images = frames_at_rows(source, [(ep.index, ep.start, ep.length) for ep in source.episodes], cameras, rows)
+    keys = [OBS_STATE, OBS_ENV_STATE] if policy.has_env_state else [OBS_STATE]
+    lowdim = {key: [] for key in keys}
+    for episode in source.episodes:
+        arrays = source.read_lowdim(episode.index)
+        for key in keys:
+            lowdim[key].append(np.asarray(arrays[key], np.float32).reshape(episode.length, -1))
+    raw = {key: torch.from_numpy(np.concatenate(parts)[rows]) for key, parts in lowdim.items()}
+    return (VerificationFrames(rows, [images[camera] for camera in cameras], f"dataset {path}"),
+            raw[OBS_STATE], raw.get(OBS_ENV_STATE))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dinocache.errors import TrainingError
-from dinocache.policy.tracking import check_trackers
+from dinocache.policy.training.tracking import check_trackers
 
 __all__ = ["TrainConfig"]
 

@@ -5,7 +5,7 @@ name, timm id, preprocessing, and the weights: file sha256, seed of random ones,
 loaded tensors); this module rebuilds the backbone from that record and refuses, before anything is
 exported, a backbone that is not the one: other weights (the file hash or the tensor hash differs),
 another model or another preprocessing. Whatever slips through (a different timm version computing
-differently) is caught numerically by the parity check in :mod:`dinocache.policy.parity`.
+differently) is caught numerically by the parity check in :mod:`dinocache.policy.deployment.parity`.
 """
 
 from __future__ import annotations

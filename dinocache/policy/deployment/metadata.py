@@ -25,9 +25,9 @@ import torch
 
 from dinocache import __version__
 from dinocache.errors import DinocacheError
-from dinocache.policy.checkpoint import LAST, PolicySpec, read_config, resolve_checkpoint
-from dinocache.policy.config import ACTION, OBS_ENV_STATE, OBS_STATE
-from dinocache.policy.integrity import METADATA_NAME, ONNX_METADATA_KEY, IntegrityError, parse_json, unsealed
+from dinocache.policy.model.checkpoint import LAST, PolicySpec, read_config, resolve_checkpoint
+from dinocache.policy.model.config import ACTION, OBS_ENV_STATE, OBS_STATE
+from dinocache.policy.model.integrity import METADATA_NAME, ONNX_METADATA_KEY, IntegrityError, parse_json, unsealed
 
 __all__ = ["POLICY_FORMAT", "POLICY_FORMAT_VERSION", "METADATA_NAME", "policy_metadata", "read_policy_metadata",
            "policy_kind", "load_onnx"]

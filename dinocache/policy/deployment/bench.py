@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from dinocache.keys import OBS_ENV_STATE, OBS_STATE
-from dinocache.policy.metadata import read_policy_metadata
-from dinocache.policy.runtime import PolicyRuntime, load_policy
+from dinocache.policy.deployment.metadata import read_policy_metadata
+from dinocache.policy.deployment.runtime import PolicyRuntime, load_policy
 
 __all__ = ["BenchResult", "bench_policy", "latencies_ms", "kernel_ms_per_query", "random_observation"]
 

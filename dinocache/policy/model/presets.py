@@ -2,7 +2,7 @@
 
 A preset pins the backbone the feature store must have been built with and the head
 hyperparameters that differ from LeRobot's ACT defaults for it. ``dinocache train --preset NAME``
-applies the overrides on top of :class:`~dinocache.policy.config.ACTConfig` and refuses a store
+applies the overrides on top of :class:`~dinocache.policy.model.config.ACTConfig` and refuses a store
 whose backbone is a different one (a head's hyperparameters, and above all a trained head, only
 make sense for the features it was designed for). The reasoning behind each choice is in
 ``docs/act.md``.
@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from dinocache.errors import DinocacheError
-from dinocache.policy.config import ACTConfig
+from dinocache.policy.model.config import ACTConfig
 
 __all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "get_preset", "apply_preset", "check_preset_backbone"]
 

@@ -5,7 +5,7 @@ onnxruntime) or a run / checkpoint folder (the eager fused policy, rebuilt and h
 returns a :class:`PolicyRuntime`. Its :meth:`~PolicyRuntime.select_action` takes what a robot loop
 hands over (a dict of camera frames and the state vector, numpy or torch, LeRobot keys) and returns
 the action for this control step; ACT's chunking is handled inside by the same
-:mod:`~dinocache.policy.action_selection` objects LeRobot's semantics were tested against: a queue of
+:mod:`~dinocache.policy.model.action_selection` objects LeRobot's semantics were tested against: a queue of
 ``n_action_steps`` actions (the model runs only when it is empty), or temporal ensembling (the model
 runs every step and overlapping chunks are blended with weights ``exp(-coeff * i)``, oldest first).
 
@@ -34,11 +34,11 @@ from torch import Tensor
 from dinocache.devices import resolve_device
 from dinocache.errors import DinocacheError
 from dinocache.keys import short_name
-from dinocache.policy.action_selection import ActionSelector, make_action_selector
-from dinocache.policy.compiled import CompiledPolicyFallback, compiled_mismatch, load_compiled, to_cpu
-from dinocache.policy.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
-from dinocache.policy.integrity import check_policy_file
-from dinocache.policy.metadata import load_onnx, policy_kind, policy_metadata, read_policy_metadata
+from dinocache.policy.deployment.compiled import CompiledPolicyFallback, compiled_mismatch, load_compiled, to_cpu
+from dinocache.policy.deployment.metadata import load_onnx, policy_kind, policy_metadata, read_policy_metadata
+from dinocache.policy.model.action_selection import ActionSelector, make_action_selector
+from dinocache.policy.model.config import OBS_ENV_STATE, OBS_STATE, ACTConfig
+from dinocache.policy.model.integrity import check_policy_file
 
 __all__ = ["PolicyRuntime", "ObservationError", "PolicyError", "CompiledPolicyFallback", "load_policy", "AS_TRAINED"]
 
@@ -307,7 +307,7 @@ class _CudaGraphCall:
 
 
 def answer_in_child() -> None:
-    """The child process of :func:`~dinocache.policy.compiled.run_in_child`: the compiled kernels loaded
+    """The child process of :func:`~dinocache.policy.deployment.compiled.run_in_child`: the compiled kernels loaded
     and called as :func:`load_policy` runs them (where the request says so, loaded for graph capture,
     then captured and replayed as a CUDA graph), on the request's inputs.
     ``argv``: the request file and where to save the answer; stderr tells the parent how far it got."""
@@ -399,7 +399,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         raise DinocacheError(f"cuda_graph=True needs a CUDA device and a .pt2 or run folder (got {device}, {kind})")
     graph = device.type == "cuda" and kind != "onnx" if cuda_graph is None else cuda_graph
     if kind == "folder":
-        from dinocache.policy.fused import build_fused_policy
+        from dinocache.policy.deployment.fused import build_fused_policy
 
         policy = build_fused_policy(path, weights=weights, device=device)
         metadata = policy_metadata(policy.spec, policy.checkpoint_path, policy.step, policy.compute_dtype)
