@@ -219,6 +219,47 @@ def test_feature_cache_refuses_another_backbone_image_size_weights_or_dataset(me
     one_line(err, str(store32), "is not the dataset the store was extracted from", "fingerprint")
 
 
+def shard(store: Path, unit: int) -> Path:
+    """The file holding unit ``unit`` of the camera's patch grids."""
+    return store / "cameras" / CAMERA / "patch" / "c" / str(unit) / "0" / "0" / "0"
+
+
+@pytest.fixture(scope="module")
+def store_of_units(dataset, tmp_path_factory) -> Path:
+    """A float32 store of the dataset in units of 16 frames (4 units), so that one unit's shard can be another's."""
+    from dinocache.pipeline.extract import ExtractConfig, extract
+
+    out = tmp_path_factory.mktemp("units") / "f.zarr"
+    extract(ExtractConfig(dataset=dataset, out=out, backbone="dinov2_vits14", weights="random", image_size="28",
+                          dtype="float32", device="cpu", unit_frames=16, chunk_frames=4, progress=False))
+    return out
+
+
+@pytest.mark.parametrize("damage", ["num_frames edited", "a shard from another unit", "a shard lost"])
+def test_feature_cache_refuses_a_store_whose_parts_disagree(damage, meta, store_of_units, tmp_path):
+    """The store is checked as a whole when the policy opens it (``FeatureStore.check_whole``): an edited
+    root record, or a shard file that is not the one written for its unit, reads cleanly chunk by chunk
+    and would hand the head other frames' features; refused in one line naming the store."""
+    import shutil
+
+    store = tmp_path / "f.zarr"
+    shutil.copytree(store_of_units, store)
+    if damage == "num_frames edited":
+        root = json.loads((store / "zarr.json").read_text())
+        root["attributes"]["dinocache"]["num_frames"] -= 4
+        (store / "zarr.json").write_text(json.dumps(root))
+        fragments = ["the root record (zarr.json attributes) is not the one written"]
+    elif damage == "a shard from another unit":
+        shutil.copy(shard(store, 0), shard(store, 1))
+        fragments = ["unit 1", "is not the one written for unit 1"]
+    else:
+        shard(store, 1).unlink()
+        fragments = ["unit 1", "is missing"]
+    with pytest.raises(DinocacheError) as err:
+        make(meta, feature_cache=str(store))
+    one_line(err, str(store), *fragments)
+
+
 def lerobot_train(dataset: Path, out: Path, **policy) -> subprocess.CompletedProcess:
     """``lerobot-train`` as a user runs it, 3 steps, a checkpoint at the end."""
     args = [str(BIN / "lerobot-train"), "--policy.type=dinocache", "--policy.push_to_hub=false",
