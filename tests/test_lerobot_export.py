@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ pytest.importorskip("lerobot", reason="LeRobot is not installed")
 pytest.importorskip("lerobot_policy_dinocache", reason="the dinocache LeRobot plugin is not installed")
 
 from _lerobot import BIN, CAMERA, write_dataset, write_store  # noqa: E402
+from test_fault_campaign import damage  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from lerobot.configs import PreTrainedConfig  # noqa: E402
 from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata  # noqa: E402
@@ -32,6 +34,7 @@ import dinocache  # noqa: E402
 from dinocache.cli import main  # noqa: E402
 from dinocache.errors import DinocacheError  # noqa: E402
 from dinocache.policy.deployment.lerobot_export import export_lerobot  # noqa: E402
+from dinocache.policy.model.integrity import IntegrityError, file_record, write_json  # noqa: E402
 from dinocache.policy.model.trainable import BackboneTraining  # noqa: E402
 from dinocache.policy.training.finetune import finetune  # noqa: E402
 from dinocache.policy.training.train import train  # noqa: E402
@@ -142,6 +145,75 @@ def test_exported_fine_tuned_run_carries_its_trained_backbone(run, dataset, tmp_
     recorded = json.loads((folder / "dinocache.json").read_text())
     assert recorded["backbone_weights"]["source"] == "finetuned"
     assert compare_with_load_policy(folder, tuned, dataset, steps=6) <= recorded["parity"]["tolerance"]
+
+
+EXPORTED_FILES = ["model.safetensors", "config.json", "policy_preprocessor.json",
+                  "policy_preprocessor_step_3_normalizer_processor.safetensors", "policy_postprocessor.json",
+                  "policy_postprocessor_step_0_unnormalizer_processor.safetensors", "dinocache.json"]
+
+
+def test_the_folder_records_the_digest_of_every_file(exported):
+    folder, _ = exported
+    recorded = json.loads((folder / "dinocache.json").read_text())
+    assert set(recorded["files"]) == set(EXPORTED_FILES) - {"dinocache.json"}
+    for name, record in recorded["files"].items():
+        assert record == file_record(folder / name), name
+    assert "document_sha256" in recorded  # the record is sealed: its own change is refused too
+
+
+def load_checked(folder: Path):
+    """``lerobot-eval --policy.path`` / ``lerobot-rollout``'s loading of the policy (the config parsed first)."""
+    config = PreTrainedConfig.from_pretrained(folder)
+    return get_policy_class(config.type).from_pretrained(folder, config=config)
+
+
+@pytest.mark.parametrize("where", [0.5, "truncated"])
+@pytest.mark.parametrize("name", EXPORTED_FILES)
+def test_a_damaged_file_of_the_folder_is_refused_naming_it(exported, tmp_path, name, where):
+    """One bit flipped in any file of the folder (JSON: a digit changed, still valid JSON) or the file cut
+    short: the plugin refuses to load the policy in one line naming the file, before any weight loads. The
+    processors' files are checked there too: LeRobot loads them itself, but never without the policy."""
+    folder = tmp_path / "policy"
+    shutil.copytree(exported[0], folder)
+    config = PreTrainedConfig.from_pretrained(folder)  # as lerobot-eval parses it, before the damage shows
+    damage(folder / name, where)
+    with pytest.raises(IntegrityError) as err:
+        get_policy_class(config.type).from_pretrained(folder, config=config)
+    text = str(err.value)
+    assert "\n" not in text and str(folder / name) in text, text
+
+
+def test_a_missing_file_or_digest_table_is_refused(exported, tmp_path):
+    folder = tmp_path / "policy"
+    shutil.copytree(exported[0], folder)
+    (folder / "policy_preprocessor.json").unlink()
+    with pytest.raises(IntegrityError, match="policy_preprocessor.json: missing; export the run again"):
+        load_checked(folder)
+    shutil.rmtree(folder)
+    shutil.copytree(exported[0], folder)
+    recorded = json.loads((folder / "dinocache.json").read_text())
+    del recorded["files"]
+    write_json(folder / "dinocache.json", recorded)  # sealed again: only the table is gone
+    with pytest.raises(IntegrityError, match="records no digest of the folder's files"):
+        load_checked(folder)
+
+
+def test_a_hub_snapshot_is_checked_as_a_local_folder(exported, tmp_path):
+    """A folder pushed to the Hub: ``from_pretrained("org/name")`` checks the snapshot it downloads (here
+    LeRobot's own Hugging Face cache, offline) before loading, and loads it when it is intact."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--local--act" / "snapshots" / revision
+    shutil.copytree(exported[0], snapshot)
+    (cache / "models--local--act" / "refs").mkdir()
+    (cache / "models--local--act" / "refs" / "main").write_text(revision)
+    options = dict(cache_dir=cache, local_files_only=True)
+    config = PreTrainedConfig.from_pretrained("local/act", **options)
+    policy = get_policy_class(config.type).from_pretrained("local/act", config=config, **options)
+    assert policy.config.vision_backbone == "dinov2_vits14"
+    damage(snapshot / "model.safetensors", 0.5)
+    with pytest.raises(IntegrityError, match=f"{snapshot / 'model.safetensors'}: sha256"):
+        get_policy_class(config.type).from_pretrained("local/act", config=config, **options)
 
 
 def test_export_refusals_are_one_line(run, tmp_path):

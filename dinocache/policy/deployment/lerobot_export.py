@@ -6,7 +6,9 @@ backbone that built the cache (or the trained one of a fine-tuned or online run)
 head, CVAE encoder included, and the pre- and post-processor files with the run's normalisation
 statistics. ``lerobot-eval --policy.path=DIR``, ``lerobot-rollout --policy.path=DIR`` and
 ``push_to_hub`` take it as it is; ``dinocache.json`` beside them says where it came from and
-what was checked.
+what was checked, and records the size and sha256 of every other file of the folder
+(:func:`~dinocache.policy.integrity.folder_files`; sealed), which the plugin checks whenever it
+loads the policy (a flipped byte in a weight or a normalisation statistic would otherwise run).
 
 Order of work, each step able to stop the export before anything is in place:
 
@@ -16,7 +18,7 @@ Order of work, each step able to stop the export before anything is in place:
 2. build the LeRobot policy and processors from the run's spec, load the fused policy's backbone
    and the checkpoint's head into it, and compare its actions (LeRobot's processors, LeRobot's
    float frames) with the fused policy's on the check's frames, within the parity check's tolerance;
-3. write the folder under a temporary name, load it back through LeRobot's loading path
+3. write the folder under a temporary name with its digests, load it back through LeRobot's loading path
    (``PreTrainedConfig.from_pretrained``, the policy class ``make_policy`` picks,
    ``make_pre_post_processors(pretrained_path=...)``), compare again, and rename it into place.
 
@@ -26,7 +28,6 @@ export stops with one line saying what to install.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -46,14 +47,15 @@ from dinocache.policy.deployment.fused import FusedPolicy, build_fused_policy
 from dinocache.policy.deployment.metadata import policy_metadata
 from dinocache.policy.deployment.parity import ParityError, ParityReport, check_run, rounding_tolerance
 from dinocache.policy.model.checkpoint import LAST, PolicySpec, load_head
+from dinocache.policy.model.integrity import FILES_KEY, METADATA_NAME, folder_files, write_json
 
 __all__ = ["LEROBOT_FORMAT", "LeRobotExport", "export_lerobot", "INSTALL_HINT"]
 
 #: What to install when LeRobot or the plugin is missing.
 INSTALL_HINT = ('pip install "lerobot[training]" -e plugins/lerobot_policy_dinocache (from a dinocache checkout; '
                 "see docs/lerobot.md)")
-#: The provenance file written beside LeRobot's files.
-METADATA_FILE = "dinocache.json"
+#: The provenance file written beside LeRobot's files, with their digests.
+METADATA_FILE = METADATA_NAME
 
 
 @dataclass
@@ -213,11 +215,13 @@ def export_lerobot(run: str | os.PathLike, out: str | os.PathLike, checkpoint: s
         policy.save_pretrained(tmp)
         preprocessor.save_pretrained(tmp)
         postprocessor.save_pretrained(tmp)
+        metadata[FILES_KEY] = folder_files(tmp, METADATA_FILE)
+        write_json(tmp / METADATA_FILE, metadata)  # now, so that the load below checks the digests too
         diff = _compare(fused, _load_folder(tmp), inputs, tolerance, "the written folder, loaded by LeRobot,")
         metadata["parity"] = report.to_dict() if report else {"verified": False}
         metadata["export"] = {"format": LEROBOT_FORMAT, "device": str(target), "weights_checked": check_weights,
                               "lerobot_max_abs_diff": diff, "lerobot_tolerance": tolerance}
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        write_json(tmp / METADATA_FILE, metadata)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

@@ -8,12 +8,15 @@ and a policy built from it hands a robot wrong actions. So what dinocache writes
   the digest of the rest of their content under :data:`SEAL_KEY` (:func:`write_json`, :func:`read_json`);
 * a checkpoint's ``config.json`` records the size and sha256 of every other file of the checkpoint
   (:func:`file_record`), which :func:`read_checked` compares before a tensor is loaded;
+* a LeRobot folder (``export --format lerobot``) records the size and sha256 of every other file
+  of it in its sealed ``dinocache.json`` (:func:`folder_files`), which :func:`check_folder`
+  compares when the plugin loads the policy;
 * an exported ``.pt2`` records in its metadata the digest of every archive entry but the metadata
   itself (:func:`archive_sha256`), an ``.onnx`` that of its bytes without its metadata entry
   (:func:`onnx_sha256`); :func:`check_policy_file` recomputes them when a policy is loaded.
 
 A mismatch is an :class:`IntegrityError` naming the file and, for a checkpoint, the run's other
-checkpoints to fall back on.
+checkpoints to fall back on (for an exported policy, to export the run again).
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from dinocache.errors import DinocacheError
 from dinocache.hashing import bytes_sha256, file_sha256, json_sha256, parts_sha256
 
 __all__ = ["IntegrityError", "SEAL_KEY", "CONTENT_KEY", "METADATA_NAME", "ONNX_METADATA_KEY", "sealed", "unsealed",
-           "parse_json", "write_json", "read_json", "file_record", "read_checked",
+           "parse_json", "write_json", "read_json", "file_record", "read_checked", "FILES_KEY", "folder_files", "check_folder",
            "archive_sha256", "onnx_sha256", "check_policy_file"]
 
 #: Key of a JSON document's own digest (of everything else in it).
 SEAL_KEY = "document_sha256"
 #: Key, in an exported policy's metadata, of the digest of the file's content (all but the metadata).
 CONTENT_KEY = "content_sha256"
+#: Key, in a LeRobot folder's ``dinocache.json``, of the :func:`file_record` of each other file of the folder.
+FILES_KEY = "files"
 #: Name of the metadata document inside a ``.pt2`` (extra file) and an ``.onnx`` (metadata key, no suffix).
 METADATA_NAME = "dinocache.json"
 ONNX_METADATA_KEY = "dinocache"
@@ -131,14 +136,55 @@ def read_checked(path: Path, record: dict[str, Any] | None) -> bytes:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing{_others(path)}") from None
-    if len(data) != record["bytes"]:
-        raise IntegrityError(f"{path}: {len(data)} bytes, {record['bytes']} were written: the file is truncated or "
+    _compare(path, record, len(data), lambda: bytes_sha256(data))
+    return data
+
+
+def _compare(path: Path, record: dict[str, Any], size: int, digest: Any) -> None:
+    """Refuse a file of ``size`` bytes (``digest()``: its sha256) that is not the one ``record`` describes."""
+    if size != record["bytes"]:
+        raise IntegrityError(f"{path}: {size} bytes, {record['bytes']} were written: the file is truncated or "
                              f"damaged{_others(path)}")
-    found = bytes_sha256(data)
+    found = digest()
     if found != record["sha256"]:
         raise IntegrityError(f"{path}: sha256 {found[:16]}..., {record['sha256'][:16]}... was written: the file is "
                              f"damaged or replaced{_others(path)}")
-    return data
+
+
+# -- folders read by other tools (a LeRobot pretrained-model folder) --------------------------------
+
+
+def folder_files(folder: Path, record_name: str = METADATA_NAME) -> dict[str, dict[str, Any]]:
+    """:func:`file_record` of every file under ``folder`` but ``record_name`` (the document that will hold
+    them), by path relative to the folder."""
+    return {path.relative_to(folder).as_posix(): file_record(path) for path in sorted(Path(folder).rglob("*"))
+            if path.is_file() and path.relative_to(folder).as_posix() != record_name}
+
+
+def check_folder(folder: Path, record_name: str = METADATA_NAME) -> dict[str, Any] | None:
+    """The sealed ``record_name`` of ``folder`` (:func:`read_json`), once every file it records
+    (:data:`FILES_KEY`) is the one written: files are hashed as they are read from disk, a block at a time
+    (a ViT-L's weights run to a gigabyte). None when the folder has no ``record_name``: dinocache did
+    not write it (a checkpoint ``lerobot-train`` saved), and it is loaded as LeRobot loads it."""
+    document_path = Path(folder) / record_name
+    if not document_path.is_file():
+        return None
+    document = read_json(document_path)
+    files = document.get(FILES_KEY)
+    if not isinstance(files, dict) or not files:
+        raise IntegrityError(f"{document_path}: records no digest of the folder's files (exported before dinocache "
+                             "recorded them); export the run again")
+    for name, record in files.items():
+        path = Path(folder) / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise IntegrityError(f"{path}: missing; export the run again") from None
+        try:
+            _compare(path, record, size, lambda: file_sha256(path))
+        except IntegrityError as err:
+            raise IntegrityError(f"{err}; export the run again") from None
+    return document
 
 
 def _others(path: Path) -> str:

@@ -29,6 +29,7 @@ from torch import Tensor
 from dinocache.errors import DinocacheError
 from dinocache.keys import ACTION, ACTION_IS_PAD, OBS_ENV_STATE, OBS_STATE, camera_key, short_name
 from dinocache.policy.model.action_selection import make_action_selector
+from dinocache.policy.model.integrity import check_folder
 from dinocache.policy.training.online import OnlineACT, build_online_act
 from lerobot.policies.pretrained import PreTrainedPolicy
 
@@ -51,6 +52,17 @@ def uint8_frames(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images
     return images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _local_folder(name_or_path: str | Path, kwargs: dict[str, Any]) -> Path:
+    """The folder ``from_pretrained`` loads: the path itself, or a Hub repository's snapshot, fetched
+    with the options LeRobot's loading gets (revision, cache, token, offline...)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    options = ("revision", "cache_dir", "force_download", "proxies", "token", "local_files_only")
+    return Path(snapshot_download(repo_id=str(name_or_path), **{k: kwargs[k] for k in options if k in kwargs}))
 
 
 class DinocachePolicy(PreTrainedPolicy):
@@ -98,8 +110,14 @@ class DinocachePolicy(PreTrainedPolicy):
     @classmethod
     def from_pretrained(cls, pretrained_name_or_path: str | Path, **kwargs: Any) -> DinocachePolicy:
         """LeRobot's loading, the backbone's tensors taken from the folder's ``model.safetensors`` (not
-        fetched again), and strictly: a tensor missing from the file is an error, not a random weight."""
+        fetched again), and strictly: a tensor missing from the file is an error, not a random weight.
+
+        A folder ``dinocache export --format lerobot`` wrote (local, or a Hub repository it was pushed
+        to) is first checked against the digests its ``dinocache.json`` records of every file, the
+        processors' included: a damaged file is refused naming it, before anything is loaded.
+        """
         kwargs.setdefault("strict", True)
+        check_folder(_local_folder(pretrained_name_or_path, kwargs))
         return super().from_pretrained(pretrained_name_or_path, backbone_from_checkpoint=True, **kwargs)
 
     def _feature_cache(self) -> FeatureCache:
