@@ -18,6 +18,16 @@ class DatasetError(DinocacheError):
     """A dataset that cannot be read, or an episode that is malformed."""
 
 
+class EpisodeError(DatasetError):
+    """A frame of one episode found bad while it is decoded (damaged, or at the wrong time): the
+    episode, not the dataset, is unusable, which ``--skip-bad-episodes`` can still leave out.
+    ``episode`` and ``camera`` say where; the message, as the reader worded it, names the frame."""
+
+    def __init__(self, message: str, episode: int, camera: str) -> None:
+        super().__init__(message)
+        self.episode, self.camera = episode, camera
+
+
 class StoreError(DinocacheError):
     """A feature store that is corrupt, incomplete, or built differently from what is asked."""
 

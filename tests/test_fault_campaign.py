@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -831,3 +832,152 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(artefacts, tmp_path: Path):
         metrics.write('{"step": 3, "loss": 1.2')  # a run killed while appending
     result = cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress")
     assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------- a frame found damaged in the middle of extraction --
+#: Episodes of 8, 8, 4 and 60 frames: episode 2 holds none of the 8 rows whose frames the store keeps
+#: (decoded when it is created), so its damage is met while units are filled: units 0-1 (rows 0-15, episodes
+#: 0-1) are written by then, and episode 3 leaves the work after it.
+DAMAGED_LENGTHS = [8, 8, 4, 60]
+
+
+def zero_tail_of_video(dataset: Path) -> None:
+    """A corrupt packet: the last third of episode 2's media data zeroed (size and index kept)."""
+    from test_extract import zero_tail_of_mdat
+
+    zero_tail_of_mdat(v21_video(dataset, 2), 0.3)
+
+
+def shift_a_timestamp(dataset: Path) -> None:
+    """Frame 2 of episode 2 recorded 10 ms late in its parquet row (still increasing, so opening passes)."""
+    import pyarrow as pa
+
+    file = dataset / "data" / "chunk-000" / "episode_000002.parquet"
+    table = pq.read_table(file)
+    column = table.schema.get_field_index("timestamp")
+    values = table["timestamp"].to_numpy().copy()
+    values[2] += 0.01
+    pq.write_table(table.set_column(column, "timestamp", pa.array(values, type=table.schema.field(column).type)), file)
+
+
+def damage_a_jpeg(dataset: Path) -> None:
+    """Frame 2 of episode 2's JPEG cut after its first two bytes (zero padding after them, as the recorder pads)."""
+    def cut(frames: np.ndarray) -> np.ndarray:
+        frames = frames.copy()
+        frames[2, 2:] = 0
+        return frames
+
+    edit_hdf5(dataset / "episode_2.hdf5", "/observations/images/top", cut)
+
+
+#: Each class of damage met mid-extraction: how the dataset is written and broken, and what the reason says.
+MID_EXTRACTION_DAMAGE = {
+    "corrupt packet": (dict(format="lerobot-v2.1"), zero_tail_of_video, ["cannot decode the video after frame"]),
+    "timestamp off": (dict(format="lerobot-v2.1"), shift_a_timestamp, ["frame 2 is at", "parquet row says"]),
+    "damaged JPEG": (dict(format="aloha-hdf5", aloha_compressed=True), damage_a_jpeg,
+                     ["frame 2 does not decode as JPEG"]),
+}
+
+
+def damaged_mid_extraction(root: Path, damage: str) -> tuple[Path, list[str]]:
+    options, breaking, said = MID_EXTRACTION_DAMAGE[damage]
+    dataset = make(root, num_episodes=4, episode_length=DAMAGED_LENGTHS, **options)
+    breaking(dataset)
+    return dataset, ["episode 2: ", "camera 'observation.images.top'", *said]
+
+
+def shard_inodes(store: Path, units: range) -> list[int]:
+    return [shard_file(store, "observation.images.top", unit, part).stat().st_ino for unit in units
+            for part in ("patch", "cls")]
+
+
+@pytest.mark.parametrize("damage", list(MID_EXTRACTION_DAMAGE))
+def test_skip_bad_episodes_skips_an_episode_found_damaged_mid_extraction(tmp_path: Path, damage: str):
+    """Without --skip-bad-episodes the run stops in one line naming episode, camera and frame, keeping
+    the units before it. With it, the rerun leaves the episode out, recorded with that line in the
+    store's provenance and said in the summary; the units already written are kept (the same files,
+    not computed again); the store is whole, and the one a run that skipped from the start writes."""
+    dataset, said = damaged_mid_extraction(tmp_path, damage)
+    out = tmp_path / "f.zarr"
+    one_line_error(cli(*extract_args(dataset, out, "--decode-workers", "1")), *said)
+    assert FeatureStore(out).done_units()[:2].all()
+    written = shard_inodes(out, range(2))
+
+    skipped = cli(*extract_args(dataset, out, "--skip-bad-episodes"))
+    assert skipped.exit_code == 0, skipped.output
+    assert "(2 already done)" in skipped.stdout and "SKIPPED 1 bad episode(s):" in skipped.stdout, skipped.stdout
+    assert all(fragment in skipped.stdout for fragment in said), skipped.stdout
+    store = FeatureStore(out)
+    (index, why), = store.record.episodes_skipped
+    assert index == 2 and all(fragment in why for fragment in said), why
+    assert [episode for episode, *_ in store.episodes()] == [0, 1, 3] and store.done_units().all()
+    assert shard_inodes(out, range(2)) == written
+    assert cli("inspect", out).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    again = cli(*extract_args(dataset, out, "--skip-bad-episodes"))  # resumes: nothing left to do
+    assert again.exit_code == 0 and f"({store.num_units} already done)" in again.stdout, again.output
+    one_line_error(cli(*extract_args(dataset, out)), "episode 2 was left out of this store by --skip-bad-episodes",
+                   *said[2:])
+    clean = tmp_path / "clean.zarr"
+    assert cli(*extract_args(dataset, clean, "--skip-bad-episodes")).exit_code == 0
+    assert store_files(out) == store_files(clean)
+
+
+def test_skip_bad_episodes_after_a_kill_once_the_episode_was_left_out_is_deterministic(tmp_path: Path):
+    """Killed (SIGKILL) after the store was laid out again without the damaged episode, part-way
+    through the frames after it: the rerun resumes that store (the episode stays out, as recorded)
+    and ends byte for byte as an uninterrupted run."""
+    dataset, _ = damaged_mid_extraction(tmp_path, "corrupt packet")
+    clean = tmp_path / "clean.zarr"
+    assert cli(*extract_args(dataset, clean, "--skip-bad-episodes")).exit_code == 0
+    out = tmp_path / "f.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "dinocache.cli", *extract_args(dataset, out, "--skip-bad-episodes")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    marks, deadline = out / "units" / "done" / "c", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # laid out again, and a unit after the episode done
+        if b"episodes_skipped" in _read(out / "zarr.json") and len(list(_listing(marks))) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = FeatureStore(out).done_units()
+    assert 3 <= done.sum() < len(done), done
+    rerun = cli(*extract_args(dataset, out, "--skip-bad-episodes"))
+    assert rerun.exit_code == 0 and f"({int(done.sum())} already done)" in rerun.stdout, rerun.output
+    assert store_files(out) == store_files(clean)
+
+
+def test_skip_bad_episodes_skips_an_episode_whose_kept_frame_is_damaged(tmp_path: Path):
+    """The frames a store keeps are decoded when it is created, before any unit: damage met there is
+    left out the same way (nothing is left beside the store). ``--shard`` processes cannot lay a
+    store out again: with them it stays an error, saying how to leave the episode out."""
+    dataset = make(tmp_path)
+    video = v21_video(dataset, 2)
+    reencode(video, 2, 12, faststart=True)
+    truncate(video, 0.6)  # the header promises 12 frames, the data runs out
+    out = tmp_path / "f.zarr"
+    one_line_error(cli(*extract_args(dataset, out, "--skip-bad-episodes", "--shard", "0/2")), str(video), "episode 2",
+                   "cannot leave an episode out of a store that --shard processes fill together",
+                   "re-run without --shard")
+    result = cli(*extract_args(dataset, out, "--skip-bad-episodes"))
+    assert result.exit_code == 0 and "SKIPPED 1 bad episode(s):" in result.stdout, result.output
+    store = FeatureStore(out)
+    assert [index for index, _ in store.record.episodes_skipped] == [2] and store.done_units().all()
+    assert [episode for episode, *_ in store.episodes()] == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.zarr", "lerobot-v2.1"]
+
+
+def _read(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []

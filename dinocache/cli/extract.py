@@ -103,7 +103,8 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--episodes", default=None, help="START:STOP (episode indices) or a comma list.")
 @click.option("--format", "fmt", default=None, help="Dataset format when detection is not wanted: lerobot-v2.1, lerobot-v3.0, aloha-hdf5.")
 @click.option("--revision", default=None, help="For a Hub dataset id: the branch, tag or commit to use (fetched if not cached).")
-@click.option("--skip-bad-episodes", is_flag=True, help="Skip malformed episodes (listed at the end) instead of stopping.")
+@click.option("--skip-bad-episodes", is_flag=True, help="Skip malformed episodes (listed at the end, and recorded in the store) instead of "
+              "stopping, also one whose frame is found damaged in the middle of extraction.")
 @click.option("--compression", default="none", show_default=True, help="none, zstd, or bitround:N (N mantissa bits kept, then zstd).")
 @click.option("--chunk-frames", default=16, type=click.IntRange(min=1), show_default=True,
               help="Frames per chunk (the unit of a training read).")

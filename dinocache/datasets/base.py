@@ -11,11 +11,14 @@ message names the file, the episode and what is wrong (see :func:`problem`). Epi
 bad in a way that is cheap to see (missing video, length 0, NaN in a state) are found when the
 dataset is opened, so that ``skip_bad_episodes`` can drop them *before* the extractor lays out
 its store; problems only decoding can reveal (a video shorter than its parquet) surface when
-the frames are read.
+the frames are read: as an :class:`~dinocache.errors.EpisodeError` where the caller reads through
+:func:`reading_episode`, so that the extractor can still leave that episode out
+(:meth:`DatasetSource.drop_episode`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinocache.errors import DatasetError
+from dinocache.errors import DatasetError, EpisodeError
 from dinocache.hashing import file_sha256
 from dinocache.keys import short_name
 
@@ -74,6 +77,27 @@ def problem(file: Path | str, episode: int | None, what: str) -> str:
     if episode is None:
         return f"{file}: {what}"
     return f"{file}: episode {episode}: {what}"
+
+
+@contextlib.contextmanager
+def reading_episode(episode: int, camera: str) -> Iterator[None]:
+    """Around the reading of one episode's frames: a reader's :class:`DatasetError` becomes an
+    :class:`EpisodeError` saying which episode and camera it is about (the message unchanged)."""
+    try:
+        yield
+    except EpisodeError:
+        raise
+    except DatasetError as err:
+        raise EpisodeError(str(err), episode, camera) from None
+
+
+def _end_to_end(episodes: Iterable[tuple[int, int, str]]) -> list[EpisodeInfo]:
+    """``(index, length, task)`` in order as :class:`EpisodeInfo` laid end to end from frame 0."""
+    laid, start = [], 0
+    for index, length, task in episodes:
+        laid.append(EpisodeInfo(index=index, length=length, task=task, start=start))
+        start += length
+    return laid
 
 
 def first_nonfinite(array: np.ndarray) -> tuple[int, str] | None:
@@ -127,14 +151,8 @@ class EpisodeBook:
         if self._problems and not skip_bad_episodes:
             first = min(self._problems)
             raise DatasetError(self._problems[first])
-        episodes: list[EpisodeInfo] = []
-        start = 0
-        for index in sorted(self._found):
-            if index in self._problems:
-                continue
-            length, task = self._found[index]
-            episodes.append(EpisodeInfo(index=index, length=length, task=task, start=start))
-            start += length
+        episodes = _end_to_end((index, *self._found[index]) for index in sorted(self._found)
+                               if index not in self._problems)
         skipped = [(index, self._problems[index]) for index in sorted(self._problems)]
         if not episodes:
             raise DatasetError(problem(
@@ -189,6 +207,17 @@ class DatasetSource(ABC):
             raise DatasetError(problem(
                 self.path, episode_index, f"no such episode; episodes: {known}{more}"))
         return found
+
+    def drop_episode(self, episode_index: int, reason: str) -> None:
+        """Leave out an episode found bad after opening (a frame damaged, found while decoding) as
+        ``skip_bad_episodes`` leaves out one found bad when opening: gone from ``episodes`` (the rest
+        laid end to end again) and from the fingerprint, listed in ``skipped`` with ``reason``."""
+        self.episode(episode_index)  # a listed episode, or one clear error
+        kept = [(ep.index, ep.length, ep.task) for ep in self.episodes if ep.index != episode_index]
+        if not kept:
+            raise DatasetError(problem(self.path, None, f"every episode is bad; the last found: {reason}"))
+        self.episodes = _end_to_end(kept)
+        self.skipped = sorted([*self.skipped, (episode_index, reason)])
 
     def _episode_map(self) -> dict[int, EpisodeInfo]:
         # Keyed on the list object so that a caller replacing ``episodes`` is still honoured.

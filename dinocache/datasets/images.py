@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from threading import Lock
@@ -27,13 +28,20 @@ class ImageDecodeError(Exception):
     """A frame whose bytes do not decode; callers add file, episode, camera and frame."""
 
 
+def _reason(err: Exception) -> str:
+    """Pillow's message without the in-memory file it names (``<_io.BytesIO object at 0x...>``): an
+    address that differs from run to run (and would make two records of one damage differ) and
+    tells the user nothing."""
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+
+
 def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     """Decode a PNG/JPEG (any mode: grey, palette, RGBA) to uint8 ``(H, W, 3)`` RGB."""
     try:
         with Image.open(io.BytesIO(_as_bytes(data))) as img:
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageDecodeError(str(err)) from None
+        raise ImageDecodeError(_reason(err)) from None
 
 
 def decode_jpeg_opencv_order(data: bytes | np.ndarray) -> np.ndarray:
@@ -60,7 +68,7 @@ def decode_jpeg_opencv_order(data: bytes | np.ndarray) -> np.ndarray:
             packed = img.tobytes("raw", "BGR")
             return np.frombuffer(packed, np.uint8).reshape(img.height, img.width, 3)
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageDecodeError(str(err)) from None
+        raise ImageDecodeError(_reason(err)) from None
 
 
 def decode_many(buffers: Sequence[bytes | np.ndarray],

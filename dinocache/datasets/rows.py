@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dinocache.datasets.base import DatasetSource
+from dinocache.datasets.base import DatasetSource, reading_episode
 
 __all__ = ["DECODE_THREADS", "EpisodeFrames", "frames_at_rows"]
 
@@ -39,7 +39,8 @@ def frames_at_rows(source: DatasetSource, episodes: Episodes, cameras: Sequence[
     """The raw uint8 frames of store ``rows``, per camera.
 
     Each episode holding a wanted row is decoded once per camera, from its start up to its last
-    wanted frame: the frames are the very ones extraction feeds the backbone.
+    wanted frame: the frames are the very ones extraction feeds the backbone. A frame found bad on
+    the way is an :class:`~dinocache.errors.EpisodeError`.
     """
     wanted: dict[int, list[tuple[int, int]]] = {}  # episode -> [(position in rows, frame in episode)]
     for position, (at, row) in enumerate(zip(_episode_positions(episodes, rows), rows)):
@@ -51,15 +52,16 @@ def frames_at_rows(source: DatasetSource, episodes: Episodes, cameras: Sequence[
         frames = np.empty((len(rows), info.height, info.width, 3), dtype=np.uint8)
         for index, targets in wanted.items():
             last, seen = max(frame for _, frame in targets), 0
-            batches = source.iter_frames(index, camera, batch_size=16)
-            for batch in batches:
-                for position, frame in targets:
-                    if seen <= frame < seen + len(batch):
-                        frames[position] = batch[frame - seen]
-                seen += len(batch)
-                if seen > last:  # stop decoding (a generator's close() releases the video now)
-                    getattr(batches, "close", lambda: None)()
-                    break
+            with reading_episode(index, camera):
+                batches = source.iter_frames(index, camera, batch_size=16)
+                for batch in batches:
+                    for position, frame in targets:
+                        if seen <= frame < seen + len(batch):
+                            frames[position] = batch[frame - seen]
+                    seen += len(batch)
+                    if seen > last:  # stop decoding (a generator's close() releases the video now)
+                        getattr(batches, "close", lambda: None)()
+                        break
         out[camera] = frames
     return out
 

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from dinocache.encoders.backbone import FrozenBackbone, create_backbone
 from dinocache.cores import available_cores
 from dinocache.devices import check_batch_fits, resolve_device
-from dinocache.errors import DinocacheError, StoreError
+from dinocache.errors import DinocacheError, EpisodeError, StoreError
 from dinocache.datasets import open_dataset
-from dinocache.datasets.base import DatasetSource, EpisodeInfo
+from dinocache.datasets.base import DatasetSource, EpisodeInfo, reading_episode
 from dinocache.datasets.prefetch import ordered_streams
 from dinocache.datasets.rows import frames_at_rows
 from dinocache.pipeline.store import (
@@ -46,6 +46,7 @@ from dinocache.pipeline.store import (
     create_or_open,
     store_bytes,
 )
+from dinocache.pipeline.relayout import drop_recorded, relayout
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -217,7 +218,7 @@ def plan_layout(source: DatasetSource, episodes: Sequence[EpisodeInfo], cameras:
         precision=cfg.resolved_precision(), source=SourceRecord(source.format, source.fingerprint()),
         source_path=str(Path(source.path).resolve()), episodes_selected=tuple(ep.index for ep in episodes),
         fps=float(source.fps), camera_sizes={c: (source.cameras[c].height, source.cameras[c].width) for c in cameras},
-        lowdim_names={k: info.names for k, info in source.lowdim.items()},
+        lowdim_names={k: info.names for k, info in source.lowdim.items()}, episodes_skipped=tuple(source.skipped),
     )
     h, w = backbone.grid_size
     return StoreLayout(
@@ -287,7 +288,8 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
     the middle without decoding from its start); rows outside ``spans`` (units already done) are
     decoded and dropped. Items come back episode by episode, camera by camera, rows ascending,
     whatever the number of workers: that order, not the timing, decides what the caller computes.
-    A decoding error is raised here at its place in that order, after every item before it.
+    A decoding error is raised here at its place in that order, after every item before it, as an
+    :class:`~dinocache.errors.EpisodeError` naming the episode and camera.
     ``threads``: FFmpeg threads per decoder, by default :func:`decoder_threads`; 0 is FFmpeg's choice.
     """
     spans = _spans(spans)
@@ -297,16 +299,17 @@ def decode_in_order(source: DatasetSource, episodes: Sequence[tuple[int, int, in
 
     def stream(index: int, start: int, camera: str, rows: list[tuple[int, int]],
                threads: int) -> Iterator[tuple[str, int, np.ndarray]]:
-        row, batches = start, source.iter_frames(index, camera, batch_size=batch_size, decoder_threads=threads)
-        for frames in batches:
-            for a, b in rows:
-                lo, hi = max(a, row), min(b, row + len(frames))
-                if lo < hi:
-                    yield camera, lo, frames[lo - row:hi - row]
-            row += len(frames)
-            if row >= rows[-1][1]:  # nothing wanted further on (a shard or resume boundary): release the video now
-                getattr(batches, "close", lambda: None)()
-                return
+        with reading_episode(index, camera):
+            row, batches = start, source.iter_frames(index, camera, batch_size=batch_size, decoder_threads=threads)
+            for frames in batches:
+                for a, b in rows:
+                    lo, hi = max(a, row), min(b, row + len(frames))
+                    if lo < hi:
+                        yield camera, lo, frames[lo - row:hi - row]
+                row += len(frames)
+                if row >= rows[-1][1]:  # nothing wanted further on (a shard or resume boundary): release the video now
+                    getattr(batches, "close", lambda: None)()
+                    return
 
     largest = max(source.cameras[c].height * source.cameras[c].width * 3 for c in cameras)
     queue_size = max(2, decode_ahead_bytes() // (2 * workers * batch_size * largest))
@@ -565,16 +568,35 @@ def open_source(cfg: ExtractConfig) -> Selection:
     cameras = list(source.select_cameras(cfg.cameras) if cfg.cameras else source.cameras)
     if not cameras:
         raise DinocacheError(f"{cfg.dataset}: the dataset has no camera to extract features from")
+    if Path(cfg.out).exists() and not cfg.overwrite:  # refuses, in one line, anything that is not a feature store
+        drop_recorded(FeatureStore(cfg.out, mode="r"), source, cfg.skip_bad_episodes)
+    return select(cfg, source, cameras)
+
+
+def select(cfg: ExtractConfig, source: DatasetSource, cameras: list[str]) -> Selection:
+    """The episodes of ``source`` that ``--episodes`` asks for (all listed ones by default)."""
     chosen = set(parse_episodes(cfg.episodes, [ep.index for ep in source.episodes], dict(source.skipped)))
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        FeatureStore(cfg.out, mode="r")  # refuses, in one line, anything that is not a feature store
     return Selection(source, cameras, [ep for ep in source.episodes if ep.index in chosen])
 
 
-def prepare(cfg: ExtractConfig, backbone: FrozenBackbone, selected: Selection) -> tuple[FeatureStore, ExtractSummary]:
-    """Plan the layout of the selected features and create (or reopen) the store. Safe to run concurrently."""
+def leave_out_damaged(cfg: ExtractConfig, selected: Selection, err: EpisodeError) -> Selection:
+    """With ``--skip-bad-episodes``, ``selected`` without the episode in which ``err`` found a damaged
+    frame, as if opening had found it bad; without the flag, ``err`` itself."""
+    if not cfg.skip_bad_episodes:
+        raise err
+    if cfg.shard is not None:
+        raise DinocacheError(f"{err}; --skip-bad-episodes cannot leave an episode out of a store that --shard "
+                             "processes fill together: re-run without --shard (it resumes) to leave it out") from None
+    selected.source.drop_episode(err.episode, str(err))
+    return select(cfg, selected.source, selected.cameras)
+
+
+def prepare(cfg: ExtractConfig, backbone: FrozenBackbone, selected: Selection,
+            left_out: bool = False) -> tuple[FeatureStore, ExtractSummary]:
+    """Plan the layout of the selected features and create (or reopen) the store. Safe to run concurrently,
+    but not when ``left_out`` (an episode left out since the store was laid out: it is laid out again)."""
     layout = plan_layout(selected.source, selected.episodes, selected.cameras, backbone, cfg)
-    store = create_or_open(cfg.out, layout, overwrite=cfg.overwrite)
+    store = relayout(cfg.out, layout) if left_out else create_or_open(cfg.out, layout, overwrite=cfg.overwrite)
     summary = ExtractSummary(store=store.path, episodes=len(selected.episodes),
                              skipped_episodes=list(selected.source.skipped))
     return store, summary
@@ -614,7 +636,20 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
     selected = open_source(cfg)
     backbone = backbone or build_backbone(cfg)
     check_forward_fits(cfg, backbone, selected.source, selected.cameras)
-    store, summary = prepare(cfg, backbone, selected)
+    left_out = False
+    while True:  # once more for each episode found damaged in the middle of it (--skip-bad-episodes)
+        try:
+            summary = fill(cfg, *prepare(cfg, backbone, selected, left_out), backbone, selected.source)
+            break
+        except EpisodeError as err:
+            selected, left_out = leave_out_damaged(cfg, selected, err), True
+    summary.seconds = time.perf_counter() - t_begin
+    return summary
+
+
+def fill(cfg: ExtractConfig, store: FeatureStore, summary: ExtractSummary, backbone: FrozenBackbone,
+         source: DatasetSource) -> ExtractSummary:
+    """Compute and write this process's units of ``store`` that are not done yet."""
     mine = shard_units(store.num_units, cfg.shard)
     redo_damaged_units(store, mine)
     done = store.done_units()
@@ -626,9 +661,8 @@ def extract(cfg: ExtractConfig, backbone: FrozenBackbone | None = None) -> Extra
     with tqdm(total=frames_total, initial=frames_done, unit="frame", disable=not cfg.progress,
               desc=f"extract {store.path.name}", dynamic_ncols=True) as bar:
         if pending:
-            summary.merge(run_units(store, selected.source, model, pending, cfg.batch_size, cfg.resolved_device(),
+            summary.merge(run_units(store, source, model, pending, cfg.batch_size, cfg.resolved_device(),
                                     cfg.dtype, cfg.resolved_decode_workers(), progress=bar))
     summary.bytes_written = store_bytes(store.path)
-    summary.seconds = time.perf_counter() - t_begin
     return summary
 

@@ -151,8 +151,8 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
     if path.exists() and overwrite:
         shutil.rmtree(path)
     if not path.exists():
-        _sweep_abandoned_creations(path)
-        tmp = path.parent / f".{path.name}.creating-{socket.gethostname()}-{os.getpid()}"
+        sweep_abandoned_folders(path)
+        tmp = private_folder(path, "creating")
         shutil.rmtree(tmp, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -177,25 +177,40 @@ def create_or_open(path: str | os.PathLike, layout: StoreLayout, overwrite: bool
 ABANDONED_AFTER_S = 600
 
 
-def _sweep_abandoned_creations(path: Path) -> None:
-    """Delete the half-built stores that processes of this host killed mid-creation left beside ``path``.
+#: What a process does in its :func:`private_folder` beside a store: create the store, lay it out again
+#: (:mod:`~dinocache.pipeline.relayout`), or hold the store it replaced until it is deleted.
+PRIVATE_FOLDERS = ("creating", "relayout", "replaced")
 
-    A failure cleans up after itself; a SIGKILL cannot. A creation folder is named after its host
-    and process: one of this host whose process no longer runs, and in which nothing was written for
-    :data:`ABANDONED_AFTER_S`, is abandoned (the age guards against a process of the same host name
-    that this one cannot see, e.g. in another container). Another host's folders are left alone.
+
+def private_folder(path: Path, kind: str) -> Path:
+    """``.NAME.KIND-HOST-PID`` beside the store ``path``: this process's folder for ``kind`` of work."""
+    return path.parent / f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def sweep_abandoned_folders(path: Path) -> None:
+    """Delete the :func:`private_folder` of processes of this host killed mid-work beside ``path``.
+
+    A failure cleans up after itself; a SIGKILL cannot. One of this host whose process no longer
+    runs, and in which nothing was written for :data:`ABANDONED_AFTER_S`, is abandoned (the age
+    guards against a process of the same host name that this one cannot see, e.g. in another
+    container). Another host's folders are left alone.
     """
     host = socket.gethostname()
-    for folder in path.parent.glob(f".{glob.escape(path.name)}.creating-*"):
-        owner, _, pid = folder.name.rpartition("-")
-        if owner != f".{path.name}.creating-{host}" or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        if process_running(int(pid)):
-            continue
-        touched = max([folder.stat().st_mtime, *(os.stat(os.path.join(root, name)).st_mtime
-                                                 for root, dirs, files in os.walk(folder) for name in [*dirs, *files])])
-        if time.time() - touched > ABANDONED_AFTER_S:
-            shutil.rmtree(folder, ignore_errors=True)
+    for kind in PRIVATE_FOLDERS:
+        for folder in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+            owner, _, pid = folder.name.rpartition("-")
+            if owner == f".{path.name}.{kind}-{host}" and pid.isdigit() and int(pid) != os.getpid():
+                _sweep(folder, int(pid))
+
+
+def _sweep(folder: Path, pid: int) -> None:
+    """Delete ``folder`` if process ``pid`` is gone and nothing in it was touched for a while."""
+    if process_running(pid):
+        return
+    touched = max([folder.stat().st_mtime, *(os.stat(os.path.join(root, name)).st_mtime
+                                             for root, dirs, files in os.walk(folder) for name in [*dirs, *files])])
+    if time.time() - touched > ABANDONED_AFTER_S:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:

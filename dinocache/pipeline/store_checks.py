@@ -27,8 +27,8 @@ import zarr
 from dinocache.errors import StoreError
 from dinocache.hashing import json_sha256, parts_sha256
 
-__all__ = ["RECORD_DIGEST_KEY", "DIGESTS", "lowdim_stats", "record_digest", "unit_arrays", "unit_digests", "unit_problems",
-           "structure_problems"]
+__all__ = ["RECORD_DIGEST_KEY", "DIGESTS", "lowdim_stats", "record_digest", "unit_arrays", "shard_file", "unit_digests",
+           "unit_problems", "structure_problems"]
 
 #: Root attribute holding the digest of the root record (``attributes.dinocache``).
 RECORD_DIGEST_KEY = "dinocache_sha256"
@@ -59,7 +59,8 @@ def unit_arrays(cameras: Sequence[str]) -> list[str]:
     return [f"cameras/{camera}/{part}" for camera in cameras for part in ("patch", "cls")]
 
 
-def _shard_file(root: zarr.Group, path: Path, name: str, unit: int) -> Path:
+def shard_file(root: zarr.Group, path: Path, name: str, unit: int) -> Path:
+    """The file of the store at ``path`` holding ``unit``'s shard of array ``name``."""
     array = root[name]
     return path / name / array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
 
@@ -98,7 +99,7 @@ def unit_digests(root: zarr.Group, path: Path, cameras: Sequence[str], identity:
     rows = []
     for name in unit_arrays(cameras):
         array = root[name]
-        summary = _shard_summary(_shard_file(root, path, name, unit), _chunks_per_shard(array))
+        summary = _shard_summary(shard_file(root, path, name, unit), _chunks_per_shard(array))
         digest = parts_sha256([("store", store.encode()), ("unit", str(unit).encode()), (name, summary)])
         rows.append(np.frombuffer(bytes.fromhex(digest), dtype=np.uint8))
     return np.stack(rows)
@@ -117,7 +118,7 @@ def unit_problems(root: zarr.Group, path: Path, cameras: Sequence[str], identity
     for unit in (range(len(done)) if units is None else units):
         if not done[unit]:
             continue
-        files = [_shard_file(root, path, name, unit) for name in names]
+        files = [shard_file(root, path, name, unit) for name in names]
         try:
             found = unit_digests(root, path, cameras, identity, unit)
         except FileNotFoundError:

@@ -94,6 +94,9 @@ class StoreRecord:
     fps: float | None = None
     camera_sizes: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # camera -> native (H, W)
     lowdim_names: Mapping[str, list[str] | None] = field(default_factory=dict)
+    #: ``(episode index, why)`` of each episode ``--skip-bad-episodes`` left out, found bad when the
+    #: dataset was opened or while its frames were decoded (written only when there is one).
+    episodes_skipped: tuple[tuple[int, str], ...] = ()
     format_version: int = FORMAT_VERSION
     dinocache_version: str = __version__
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -103,6 +106,7 @@ class StoreRecord:
         if self.episodes_selected is not None:
             object.__setattr__(self, "episodes_selected", tuple(int(i) for i in self.episodes_selected))
         object.__setattr__(self, "camera_sizes", {c: (int(h), int(w)) for c, (h, w) in self.camera_sizes.items()})
+        object.__setattr__(self, "episodes_skipped", tuple((int(i), str(why)) for i, why in self.episodes_skipped))
 
     def camera_size(self, camera: str) -> tuple[int, int] | None:
         """The native (H, W) of ``camera`` in the source dataset, when recorded."""
@@ -133,6 +137,7 @@ class StoreRecord:
             "fps": self.fps,
             "camera_sizes": {camera: list(size) for camera, size in self.camera_sizes.items()},
             "lowdim_names": dict(self.lowdim_names),
+            **({"episodes_skipped": [[i, why] for i, why in self.episodes_skipped]} if self.episodes_skipped else {}),
             **self.extra,
         }
 
