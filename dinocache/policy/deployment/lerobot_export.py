@@ -7,7 +7,7 @@ head, CVAE encoder included, and the pre- and post-processor files with the run'
 statistics. ``lerobot-eval --policy.path=DIR``, ``lerobot-rollout --policy.path=DIR`` and
 ``push_to_hub`` take it as it is; ``dinocache.json`` beside them says where it came from and
 what was checked, and records the size and sha256 of every other file of the folder
-(:func:`~dinocache.policy.integrity.folder_files`; sealed), which the plugin checks whenever it
+(:func:`~dinocache.policy.model.integrity.folder_files`; sealed), which the plugin checks whenever it
 loads the policy (a flipped byte in a weight or a normalisation statistic would otherwise run).
 
 Order of work, each step able to stop the export before anything is in place:

@@ -12,7 +12,7 @@ line naming the difference, when it was extracted from another dataset (its reco
 is not the LeRobot dataset's), with another backbone or image size (name, model, preprocessing),
 with other weights (the hash of the loaded tensors), or lacks a camera the policy reads; and a store
 whose parts disagree (an edited root record, a shard file not written for its unit) is refused as
-``dinocache train`` refuses it (:func:`~dinocache.policy.data.open_training_store` checks it whole). The
+``dinocache train`` refuses it (:func:`~dinocache.policy.training.episodes.open_training_store` checks it whole). The
 dataloader's frames are LeRobot's ``index``; the store's rows are its own (it may hold a subset of
 the episodes): :class:`FeatureCache` maps one onto the other from both episode tables.
 """
