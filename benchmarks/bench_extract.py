@@ -42,9 +42,9 @@ from bench_decode import LEROBOT_VIDEO, SIZE
 from bench_store_write import timed_writes
 
 from dinocache.encoders.backbone import FrozenBackbone
-from dinocache.pipeline.extract import (
-    PRECISIONS, ExtractConfig, build_backbone, decode_in_order, decoder_threads, open_source, parse_episodes, prepare,
-    run_units)
+from dinocache.pipeline.decoding import decode_in_order, decoder_threads
+from dinocache.pipeline.extract import PRECISIONS, ExtractConfig, build_backbone, open_source, parse_episodes, prepare
+from dinocache.pipeline.units import run_units
 from dinocache.pipeline.store import store_bytes
 from dinocache.datasets import open_dataset
 

@@ -95,17 +95,17 @@ def test_host_buffers_are_allocated_once_and_reused(small_dataset: Path, tmp_pat
     """Stage one hands its batches to the device through at most two host buffers per frame shape
     (pinned on CUDA: one being filled while the other's copy is in flight), allocated once and reused
     for every batch, not one per batch."""
-    from dinocache.pipeline import extract as extract_module
+    from dinocache.pipeline import units as units_module
 
     handed: list[torch.Tensor] = []
-    original = extract_module._Forward.slot
+    original = units_module._Forward.slot
 
     def slot(self, frame_shape):
         taken = original(self, frame_shape)
         handed.append(taken.tensor)
         return taken
 
-    monkeypatch.setattr(extract_module._Forward, "slot", slot)
+    monkeypatch.setattr(units_module._Forward, "slot", slot)
     summary = extract(config(small_dataset, tmp_path / "f.zarr", device=device, batch_size=4))
     assert summary.frames == 42 and len(handed) >= 2 * 42 // 4  # two cameras, a batch of 4 at a time
     assert len({t.data_ptr() for t in handed}) <= 2
@@ -406,7 +406,7 @@ def test_real_dataset_features_and_kill_resume(real_dataset: Path, tmp_path: Pat
 
 
 def test_decoders_share_the_cores_among_the_streams_that_run_together(monkeypatch):
-    import dinocache.pipeline.extract as stage_one
+    import dinocache.pipeline.decoding as stage_one
 
     monkeypatch.setattr(stage_one, "available_cores", lambda: 16)
     assert [stage_one.decoder_threads(w, s) for w, s in [(16, 100), (4, 100), (16, 3), (1, 1), (32, 100)]] == \

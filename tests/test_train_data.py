@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from dinocache.devices import parse_memory_budget
+from dinocache.encoders.augment_recipe import parse_recipe
 from dinocache.errors import DinocacheError, StoreError
-from dinocache.pipeline.store import FORMAT_NAME, FORMAT_VERSION, FeatureStore, StoreLayout, StoreRecord, create_or_open
+from dinocache.pipeline.store import (FORMAT_NAME, FORMAT_VERSION, VIEWS_FORMAT_VERSION, FeatureStore, StoreLayout,
+                                     StoreRecord, create_or_open)
 from dinocache.policy.model.config import ACTION, ACTION_IS_PAD, OBS_STATE
 from dinocache.policy.training.data import CachedFeatures
 from dinocache.policy.training.episodes import action_windows, episode_rows, open_training_store, split_episodes
@@ -25,13 +27,15 @@ PHASE_STEP = 1 / 24
 
 def make_store(path: Path, num_episodes: int = 24, lengths: tuple[int, int] = (16, 28), seed: int = 0,
                cameras: dict[str, tuple[int, int, int]] | None = None, complete: bool = True,
-               backbone: str = "dinov2_vits14") -> FeatureStore:
+               backbone: str = "dinov2_vits14", views: int = 1) -> FeatureStore:
     """A store whose actions are a known, learnable function of the features.
 
     Every episode has a goal ``g`` (3-d); frame ``t`` has the phase ``p = t / 24``. The action is
     ``g * cos(pi p) + 0.3 p``, so the chunk ``t .. t+k`` is determined by ``g`` and ``p``: ``g`` is only
     visible in the features (each patch is a fixed random linear map of ``[g, p, 1]`` plus noise, the
     CLS token another), ``p`` in the state too. Episode lengths vary so that chunks run past episode ends.
+    With ``views`` > 1 the store has augmented views: view ``v`` of a frame is its features with noise
+    of its own (another draw per view), so every view of every frame is distinct.
     """
     cameras = cameras or {"top": (2, 2, 16), "wrist": (1, 3, 16)}
     rng = np.random.default_rng(seed)
@@ -48,7 +52,9 @@ def make_store(path: Path, num_episodes: int = 24, lengths: tuple[int, int] = (1
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "num_frames": n, "cameras": list(cameras),
         "unit_frames": 32, "chunk_frames": 8, "backbone": {"name": backbone}, "weights": {"source": "random", "seed": 0},
         "source": {"format": "synthetic", "fingerprint": f"learnable-{seed}"}, "preprocess": {"image_size": [28, 28]},
-        "episodes_selected": list(range(num_episodes)), "precision": "fp32", "fps": 30.0})
+        "episodes_selected": list(range(num_episodes)), "precision": "fp32", "fps": 30.0,
+        **({"format_version": VIEWS_FORMAT_VERSION, "views": views, "augment": parse_recipe("drq").to_dict()}
+           if views > 1 else {})})
     layout = StoreLayout(
         record=record, grids=cameras,
         lowdim={"action": action.astype(np.float32), "observation.state": state.astype(np.float32)},
@@ -65,8 +71,14 @@ def make_store(path: Path, num_episodes: int = 24, lengths: tuple[int, int] = (1
         x = latent[start:stop]
         features = {}
         for cam, proj in projections.items():
-            patch = np.einsum("nd,hwdc->nhwc", x, proj) + 0.05 * rng.normal(size=(stop - start, *proj.shape[:2], proj.shape[3]))
-            features[cam] = (patch.astype(np.float16), (x @ cls_projection).astype(np.float16))
+            clean = np.einsum("nd,hwdc->nhwc", x, proj)
+            patch, cls = [], []
+            for view in range(views):
+                patch.append(clean + 0.05 * rng.normal(size=(stop - start, *proj.shape[:2], proj.shape[3])))
+                cls.append(x @ cls_projection + (0.05 * rng.normal(size=(stop - start, 16)) if view else 0))
+            features[cam] = (patch[0].astype(np.float16), cls[0].astype(np.float16))
+            if views > 1:
+                features[cam] += (np.stack(patch[1:], 1).astype(np.float16), np.stack(cls[1:], 1).astype(np.float16))
         store.write_unit(unit, features)
     return FeatureStore(path)
 

@@ -113,6 +113,14 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--shard", default=None, help="K/N: do only share K (from 0) of N, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")
 @click.option("--dask-scheduler", default=None, help="tcp://HOST:PORT of a dask.distributed scheduler to spread units over.")
 @click.option("--dask-workers", default=None, type=click.IntRange(min=1), help="Start a local dask cluster of N worker processes (one per GPU).")
+@click.option("--views", default=1, type=click.IntRange(min=1), show_default=True,
+              help="Views stored of every frame: view 0 the clean frame, views 1..K-1 augmented by --augment "
+                   "(K times the store; `train` samples them).")
+@click.option("--augment", default=None,
+              help="With --views 2 or more: a recipe preset (lerobot, drq, all) or a JSON recipe file [default: lerobot, "
+                   "LeRobot's image_transforms].")
+@click.option("--augment-seed", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Seed of the augmented views (each frame's draw depends on it, its row, view and camera only).")
 @click.option("--overwrite", is_flag=True, help="Replace a store that was built differently.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
@@ -129,6 +137,7 @@ def extract(dataset: Path, out: Path, fmt: str | None, revision: str | None, sha
       dinocache extract data/g1 --backbone dinov3_vits16 --image-size 224 --out g1.zarr --cameras cam_high
       dinocache extract data/g1 --out g1.zarr --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       dinocache extract data/g1 --out g1.zarr --dask-workers 4 --device cuda
+      dinocache extract data/g1 --out g1_views.zarr --views 4 --augment lerobot
     """
     from dinocache.datasets import detect_format
     from dinocache.datasets.hub import resolve_dataset

@@ -87,6 +87,15 @@ def _act_options(command: click.Command) -> click.Command:
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the head: Inductor's fused kernels (on CUDA inside the step's CUDA graph).")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
               help="On CUDA, capture the whole step (and validation) once as a CUDA graph and replay it. Not under DDP.")
+@click.option("--view-sampling", type=click.Choice(["uniform", "clean"]), default=TrainConfig.view_sampling,
+              show_default=True, help="With a store of augmented views (extract --views K): each sample draws one of "
+                                      "its frame's K views (uniform), or only the clean view 0 (clean, for comparison). "
+                                      "Validation always uses view 0.")
+@click.option("--grid-shift", default=TrainConfig.grid_shift, type=click.IntRange(min=0), show_default=True,
+              help="Shift each camera's patch grid by up to N whole patches in each direction, edge patches "
+                   "replicated (DrQ's random shift on the cache).")
+@click.option("--patch-dropout", default=TrainConfig.patch_dropout, type=click.FloatRange(0.0, 1.0, max_open=True),
+              show_default=True, help="Zero each patch of the grid with this probability while training.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint, exactly where it stopped.")
 @click.option("--log-to", type=click.Choice(list(TRACKERS)), multiple=True,
               help="Also log to TensorBoard (<out>/tensorboard) or Weights & Biases ($WANDB_PROJECT, default "
@@ -106,7 +115,8 @@ def _act_options(command: click.Command) -> click.Command:
 def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: int, val_episodes: str,
           val_frames: int, eval_every: int, save_every: int, log_every: int, seed: int, device: str | None,
           memory_budget: str | None, device_memory_budget: str | None, window_frames: int | None, compile_: bool,
-          cuda_graph: bool, resume: bool, log_to: tuple[str, ...], no_progress: bool, online: bool, backbone: str,
+          cuda_graph: bool, view_sampling: str, grid_shift: int, patch_dropout: float, resume: bool,
+          log_to: tuple[str, ...], no_progress: bool, online: bool, backbone: str,
           weights: str, image_size: str | None, unfreeze_last: int | None, layer_decay: float | None,
           gradient_checkpointing: bool, **act: Any) -> None:
     """Train an ACT head on the cached features of STORE (stage two), or online on a dataset's frames.
@@ -119,6 +129,7 @@ def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: in
       dinocache train features.zarr --out runs/act1 --preset dinov2-reg
       dinocache train features.zarr --out runs/act1 --chunk-size 50 --kl-weight 10 --lr 1e-5
       dinocache train features.zarr --out runs/act1 --resume --steps 100000
+      dinocache train views.zarr --out runs/act2 --grid-shift 1 --patch-dropout 0.1
       torchrun --nproc_per_node 4 -m dinocache.cli train features.zarr --out runs/act1
       dinocache train --online --backbone resnet18 DATASET --out runs/act-resnet   # ACT's own recipe
     """
@@ -131,7 +142,8 @@ def train(store: Path, out: Path, preset: str | None, steps: int, batch_size: in
                       val_frames=val_frames, eval_every=eval_every, save_every=save_every, log_every=log_every,
                       seed=seed, device=device, compile=compile_, cuda_graph=cuda_graph, memory_budget=memory_budget,
                       device_memory_budget=device_memory_budget, window_frames=window_frames, resume=resume,
-                      progress=not no_progress, given=given, log_to=log_to)
+                      progress=not no_progress, given=given, log_to=log_to, view_sampling=view_sampling,
+                      grid_shift=grid_shift, patch_dropout=patch_dropout)
     if online:
         from dinocache.datasets.hub import resolve_dataset
         from dinocache.policy.training.finetune import train_online

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dinocache.pipeline.extract import (
-    ExtractConfig, ExtractSummary, build_backbone, open_source, prepare, redo_damaged_units, run_units)
+from dinocache.pipeline.extract import ExtractConfig, build_backbone, open_source, prepare, redo_damaged_units
+from dinocache.pipeline.units import ExtractSummary, run_units
 from dinocache.datasets import open_dataset
 from dinocache.pipeline.store import FeatureStore, store_bytes
 

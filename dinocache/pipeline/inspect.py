@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from dinocache.atomic import sweep_temporaries, temporary_name
 from dinocache.errors import DinocacheError, StoreError
 from dinocache.datasets.rows import frames_at_rows
+from dinocache.encoders.augment_recipe import AugmentRecipe
 from dinocache.pipeline.store import FeatureStore, store_bytes
 
 
@@ -43,9 +45,21 @@ def describe(store: FeatureStore, problems: list[str] | None = None) -> str:
         f"compression {record.compression}, {store_bytes(store.path) / 2**20:.1f} MiB on disk",
         f"complete    {completeness}",
     ]
+    if record.views > 1:
+        recipe = AugmentRecipe.from_dict(record.augment, where=f"{store.path}: the recorded augmentation recipe")
+        lines.append(f"views       {record.views} per frame: view 0 the clean frame, views 1-{record.views - 1} "
+                     f"augmented by {recipe.describe()}")
+        lines.append(f"            {json.dumps(record.augment, sort_keys=True)}")
     for camera in store.cameras:
         h, w, c = store.grid_shape(camera)
-        lines.append(f"camera      {camera}: patch grid ({store.num_frames}, {h}, {w}, {c}), cls ({store.num_frames}, {c})")
+        lines.append(f"camera      {camera}: patch grid ({store.num_frames}, {h}, {w}, {c}), cls ({store.num_frames}, {c})"
+                     + (f", views ({store.num_frames}, {record.views - 1}, ...)" if record.views > 1 else ""))
+    one_view = store.num_frames * sum(
+        (math.prod(store.grid_shape(camera)) + store.grid_shape(camera)[2]) for camera in store.cameras)
+    one_view *= np.dtype(record.dtype).itemsize
+    lines.append(f"features    {record.views * one_view / 2**20:.1f} MiB in memory"
+                 + (f" = {record.views} views x {one_view / 2**20:.1f} MiB (what `train` holds; --view-sampling clean "
+                    "holds one)" if record.views > 1 else ""))
     for key in store.lowdim_keys:
         stats = store.stats(key)
         lines.append(f"{key:<11} dim {len(stats['mean'])}: mean |{np.abs(stats['mean']).mean():.3g}|, "
@@ -68,12 +82,13 @@ def verify(store: FeatureStore, progress: bool = True) -> list[str]:
         nan = 0
         for unit in tqdm(range(store.num_units), desc=f"verify {camera}", disable=not progress, leave=False):
             start, stop = store.unit_range(unit)
-            try:
-                patch, cls = store.patch(camera, slice(start, stop)), store.cls(camera, slice(start, stop))
+            try:  # every view of the unit's frames
+                patch = store.view_features(f"cameras/{camera}/patch", start, stop)
+                cls = store.view_features(f"cameras/{camera}/cls", start, stop)
             except StoreError as err:
                 problems.append(str(err).removeprefix(f"{store.path}: "))
                 continue
-            nan += int((np.isnan(patch.reshape(len(patch), -1)).any(axis=1) | np.isnan(cls).any(axis=1)).sum())
+            nan += int((np.isnan(patch.reshape(len(patch), -1)).any(axis=1) | np.isnan(cls.reshape(len(cls), -1)).any(axis=1)).sum())
         if nan:
             problems.append(f"camera {camera!r}: {nan} frame(s) contain NaN (never written, or the shard file is lost)")
     for name in store.array_names():

@@ -6,6 +6,7 @@ The layout is specified in ``docs/cache-format.md`` (format version :data:`FORMA
       zarr.json                       root attributes: the provenance, written once
       cameras/<camera>/patch          (N, h, w, C)  patch-feature grid, float16 by default
       cameras/<camera>/cls            (N, C)        CLS token
+      cameras/<camera>/views/...      (N, K-1, ...) views 1..K-1 of each, with --views K (format version 2)
       action, observation.state, ...  (N, D)        low-dimensional float32 arrays
       episode_index, frame_index      (N,)          int64
       timestamp                       (N,)          float32
@@ -45,7 +46,7 @@ from dinocache.pipeline.store_checks import (DIGESTS, RECORD_DIGEST_KEY, lowdim_
                                              structure_problems, unit_arrays, unit_digests, unit_problems)
 from dinocache.pipeline.store_record import (  # noqa: F401 - also imported from here, where they always were
     DEFAULT_CHUNK_FRAMES, DEFAULT_DTYPE, DEFAULT_PRECISION, DEFAULT_UNIT_FRAMES, FORMAT_NAME, FORMAT_VERSION,
-    VERIFICATION_FRAMES, Compression, SourceRecord, StoreRecord)
+    IDENTITY_KEYS, VERIFICATION_FRAMES, VIEWS_FORMAT_VERSION, Compression, SourceRecord, StoreRecord)
 
 if TYPE_CHECKING:
     from dinocache.datasets.base import DatasetSource
@@ -96,17 +97,22 @@ def _build(root: zarr.Group, layout: StoreLayout) -> None:
     record = layout.record
     n = record.num_frames
     codecs = Compression.parse(record.compression).codecs()
+    # Views 1..K-1 of a store with augmented views sit in arrays of their own, so that view 0 is, array
+    # for array, what a store of one view holds, and a frame's views share its chunks.
+    kinds = [("", (), ())] + ([("views/", (record.views - 1,), ("view",))] if record.views > 1 else [])
     for camera, (h, w, c) in layout.grids.items():
         group = root.require_group(f"cameras/{camera}")
-        group.create_array(
-            "patch", shape=(n, h, w, c), dtype=record.dtype, chunks=(record.chunk_frames, h, w, c),
-            shards=(record.unit_frames, h, w, c), fill_value=np.nan, dimension_names=("frame", "y", "x", "channel"),
-            **codecs,
-        )
-        group.create_array(
-            "cls", shape=(n, c), dtype=record.dtype, chunks=(record.chunk_frames, c), shards=(record.unit_frames, c),
-            fill_value=np.nan, dimension_names=("frame", "channel"), **codecs,
-        )
+        for prefix, view, axis in kinds:
+            group.create_array(
+                f"{prefix}patch", shape=(n, *view, h, w, c), dtype=record.dtype, chunks=(record.chunk_frames, *view, h, w, c),
+                shards=(record.unit_frames, *view, h, w, c), fill_value=np.nan,
+                dimension_names=("frame", *axis, "y", "x", "channel"), **codecs,
+            )
+            group.create_array(
+                f"{prefix}cls", shape=(n, *view, c), dtype=record.dtype, chunks=(record.chunk_frames, *view, c),
+                shards=(record.unit_frames, *view, c), fill_value=np.nan, dimension_names=("frame", *axis, "channel"),
+                **codecs,
+            )
     checksum = {"compressors": [Crc32cCodec()]}
     for key, values in layout.lowdim.items():
         root.create_array(key, data=np.asarray(values, dtype=np.float32), fill_value=np.nan, **checksum)
@@ -124,7 +130,7 @@ def _build(root: zarr.Group, layout: StoreLayout) -> None:
     for col, name in enumerate(("index", "start", "length", "task_index")):
         episodes.create_array(name, data=np.ascontiguousarray(columns[:, col]), **checksum)
     root.create_array("units/done", shape=(layout.num_units,), dtype="uint8", chunks=(1,), fill_value=0)
-    files = len(unit_arrays(record.cameras))
+    files = len(unit_arrays(record.cameras, record.views))
     root.create_array(DIGESTS, shape=(layout.num_units, files, 32), dtype="uint8", chunks=(1, files, 32),
                       fill_value=0, **checksum)
     if layout.verification_frames is not None:
@@ -309,6 +315,9 @@ class FeatureStore:
         names ``backbone.name`` and its two values rather than two whole dictionaries.
         """
         have = self.record.identity()
+        if all(key in wanted for key in IDENTITY_KEYS):  # a whole identity: a store of one view has no view keys
+            one_view = {"views": 1, "augment": None}
+            have, wanted = {**one_view, **have}, {**one_view, **wanted}
         diffs = [diff for key, value in wanted.items() for diff in _differences(key, have.get(key), value)]
         if diffs:
             raise StoreError(f"{self.path} was built differently ({'; '.join(diffs)})" + (f"; {hint}" if hint else ""))
@@ -321,25 +330,29 @@ class FeatureStore:
         """Boolean mask over units: which are completely written."""
         return self.read("units/done").astype(bool)
 
-    def write_unit(self, unit: int, features: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Write one whole unit, every camera's patch grid and CLS, then mark it done.
+    def write_unit(self, unit: int, features: Mapping[str, tuple[np.ndarray, ...]]) -> None:
+        """Write one whole unit, every camera's patch grid and CLS (and in a store with augmented views,
+        those of views 1..K-1: ``(patch, cls, views patch, views cls)``), then mark it done.
 
         The marker is written last: a unit interrupted half-way is simply redone by the next run.
         """
         start, stop = self.unit_range(unit)
+        views = self.record.views
         for camera in self.cameras:
-            patch, cls = features[camera]
-            if patch.shape[0] != stop - start or cls.shape[0] != stop - start:
-                raise StoreError(f"{self.path}: unit {unit} of camera {camera!r} needs {stop - start} frames, got {patch.shape[0]}")
-        arrays = unit_arrays(self.cameras)
+            parts = features[camera]
+            if len(parts) != len(unit_arrays([camera], views)) or any(len(part) != stop - start for part in parts):
+                raise StoreError(f"{self.path}: unit {unit} of camera {camera!r} needs {stop - start} frames of "
+                                 f"{len(unit_arrays([camera], views))} arrays, got {[len(part) for part in parts]}")
+        arrays = unit_arrays(self.cameras, views)
         digests = [DIGESTS] if DIGESTS in self.root else []  # a store made before units had digests has none
         self._remove_interrupted_writes(unit, [*arrays, *digests, "units/done"])
         try:
             for camera in self.cameras:
-                self._for_writing(f"cameras/{camera}/patch")[start:stop] = features[camera][0]
-                self._for_writing(f"cameras/{camera}/cls")[start:stop] = features[camera][1]
+                for name, values in zip(unit_arrays([camera], views), features[camera]):
+                    self._for_writing(name)[start:stop] = values
             if digests:  # what the shard files just written are, bound to this store and unit
-                self.root[DIGESTS][unit] = unit_digests(self.root, self.path, self.cameras, self.record.identity(), unit)
+                self.root[DIGESTS][unit] = unit_digests(self.root, self.path, self.cameras, self.record.identity(), unit,
+                                                        views)
             self.root["units/done"][unit] = 1
         except OSError as err:  # a full disk, a lost mount: the user's to fix, and nothing done is lost
             done = int(self.done_units().sum())
@@ -350,7 +363,8 @@ class FeatureStore:
     def unit_problems(self, units: Sequence[int] | None = None) -> dict[int, str]:
         """Why each unit marked done (of ``units``, default all) is not what was written for it
         (:func:`~dinocache.pipeline.store_checks.unit_problems`): unit -> reason."""
-        return unit_problems(self.root, self.path, self.cameras, self.record.identity(), self.done_units(), units)
+        return unit_problems(self.root, self.path, self.cameras, self.record.identity(), self.done_units(), units,
+                             self.record.views)
 
     def reopen_damaged_units(self, units: Sequence[int]) -> dict[int, str]:
         """Unmark the units of ``units`` whose shard files are missing or not the ones written, so that
@@ -414,10 +428,27 @@ class FeatureStore:
                              f"({type(err).__name__}: {err})") from err
 
     def patch(self, camera: str, selection: Any = slice(None)) -> np.ndarray:
+        """View 0's patch grids (the clean frames'), whatever the number of views."""
         return self.read(f"cameras/{camera}/patch", selection)
 
     def cls(self, camera: str, selection: Any = slice(None)) -> np.ndarray:
+        """View 0's CLS tokens."""
         return self.read(f"cameras/{camera}/cls", selection)
+
+    @property
+    def views(self) -> int:
+        """K, the views stored of every frame: 1, or view 0 (clean) and K-1 augmented ones."""
+        return self.record.views
+
+    def view_features(self, name: str, start: int, stop: int, views: int | None = None) -> np.ndarray:
+        """The first ``views`` (default: all K) views of rows ``start..stop-1`` of ``cameras/<camera>/patch``
+        or ``.../cls`` (``name``): ``(stop - start, views, ...)``, view 0 first."""
+        clean = self.read(name, slice(start, stop))[:, None]
+        if (views or self.views) == 1:
+            return clean
+        camera, _, part = name.rpartition("/")
+        augmented = self.read(f"{camera}/views/{part}", slice(start, stop))[:, :(views or self.views) - 1]
+        return np.concatenate([clean, augmented], axis=1)
 
     def array_names(self) -> list[str]:
         """Every array in the store, as a path relative to the root, sorted."""

@@ -54,9 +54,11 @@ def record_digest(record: Mapping[str, Any]) -> str:
     return json_sha256(record)
 
 
-def unit_arrays(cameras: Sequence[str]) -> list[str]:
-    """The arrays a work unit writes one shard of, in digest order."""
-    return [f"cameras/{camera}/{part}" for camera in cameras for part in ("patch", "cls")]
+def unit_arrays(cameras: Sequence[str], views: int = 1) -> list[str]:
+    """The arrays a work unit writes one shard of, in digest order: each camera's patch grid and CLS,
+    then, in a store with augmented views, theirs (``views/patch``, ``views/cls``)."""
+    parts = ("patch", "cls", *(("views/patch", "views/cls") if views > 1 else ()))
+    return [f"cameras/{camera}/{part}" for camera in cameras for part in parts]
 
 
 def shard_file(root: zarr.Group, path: Path, name: str, unit: int) -> Path:
@@ -90,14 +92,14 @@ def _chunks_per_shard(array: zarr.Array) -> int:
 
 
 def unit_digests(root: zarr.Group, path: Path, cameras: Sequence[str], identity: Mapping[str, Any],
-                 unit: int) -> np.ndarray:
+                 unit: int, views: int = 1) -> np.ndarray:
     """``(files, 32)`` uint8: the digest of each shard file of ``unit``, bound to the store and the unit.
 
     Raises ``FileNotFoundError`` for a missing shard and ``ValueError`` for one that is not a shard.
     """
     store = json_sha256(identity)
     rows = []
-    for name in unit_arrays(cameras):
+    for name in unit_arrays(cameras, views):
         array = root[name]
         summary = _shard_summary(shard_file(root, path, name, unit), _chunks_per_shard(array))
         digest = parts_sha256([("store", store.encode()), ("unit", str(unit).encode()), (name, summary)])
@@ -106,21 +108,21 @@ def unit_digests(root: zarr.Group, path: Path, cameras: Sequence[str], identity:
 
 
 def unit_problems(root: zarr.Group, path: Path, cameras: Sequence[str], identity: Mapping[str, Any],
-                  done: np.ndarray, units: Sequence[int] | None = None) -> dict[int, str]:
+                  done: np.ndarray, units: Sequence[int] | None = None, views: int = 1) -> dict[int, str]:
     """Why each unit marked done (of ``units``, default all) is not what its writer wrote: a shard file
     missing, not a shard, or another one than was written (from another unit or store, or damaged).
 
     A store written before units had digests (no ``units/digest``) can only be checked for missing files.
     """
     recorded = root[DIGESTS] if DIGESTS in root else None
-    names = unit_arrays(cameras)
+    names = unit_arrays(cameras, views)
     problems: dict[int, str] = {}
     for unit in (range(len(done)) if units is None else units):
         if not done[unit]:
             continue
         files = [shard_file(root, path, name, unit) for name in names]
         try:
-            found = unit_digests(root, path, cameras, identity, unit)
+            found = unit_digests(root, path, cameras, identity, unit, views)
         except FileNotFoundError:
             lost = [str(f.relative_to(path)) for f in files if not f.is_file()]
             problems[unit] = f"its shard file {', '.join(lost)} is missing"
@@ -148,14 +150,17 @@ def structure_problems(root: zarr.Group, record: Mapping[str, Any], cameras: Seq
     digest = root.attrs.get(RECORD_DIGEST_KEY)
     if digest is not None and digest != record_digest(record):
         problems.append("the root record (zarr.json attributes) is not the one written: it was edited or damaged")
-    frames = int(record["num_frames"])
-    per_frame = [*unit_arrays(cameras), *lowdim_keys, "episode_index", "frame_index", "timestamp"]
+    frames, views = int(record["num_frames"]), int(record.get("views", 1))
+    per_frame = [*unit_arrays(cameras, views), *lowdim_keys, "episode_index", "frame_index", "timestamp"]
     for name in per_frame:
         if name not in root:
             problems.append(f"array {name!r} is missing")
         elif root[name].shape[0] != frames:
             problems.append(f"array {name!r} has {root[name].shape[0]} rows but the store has {frames} frames "
                             f"({name}/zarr.json or the root zarr.json was edited or damaged)")
+        elif "/views/" in name and root[name].shape[1] != views - 1:
+            problems.append(f"array {name!r} holds {root[name].shape[1]} augmented views but the store has {views} "
+                            f"views in all ({name}/zarr.json or the root zarr.json was edited or damaged)")
     units = -(-frames // int(record["unit_frames"]))
     for name in ("units/done", *([DIGESTS] if DIGESTS in root else [])):
         if root[name].shape[0] != units:

@@ -18,12 +18,17 @@ from dinocache import __version__
 from dinocache.encoders.record import BackboneRecord
 from dinocache.errors import DinocacheError, StoreError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "DEFAULT_DTYPE", "DEFAULT_CHUNK_FRAMES", "DEFAULT_UNIT_FRAMES",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "VIEWS_FORMAT_VERSION", "VIEW_KEYS", "DEFAULT_DTYPE", "DEFAULT_CHUNK_FRAMES", "DEFAULT_UNIT_FRAMES",
            "DEFAULT_PRECISION", "VERIFICATION_FRAMES", "IDENTITY_KEYS", "SourceRecord", "StoreRecord", "Compression",
            "backbone_attributes"]
 
 FORMAT_NAME = "dinocache-features"
 FORMAT_VERSION = 1
+#: The version of a store that holds augmented views (``views`` > 1, ``docs/cache-format.md``): a
+#: dinocache that predates views reads version 1 only, so it refuses such a store rather than training
+#: on its clean view and leaving the views it cannot see unchecked. Stores of one view stay version 1,
+#: byte for byte what they always were.
+VIEWS_FORMAT_VERSION = 2
 
 #: Defaults of a store's settings, also what a record that predates a setting reads as.
 DEFAULT_DTYPE = "float16"
@@ -41,6 +46,9 @@ IDENTITY_KEYS = (
     "backbone", "weights", "preprocess", "dtype", "cameras", "source", "episodes_selected",
     "chunk_frames", "unit_frames", "compression", "precision",
 )
+#: Identity attributes that only a store with views records (K=1 stores leave them out, so that their
+#: root record, and the unit digests bound to their identity, are unchanged).
+VIEW_KEYS = ("views", "augment")
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class StoreRecord:
     #: ``(episode index, why)`` of each episode ``--skip-bad-episodes`` left out, found bad when the
     #: dataset was opened or while its frames were decoded (written only when there is one).
     episodes_skipped: tuple[tuple[int, str], ...] = ()
+    views: int = 1  # K: view 0 the clean frame, views 1..K-1 augmented by `augment`
+    augment: Mapping[str, Any] | None = None  # the recipe (AugmentRecipe.to_dict, its seed included)
     format_version: int = FORMAT_VERSION
     dinocache_version: str = __version__
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -107,15 +117,22 @@ class StoreRecord:
             object.__setattr__(self, "episodes_selected", tuple(int(i) for i in self.episodes_selected))
         object.__setattr__(self, "camera_sizes", {c: (int(h), int(w)) for c, (h, w) in self.camera_sizes.items()})
         object.__setattr__(self, "episodes_skipped", tuple((int(i), str(why)) for i, why in self.episodes_skipped))
+        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
+            raise StoreError(f"views {self.views!r} must be a whole number of at least 1")
+        if (self.views > 1) != (self.augment is not None):
+            raise StoreError(f"{self.views} view(s) with {'a' if self.augment is not None else 'no'} augmentation "
+                             "recipe: a store has a recipe exactly when it has augmented views")
+        object.__setattr__(self, "format_version", VIEWS_FORMAT_VERSION if self.views > 1 else self.format_version)
 
     def camera_size(self, camera: str) -> tuple[int, int] | None:
         """The native (H, W) of ``camera`` in the source dataset, when recorded."""
         return self.camera_sizes.get(camera)
 
     def identity(self) -> dict[str, Any]:
-        """The attributes that must match for a store to be this one (see :data:`IDENTITY_KEYS`)."""
+        """The attributes that must match for a store to be this one (see :data:`IDENTITY_KEYS`), and
+        with views, :data:`VIEW_KEYS`."""
         data = self.to_dict()
-        return {key: data[key] for key in IDENTITY_KEYS}
+        return {key: data[key] for key in IDENTITY_KEYS + (VIEW_KEYS if self.views > 1 else ())}
 
     def to_dict(self) -> dict[str, Any]:
         backbone = backbone_attributes(self.backbone)
@@ -138,6 +155,7 @@ class StoreRecord:
             "camera_sizes": {camera: list(size) for camera, size in self.camera_sizes.items()},
             "lowdim_names": dict(self.lowdim_names),
             **({"episodes_skipped": [[i, why] for i, why in self.episodes_skipped]} if self.episodes_skipped else {}),
+            **({"views": self.views, "augment": dict(self.augment)} if self.views > 1 else {}),
             **self.extra,
         }
 
@@ -146,9 +164,13 @@ class StoreRecord:
         """Read the attributes of a store (or a copy of them, as a run folder keeps)."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT_NAME:
             raise StoreError(f"a Zarr group, but not a dinocache feature store (no {FORMAT_NAME!r} attributes)")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"feature-store format version {data.get('format_version')} is not understood by "
-                             f"dinocache {__version__} (it reads version {FORMAT_VERSION})")
+        version = data.get("format_version")
+        if version not in (FORMAT_VERSION, VIEWS_FORMAT_VERSION):
+            raise StoreError(f"feature-store format version {version} is not understood by dinocache {__version__} "
+                             f"(it reads versions {FORMAT_VERSION} and {VIEWS_FORMAT_VERSION})")
+        if (version == VIEWS_FORMAT_VERSION) != ("views" in data):
+            raise StoreError(f"format version {version} {'without' if 'views' in data else 'with'} augmented views: "
+                             f"only a version {VIEWS_FORMAT_VERSION} store has them")
         names = {f.name for f in fields(cls)} - {"extra"}
         split = {"format", "weights", "weights_path", "preprocess"}
         try:

@@ -41,6 +41,7 @@ from dinocache.policy.model.config import ACTION, ACTION_IS_PAD, FEATURES_PREFIX
 from dinocache.policy.model.normalize import Normalizer
 from dinocache.policy.training.batches import Batch, BatchStream, DeviceBatches, HostBatches
 from dinocache.policy.training.episodes import action_windows
+from dinocache.policy.training.feature_augment import ViewDraw, loaded_views
 from dinocache.policy.training.sampling import SampleOrder
 
 __all__ = ["CachedFeatures", "Block", "ResidentBatches", "DEFAULT_WINDOW_FRAMES"]
@@ -112,12 +113,16 @@ class CachedFeatures:
             holds (three windows are alive at once, current, read-ahead and one being gathered from),
             at most :data:`DEFAULT_WINDOW_FRAMES`.
         progress: Show a bar while loading features into memory.
+        view_sampling: With a store of K views, ``uniform`` holds all K and each training sample draws
+            one (:mod:`~dinocache.policy.training.feature_augment`); ``clean`` holds view 0 only. Tables then
+            hold a frame's views in consecutive rows; validation reads view 0.
     """
 
     def __init__(self, store: FeatureStore, chunk_size: int, use_cls_token: bool = False,
                  memory_budget: int | None = None, device: str | torch.device = "cpu", device_budget: int | None = None,
-                 window_frames: int | None = None, progress: bool = False) -> None:
+                 window_frames: int | None = None, progress: bool = False, view_sampling: str = "uniform") -> None:
         self.store = store
+        self.views = loaded_views(store, view_sampling)
         self.chunk_size = chunk_size
         self.use_cls_token = use_cls_token
         self.device = torch.device(device)
@@ -186,7 +191,7 @@ class CachedFeatures:
     @property
     def bytes_per_frame(self) -> int:
         item = torch.finfo(self.feature_dtype).bits // 8
-        return sum(math.prod(shape) * item for shape in self._table_shapes().values())
+        return self.views * sum(math.prod(shape) * item for shape in self._table_shapes().values())
 
     @property
     def feature_bytes(self) -> int:
@@ -208,21 +213,22 @@ class CachedFeatures:
         disk, and catches it before training on it (in memory) or as its chunk arrives (streamed).
         """
         name = self._array_name(key)
-        return _finite(self.store, name, torch.from_numpy(self.store.read(name, slice(start, stop))), start,
-                       "although every unit is marked done: a shard file is missing or damaged")
+        values = torch.from_numpy(self.store.view_features(name, start, stop, self.views))
+        return _finite(self.store, name, values, start,
+                       "although every unit is marked done: a shard file is missing or damaged").flatten(0, 1)
 
     def _load_all(self, progress: bool, device: str | torch.device) -> Block:
         """Read every feature array into tables on ``device``, one shard (work unit) at a time."""
         from tqdm.auto import tqdm
 
         n = self.store.num_frames
-        tables = {key: torch.empty((n, *shape), dtype=self.feature_dtype, device=device)
+        tables = {key: torch.empty((n * self.views, *shape), dtype=self.feature_dtype, device=device)
                   for key, shape in self._table_shapes().items()}
         units = [self.store.unit_range(u) for u in range(self.store.num_units)]
         with tqdm(total=n * len(tables), unit="frame", desc="load features", disable=not progress, leave=False) as bar:
             for key, table in tables.items():
                 for start, stop in units:
-                    table[start:stop] = self._read(key, start, stop)
+                    table[start * self.views:stop * self.views] = self._read(key, start, stop)
                     bar.update(stop - start)
         return Block(tables)
 
@@ -268,17 +274,19 @@ class CachedFeatures:
         return batch
 
     def _fill(self, out: Batch, parts: Sequence[tuple[Block, Tensor]], rows: Tensor, lowdim: dict[str, Tensor],
-              episode_end: Tensor) -> Batch:
+              episode_end: Tensor, views: Tensor | None = None) -> Batch:
         """Write the batch of store ``rows`` into ``out``: one ``index_select`` per array, on the tables' device.
 
-        ``parts`` are ``(block, positions in its tables)``, in the order of ``rows``; ``lowdim`` and
-        ``episode_end`` are indexed by store row.
+        ``parts`` are ``(block, frame positions in its tables)``, in the order of ``rows``; ``lowdim`` and
+        ``episode_end`` are indexed by store row; ``views`` is each row's view (None: view 0).
         """
         for key in self._table_shapes():
             target, offset = out[key], 0
             target = target.permute(0, 2, 3, 1) if target.dim() == 4 else target  # the channels-last buffer
             for block, local in parts:
-                torch.index_select(block.tables[key], 0, local, out=target[offset:offset + len(local)])
+                index = local if self.views == 1 else local * self.views + (
+                    0 if views is None else views[offset:offset + len(local)])
+                torch.index_select(block.tables[key], 0, index, out=target[offset:offset + len(local)])
                 offset += len(local)
         for key, table in lowdim.items():
             if key != ACTION:
@@ -289,12 +297,13 @@ class CachedFeatures:
         out[ACTION_IS_PAD].copy_(is_pad)
         return out
 
-    def gather(self, pieces: Sequence[tuple[Block, np.ndarray]], out: Batch | None = None) -> Batch:
+    def gather(self, pieces: Sequence[tuple[Block, np.ndarray]], out: Batch | None = None,
+               views: np.ndarray | None = None) -> Batch:
         """One batch from ``(block, rows)`` pieces, in order: index arithmetic only.
 
         The blocks are host blocks, or the resident one when the features live on the device (the
         batch is then gathered there). Written into ``out`` when given, else into new buffers
-        (pinned when they go to a GPU).
+        (pinned when they go to a GPU). ``views``: each row's view (default view 0).
         """
         lowdim, episode_end, device = self.lowdim, self.episode_end, torch.device("cpu")
         if self._device_tables is not None:
@@ -304,7 +313,7 @@ class CachedFeatures:
         if out is None:
             out = self.batch_buffers(len(rows), device, pin=self.pin_memory)
         parts = [(block, torch.from_numpy(block.local(part)).to(device)) for block, part in pieces]
-        return self._fill(out, parts, rows, lowdim, episode_end)
+        return self._fill(out, parts, rows, lowdim, episode_end, None if views is None else torch.from_numpy(views).to(device))
 
     @staticmethod
     def _cut(pieces: Iterator[tuple[Block, Any]], batch_size: int) -> Iterator[list[tuple[Block, Any]]]:
@@ -348,12 +357,14 @@ class CachedFeatures:
         return SampleOrder(rows, seed, rank, world_size, self.chunk_frames, self.window_chunks)
 
     def _batches(self, pieces: Iterator[tuple[np.ndarray | None, np.ndarray]], batch_size: int, out: Batch,
-                 prefetch: int) -> DeviceBatches:
-        """Batches of ``pieces`` written into ``out`` on the device, however the features are held."""
+                 prefetch: int, draw: ViewDraw | None = None) -> DeviceBatches:
+        """Batches of ``pieces`` written into ``out`` on the device, however the features are held;
+        each sample's view from ``draw`` (None: view 0)."""
         if self.on_device:
-            return ResidentBatches(self, pieces, batch_size, out)
+            return ResidentBatches(self, pieces, batch_size, out, draw)
         ring = [self.batch_buffers(batch_size, pin=self.pin_memory) for _ in range(prefetch + 2)]
-        host = (self.gather(piece, out=ring[i % len(ring)])
+        host = (self.gather(piece, out=ring[i % len(ring)],
+                            views=None if draw is None else draw.take(sum(len(rows) for _, rows in piece)))
                 for i, piece in enumerate(self._cut(self._loaded(pieces), batch_size)))
         return HostBatches(BatchStream(host, prefetch), out)
 
@@ -364,10 +375,12 @@ class CachedFeatures:
         Every batch is written into ``out`` (default: new buffers on the device) and ``out`` is
         returned: a step captured as a CUDA graph reads its inputs from fixed addresses. With features
         on the device, the batch is gathered there from index tensors; otherwise a background thread
-        gathers batches ahead on the host (see :class:`HostBatches`).
+        gathers batches ahead on the host (see :class:`HostBatches`). With views, each sample draws one
+        (:class:`~dinocache.policy.training.feature_augment.ViewDraw`, from ``position`` on).
         """
         out = self.batch_buffers(batch_size, self.device) if out is None else out
-        return self._batches(order.pieces(position), batch_size, out, prefetch)
+        draw = ViewDraw(self.views, order.seed, order.rank, position) if self.views > 1 else None
+        return self._batches(order.pieces(position), batch_size, out, prefetch, draw)
 
     def validation_batches(self, rows: np.ndarray, out: Batch) -> Iterator[Batch]:
         """Batches of ``rows`` in order, each written into ``out`` and of its size (the shapes a graph needs).
@@ -416,10 +429,10 @@ class ResidentBatches(DeviceBatches):
     """
 
     def __init__(self, data: CachedFeatures, pieces: Iterator[tuple[np.ndarray | None, np.ndarray]],
-                 batch_size: int, out: Batch) -> None:
+                 batch_size: int, out: Batch, draw: ViewDraw | None = None) -> None:
         super().__init__(out)
         assert data._device_tables is not None
-        self._data = data
+        self._data, self._draw = data, draw
         self._block, self._lowdim, self._episode_end = data._device_tables
         self._cuts = data._cut(((self._block, self._upload(rows)) for _, rows in pieces), batch_size)
 
@@ -432,4 +445,6 @@ class ResidentBatches(DeviceBatches):
     def __next__(self) -> Batch:
         parts = next(self._cuts)
         rows = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
-        return self._data._fill(self.out, [(self._block, rows)], rows, self._lowdim, self._episode_end)
+        views = None if self._draw is None else self._upload(self._draw.take(len(rows)))
+        return self._data._fill(self.out, [(self._block, rows)], rows, self._lowdim, self._episode_end, views)
+

@@ -113,6 +113,7 @@ def train_online(cfg: TrainConfig, backbone: str = "resnet18", weights: str | os
     if cfg.preset is not None:
         raise DinocacheError("--preset sets a cached DINO head's options; an online run takes ACT's defaults and the "
                              "head options given")
+    cfg.refuse_feature_augmentation("an --online run")
     source = open_dataset(cfg.store)
     fingerprint = source.fingerprint()
 
@@ -160,6 +161,7 @@ def finetune(run: str | os.PathLike, cfg: TrainConfig, training: BackboneTrainin
     ``run``; its batch size unless ``cfg`` gives one. ``cfg.steps`` counts fine-tuning steps;
     ``cfg.resume`` continues ``cfg.out`` exactly.
     """
+    cfg.refuse_feature_augmentation("fine-tuning")
     source = resolve_checkpoint(run, checkpoint)
     head_config = read_config(source)
     spec = PolicySpec.from_dict(head_config)

@@ -32,13 +32,13 @@ from dinocache.policy.training.data import CachedFeatures
 from dinocache.policy.training.episodes import EpisodeSplit, split_episodes
 from dinocache.policy.training.frames import DecodedFrames
 from dinocache.policy.training.processes import Processes
-from dinocache.policy.training.train_config import TrainConfig
+from dinocache.policy.training.train_config import AUGMENT_OPTIONS, TrainConfig
 
 __all__ = ["RunKind", "RunSetup", "resolve_act_config", "refuse_resume_changes", "open_run", "claim_run",
-           "release_run", "RUN_OPTIONS"]
+           "release_run", "augment_options", "RUN_OPTIONS"]
 
 
-RUN_OPTIONS = ("batch_size", "seed", "val_frames")
+RUN_OPTIONS = ("batch_size", "seed", "val_frames", *AUGMENT_OPTIONS)
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _check_resume(recorded: dict[str, Any], cfg: TrainConfig, split: list[int]) 
     """Refuse to resume with a changed option that defines the run."""
     conflicts = []
     for name in RUN_OPTIONS:
-        given, was = getattr(cfg, name), recorded["train"][name]
+        given, was = getattr(cfg, name), recorded["train"].get(name, AUGMENT_OPTIONS.get(name))
         if cfg.is_given(name) and given != was:
             conflicts.append(f"--{name.replace('_', '-')} {given} (the run has {was})")
     if cfg.is_given("val_episodes") and split != recorded["split"]["val"]:
@@ -142,7 +142,8 @@ def open_run(cfg: TrainConfig, kind: RunKind,
         _check_resume(recorded, cfg, split.val)
         kind.check_data(recorded)
         config = ACTConfig.from_dict(recorded["act_config"])
-        options = {**recorded["train"], "preset": recorded["preset"], "split": EpisodeSplit(**recorded["split"])}
+        options = {**augment_options(cfg, recorded), **recorded["train"], "preset": recorded["preset"],
+                   "split": EpisodeSplit(**recorded["split"])}
     else:
         if (run_dir / RUN_FILE).exists():
             how = ("continue it" if has_checkpoint else
@@ -151,7 +152,7 @@ def open_run(cfg: TrainConfig, kind: RunKind,
                                 f"or choose another --out")
         config = kind.config()
         options = {"batch_size": cfg.batch_size, "seed": cfg.seed, "val_frames": cfg.val_frames,
-                   "preset": cfg.preset, "split": split}
+                   "preset": cfg.preset, "split": split, **augment_options(cfg, None)}
     procs.barrier()
     return config, options, cfg.resume and has_checkpoint, recorded
 
@@ -187,3 +188,11 @@ def release_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()
+
+
+def augment_options(cfg: TrainConfig, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's augmentation on the cache: the recorded run's when it continues one (a run recorded
+    before these options had none of it), else ``cfg``'s."""
+    if recorded is not None:
+        return {name: recorded["train"].get(name, default) for name, default in AUGMENT_OPTIONS.items()}
+    return {name: getattr(cfg, name) for name in AUGMENT_OPTIONS}

@@ -18,6 +18,7 @@ from dinocache.errors import TrainingError
 from dinocache.policy.model.act import ACTHead
 from dinocache.policy.model.config import ACTION
 from dinocache.policy.training.batches import Batch
+from dinocache.policy.training.feature_augment import FeatureAugment
 
 __all__ = ["TrainStep", "Replayed", "LossModule", "autocast", "GRAPH_WARMUP"]
 
@@ -28,14 +29,15 @@ GRAPH_WARMUP = 3
 
 
 class LossModule(nn.Module):
-    """``compute_loss`` as ``forward``, so that DDP (which hooks ``forward``) synchronises its gradients."""
+    """``compute_loss`` as ``forward``, so that DDP (which hooks ``forward``) synchronises its gradients;
+    with ``augment``, on the batch's features augmented first (in training mode only)."""
 
-    def __init__(self, head: ACTHead) -> None:
+    def __init__(self, head: ACTHead, augment: FeatureAugment | None = None) -> None:
         super().__init__()
-        self.head = head
+        self.head, self.augment = head, augment
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.head.compute_loss(batch)
+        return self.head.compute_loss(batch if self.augment is None else self.augment(batch))
 
 
 class Replayed:

@@ -47,11 +47,12 @@ from dinocache.policy.model.config import ACTConfig, ACTInputs
 from dinocache.policy.training.checkpointing import keep_fused, load_training_state, restore_rng
 from dinocache.policy.training.data import CachedFeatures
 from dinocache.policy.training.episodes import action_windows, episode_rows, open_training_store
+from dinocache.policy.training.feature_augment import FeatureAugment
 from dinocache.policy.training.loop import TrainResult, run_steps, sampler_state, trained_encoder
 from dinocache.policy.training.metrics import truncate_metrics
 from dinocache.policy.training.processes import Processes
 from dinocache.policy.training.run import (
-    RUN_OPTIONS, RunKind, RunSetup, claim_run, open_run, release_run, resolve_act_config,
+    RUN_OPTIONS, RunKind, RunSetup, augment_options, claim_run, open_run, release_run, resolve_act_config,
 )
 from dinocache.policy.training.step import LossModule
 from dinocache.policy.training.train_config import TrainConfig
@@ -74,16 +75,19 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def build(procs: Processes, config: ACTConfig, recorded: dict[str, Any] | None) -> RunSetup:
         device = procs.device
+        augment = augment_options(cfg, recorded)
         data = CachedFeatures(store, config.chunk_size, config.use_cls_token,
                               parse_memory_budget(cfg.memory_budget, procs.local_world_size), device=device,
                               device_budget=parse_memory_budget(cfg.device_memory_budget,
                                                                 available=lambda: available_device_memory(device),
                                                                 option="--device-memory-budget"),
-                              window_frames=cfg.window_frames, progress=cfg.progress and procs.main)
+                              window_frames=cfg.window_frames, progress=cfg.progress and procs.main,
+                              view_sampling=augment["view_sampling"])
         stats = {k: {n: v.tolist() for n, v in s.items()} for k, s in data.stats.items()}
         spec = PolicySpec(config, data.inputs, stats, str(store.path.resolve()), store.record, data.camera_keys,
                           cfg.preset if recorded is None else recorded["preset"])
-        model = LossModule(ACTHead(config, data.inputs).to(device))
+        model = LossModule(ACTHead(config, data.inputs).to(device),
+                           FeatureAugment(augment["grid_shift"], augment["patch_dropout"]))
         return RunSetup(data, model, act_optimizer(list(model.parameters()), config), spec)
 
     return run_training(cfg, RunKind(store.episodes(), lambda: resolve_act_config(cfg.preset, cfg.act, store),

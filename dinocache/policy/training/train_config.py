@@ -13,7 +13,12 @@ from typing import Any
 from dinocache.errors import TrainingError
 from dinocache.policy.training.tracking import check_trackers
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "VIEW_SAMPLING", "AUGMENT_OPTIONS"]
+
+#: ``--view-sampling``: a uniformly drawn view per sample, or view 0 (the clean frame) only.
+VIEW_SAMPLING = ("uniform", "clean")
+#: The options of augmentation on the cache, and what a run recorded before they existed had.
+AUGMENT_OPTIONS = {"view_sampling": "uniform", "grid_shift": 0, "patch_dropout": 0.0}
 
 
 @dataclass
@@ -52,11 +57,15 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     log_to: tuple[str, ...] = ()  # experiment trackers besides metrics.jsonl: "tensorboard", "wandb"
+    # Augmentation on the cache (dinocache.policy.training.feature_augment); they define the run, like batch_size.
+    view_sampling: str = "uniform"  # with a store of views: one drawn per sample, or "clean" (view 0 only)
+    grid_shift: int = 0  # patches the grid may move in each direction, edges replicated
+    patch_dropout: float = 0.0  # chance of zeroing each patch
     given: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         minimum = {"steps": 1, "batch_size": 1, "val_frames": 0, "eval_every": 1, "save_every": 1, "log_every": 1,
-                   "seed": 0}
+                   "seed": 0, "grid_shift": 0}
         if self.window_frames is not None:
             minimum["window_frames"] = 1
         for name, least in minimum.items():
@@ -66,6 +75,18 @@ class TrainConfig:
 
         self.log_to = tuple(self.log_to)
         check_trackers(self.log_to)
+        if self.view_sampling not in VIEW_SAMPLING:
+            raise TrainingError(f"--view-sampling {self.view_sampling!r}: choose {' or '.join(VIEW_SAMPLING)}")
+        if not isinstance(self.patch_dropout, numbers.Real) or not 0.0 <= self.patch_dropout < 1.0:
+            raise TrainingError(f"--patch-dropout {self.patch_dropout}: must be a probability in [0, 1)")
+
+    def refuse_feature_augmentation(self, run: str) -> None:
+        """Refuse, in one line, augmentation of cached features for a ``run`` that trains on decoded frames."""
+        given = [f"--{name.replace('_', '-')} {getattr(self, name)}" for name, default in AUGMENT_OPTIONS.items()
+                 if getattr(self, name) != default]
+        if given:
+            raise TrainingError(f"{', '.join(given)}: these augment cached features; {run} trains on decoded frames, "
+                                "where they do not apply")
 
     def is_given(self, name: str) -> bool:
         """Whether the user set the field ``name`` (see the class docstring)."""
