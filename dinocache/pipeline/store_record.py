@@ -169,8 +169,9 @@ class StoreRecord:
             raise StoreError(f"feature-store format version {version} is not understood by dinocache {__version__} "
                              f"(it reads versions {FORMAT_VERSION} and {VIEWS_FORMAT_VERSION})")
         if (version == VIEWS_FORMAT_VERSION) != ("views" in data):
-            raise StoreError(f"format version {version} {'without' if 'views' in data else 'with'} augmented views: "
-                             f"only a version {VIEWS_FORMAT_VERSION} store has them")
+            has = "with" if "views" in data else "without"
+            raise StoreError(f"format version {version} {has} augmented views ('views'): a version "
+                             f"{VIEWS_FORMAT_VERSION} store has them, a version {FORMAT_VERSION} store none")
         names = {f.name for f in fields(cls)} - {"extra"}
         split = {"format", "weights", "weights_path", "preprocess"}
         try:
