@@ -108,6 +108,7 @@ def test_the_shift_is_drqs_edge_replicated_shift_and_the_colours_are_torchvision
 def stores(small_dataset: Path, tmp_path_factory) -> dict[int, Path]:
     """The two-camera dataset extracted once with one view and once with four (batches of 3, so that a
     batch straddles neither units nor cameras evenly)."""
+    torch.set_num_threads(1)  # a module fixture runs before the one_thread fixture: tiny models run best on one
     root = tmp_path_factory.mktemp("views")
     out = {}
     for views in (1, 4):
@@ -232,3 +233,17 @@ def test_kill_rerun_and_shards_give_the_uninterrupted_stores_bytes(views_dataset
     for k in (1, 0):
         assert cli(*extract_args(views_dataset, sharded, *options, "--shard", f"{k}/2")).exit_code == 0
     assert store_files(sharded) == reference
+
+
+def test_a_head_trained_on_views_exports_checked_against_view_0(stores: dict[int, Path], tmp_path: Path):
+    """Export is unchanged: the fused policy computes features from the raw frames, which the export's
+    check compares with the head on view 0 of the cache (an augmented view would fail it)."""
+    from dinocache.policy.fused import build_fused_policy
+    from dinocache.policy.parity import check_run
+    from dinocache.policy.train import TrainConfig, train
+    from test_train import TINY
+
+    train(TrainConfig(store=stores[4], out=tmp_path / "run", steps=6, batch_size=8, act=TINY, val_episodes="none",
+                      log_every=3, progress=False, grid_shift=1))
+    report, *_ = check_run(build_fused_policy(tmp_path / "run"))
+    assert report.passed and report.frames == 8 and report.origin.startswith("dataset"), report.format()
