@@ -66,11 +66,14 @@ def test_training_draws_every_view_and_validation_only_view_0(views_store: Path,
     assert {view for _, view in shown} == {0} and [row for row, _ in shown][:40] == list(range(40))
 
 
-def test_clean_sampling_holds_and_draws_view_0_only(views_store: Path):
+def test_clean_sampling_holds_and_draws_view_0_only_and_the_budget_counts_every_view(views_store: Path):
     store = open_training_store(views_store)
     clean = CachedFeatures(store, chunk_size=5, view_sampling="clean")
     every = CachedFeatures(store, chunk_size=5)
     assert clean.views == 1 and every.feature_bytes == VIEWS * clean.feature_bytes
+    budget = 2 * clean.feature_bytes  # room for two views: the clean one is held, the four are streamed
+    assert CachedFeatures(store, chunk_size=5, memory_budget=budget, view_sampling="clean").in_memory
+    assert not CachedFeatures(store, chunk_size=5, memory_budget=budget, window_frames=32).in_memory
     with clean.train_batches(clean.sample_order(np.arange(store.num_frames), seed=3), 16) as batches:
         assert {view for _ in range(10) for _, view in view_of_each_sample(store, next(batches))} == {0}
 
