@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -68,15 +69,44 @@ def run(name: str, argv: list[str], args: argparse.Namespace, logs: Path) -> Pha
 
 
 def extract_views(args: argparse.Namespace, dataset: Path, out: Path, views: int, logs: Path) -> dict[str, Any]:
-    """One extraction with ``views`` views: its wall time, frames and store size."""
-    phase = run(f"extract-{out.stem}", dinocache(
-        "extract", dataset, "--backbone", args.backbone, "--weights", "random", "--image-size", args.image_size,
-        "--out", out, "--device", "cpu", "--no-progress", "--overwrite",
-        *(["--views", views, "--augment", args.augment] if views > 1 else [])), args, logs)
-    frames = json.loads((out / "zarr.json").read_text())["attributes"]["dinocache"]["num_frames"]
-    return {"views": views, "seconds": round(phase.seconds, 1), "frames": frames,
-            "frames_per_s": round(frames / phase.seconds, 1), "store_mib": round(store_mib(out), 1),
-            "command": phase.command}
+    """One extraction with ``views`` views: its time as the command reports it (from the dataset opened
+    to the last unit written, backbone built included), frames and store size. With ``--reuse``, a
+    complete store already made by this script, and its log, stand for the extraction."""
+    name = f"extract-{out.stem}"
+    argv = dinocache("extract", dataset, "--backbone", args.backbone, "--weights", "random", "--image-size",
+                     args.image_size, "--out", out, "--device", "cpu", "--no-progress", "--overwrite",
+                     *(["--views", views, "--augment", args.augment] if views > 1 else []))
+    log = logs / f"{name}.log"
+    if not (args.reuse and log.is_file() and "throughput" in log.read_text()):
+        run(name, argv, args, logs)
+    text = log.read_text()
+    frames, seconds = (float(v) for v in re.search(r"frames\s+(\d+) in .*?over ([\d.]+) s", text, re.S).groups())
+    forward = float(re.search(r"forward ([\d.]+) s \(", text).group(1))
+    return {"views": views, "seconds": seconds, "frames": int(frames), "frames_per_s": round(frames / seconds, 1),
+            "forward_s": forward, "store_mib": round(store_mib(out), 1),
+            "command": " ".join(map(str, argv[2:])).replace("dinocache.cli", "dinocache", 1)}
+
+
+def augment_cost(args: argparse.Namespace, dataset: Path, frames: int = 32) -> dict[str, Any]:
+    """Milliseconds per augmented view of one decoded frame (the recipe alone, on the CPU, this process's
+    threads), which the extraction with views pays beside the backbone's forwards."""
+    import time
+
+    import torch
+
+    from dinocache.datasets import open_dataset
+    from dinocache.encoders.augment import ViewAugmenter
+    from dinocache.encoders.augment_recipe import parse_recipe
+
+    source = open_dataset(dataset)
+    camera = next(iter(source.cameras))
+    images = torch.from_numpy(source.read_frames(source.episodes[0].index, camera)[:frames])
+    augmenter = ViewAugmenter(parse_recipe(args.augment), views=4)
+    began = time.perf_counter()
+    augmenter(images, camera, range(len(images)))
+    seconds = time.perf_counter() - began
+    return {"frame_size": list(images.shape[1:3]), "ms_per_view": round(1000 * seconds / (3 * len(images)), 1),
+            "threads": torch.get_num_threads()}
 
 
 def train_run(args: argparse.Namespace, store: Path, out: Path, options: list[str], seed: int, val: str,
@@ -90,22 +120,24 @@ def train_run(args: argparse.Namespace, store: Path, out: Path, options: list[st
         "cpu", "--no-progress", *head_args(args.chunk_size), *options), args, logs)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_l1"] for r in records if r["val_l1"] is not None]
-    run = json.loads((out / "run.json").read_text())
-    return {"final_val_l1": vals[-1], "best_val_l1": min(vals), "mean_action_val_l1": run["baseline_val_l1"],
+    record = json.loads((out / "run.json").read_text())
+    return {"final_val_l1": vals[-1], "best_val_l1": min(vals), "mean_action_val_l1": record["baseline_val_l1"],
             "val_curve": vals, "seconds": round(phase.seconds, 1), "steps_per_s": records[-1]["steps_per_s"],
-            "train_options": run["train"], "command": phase.command}
+            "train_options": record["train"], "command": phase.command}
 
 
 def part_g1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     logs = work / "logs"
     stores = {views: work / f"g1_k{views}.zarr" for views in sorted({v for v, _ in CONFIGS.values()} | set(args.views))}
     extraction = [extract_views(args, G1, store, views, logs) for views, store in stores.items()]
+    cost = augment_cost(args, G1)
     runs = {}
     for name, (views, options) in CONFIGS.items():
         runs[name] = train_run(args, stores[views], work / "runs" / name, options, args.seed, args.val_episodes, logs)
     runs["none-seed2"] = train_run(args, stores[1], work / "runs" / "none-seed2", [], args.seed + 1,
                                    args.val_episodes, logs)
-    return {"dataset": str(G1), "val_episodes": args.val_episodes, "extraction": extraction, "runs": runs,
+    return {"dataset": str(G1), "val_episodes": args.val_episodes, "extraction": extraction, "augment_cost": cost,
+            "runs": runs,
             "schedule": {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                          "chunk_size": args.chunk_size, "head": HEAD}}
 
@@ -213,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of every command (on a CPU shared with other jobs, 1 runs several "
                              "times faster than a thread per core: two threads spin-wait on each other).")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep the stores (and their extraction logs) an earlier run of this script made.")
     parser.add_argument("--json", type=Path, default=None, help="Results file (docs/results/augment_cpu.json).")
     parser.add_argument("--record", default="none", help="Markdown file to put the section in, or 'none'.")
     args = parser.parse_args(argv)
