@@ -238,9 +238,9 @@ def test_kill_rerun_and_shards_give_the_uninterrupted_stores_bytes(views_dataset
 def test_a_head_trained_on_views_exports_checked_against_view_0(stores: dict[int, Path], tmp_path: Path):
     """Export is unchanged: the fused policy computes features from the raw frames, which the export's
     check compares with the head on view 0 of the cache (an augmented view would fail it)."""
-    from dinocache.policy.fused import build_fused_policy
-    from dinocache.policy.parity import check_run
-    from dinocache.policy.train import TrainConfig, train
+    from dinocache.policy.deployment.fused import build_fused_policy
+    from dinocache.policy.deployment.parity import check_run
+    from dinocache.policy.training.train import TrainConfig, train
     from test_train import TINY
 
     train(TrainConfig(store=stores[4], out=tmp_path / "run", steps=6, batch_size=8, act=TINY, val_episodes="none",

@@ -14,10 +14,11 @@ from click.testing import CliRunner
 
 from dinocache.cli import main
 from dinocache.errors import DinocacheError, TrainingError
-from dinocache.policy.checkpoint import load_head
-from dinocache.policy.data import CachedFeatures, open_training_store
-from dinocache.policy.feature_augment import FeatureAugment, ViewDraw, shift_grid
-from dinocache.policy.train import TrainConfig, train
+from dinocache.policy.model.checkpoint import load_head
+from dinocache.policy.training.data import CachedFeatures
+from dinocache.policy.training.episodes import open_training_store
+from dinocache.policy.training.feature_augment import FeatureAugment, ViewDraw, shift_grid
+from dinocache.policy.training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, metrics  # noqa: E402

@@ -58,11 +58,12 @@ def relayout(path: Path, layout: StoreLayout) -> FeatureStore:
     try:
         new = create_or_open(building, layout)
         for unit in _reusable_units(old, layout):
-            for name in unit_arrays(old.cameras):
+            for name in unit_arrays(old.cameras, old.record.views):
                 target = shard_file(new.root, new.path, name, unit)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link(shard_file(old.root, old.path, name, unit), target)
-            new.root[DIGESTS][unit] = unit_digests(new.root, new.path, new.cameras, new.record.identity(), unit)
+            new.root[DIGESTS][unit] = unit_digests(new.root, new.path, new.cameras, new.record.identity(), unit,
+                                                    new.record.views)
             new.root["units/done"][unit] = 1
     except BaseException as err:
         shutil.rmtree(building, ignore_errors=True)
