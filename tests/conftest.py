@@ -1,17 +1,51 @@
-"""Shared fixtures: generated datasets with real encoded video, and the shared real dataset."""
+"""Shared fixtures: generated datasets with real encoded video, the shared real dataset, and the trained
+run the export tests read."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-# Two cores: keep torch from oversubscribing them when several test processes run.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+from dinocache.cores import available_cores
+
+
+def _threads_per_worker() -> int:
+    """The cores of this machine shared out among the test processes (pytest-xdist's ``-n``): torch's
+    OpenMP threads busy-wait for each other, so two processes of two threads each on two cores spend
+    much of their time spinning (a whole-pipeline test ran five times slower so). One thread each
+    under ``-n 2`` on 2 cores; every core in one process."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, available_cores() // workers)
+
+
+# Read by torch when it starts (here and in every subprocess a test starts), so set before any test
+# module imports it; a value given by the caller is kept.
+os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_DATASET = SHARED / "datasets" / "g1_pick_bottle_3ep"
+
+
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder ``build`` fills once per test run, shared by every pytest-xdist worker: the first to ask
+    builds it while the others wait on a lock, then all read it. Tests must only read it (copy what
+    they change). It lies beside the workers' own folders and goes with them."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +64,24 @@ def small_dataset(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "small", format="lerobot-v2.1",
                                    num_episodes=3, episode_length=14, image_size=(48, 64),
                                    cameras=("top", "wrist"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """The run every export test reads (tests/test_export*.py), built once per test run: a dataset ->
+    `extract` (ViT-S/14, random weights, 56 px, float16 cache) -> 30 training steps (see
+    :func:`_export.build_trained`). Read-only: a test that changes a file of it works on a copy."""
+    from _export import build_trained, open_trained
+
+    return open_trained(build_once(tmp_path_factory, "export-run", build_trained))
+
+
+@pytest.fixture(scope="session")
+def eager(trained):
+    """The trained run's eager fused policy (backbone + preprocessing + head), built once per process."""
+    from dinocache.policy.deployment.fused import build_fused_policy
+
+    return build_fused_policy(trained.run)
 
 
 @pytest.fixture

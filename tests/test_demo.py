@@ -48,11 +48,12 @@ def test_weights_fall_back_to_random_with_one_visible_line(monkeypatch, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_demo_runs_all_three_stages_from_the_command_line(tmp_path: Path, device: str):
-    """The README's first command, with a shortened schedule, in a fresh process with no weights around."""
+    """The README's first command, shortened (30 steps, 28 px: a 2x2 patch grid), in a fresh process with no
+    weights around (and the suite's torch threads, conftest.py)."""
     env = {k: v for k, v in os.environ.items() if k != WEIGHTS_ENV}
-    env.update(HF_HUB_CACHE=str(tmp_path / "empty-hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    env.update(HF_HUB_CACHE=str(tmp_path / "empty-hf"), HF_HUB_OFFLINE="1")
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "dinocache.cli", "demo", "--out", str(out), "--steps", "30", "--image-size", "56",
+    command = [sys.executable, "-m", "dinocache.cli", "demo", "--out", str(out), "--steps", "30", "--image-size", "28",
                "--batch-size", "8", "--control-steps", "6", "--device", device, "--no-progress"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

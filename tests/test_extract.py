@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,11 +74,18 @@ def assert_features_match_direct_forward(store_path: Path, dataset: Path, episod
                     np.testing.assert_allclose(got, want, rtol=4e-3, atol=4e-3)
 
 
-def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, tmp_path: Path):
-    cfg = config(small_dataset, tmp_path / "f.zarr")
-    summary = extract(cfg)
-    assert summary.frames == 42 and summary.units == 6
-    assert_features_match_direct_forward(tmp_path / "f.zarr", small_dataset)
+@pytest.fixture(scope="module")
+def reference(small_dataset: Path, tmp_path_factory) -> SimpleNamespace:
+    """``small_dataset`` extracted in one process with :func:`config`'s options: the store other ways of
+    extracting it must equal (read-only; a test that changes it works on a copy)."""
+    path = tmp_path_factory.mktemp("reference") / "f.zarr"
+    return SimpleNamespace(path=path, summary=extract(config(small_dataset, path)))
+
+
+def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, reference: SimpleNamespace, tmp_path: Path):
+    assert reference.summary.frames == 42 and reference.summary.units == 6
+    assert_features_match_direct_forward(reference.path, small_dataset)
+    shutil.copytree(reference.path, tmp_path / "f.zarr")
     store = FeatureStore(tmp_path / "f.zarr")
     source = open_dataset(small_dataset)
     np.testing.assert_array_equal(store.read("action"), np.concatenate([source.read_lowdim(e.index)["action"]
@@ -85,7 +94,7 @@ def test_store_equals_backbone_on_decoded_frames(small_dataset: Path, tmp_path: 
     assert store.record.to_dict()["source"]["fingerprint"] == source.fingerprint()
     # idempotent: a second run does nothing and changes no byte
     before = store_files(tmp_path / "f.zarr")
-    again = extract(cfg)
+    again = extract(config(small_dataset, tmp_path / "f.zarr"))
     assert again.units == 0 and again.units_skipped == 6
     assert store_files(tmp_path / "f.zarr") == before
 
@@ -302,7 +311,8 @@ echo "$1" >> "$SLURM_SHIM/cancelled"; kill -TERM -- "-$1" 2>/dev/null || true
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the SLURM shim uses setsid")
-def test_dask_jobqueue_recipe_fills_the_store_and_cancels_its_jobs(small_dataset: Path, tmp_path: Path):
+def test_dask_jobqueue_recipe_fills_the_store_and_cancels_its_jobs(small_dataset: Path, reference: SimpleNamespace,
+                                                                   tmp_path: Path):
     """``workflows/extract_dask_jobqueue.py`` as users run it, its two SLURM jobs started by a one-node
     sbatch: the store equals the single-process one, and every job is cancelled at the end. ``--wait``
     is too short for the jobs to start: the run begins with the first worker and says so."""
@@ -312,8 +322,7 @@ def test_dask_jobqueue_recipe_fills_the_store_and_cancels_its_jobs(small_dataset
     for name, script in ONE_NODE_SLURM.items():
         (shim / name).write_text(script)
         (shim / name).chmod(0o755)
-    single, jobs = tmp_path / "single.zarr", tmp_path / "jobs.zarr"
-    extract(config(small_dataset, single))
+    jobs = tmp_path / "jobs.zarr"
     recipe = Path(__file__).resolve().parents[1] / "workflows" / "extract_dask_jobqueue.py"
     args = extract_args(small_dataset, jobs)
     at = args.index("--out")  # the recipe's own argument
@@ -325,7 +334,7 @@ def test_dask_jobqueue_recipe_fills_the_store_and_cancels_its_jobs(small_dataset
     assert done.returncode == 0, done.stdout + done.stderr + "".join(p.read_text() for p in shim.glob("*.log"))
     assert re.search(r"frames\s+42 in 6 units", done.stdout), done.stdout
     assert re.search(r"^[01] of 2 jobs started within 0.01 s; starting with those$", done.stderr, re.M), done.stderr
-    assert store_files(jobs) == store_files(single)
+    assert store_files(jobs) == store_files(reference.path)
     submitted = (shim / "submitted").read_text().splitlines()
     assert len(submitted) == 2
     script = next(shim.glob("job.*.sh")).read_text()
@@ -346,24 +355,21 @@ def _alive(pgid: int) -> bool:
     return True
 
 
-def test_dask_local_cluster_equals_single_process(small_dataset: Path, tmp_path: Path):
+def test_dask_local_cluster_equals_single_process(small_dataset: Path, reference: SimpleNamespace, tmp_path: Path):
     from dinocache.pipeline.distributed import extract_with_dask
 
-    single, dasked = tmp_path / "single.zarr", tmp_path / "dask.zarr"
-    extract(config(small_dataset, single))
+    dasked = tmp_path / "dask.zarr"
     summary = extract_with_dask(config(small_dataset, dasked), n_workers=2)
     assert summary.frames == 42
-    assert store_files(dasked) == store_files(single)
+    assert store_files(dasked) == store_files(reference.path)
 
 
 def test_other_backbone_into_same_store_is_refused(small_dataset: Path, tmp_path: Path):
     out = tmp_path / "f.zarr"
     extract(config(small_dataset, out, episodes="0:1"))
     before = store_files(out)
-    refused = subprocess.run([sys.executable, "-m", "dinocache.cli",
-                              *extract_args(small_dataset, out, "--episodes", "0:1", backbone="dinov2_vits14_reg")],
-                             capture_output=True, text=True)
-    assert refused.returncode == 2
+    refused = cli(*extract_args(small_dataset, out, "--episodes", "0:1", backbone="dinov2_vits14_reg"))
+    assert refused.exit_code == 2
     assert "dinov2_vits14_reg" in refused.stderr and "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert store_files(out) == before, "a refused extraction must not touch the store"
@@ -371,9 +377,9 @@ def test_other_backbone_into_same_store_is_refused(small_dataset: Path, tmp_path
                              backbone="dinov2_vits14_reg")).exit_code == 0
 
 
-def test_inspect_reports_completeness_and_draws_pca(small_dataset: Path, tmp_path: Path):
+def test_inspect_reports_completeness_and_draws_pca(reference: SimpleNamespace, tmp_path: Path):
     out = tmp_path / "f.zarr"
-    extract(config(small_dataset, out))
+    shutil.copytree(reference.path, out)  # its units are unmarked below
     report = cli("inspect", str(out), "--pca", str(tmp_path / "pca.png"))
     assert report.exit_code == 0, report.output
     assert "6/6 units" in report.stdout and "no NaN" in report.stdout

@@ -771,9 +771,9 @@ def dead_pid() -> int:
 def test_temporaries_of_writers_killed_outright_are_swept_by_the_next_run(artefacts, two_stores, tmp_path: Path):
     """A SIGKILL leaves what no process can clean up: the next export of the same file, the next checkpoint
     of the run and the next PCA picture delete their own kind (of processes that are gone)."""
-    out, pid = tmp_path / "policy.onnx", dead_pid()
-    left = [tmp_path / f".policy.{pid}.tmp.onnx", tmp_path / f".pca.{pid}.tmp.png"]
-    alive = tmp_path / f".policy.{os.getppid()}.tmp.onnx"  # a live writer's is left alone
+    out, pid = tmp_path / "policy.pt2", dead_pid()  # every format's export sweeps alike (atomic.check_room)
+    left = [tmp_path / f".policy.{pid}.tmp.pt2", tmp_path / f".pca.{pid}.tmp.png"]
+    alive = tmp_path / f".policy.{os.getppid()}.tmp.pt2"  # a live writer's is left alone
     for file in [*left, alive]:
         file.write_bytes(b"x" * 1000)
     run = tmp_path / "run"
