@@ -112,15 +112,23 @@ def test_demos_with_one_and_two_workers_are_the_same_dataset(tmp_path: Path):
         assert (made[1].out / name).read_bytes() == (made[2].out / name).read_bytes(), name
 
 
+@pytest.fixture(scope="module")
+def serial() -> list:
+    """Three evaluation episodes run one after the other in this process (episode 1 a fumble): the
+    outcomes every batched way of running them must give."""
+    seeds = eval_seeds(0, 3)
+    return run_episodes(CheckedReplay(seeds, fumble=(1,)), seeds, progress=False)
+
+
 @pytest.mark.parametrize("workers, waves", [(2, 1), (1, 2)])
-def test_batched_eval_gives_the_serial_outcomes_and_writes_video(tmp_path: Path, workers: int, waves: int):
+def test_batched_eval_gives_the_serial_outcomes_and_writes_video(serial: list, tmp_path: Path, workers: int,
+                                                                 waves: int):
     """Two environments in worker processes: episode 0 succeeds and ends early, its environment takes
     episode 2 while episode 1 (a fumble) runs on to the step limit; every episode ends as it does when
     the episodes run one after the other in this process. Either both are queried together each step
     (two workers), or in two waves that take turns, both in one worker: the reset of episode 2 is
     answered after the other wave's step already queued there."""
     seeds = eval_seeds(0, 3)
-    serial = run_episodes(CheckedReplay(seeds, fumble=(1,)), seeds, progress=False)
     policy = CheckedReplay(seeds, fumble=(1,))
     batched = run_episodes(policy, seeds, num_envs=2, workers=workers, waves=waves, out=tmp_path, videos=1,
                            progress=False)
