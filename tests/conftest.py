@@ -15,18 +15,20 @@ import pytest
 from dinocache.cores import available_cores
 
 
-def _threads_per_worker() -> int:
-    """The cores of this machine shared out among the test processes (pytest-xdist's ``-n``): torch's
-    OpenMP threads busy-wait for each other, so two processes of two threads each on two cores spend
-    much of their time spinning (a whole-pipeline test ran five times slower so). One thread each
-    under ``-n 2`` on 2 cores; every core in one process."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, available_cores() // workers)
+def pytest_configure(config: pytest.Config) -> None:
+    """Share this machine's cores out among the test processes (pytest-xdist's ``-n``): torch's OpenMP
+    threads busy-wait for each other, so two processes of two threads each on two cores spend much of
+    their time spinning (a whole-pipeline test ran five times slower so). Under ``-n 2`` on 2 cores
+    each worker gets one thread, in one process torch gets every core. Set here, before any test
+    module imports torch and before pytest-xdist starts its workers (which inherit it, as does every
+    subprocess a test starts); a value given by the caller is kept."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT") or config.getoption("numprocesses", None) or 1
+    try:
+        workers = int(workers)
+    except ValueError:  # -n auto / logical, as the controller may still hold it: a worker per core
+        workers = available_cores()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // max(workers, 1))))
 
-
-# Read by torch when it starts (here and in every subprocess a test starts), so set before any test
-# module imports it; a value given by the caller is kept.
-os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REAL_DATASET = SHARED / "datasets" / "g1_pick_bottle_3ep"
