@@ -14,14 +14,14 @@ from click.testing import CliRunner
 
 from dinocache.cli import main
 from dinocache.errors import DinocacheError, TrainingError
-from dinocache.policy.model.checkpoint import load_head
 from dinocache.policy.training.data import CachedFeatures
 from dinocache.policy.training.episodes import open_training_store
 from dinocache.policy.training.feature_augment import FeatureAugment, ViewDraw, shift_grid
 from dinocache.policy.training.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import TINY, metrics  # noqa: E402
+from test_train import TINY  # noqa: E402
+from _runs import assert_same_run, metrics, train_crashing_at  # noqa: E402
 from test_train_data import make_store  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,31 +112,13 @@ def test_resume_with_views_and_grid_augmentation_reproduces_the_uninterrupted_ru
                    window_frames=32, grid_shift=1, patch_dropout=0.1)
     train(TrainConfig(out=tmp_path / "whole", **options))
 
-    calls = {"n": 0}
-    original = torch.optim.AdamW.step
-
-    def crashing_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 22:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(TrainConfig(out=tmp_path / "split", **options))
-    monkeypatch.undo()
+    train_crashing_at(TrainConfig(out=tmp_path / "split", **options), 22, monkeypatch)
     with pytest.raises(DinocacheError, match=r"--grid-shift 2 \(the run has 1\)"):
         train(TrainConfig(out=tmp_path / "split", resume=True, **{**options, "grid_shift": 2}))
     train(TrainConfig(out=tmp_path / "split", resume=True, **options))
 
-    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
-    assert [r["step"] for r in split] == [r["step"] for r in whole] == list(range(5, 35, 5))
-    for a, b in zip(whole, split):
-        for key in ("loss", "l1", "kld", "grad_norm", "val_l1"):
-            assert a[key] == b[key], (key, a, b)
-    weights = [load_head(tmp_path / run)[0].state_dict() for run in ("whole", "split")]
-    for name in weights[0]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0)
+    assert [r["step"] for r in metrics(tmp_path / "split")] == list(range(5, 35, 5))
+    assert_same_run(tmp_path / "whole", tmp_path / "split", ("loss", "l1", "kld", "grad_norm", "val_l1"))
     record = json.loads((tmp_path / "whole" / "run.json").read_text())
     assert record["train"] == {"batch_size": 8, "seed": 1000, "val_frames": 2048, "view_sampling": "uniform",
                                "grid_shift": 1, "patch_dropout": 0.1}

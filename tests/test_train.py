@@ -34,6 +34,7 @@ from dinocache.policy.training.train import TrainConfig, train
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_data import make_store  # noqa: E402
 from _devices import DEVICES, needs_cuda  # noqa: E402
+from _runs import assert_same_run, metrics, train_crashing_at  # noqa: E402
 
 TINY = dict(dim_model=32, n_heads=4, dim_feedforward=64, n_encoder_layers=2, n_decoder_layers=1,
             n_vae_encoder_layers=1, latent_dim=8, chunk_size=5, dropout=0.0, optimizer_lr=1e-3, kl_weight=1.0)
@@ -48,10 +49,6 @@ def learnable(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("learnable") / "f.zarr"
     make_store(path, num_episodes=24)
     return path
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_head_learns_far_better_than_the_mean_action(learnable: Path, tmp_path: Path):
@@ -120,19 +117,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(learnable: Path, 
     train(TrainConfig(out=tmp_path / "whole", **options))
 
     # The same run, crashed at step 27 (after the checkpoint at 20, with records up to 25 written).
-    calls = {"n": 0}
-    original = torch.optim.AdamW.step
-
-    def crashing_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 27:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(TrainConfig(out=tmp_path / "split", **options))
-    monkeypatch.undo()
+    train_crashing_at(TrainConfig(out=tmp_path / "split", **options), 27, monkeypatch)
     assert [r["step"] for r in metrics(tmp_path / "split")][-1] == 25
     with pytest.raises(DinocacheError, match="--resume"):
         train(TrainConfig(out=tmp_path / "split", **options))
@@ -140,17 +125,11 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(learnable: Path, 
         train(TrainConfig(out=tmp_path / "split", resume=True, **{**options, "batch_size": 4}))
     train(TrainConfig(out=tmp_path / "split", resume=True, **options))
 
-    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
-    assert [r["step"] for r in split] == [r["step"] for r in whole] == list(range(5, 45, 5))
-    for a, b in zip(whole, split):
-        for key in ("loss", "l1", "kld", "grad_norm", "val_l1", "samples"):
-            assert a[key] == b[key], (key, a, b)
+    assert [r["step"] for r in metrics(tmp_path / "split")] == list(range(5, 45, 5))
+    assert_same_run(tmp_path / "whole", tmp_path / "split", ("loss", "l1", "kld", "grad_norm", "val_l1", "samples"))
     state = json.loads((tmp_path / "split" / "checkpoints" / "last" / "training_state.json").read_text())
     assert state["sampler"] == {"seed": 1000, "position": 40 * 8, "world_size": 1,
                                 "window_chunks": None if memory_budget is None else 4}
-    weights = [load_head(tmp_path / run)[0].state_dict() for run in ("whole", "split")]
-    for name in weights[0]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0)
 
 
 def test_two_process_ddp_on_cpu_trains_and_checkpoints(learnable: Path, tmp_path: Path):

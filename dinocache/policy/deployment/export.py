@@ -42,7 +42,9 @@ from dinocache.policy.deployment.compiled import (
 )
 from dinocache.policy.deployment.formats import FORMATS
 from dinocache.policy.deployment.fused import FusedPolicy, build_fused_policy, parse_dtype
-from dinocache.policy.deployment.metadata import METADATA_NAME, ONNX_METADATA_KEY, policy_metadata
+from dinocache.policy.deployment.metadata import (
+    METADATA_NAME, ONNX_METADATA_KEY, policy_metadata, rewrite_pt2_metadata,
+)
 from dinocache.policy.deployment.parity import ParityError, ParityReport, check_run, rounding_tolerance
 from dinocache.policy.model.checkpoint import LAST
 from dinocache.policy.model.config import ACTION, OBS_ENV_STATE, OBS_STATE
@@ -186,15 +188,14 @@ def _write_pt2(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dict
             metadata["export"]["compiled"] = None
             metadata["export"]["compile_failed"] = str(crash)
             metadata["export"]["compile_failed_log"] = crash.log  # the child's last words, for a bug report
-    # Checked as written: saved, loaded back as load_policy will, run; then saved again with the figure.
+    # Checked as written: saved, loaded back as load_policy will, run; then its metadata rewritten with the figure.
     torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata)})
     with torch.no_grad():
         traced = torch.export.load(tmp).module()(*_all_inputs(images, state, env))
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the torch.export program")
-    _save_sealed(lambda text: torch.export.save(program, tmp, extra_files={METADATA_NAME: text}),
-                 lambda: archive_sha256(tmp), metadata, tmp)
+    _save_sealed(lambda text: rewrite_pt2_metadata(tmp, text), lambda: archive_sha256(tmp), metadata, tmp)
     return diff
 
 
@@ -208,8 +209,7 @@ def _write_compiled(policy: FusedPolicy, program: torch.export.ExportedProgram, 
     diff = _normalised_diff(policy, traced, eager)
     metadata["export"]["trace_max_abs_diff"] = diff
     _check_trace(diff, metadata, "the AOTInductor-compiled program")
-    _save_sealed(lambda text: write_package(tmp, program, aoti_files, {METADATA_NAME: text}),  # with the difference
-                 lambda: archive_sha256(tmp), metadata, tmp)
+    _save_sealed(lambda text: rewrite_pt2_metadata(tmp, text), lambda: archive_sha256(tmp), metadata, tmp)
     return diff
 
 
@@ -282,8 +282,8 @@ def _write_onnx(policy: FusedPolicy, inputs: tuple, eager: Tensor, metadata: dic
 
 
 def _save_sealed(save: Callable[[str], None], content: Callable[[], str], metadata: dict[str, Any], path: Path) -> None:
-    """Write the policy a last time, its metadata now holding the digest of the file's content (the
-    same in every write, taken from the one before) and its own digest; then check both as written."""
+    """Write the policy's metadata a last time, now holding the digest of the file's content (the same
+    in every write, taken from the one before) and its own digest; then check both as written."""
     metadata[CONTENT_KEY] = content()
     save(json.dumps(sealed(metadata)))
     if content() != metadata[CONTENT_KEY]:

@@ -30,7 +30,7 @@ from dinocache.policy.model.config import ACTION, OBS_ENV_STATE, OBS_STATE
 from dinocache.policy.model.integrity import METADATA_NAME, ONNX_METADATA_KEY, IntegrityError, parse_json, unsealed
 
 __all__ = ["POLICY_FORMAT", "POLICY_FORMAT_VERSION", "METADATA_NAME", "policy_metadata", "read_policy_metadata",
-           "policy_kind", "load_onnx"]
+           "rewrite_pt2_metadata", "policy_kind", "load_onnx"]
 
 POLICY_FORMAT = "dinocache-policy"
 POLICY_FORMAT_VERSION = 1
@@ -121,6 +121,30 @@ def read_policy_metadata(path: str | os.PathLike, model: Any = None) -> dict[str
     metadata = unsealed(parse_json(text, path, " (its metadata)"), path, " (its metadata)")
     _check_format(metadata, path)
     return metadata
+
+
+def rewrite_pt2_metadata(path: Path, text: str) -> None:
+    """Replace the metadata entry of the ``.pt2`` archive at ``path`` with ``text``, in place.
+
+    Export writes the metadata twice: before the written file is checked, then with the check's figure
+    and the digests. Saving the program again took as long as the first save (seconds for a ViT-S
+    policy, more for larger ones); instead the archive is cut where torch put the metadata, after every
+    weight, and the metadata and the few small records torch writes after it go in again. The weights
+    stay where torch wrote them, byte for byte and as aligned as it made them.
+    """
+    with zipfile.ZipFile(path, "a") as archive:
+        infos = archive.infolist()
+        at = next((i for i, info in enumerate(infos)
+                   if info.filename.endswith((f"extra/{METADATA_NAME}", f"extra_files/{METADATA_NAME}"))), None)
+        if at is None:
+            raise DinocacheError(f"{path}: no {METADATA_NAME} entry to rewrite")
+        tail = [(info, text.encode() if i == at else archive.read(info)) for i, info in enumerate(infos) if i >= at]
+        archive.start_dir = infos[at].header_offset  # zipfile appends here, and truncates what follows on close
+        del archive.filelist[at:]
+        for info, _ in tail:
+            del archive.NameToInfo[info.filename]
+        for info, data in tail:
+            archive.writestr(info, data)
 
 
 def load_onnx(path: Path, external_data: bool = True) -> Any:
