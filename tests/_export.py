@@ -3,7 +3,9 @@ test run by the ``trained`` fixture in conftest.py), observations made of its st
 policy's actions to compare with.
 
 The run: a generated dataset with real video (two cameras, an environment state) -> `extract` (a
-ViT-S/14 with random weights at 56 px, float16 cache) -> 30 steps of a tiny head with CLS tokens on.
+ViT-S/14 with random weights at 56 px, float16 cache) -> 30 steps of a tiny head with CLS tokens on,
+checkpoints at steps 15 and 30; and that run exported once (the ``exported`` fixture), as ``.pt2`` through
+the command line and as ``.onnx``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from click.testing import CliRunner
 
+from dinocache.cli import main
 from dinocache.datasets.synthetic import write_synthetic_dataset
 from dinocache.pipeline.extract import ExtractConfig, extract
 from dinocache.pipeline.store import FeatureStore
+from dinocache.policy.deployment.export import export_policy
 from dinocache.policy.deployment.fused import FusedPolicy
 from dinocache.policy.training.train import TrainConfig, train
 
@@ -49,14 +54,35 @@ def build_trained(root: Path) -> None:
     try:
         extract_store(write_dataset(root / "data"), root / "f.zarr")
         train(TrainConfig(store=root / "f.zarr", out=root / "run", steps=30, batch_size=8,
-                          act=dict(TINY, use_cls_token=True), val_episodes="none", save_every=1000, log_every=10,
+                          act=dict(TINY, use_cls_token=True), val_episodes="none", save_every=15, log_every=10,
                           progress=False))
     finally:
         torch.set_num_threads(threads)
 
 
 def open_trained(root: Path) -> SimpleNamespace:
-    return SimpleNamespace(root=root, dataset=root / "data", store=FeatureStore(root / "f.zarr"), run=root / "run")
+    return SimpleNamespace(root=root, dataset=root / "data", store=FeatureStore(root / "f.zarr"),
+                           store_path=root / "f.zarr", run=root / "run")
+
+
+def build_exported(run: Path, folder: Path) -> None:
+    """``run`` exported into ``folder``: ``policy.pt2`` by the command line as a user types it (``--out``
+    without a suffix: the format's is added; its output kept in ``export.txt``), and ``policy.onnx``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder.mkdir(parents=True)
+        result = CliRunner().invoke(main, ["export", str(run), "--out", str(folder / "policy"), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        (folder / "export.txt").write_text(result.output)
+        export_policy(run, folder / "policy.onnx", format="onnx", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def open_exported(folder: Path) -> SimpleNamespace:
+    return SimpleNamespace(folder=folder, pt2=folder / "policy.pt2", onnx=folder / "policy.onnx",
+                           pt2_output=(folder / "export.txt").read_text())
 
 
 def observations(trained: SimpleNamespace, steps: int) -> list[dict]:

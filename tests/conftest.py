@@ -79,6 +79,15 @@ def trained(tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory) -> SimpleNamespace:
+    """The ``trained`` run exported once per test run, as ``.pt2`` (through the command line) and ``.onnx``
+    (:func:`_export.build_exported`), read by the export tests and the fault campaign. Read-only."""
+    from _export import build_exported, open_exported
+
+    return open_exported(build_once(tmp_path_factory, "exported", lambda folder: build_exported(trained.run, folder)))
+
+
+@pytest.fixture(scope="session")
 def eager(trained):
     """The trained run's eager fused policy (backbone + preprocessing + head), built once per process."""
     from dinocache.policy.deployment.fused import build_fused_policy

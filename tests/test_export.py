@@ -48,15 +48,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pt2(trained, tmp_path_factory) -> SimpleNamespace:
+def pt2(exported) -> SimpleNamespace:
     """The run exported through the command line, as a user would (``--out`` without a suffix: the
-    format's is added)."""
-    folder = tmp_path_factory.mktemp("pt2")
-    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(folder / "policy"), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    out = folder / "policy.pt2"
-    assert out.is_file() and not (folder / "policy").exists() and str(out) in result.output, result.output
-    return SimpleNamespace(path=out, output=result.output)
+    format's is added), once per test run (conftest.py)."""
+    out = exported.pt2
+    assert out.is_file() and not (exported.folder / "policy").exists() and str(out) in exported.pt2_output
+    return SimpleNamespace(path=out, output=exported.pt2_output)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +276,8 @@ def test_the_file_is_named_for_its_format_and_errors_come_alone(trained, tmp_pat
 
 def test_checkpoints_are_chosen_by_name_or_step(trained, tmp_path):
     assert build_fused_policy(trained.run, checkpoint=30).step == 30
-    with pytest.raises(DinocacheError, match=r"no checkpoint 'best' \(the run has: 000030, last\)"):
+    assert build_fused_policy(trained.run, checkpoint=15).step == 15
+    with pytest.raises(DinocacheError, match=r"no checkpoint 'best' \(the run has: 000015, 000030, last\)"):
         export_policy(trained.run, tmp_path / "p.pt2", checkpoint="best", progress=False)
 
 

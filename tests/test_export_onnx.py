@@ -31,13 +31,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, device, tmp_path):
+def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, exported, device, tmp_path):
+    """The float32 graph; on the CPU the one exported once per test run (conftest.py), which the fault
+    campaign damages copies of."""
     import onnxruntime
 
-    result = export_policy(trained.run, tmp_path / "policy.onnx", format="onnx", device=device, progress=False)
-    assert result.path.is_file() and not leftovers(tmp_path)
-    assert result.max_abs_diff <= result.tolerance and result.trace_max_abs_diff <= 1e-4
-    meta = read_policy_metadata(result.path)
+    if device == "cpu":
+        path = exported.onnx
+    else:
+        path = export_policy(trained.run, tmp_path / "policy.onnx", format="onnx", device=device, progress=False).path
+    assert path.is_file() and not leftovers(path.parent)
+    meta = read_policy_metadata(path)
+    assert meta["parity"]["passed"] and meta["parity"]["max_abs_diff"] <= meta["parity"]["tolerance"]
+    assert meta["export"]["trace_max_abs_diff"] <= 1e-4
     onnx_meta = meta["export"]["onnx"]
     assert onnx_meta["input_names"] == [TOP, WRIST, STATE, ENV]
     assert [(i["name"], i["dtype"], i["shape"]) for i in onnx_meta["inputs"]] == [
@@ -45,17 +51,16 @@ def test_onnx_agrees_with_eager_in_onnxruntime(trained, eager, device, tmp_path)
         (STATE, "float32", ["batch", 4]), (ENV, "float32", ["batch", 2])]
     assert onnx_meta["preprocessing_inside"].startswith("uint8 RGB frames") and "resize to 56x56" in onnx_meta[
         "preprocessing_inside"]
-    assert meta["parity"]["max_abs_diff"] == result.max_abs_diff
 
     obs = observations(trained, 3)
     feed = {TOP: np.stack([o[TOP] for o in obs]), WRIST: np.stack([o[WRIST] for o in obs]),
             STATE: np.stack([o[STATE] for o in obs]), ENV: np.stack([o[ENV] for o in obs])}
-    (actions,) = onnxruntime.InferenceSession(str(result.path)).run(None, feed)
+    (actions,) = onnxruntime.InferenceSession(str(path)).run(None, feed)
     with torch.no_grad():
         expected = eager([torch.from_numpy(feed[TOP]), torch.from_numpy(feed[WRIST])], torch.from_numpy(feed[STATE]),
                          torch.from_numpy(feed[ENV]))
     np.testing.assert_allclose(actions, expected.numpy(), rtol=1e-4, atol=1e-4)
-    action = load_policy(result.path, device=device).select_action(obs[0])
+    action = load_policy(path, device=device).select_action(obs[0])
     np.testing.assert_allclose(action, expected[0, 0].numpy(), rtol=1e-4, atol=1e-4)
 
 

@@ -35,7 +35,6 @@ from dinocache.encoders.backbone import create_backbone
 from dinocache.errors import BackboneError, DatasetError, DinocacheError
 from dinocache.pipeline.extract import extract
 from dinocache.pipeline.store import FeatureStore
-from dinocache.policy.deployment.export import export_policy
 from dinocache.policy.deployment.runtime import PolicyError, load_policy
 from dinocache.policy.training.train import TrainConfig, train
 
@@ -44,6 +43,7 @@ from _datasets import (V30_EPISODES, edit_episode_table, edit_hdf5, edit_json, m
                        v21_video)
 from test_extract import config, extract_args, store_files  # noqa: E402
 from test_train import TINY  # noqa: E402
+from _export import observations  # noqa: E402
 from test_train_data import make_store  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -358,24 +358,14 @@ def test_an_int64_image_is_told_how_to_cast_integers(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory) -> SimpleNamespace:
-    """A real dataset -> store (ViT-S/14, random weights, 28 px) -> a 2-step run -> a .pt2 and an .onnx, and the
-    first action each file gives for ``observation``."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("artefacts")
-    dataset = make(root)
-    extract(config(dataset, root / "f.zarr", image_size="28"))
-    train(TrainConfig(store=root / "f.zarr", out=root / "run", steps=2, batch_size=4, act=TINY, val_episodes="none",
-                      save_every=1, progress=False))
-    exported = {fmt: export_policy(root / "run", root / f"policy.{fmt}", format=fmt, progress=False).path
-                for fmt in ("pt2", "onnx")}
-    store = FeatureStore(root / "f.zarr")
-    rows, frames = store.verification_frames()
-    observation = {"observation.images.top": frames["observation.images.top"][0],
-                   "observation.state": store.read("observation.state")[rows[0]]}
-    actions = {fmt: load_policy(path).select_action(observation) for fmt, path in exported.items()}  # the intact files'
-    return SimpleNamespace(root=root, dataset=dataset, store=root / "f.zarr", run=root / "run", observation=observation,
-                           actions=actions, **exported)
+def artefacts(trained, exported) -> SimpleNamespace:
+    """The run the export tests read (a real dataset -> store -> 30 steps, checkpoints 15 and 30), its
+    .pt2 and .onnx (conftest.py; read-only: tests damage copies), and the first action each file gives
+    for ``observation``."""
+    observation = observations(trained, 1)[0]
+    actions = {fmt: load_policy(getattr(exported, fmt)).select_action(observation) for fmt in ("pt2", "onnx")}
+    return SimpleNamespace(run=trained.run, store=trained.store_path, observation=observation, actions=actions,
+                           pt2=exported.pt2, onnx=exported.onnx)
 
 
 def damage(file: Path, where: float | str) -> None:
@@ -411,8 +401,8 @@ def test_a_damaged_checkpoint_file_is_refused_by_every_reader_naming_it(artefact
     shutil.copytree(artefacts.run, run, symlinks=True)
     file = (run / "checkpoints" / "last").resolve() / name
     damage(file, where)
-    resumed = cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress")
-    line = one_line_error(resumed, f"checkpoints/last/{name}", "the run's other checkpoints: 000001")
+    resumed = cli("train", artefacts.store, "--out", run, "--resume", "--steps", 31, "--no-progress")
+    line = one_line_error(resumed, f"checkpoints/last/{name}", "the run's other checkpoints: 000015")
     assert "point" in line and "at one to resume from it" in line, line
     if name in HEAD_FILES:
         one_line_error(cli("export", run, "--out", tmp_path / "p.pt2", "--no-progress"), name)
@@ -427,11 +417,11 @@ def test_a_checkpoint_copied_from_another_step_is_refused(artefacts, tmp_path: P
     """Files valid on their own but from another checkpoint: each checkpoint records its own files."""
     run = tmp_path / "run"
     shutil.copytree(artefacts.run, run, symlinks=True)
-    last, first = (run / "checkpoints" / "last").resolve(), run / "checkpoints" / "000001"
+    last, first = (run / "checkpoints" / "last").resolve(), run / "checkpoints" / "000015"
     for name in ("model.safetensors", "training_state.json"):
         (last / name).unlink()
         shutil.copy(first / name, last / name)
-        one_line_error(cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress"),
+        one_line_error(cli("train", artefacts.store, "--out", run, "--resume", "--steps", 31, "--no-progress"),
                        f"checkpoints/last/{name}: ")
         shutil.copy(artefacts.run / "checkpoints" / last.name / name, last / name)
 
@@ -782,7 +772,7 @@ def test_temporaries_of_writers_killed_outright_are_swept_by_the_next_run(artefa
     (run / "checkpoints" / ".000009.tmp").mkdir()
     assert cli("export", run, "--out", out, "--no-progress").exit_code == 0
     assert cli("inspect", two_stores.a, "--pca", tmp_path / "pca.png", "--quick").exit_code == 0
-    assert cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress").exit_code == 0
+    assert cli("train", artefacts.store, "--out", run, "--resume", "--steps", 31, "--no-progress").exit_code == 0
     assert not any(file.exists() for file in left) and alive.exists()
     assert not (run / "checkpoints" / ".000009.tmp").exists()
 
@@ -830,8 +820,8 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(artefacts, tmp_path: Path):
     run = tmp_path / "run"
     shutil.copytree(artefacts.run, run, symlinks=True)
     with open(run / "metrics.jsonl", "a") as metrics:
-        metrics.write('{"step": 3, "loss": 1.2')  # a run killed while appending
-    result = cli("train", artefacts.store, "--out", run, "--resume", "--steps", 3, "--no-progress")
+        metrics.write('{"step": 40, "loss": 1.2')  # a run killed while appending
+    result = cli("train", artefacts.store, "--out", run, "--resume", "--steps", 31, "--no-progress")
     assert result.exit_code == 0, result.output
 
 
