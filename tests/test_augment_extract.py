@@ -210,7 +210,7 @@ def test_a_version_2_record_is_a_record_with_views():
 @pytest.fixture(scope="module")
 def views_dataset(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("views_long") / "data", format="lerobot-v2.1",
-                                   num_episodes=3, episode_length=40, image_size=(48, 64), cameras=("top",), seed=4)
+                                   num_episodes=3, episode_length=24, image_size=(48, 64), cameras=("top",), seed=4)
 
 
 def test_kill_rerun_and_shards_give_the_uninterrupted_stores_bytes(views_dataset: Path, tmp_path: Path):

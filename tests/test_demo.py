@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from dinocache.cli import main
 from dinocache.demo import SAMPLE_RECIPE, resolve_weights, sample_dataset, write_sample
 from dinocache.encoders.weights import WEIGHTS_ENV
 from dinocache.datasets import open_dataset
@@ -65,9 +67,10 @@ def test_demo_runs_all_three_stages_from_the_command_line(tmp_path: Path, device
     provenance = json.loads((out / "run" / "run.json").read_text())["store"]["provenance"]
     assert provenance["weights"]["source"] == "random"  # recorded everywhere, not only printed
 
-    # A second demo replaces its own folder; a folder it did not make is never deleted.
+    # A second demo replaces its own folder; a folder it did not make is never deleted (in this process:
+    # the refusal comes before any work, and a second Python start-up would cost more than the check).
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep me")
-    refused = subprocess.run([*command[:4], "--out", str(tmp_path / "mine")], env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "was not made by `dinocache demo`" in refused.stderr
+    refused = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "mine")], env={WEIGHTS_ENV: None})
+    assert refused.exit_code == 2 and "was not made by `dinocache demo`" in refused.stderr, refused.output
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
