@@ -101,13 +101,13 @@ def test_demos_with_one_and_two_workers_are_the_same_dataset(tmp_path: Path):
     processes give the one-process dataset byte for byte. ALOHA HDF5 stores the raw frames, so this
     compares every pixel; LeRobot's H.264 files are not byte-reproducible even in one process (the
     threaded x264 encoder), and the dataset fixture above already goes through two workers."""
-    made = {workers: generate_demos(tmp_path / str(workers), episodes=3, seed=5, image_size=CAMERA,
+    made = {workers: generate_demos(tmp_path / str(workers), episodes=2, seed=5, image_size=CAMERA,
                                     format="aloha-hdf5", workers=workers, progress=False) for workers in (1, 2)}
     assert (made[1].workers, made[2].workers) == (1, 2)
-    assert made[1].seeds == made[2].seeds == [5, 6, 7] and made[1].failed == made[2].failed
+    assert made[1].seeds == made[2].seeds == [5, 6] and made[1].failed == made[2].failed
     files = {workers: sorted(p.relative_to(summary.out) for p in summary.out.rglob("*")
                              if p.is_file() and p.name != DEMOS_RECORD) for workers, summary in made.items()}
-    assert files[1] == files[2] and len(files[1]) >= 3
+    assert files[1] == files[2] and len(files[1]) >= 2
     for name in files[1]:
         assert (made[1].out / name).read_bytes() == (made[2].out / name).read_bytes(), name
 
