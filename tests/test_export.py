@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +33,7 @@ from dinocache.policy.deployment import export as export_module
 from dinocache.policy.deployment.bench import bench_policy
 from dinocache.policy.deployment.export import export_policy
 from dinocache.policy.deployment.fused import build_fused_policy
-from dinocache.policy.deployment.metadata import read_policy_metadata
+from dinocache.policy.deployment.metadata import read_policy_metadata, rewrite_pt2_metadata
 from dinocache.policy.deployment.parity import ParityError, check_parity, open_run_store, verification_frames
 from dinocache.policy.deployment.runtime import ObservationError, load_policy
 from dinocache.policy.model.integrity import file_record, read_json, write_json
@@ -86,6 +87,28 @@ def test_export_writes_a_checked_self_describing_pt2(trained, pt2):
     assert parity["max_abs_diff"] <= parity["tolerance"] < 1e-2, parity  # float16 cache: a tight tolerance
     assert parity["feature_error"] == 2.0**-11
     assert meta["export"]["format"] == "pt2" and meta["export"]["trace_max_abs_diff"] <= 1e-6
+
+
+def test_the_metadata_rewrite_leaves_every_weight_where_torch_wrote_it(trained, pt2, live, tmp_path):
+    """Export writes the sealed metadata into the archive it checked (rewrite_pt2_metadata) instead of
+    saving the program again: every entry before the metadata keeps its bytes and its offset (the
+    alignment torch gave the weights), and the archive loads and acts as before."""
+    copy = tmp_path / "policy.pt2"
+    shutil.copy(pt2.path, copy)
+    with zipfile.ZipFile(copy) as archive:
+        before = [(i.filename, i.header_offset, i.CRC) for i in archive.infolist()]
+        entry = next(n for n in archive.namelist() if n.endswith("extra/dinocache.json"))
+        text = archive.read(entry).decode()
+    rewrite_pt2_metadata(copy, text + " " * 1000)  # longer: what follows the metadata moves, nothing before it
+    with zipfile.ZipFile(copy) as archive:
+        assert archive.testzip() is None
+        after = [(i.filename, i.header_offset, i.CRC) for i in archive.infolist()]
+    at = next(k for k, (name, *_) in enumerate(before) if name == entry)
+    assert after[:at] == before[:at] and [a[0] for a in after] == [b[0] for b in before]
+    assert after[at][1] == before[at][1] and after[at][2] != before[at][2]  # the metadata, in its place
+    assert read_policy_metadata(copy) == read_policy_metadata(pt2.path)
+    obs = observations(trained, 1)[0]
+    np.testing.assert_array_equal(load_policy(copy).select_action(obs), live.with_action_selection().select_action(obs))
 
 
 @pytest.mark.slow

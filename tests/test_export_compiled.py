@@ -3,9 +3,8 @@ process, and every way they can fail to run (another device's build, a crash, a 
 CUDA graph, a hang) ending in the plain program or in one clear error.
 
 Every test reads the run the ``trained`` fixture builds once per test run (tests/_export.py). A real
-compile takes most of a minute on 2 cores: the two tests that run kernels export the same program (in
-bfloat16, as policies are compiled on CUDA), so AOTInductor compiles it once and the second export packages
-the same kernels (:func:`compile_once`). They live apart from the other export tests so that a second
+compile takes most of a minute on 2 cores: the CPU's one is made once, by :func:`compiled_export`, and
+the tests that run kernels read it. These tests live apart from the other export tests so that a second
 pytest-xdist worker can take them.
 """
 
@@ -13,22 +12,25 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from torch.utils._pytree import tree_leaves
 
 from dinocache.cli import main
+from dinocache.errors import DinocacheError
 from dinocache.policy.deployment import compiled
 from dinocache.policy.deployment import export as export_module
 from dinocache.policy.deployment.compiled import can_package
 from dinocache.policy.deployment.export import export_policy
-from dinocache.policy.deployment.metadata import read_policy_metadata
+from dinocache.policy.deployment.metadata import read_policy_metadata, rewrite_pt2_metadata
 from dinocache.policy.deployment.runtime import CompiledPolicyFallback, load_policy
 from dinocache.policy.model.integrity import sealed
 
@@ -44,64 +46,74 @@ KERNELS_ATOL = 0.02
 
 
 def _with_metadata(src: Path, dst: Path, edit) -> Path:
-    """A copy of the .pt2 archive ``src`` whose dinocache metadata went through ``edit`` (entries kept as they are)."""
-    with zipfile.ZipFile(src) as archive, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as out:
-        for info in archive.infolist():
-            data = archive.read(info)
-            if info.filename.endswith("extra/dinocache.json"):
-                meta = read_policy_metadata(src)  # its digest checked and removed
-                edit(meta)
-                data = json.dumps(sealed(meta)).encode()  # sealed again, as export writes it
-            out.writestr(info, data)
+    """A copy of the .pt2 archive ``src`` whose dinocache metadata went through ``edit`` (other entries as they are)."""
+    shutil.copy(src, dst)
+    meta = read_policy_metadata(src)  # its digest checked and removed
+    edit(meta)
+    rewrite_pt2_metadata(dst, json.dumps(sealed(meta)))  # sealed again, as export writes it
     return dst
 
 
-#: AOTInductor's files for each program compiled in this module, by the program's graph and inputs.
-_COMPILED: dict[str, list] = {}
+#: The check's child as export starts it, except that it dies of a real SIGSEGV once the package is
+#: loaded when asked to replay the kernels as a CUDA graph (as the H200's first compiled policy died).
+CRASH_UNDER_A_GRAPH = ("import faulthandler, sys, torch\n"
+                       "if torch.load(sys.argv[1], weights_only=True)['cuda_graph']:\n"
+                       "    print('dinocache-child: loaded', file=sys.stderr, flush=True)\n"
+                       "    faulthandler._sigsegv()\n" + compiled.CHILD_PROGRAM)
+#: What export warns when that child dies under the graph on ``device``.
+GRAPH_CRASH_WARNING = (r"crashed the process running them on {device}(:0)? \(SIGSEGV 11, while running its first "
+                       r"query\) replaying them as a CUDA graph; checking them without a graph")
 
 
-@pytest.fixture
-def compile_once(monkeypatch):
-    """Export compiles a program the first time this module's tests export it and packages the same
-    kernels when a later test exports the very same program (same graph, same example inputs)."""
-    compile_program = export_module.compile_program
-
-    def compiled_once(program):
-        inputs = [(tuple(t.shape), t.dtype, t.device) for t in tree_leaves(program.example_inputs)]
-        key = f"{program.graph}|{inputs}"
-        if key not in _COMPILED:
-            _COMPILED[key] = compile_program(program)
-        return _COMPILED[key]
-
-    monkeypatch.setattr(export_module, "compile_program", compiled_once)
+@pytest.fixture(scope="module")
+def compiled_export(trained, tmp_path_factory) -> SimpleNamespace:
+    """The trained run exported with ``compile=True`` on the CPU, in bfloat16 as policies are compiled on
+    CUDA (AOTInductor meets the autocast regions too), made once for this module. Its check is made to
+    ask for a CUDA graph, as on CUDA, and its child dies of a real SIGSEGV under the graph
+    (:data:`CRASH_UNDER_A_GRAPH`): export checks the kernels once more without the graph and keeps
+    them. ``summary`` is what the command line prints, ``warnings`` what export warned; ``refusal`` the
+    one line where this torch cannot package kernels (the ``--compile`` option itself is run by
+    :func:`test_compiled_kernels_that_crash_their_process_leave_the_plain_program`)."""
+    out = tmp_path_factory.mktemp("compiled") / "c.pt2"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            patch.setattr(compiled, "CHILD_PROGRAM", CRASH_UNDER_A_GRAPH)
+            patch.setattr(export_module, "checks_graph", lambda device: True)
+            result = export_policy(trained.run, out, dtype="bfloat16", compile=True, progress=False)
+    except DinocacheError as error:
+        return SimpleNamespace(path=out, refusal=str(error))
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(path=out, refusal=None, summary=result.format_text(),
+                           warnings=[str(w.message) for w in caught if issubclass(w.category, CompiledPolicyFallback)])
 
 
 @pytest.mark.slow
-def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trained, eager, tmp_path, compile_once):
+def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trained, eager, compiled_export, tmp_path):
     """``--compile``: AOTInductor kernels and the plain program in one archive. Here the kernels run
     (checked against the eager policy at export and again here, and against the package's own plain
     program); a package whose kernels were built for another device (a CUDA build, as its record says)
     runs its program instead, saying why once."""
-    result = CliRunner().invoke(main, ["export", str(trained.run), "--out", str(tmp_path / "c.pt2"), "--compile",
-                                       "--dtype", "bfloat16", "--no-progress"])
     if not can_package():  # torch < 2.8, as LeRobot pins it: one clear line, and no file
-        assert result.exit_code == 2 and "--compile needs torch >= 2.8" in result.output, result.output
-        assert not (tmp_path / "c.pt2").exists()
+        assert "--compile needs torch >= 2.8" in compiled_export.refusal and not compiled_export.path.exists()
         pytest.skip(f"AOTInductor packages need torch >= 2.8 (this is {torch.__version__}); the refusal was checked")
-    assert result.exit_code == 0, result.output
-    assert "max |AOTInductor for cpu - eager|" in result.output
-    meta = read_policy_metadata(tmp_path / "c.pt2")
-    compiled = meta["export"]["compiled"]
-    assert compiled["device"] == "cpu" and compiled["torch"] == torch.__version__ and compiled["cpu_isa"]
+    assert "max |AOTInductor for cpu - eager|" in compiled_export.summary
+    path = compiled_export.path
+    meta = read_policy_metadata(path)
+    record = meta["export"]["compiled"]
+    assert record["device"] == "cpu" and record["torch"] == torch.__version__ and record["cpu_isa"]
     assert meta["export"]["trace_max_abs_diff"] <= meta["export"]["trace_tolerance"]
     # Every op runs as a generated kernel or through a C shim: none goes through AOTInductor's proxy
     # executor (the path of the antialiased resize just before the H200's compiled policy crashed).
-    with zipfile.ZipFile(tmp_path / "c.pt2") as archive:
+    with zipfile.ZipFile(path) as archive:
         wrappers = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.cpp")]
     assert wrappers and not any("proxy_executor_call_function" in source for source in wrappers)
 
     obs = observations(trained, 3)
-    live = load_policy(tmp_path / "c.pt2")
+    live = load_policy(path)
     assert live.metadata["runtime"] == {"backend": "aoti", "cuda_graph": False}
     kernels = []
     for o in obs:
@@ -112,7 +124,7 @@ def test_compiled_pt2_runs_its_kernels_and_falls_back_where_they_do_not_fit(trai
     def built_for_a_gpu(meta: dict) -> None:
         meta["export"]["compiled"].update(device="cuda", compute_capability="90", cpu_isa=None)
 
-    foreign = _with_metadata(tmp_path / "c.pt2", tmp_path / "gpu.pt2", built_for_a_gpu)
+    foreign = _with_metadata(path, tmp_path / "gpu.pt2", built_for_a_gpu)
     with pytest.warns(CompiledPolicyFallback, match=r"gpu.pt2: not running its compiled kernels \(built for cuda, "
                                                     r"loading on cpu\); running the plain torch.export program"):
         fallback = load_policy(foreign)
@@ -155,43 +167,39 @@ def test_compiled_kernels_that_crash_their_process_leave_the_plain_program(train
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt2"]  # no temporary left behind
 
 
-#: The check's child as export starts it, except that it dies of a real SIGSEGV once the package is
-#: loaded when asked to replay the kernels as a CUDA graph (as the H200's first compiled policy died).
-CRASH_UNDER_A_GRAPH = ("import faulthandler, sys, torch\n"
-                       "if torch.load(sys.argv[1], weights_only=True)['cuda_graph']:\n"
-                       "    print('dinocache-child: loaded', file=sys.stderr, flush=True)\n"
-                       "    faulthandler._sigsegv()\n" + compiled.CHILD_PROGRAM)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_kernels_that_crash_under_a_cuda_graph_run_without_one(trained, eager, device, tmp_path,
-                                                                         monkeypatch, compile_once):
+def test_compiled_kernels_that_crash_under_a_cuda_graph_run_without_one(trained, eager, device, compiled_export,
+                                                                         tmp_path, monkeypatch):
     """Kernels whose check dies under a CUDA graph are checked once more launched one by one; passing,
     they are kept, the record says ``cuda_graph: False`` and why, and the runtime runs them without a
-    graph unless asked for one. On the CPU the check is made to ask for the graph as on CUDA. In
-    bfloat16, as ``bench_policy.py`` compiles on CUDA: AOTInductor meets the autocast regions too."""
+    graph unless asked for one. On the CPU: the module's export (:func:`compiled_export`); on CUDA an
+    export of its own, its check's child crashing under the graph alike."""
     if not can_package():
         pytest.skip(f"AOTInductor packages need torch >= 2.8 (this is {torch.__version__})")
-    monkeypatch.setattr(compiled, "CHILD_PROGRAM", CRASH_UNDER_A_GRAPH)
-    monkeypatch.setattr(export_module, "checks_graph", lambda device: True)
-    with pytest.warns(CompiledPolicyFallback, match=rf"crashed the process running them on {device}(:0)? \(SIGSEGV 11, "
-                      r"while running its first query\) replaying them as a CUDA graph; checking them without a graph"):
-        result = export_policy(trained.run, tmp_path / "c.pt2", device=device, dtype="bfloat16", compile=True,
-                               progress=False)
-    record = read_policy_metadata(result.path)["export"]["compiled"]
+    if device == "cpu":
+        path, summary, said = compiled_export.path, compiled_export.summary, compiled_export.warnings
+    else:
+        monkeypatch.setattr(compiled, "CHILD_PROGRAM", CRASH_UNDER_A_GRAPH)
+        with pytest.warns(CompiledPolicyFallback) as caught:
+            result = export_policy(trained.run, tmp_path / "c.pt2", device=device, dtype="bfloat16", compile=True,
+                                   progress=False)
+        path, summary, said = result.path, result.format_text(), [str(w.message) for w in caught]
+    assert any(re.search(GRAPH_CRASH_WARNING.format(device=device), message) for message in said), said
+    meta = read_policy_metadata(path)
+    record = meta["export"]["compiled"]
     assert record["device"] == device and record["cuda_graph"] is False and "SIGSEGV" in record["cuda_graph_failed"]
     assert "Fatal Python error: Segmentation fault" in record["cuda_graph_failed_log"]
-    assert "compiled    yes, without a CUDA graph: the compiled kernels crashed" in result.format_text()
-    assert result.trace_max_abs_diff <= result.metadata["export"]["trace_tolerance"]
+    assert "compiled    yes, without a CUDA graph: the compiled kernels crashed" in summary
+    assert meta["export"]["trace_max_abs_diff"] <= meta["export"]["trace_tolerance"]
 
-    live = load_policy(result.path, device=device)
+    live = load_policy(path, device=device)
     assert live.metadata["runtime"] == {"backend": "aoti", "cuda_graph": False}
     obs = observations(trained, 1)[0]
     np.testing.assert_allclose(live.select_action(obs), chunk(eager, obs)[0].numpy(), rtol=0,
                                atol=DTYPE_ATOL["bfloat16"])
     if device == "cuda":  # asked for explicitly, the graph is tried all the same
-        assert load_policy(result.path, device=device, cuda_graph=True).metadata["runtime"]["cuda_graph"] is True
+        assert load_policy(path, device=device, cuda_graph=True).metadata["runtime"]["cuda_graph"] is True
 
 
 def test_kernels_that_crash_with_and_without_a_graph_say_both(monkeypatch, tmp_path):
