@@ -287,7 +287,7 @@ def _save_sealed(save: Callable[[str], None], content: Callable[[], str], metada
     metadata[CONTENT_KEY] = content()
     save(json.dumps(sealed(metadata)))
     if content() != metadata[CONTENT_KEY]:
-        raise DinocacheError(f"{path}: writing the policy twice gave two different contents (torch "
+        raise DinocacheError(f"{path}: writing the policy's final metadata changed the rest of the file (torch "
                              f"{torch.__version__}); nothing was written: please report this")
 
 
